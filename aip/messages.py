@@ -1,0 +1,147 @@
+"""The AIP wire models, field for field as Microsoft UFO sends and parses them.
+
+Compatibility rules (see ``shared/aip-wire.md``):
+
+* unknown keys are ignored and missing optional keys allowed, as UFO parses;
+* every UFO field is serialised, unset ones as ``null``, as UFO sends;
+* our extensions (``namespace`` and ``timeout`` on a command) are optional and
+  left out of the JSON while unset, so a frame we parse re-serialises to an
+  equal object and a UFO peer never sees a key it did not send.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+
+class ResultStatus(StrEnum):
+    SUCCESS = "success"
+    FAILURE = "failure"
+    SKIPPED = "skipped"
+    NONE = "none"
+
+
+class TaskStatus(StrEnum):
+    CONTINUE = "continue"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    OK = "ok"
+    ERROR = "error"
+
+
+class ClientType(StrEnum):
+    DEVICE = "device"
+    CONSTELLATION = "constellation"
+
+
+class ClientMessageType(StrEnum):
+    TASK = "task"
+    HEARTBEAT = "heartbeat"
+    COMMAND_RESULTS = "command_results"
+    ERROR = "error"
+    REGISTER = "register"
+    TASK_END = "task_end"
+    DEVICE_INFO_REQUEST = "device_info_request"
+    DEVICE_INFO_RESPONSE = "device_info_response"
+
+
+class ServerMessageType(StrEnum):
+    TASK = "task"
+    HEARTBEAT = "heartbeat"
+    TASK_END = "task_end"
+    COMMAND = "command"
+    ERROR = "error"
+    DEVICE_INFO_REQUEST = "device_info_request"
+    DEVICE_INFO_RESPONSE = "device_info_response"
+
+
+class WireModel(BaseModel):
+    """Base of every frame model: lenient on input, UFO-shaped on output."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    #: Fields that UFO does not know; serialised only when they carry a value.
+    _extensions: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_extensions(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for name in self._extensions:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
+
+    def __repr_args__(self) -> Any:
+        # Keep str()/repr() UFO-shaped too: error texts embed str(command).
+        for name, value in super().__repr_args__():
+            if not (name in self._extensions and value is None):
+                yield name, value
+
+
+class Command(WireModel):
+    """One tool call: what to run, with which parameters, under which id.
+
+    ``tool_type`` is ``action`` (has side effects) or ``data_collection``
+    (read-only) for a UFO peer; locally it may also name an MCP server.
+    ``namespace`` pins the server; ``timeout`` bounds this command in seconds.
+    """
+
+    _extensions: ClassVar[frozenset[str]] = frozenset({"namespace", "timeout"})
+
+    tool_name: str
+    parameters: dict[str, Any] | None = Field(default_factory=dict)
+    tool_type: str = "action"
+    call_id: str | None = None
+    namespace: str | None = None
+    timeout: float | None = Field(default=None, gt=0)
+
+
+class Result(WireModel):
+    """The outcome of one command; ``call_id`` echoes the command's."""
+
+    status: ResultStatus
+    error: str | None = None
+    result: Any = None
+    namespace: str | None = None
+    call_id: str | None = None
+
+
+class ServerMessage(WireModel):
+    """A frame from a server (hub) to a client (device)."""
+
+    type: ServerMessageType
+    status: TaskStatus
+    user_request: str | None = None
+    agent_name: str | None = None
+    process_name: str | None = None
+    root_name: str | None = None
+    actions: list[Command] | None = None
+    messages: list[Any] | None = None
+    error: str | None = None
+    session_id: str | None = None
+    task_name: str | None = None
+    timestamp: str | None = None
+    response_id: str | None = None
+    result: Any = None
+
+
+class ClientMessage(WireModel):
+    """A frame from a client (device) to a server (hub)."""
+
+    type: ClientMessageType
+    status: TaskStatus
+    client_type: ClientType = ClientType.DEVICE
+    session_id: str | None = None
+    task_name: str | None = None
+    client_id: str | None = None
+    target_id: str | None = None
+    request: str | None = None
+    action_results: list[Result] | None = None
+    timestamp: str | None = None
+    request_id: str | None = None
+    prev_response_id: str | None = None
+    error: str | None = None
+    metadata: dict[str, Any] | None = None

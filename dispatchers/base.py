@@ -1,0 +1,59 @@
+"""The dispatcher interface, and the one format every failure takes.
+
+A dispatcher is a transport in the httpx sense: callers hand it a batch and
+get one ``Result`` per command back, whatever runs the commands.
+"""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from aip.messages import Command, Result, ResultStatus
+
+from .errors import describe
+
+#: UFO's default batch timeout, in seconds.
+DEFAULT_TIMEOUT = 6000.0
+
+
+def with_call_id(command: Command) -> Command:
+    """The command itself when it has a call_id; a copy with a fresh one otherwise."""
+    if command.call_id:
+        return command
+    return command.model_copy(update={"call_id": str(uuid.uuid4())})
+
+
+def error_result(command: Command, error: BaseException | str) -> Result:
+    """A failure ``Result`` in the documented (UFO) format."""
+    text = error if isinstance(error, str) else describe(error)
+    message = f"Error occurred while executing command {command}: {text}"
+    return Result(
+        status=ResultStatus.FAILURE,
+        error=message,
+        result=f"{message}, please retry or execute a different command.",
+        namespace=command.namespace,
+        call_id=command.call_id,
+    )
+
+
+def skipped_result(command: Command, reason: str) -> Result:
+    return Result(status=ResultStatus.SKIPPED, error=reason, namespace=command.namespace, call_id=command.call_id)
+
+
+class BasicCommandDispatcher(ABC):
+    """Runs a batch of commands and answers with exactly one Result each.
+
+    Implementations keep the invariants of DESIGN.md: results in command
+    order with matching call_ids, failures as Results (never exceptions), and
+    an answer within ``timeout`` seconds.
+    """
+
+    @abstractmethod
+    async def execute_commands(self, commands: Sequence[Command], timeout: float = DEFAULT_TIMEOUT) -> list[Result]:
+        """Run ``commands`` and return their Results, within ``timeout`` seconds."""
+
+    def generate_error_results(self, commands: Sequence[Command], error: BaseException | str) -> list[Result]:
+        """One failure Result per command, all naming the same cause."""
+        return [error_result(command, error) for command in commands]

@@ -1,0 +1,108 @@
+"""The batch engine: order, modes and the batch deadline, for every dispatcher.
+
+``run_batch`` is where the invariants of DESIGN.md are enforced once for all
+callers (the dispatchers and the Prefect flow alike): one Result per command,
+in order, with its call_id; a failure is a Result, never an exception; when
+the deadline passes, finished commands keep their results, the rest get
+timeout failures, and the call returns at once, with nothing left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from aip.messages import Command, Result, ResultStatus
+
+from .base import error_result, skipped_result, with_call_id
+from .errors import CommandTimeout
+from .policy import Deadline
+
+#: How long cancelled work may take to unwind after the deadline.
+CANCEL_GRACE = 0.5
+
+#: Runs one command to its Result before the given deadline.
+RunOne = Callable[[Command, Deadline], Awaitable[Result]]
+#: Told of each Result as soon as it exists: (index in the batch, Result).
+ResultListener = Callable[[int, Result], None]
+
+
+class ExecutionMode(StrEnum):
+    SEQUENTIAL = "sequential"
+    PARALLEL = "parallel"
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How a batch runs: one after the other, or concurrently up to a bound.
+
+    With ``stop_on_failure``, commands not yet started when one fails come
+    back ``skipped``.
+    """
+
+    mode: ExecutionMode = ExecutionMode.SEQUENTIAL
+    stop_on_failure: bool = False
+    max_concurrency: int = 8
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, not {self.max_concurrency}")
+
+
+async def run_batch(
+    commands: Sequence[Command],
+    run_one: RunOne,
+    deadline: Deadline,
+    policy: BatchPolicy = BatchPolicy(),
+    on_result: ResultListener | None = None,
+) -> list[Result]:
+    """Run ``commands`` through ``run_one`` and return one Result each, by ``deadline``."""
+    batch = [with_call_id(command) for command in commands]
+    results: list[Result | None] = [None] * len(batch)
+    failed = asyncio.Event()
+
+    async def run(index: int, command: Command) -> None:
+        if policy.stop_on_failure and failed.is_set():
+            result = skipped_result(command, "skipped: an earlier command in the batch failed")
+        else:
+            try:
+                result = await run_one(command, deadline.within(command.timeout))
+            except Exception as error:  # the boundary: nothing but Results leaves a batch
+                result = error_result(command, error)
+            if result.call_id != command.call_id:
+                result = error_result(command, f"the result came back for call_id {result.call_id!r}")
+            if result.status is ResultStatus.FAILURE:
+                failed.set()
+        results[index] = result
+        if on_result is not None:
+            on_result(index, result)
+
+    async def run_all() -> None:
+        if policy.mode is ExecutionMode.SEQUENTIAL:
+            for index, command in enumerate(batch):
+                await run(index, command)
+            return
+        slots = asyncio.Semaphore(policy.max_concurrency)
+
+        async def run_in_slot(index: int, command: Command) -> None:
+            async with slots:
+                await run(index, command)
+
+        await asyncio.gather(*(run_in_slot(index, command) for index, command in enumerate(batch)))
+
+    driver = asyncio.ensure_future(run_all())
+    try:
+        await asyncio.wait({driver}, timeout=deadline.remaining())
+    finally:
+        finished = list(results)
+        if not driver.done():
+            driver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({driver}, timeout=CANCEL_GRACE)
+        elif not driver.cancelled() and driver.exception() is not None:
+            raise driver.exception()  # type: ignore[misc]  # a bug in run(): never swallow it
+    timeout = CommandTimeout(deadline.seconds)
+    return [result or error_result(command, timeout) for command, result in zip(batch, finished, strict=True)]

@@ -1,0 +1,94 @@
+"""Why a command failed, and whether trying again could help.
+
+Every failure inside a dispatcher is one of these exceptions until the batch
+engine turns it into a failure ``Result``; nothing escapes to the caller. Two
+facts decide a retry: ``transient`` (the same call may succeed later) and
+``sent`` (the call may have reached the tool, so repeating it could repeat a
+side effect).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class CommandError(Exception):
+    """A command failed for a reason we can name."""
+
+    #: The name the error text starts with, e.g. "TimeoutError: ...".
+    kind = "CommandError"
+    transient = False
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+class UnknownTool(CommandError):
+    kind = "UnknownTool"
+
+
+class AmbiguousTool(CommandError):
+    kind = "AmbiguousTool"
+
+
+class InvalidParameters(CommandError):
+    kind = "InvalidParameters"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, sent=False)
+
+
+class ToolReportedError(CommandError):
+    """The tool ran and said it failed (MCP ``isError``)."""
+
+    kind = "ToolError"
+
+
+class ServerUnavailable(CommandError):
+    """The server that should run the command is not running; nothing was sent."""
+
+    kind = "ServerUnavailable"
+    transient = True
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, sent=False)
+
+
+class ConnectionLost(CommandError):
+    """The server went away while the call was in flight."""
+
+    kind = "ConnectionLost"
+    transient = True
+
+
+class ProtocolError(CommandError):
+    """The server answered the call with a JSON-RPC error."""
+
+    kind = "ProtocolError"
+
+    def __init__(self, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class CommandTimeout(CommandError, TimeoutError):
+    """No result within the time the command was given."""
+
+    kind = "TimeoutError"
+    transient = True
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no result within {float(seconds)}s")
+
+
+def describe(error: BaseException) -> str:
+    """One line naming the cause, never empty: ``"Kind: message"``."""
+    kind = error.kind if isinstance(error, CommandError) else type(error).__name__
+    message = str(error).strip() or repr(error)
+    return f"{kind}: {message}"
+
+
+def candidates_text(names: Iterable[str]) -> str:
+    listed = sorted(names)
+    return ", ".join(listed) if listed else "none"

@@ -1,0 +1,116 @@
+"""Deadline and retry policy as values: printable, comparable, passed around.
+
+Modelled on tenacity's small policy objects. A ``RetryPolicy`` says how often
+and how patiently to try a command again; a ``Deadline`` says when nobody waits
+for it any more. The retry loop itself is tenacity's, built by
+``RetryPolicy.retrying`` for one command at a time, because the stop condition
+depends on that command's remaining time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """A point on the monotonic clock, with the budget it was set from.
+
+    The budget is kept so that a timeout can say what it was ("no result
+    within 30.0s") long after the deadline was computed.
+    """
+
+    expires_at: float
+    seconds: float
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        if not seconds > 0 or math.isinf(seconds):
+            raise ValueError(f"a deadline needs a finite number of seconds above 0, not {seconds!r}")
+        return cls(expires_at=time.monotonic() + seconds, seconds=seconds)
+
+    def remaining(self) -> float:
+        return max(0.0, self.expires_at - time.monotonic())
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self.expires_at
+
+    def within(self, seconds: float | None) -> Deadline:
+        """The earlier of this deadline and one ``seconds`` from now."""
+        if seconds is None:
+            return self
+        other = Deadline.after(seconds)
+        return other if other.expires_at < self.expires_at else self
+
+    def __str__(self) -> str:
+        return f"{self.seconds:g}s deadline, {self.remaining():.3f}s left"
+
+
+#: Called before each retry sleep with the attempt number that failed, its
+#: error and the delay before the next attempt.
+RetryListener = Callable[[int, BaseException, float], None]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How to try a failed command again: exponential backoff with jitter.
+
+    ``attempts`` counts the first try. Delays grow from ``initial_delay`` by
+    doubling up to ``max_delay``, each plus up to ``jitter`` seconds at random.
+    Only transient failures are retried (see ``errors.CommandError``), a
+    tool's own reported error only when ``retry_tool_errors`` is set, and no
+    attempt starts that could not finish before the command's deadline.
+    """
+
+    attempts: int = 3
+    initial_delay: float = 0.2
+    max_delay: float = 5.0
+    jitter: float = 0.2
+    retry_tool_errors: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be at least 1, not {self.attempts}")
+        for name in ("initial_delay", "max_delay", "jitter"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
+
+    @classmethod
+    def never(cls) -> RetryPolicy:
+        """One attempt, no retry."""
+        return cls(attempts=1)
+
+    def retrying(
+        self,
+        deadline: Deadline,
+        should_retry: Callable[[BaseException], bool],
+        on_retry: RetryListener | None = None,
+    ) -> AsyncRetrying:
+        """A tenacity loop for one command that must finish by ``deadline``."""
+
+        def before_sleep(state: RetryCallState) -> None:
+            if on_retry is not None and state.outcome is not None:
+                error = state.outcome.exception()
+                if error is not None:
+                    on_retry(state.attempt_number, error, state.upcoming_sleep)
+
+        return AsyncRetrying(
+            stop=stop_after_attempt(self.attempts) | stop_before_delay(deadline.remaining()),
+            wait=wait_exponential_jitter(initial=self.initial_delay, max=self.max_delay, jitter=self.jitter),
+            retry=retry_if_exception(should_retry),
+            before_sleep=before_sleep,
+            reraise=True,
+        )

@@ -1,0 +1,92 @@
+"""Dispatchers that run a batch one tool call at a time, with retries.
+
+Subclasses implement a single attempt (``call``) and say which commands are
+safe to repeat; this base adds the retry loop, the per-command deadline and
+the batch engine, so every such transport behaves the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import abstractmethod
+from collections.abc import Sequence
+
+from aip.messages import Command, Result
+
+from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, error_result
+from .batch import BatchPolicy, ResultListener, run_batch
+from .errors import CommandError, CommandTimeout, ToolReportedError, describe
+from .policy import Deadline, RetryPolicy
+
+logger = logging.getLogger("dispatchers")
+
+
+class ToolCallDispatcher(BasicCommandDispatcher):
+    """Base of the dispatchers that execute commands themselves, one call each."""
+
+    def __init__(
+        self,
+        *,
+        retry: RetryPolicy = RetryPolicy(),
+        batch: BatchPolicy = BatchPolicy(),
+        command_timeout: float | None = None,
+    ) -> None:
+        self.retry = retry
+        self.batch = batch
+        self.command_timeout = command_timeout
+
+    @abstractmethod
+    async def call(self, command: Command) -> Result:
+        """Make one attempt at ``command``: its success Result, or a raised ``CommandError``."""
+
+    def is_repeatable(self, command: Command) -> bool:
+        """Whether running ``command`` twice is harmless; only then is a sent call retried."""
+        return False
+
+    def should_retry(self, command: Command, error: BaseException) -> bool:
+        if not isinstance(error, CommandError):
+            return False
+        retryable = error.transient or (isinstance(error, ToolReportedError) and self.retry.retry_tool_errors)
+        return retryable and (not error.sent or self.is_repeatable(command))
+
+    async def execute_command(self, command: Command, deadline: Deadline) -> Result:
+        """Run one command with retries, by ``deadline`` (and its own timeout)."""
+        deadline = deadline.within(self.command_timeout)
+
+        async def attempt() -> Result:
+            scope = asyncio.timeout(deadline.remaining())
+            try:
+                async with scope:
+                    return await self.call(command)
+            except TimeoutError:
+                if scope.expired():
+                    raise CommandTimeout(deadline.seconds) from None
+                raise
+
+        def log_retry(attempt_number: int, error: BaseException, delay: float) -> None:
+            logger.warning(
+                "%s[%s] attempt %d failed (%s); retrying in %.2fs",
+                command.tool_name,
+                command.call_id,
+                attempt_number,
+                describe(error),
+                delay,
+            )
+
+        retrying = self.retry.retrying(deadline, lambda error: self.should_retry(command, error), log_retry)
+        try:
+            async for trial in retrying:
+                with trial:
+                    return await attempt()
+        except Exception as error:
+            return error_result(command, error)
+        raise AssertionError("tenacity ended without a result or an error")  # pragma: no cover
+
+    async def execute_commands(
+        self,
+        commands: Sequence[Command],
+        timeout: float = DEFAULT_TIMEOUT,
+        on_result: ResultListener | None = None,
+    ) -> list[Result]:
+        return await run_batch(commands, self.execute_command, Deadline.after(timeout), self.batch, on_result)
