@@ -85,7 +85,8 @@ class Command(WireModel):
     """One tool call: what to run, with which parameters, under which id.
 
     ``tool_type`` is ``action`` (has side effects) or ``data_collection``
-    (read-only) for a UFO peer; locally it may also name an MCP server.
+    (read-only) for a UFO peer; locally it may also name an MCP server, and
+    the empty default leaves the choice of server to the tool's name.
     ``namespace`` pins the server; ``timeout`` bounds this command in seconds.
     """
 
@@ -93,7 +94,7 @@ class Command(WireModel):
 
     tool_name: str
     parameters: dict[str, Any] | None = Field(default_factory=dict)
-    tool_type: str = "action"
+    tool_type: str = ""
     call_id: str | None = None
     namespace: str | None = None
     timeout: float | None = Field(default=None, gt=0)

@@ -1,0 +1,35 @@
+"""Dispatchers: run a batch of commands, answer one Result each.
+
+``BasicCommandDispatcher`` is the interface; ``LocalCommandDispatcher`` runs
+commands on local MCP servers, ``InMemoryCommandDispatcher`` on Python
+functions (tests, fault injection). Nothing here imports Prefect: a machine
+that only executes commands never pays for it.
+"""
+
+from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, error_result
+from .batch import BatchPolicy, ExecutionMode, run_batch
+from .local import LocalCommandDispatcher
+from .mcp_config import ConfigError, load_config
+from .mcp_servers import MCPServerManager
+from .memory import InMemoryCommandDispatcher
+from .policy import Deadline, RetryPolicy
+from .router import CommandRouter
+from .tool_call import ToolCallDispatcher
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "BasicCommandDispatcher",
+    "BatchPolicy",
+    "CommandRouter",
+    "ConfigError",
+    "Deadline",
+    "ExecutionMode",
+    "InMemoryCommandDispatcher",
+    "LocalCommandDispatcher",
+    "MCPServerManager",
+    "RetryPolicy",
+    "ToolCallDispatcher",
+    "error_result",
+    "load_config",
+    "run_batch",
+]

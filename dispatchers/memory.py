@@ -27,7 +27,9 @@ class InMemoryCommandDispatcher(ToolCallDispatcher):
     tool reporting an error. ``repeatable`` says whether sent calls may be retried.
     """
 
-    def __init__(self, tools: Mapping[str, Tool], *, repeatable: bool = True, namespace: str = "memory", **policies: Any):
+    def __init__(
+        self, tools: Mapping[str, Tool], *, repeatable: bool = True, namespace: str = "memory", **policies: Any
+    ):
         super().__init__(**policies)
         self.tools = dict(tools)
         self.repeatable = repeatable

@@ -16,19 +16,24 @@ import os
 from collections import Counter
 from typing import Any
 
+from mcp import MCPError
 from mcp.server import MCPServer
-from mcp.types import ToolAnnotations
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import INTERNAL_ERROR, ToolAnnotations
 
-server = MCPServer("demo")
+server = MCPServer("demo", log_level="WARNING")
 _flaky_attempts: Counter[str] = Counter()
 _calls: Counter[str] = Counter()
 
 _READ_ONLY = ToolAnnotations(readOnlyHint=True, idempotentHint=True)
 
 
+JSON = int | float | str | bool | list[Any] | dict[str, Any] | None
+
+
 @server.tool(annotations=_READ_ONLY)
-def echo(value: Any) -> Any:
-    """Return ``value`` unchanged (any JSON, falsy values included)."""
+def echo(value: JSON) -> JSON:
+    """Return ``value`` unchanged (any JSON, falsy values included), as ``{"result": value}``."""
     return value
 
 
@@ -53,21 +58,21 @@ async def sleep(seconds: float) -> float:
 
 @server.tool()
 def fail(message: str = "tool failed on purpose") -> str:
-    """Always report an error carrying ``message``."""
-    raise ValueError(message)
+    """Always report an error (MCP ``isError``) carrying ``message``."""
+    raise ToolError(message)
 
 
 @server.tool(annotations=ToolAnnotations(idempotentHint=True))
 def flaky(key: str, failures: int = 2) -> dict[str, int]:
     """Fail the first ``failures`` calls for ``key``, then succeed.
 
-    The error text says "transient" so a retry policy can tell it apart from a
-    permanent failure.
+    The failures are JSON-RPC internal errors, which a dispatcher treats as
+    transient, unlike a tool's own ``isError`` answer.
     """
     _flaky_attempts[key] += 1
     attempt = _flaky_attempts[key]
     if attempt <= failures:
-        raise RuntimeError(f"transient failure {attempt} of {failures} for {key!r}")
+        raise MCPError(INTERNAL_ERROR, f"transient failure {attempt} of {failures} for {key!r}")
     return {"attempts": attempt}
 
 

@@ -1,0 +1,54 @@
+"""Running commands on this machine, through local MCP servers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aip.messages import Command, Result, ResultStatus
+
+from .errors import ToolReportedError
+from .mcp_results import tool_error, tool_output
+from .mcp_servers import MCPServerManager
+from .parameters import check_parameters
+from .router import CommandRouter
+from .tool_call import ToolCallDispatcher
+
+logger = logging.getLogger("dispatchers.local")
+
+
+class LocalCommandDispatcher(ToolCallDispatcher):
+    """Routes each command to one of the manager's MCP servers and calls the tool.
+
+    ``session`` names the agent session this dispatcher serves, for the logs.
+    Retry, batch and timeout policies are keyword arguments (see
+    ``ToolCallDispatcher``).
+    """
+
+    def __init__(self, mcp_server_manager: MCPServerManager, session: str | None = None, **policies: Any) -> None:
+        super().__init__(**policies)
+        self.servers = mcp_server_manager
+        self.session = session
+        self.router = CommandRouter(mcp_server_manager.connections)
+
+    def is_repeatable(self, command: Command) -> bool:
+        """Only a read-only or idempotent tool, not called as an ``action``, is safe to run twice."""
+        if command.tool_type == "action":
+            return False
+        try:
+            hints = self.router.route(command).tool.annotations
+        except Exception:
+            return False
+        return hints is not None and bool(hints.read_only_hint or hints.idempotent_hint)
+
+    async def call(self, command: Command) -> Result:
+        route = self.router.route(command)
+        parameters = command.parameters or {}
+        check_parameters(route.tool.input_schema, parameters)
+        logger.debug("session %s: %s[%s] -> %s", self.session, command.tool_name, command.call_id, route.server)
+        answer = await self.servers.connections[route.server].call_tool(route.tool.name, parameters)
+        if answer.is_error:
+            raise ToolReportedError(tool_error(answer))
+        return Result(
+            status=ResultStatus.SUCCESS, result=tool_output(answer), namespace=route.server, call_id=command.call_id
+        )

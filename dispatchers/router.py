@@ -1,0 +1,120 @@
+"""Which server runs a command: pure rules over what each server offers.
+
+In order: ``namespace`` (or a ``server.tool`` name) picks the server; else
+``tool_type`` names a server, or a category of servers (``data_collection``,
+``action``); else the tool name must be unique across servers. A tool no live
+server offers while some server is down is reported as that server being
+unavailable (transient: it may offer the tool once it is back), not unknown.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from mcp.types import Tool
+
+from aip.messages import Command
+
+from .errors import AmbiguousTool, ServerUnavailable, UnknownTool, candidates_text
+from .mcp_config import CATEGORIES
+
+
+class ToolServer(Protocol):
+    """What the router needs to know of a server."""
+
+    @property
+    def tools(self) -> Mapping[str, Tool]: ...
+    @property
+    def available(self) -> bool: ...
+    @property
+    def categories(self) -> tuple[str, ...]: ...
+    @property
+    def error(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class Route:
+    server: str
+    tool: Tool
+
+
+class CommandRouter:
+    """Resolves commands to (server, tool) over a live view of the servers."""
+
+    def __init__(self, servers: Mapping[str, ToolServer]) -> None:
+        self.servers = servers
+
+    def route(self, command: Command) -> Route:
+        """The one server and tool for ``command``, or a ``CommandError`` that says why not."""
+        server, tool_name = self._pinned(command)
+        if server is not None:
+            return self._on(server, tool_name)
+        if command.tool_type in CATEGORIES:
+            names = [name for name, s in self.servers.items() if not s.categories or command.tool_type in s.categories]
+            return self._unique(tool_name, names, f" among {command.tool_type} servers")
+        return self._unique(tool_name, list(self.servers), "")
+
+    def _pinned(self, command: Command) -> tuple[str | None, str]:
+        if command.namespace:
+            if command.namespace not in self.servers:
+                raise UnknownTool(
+                    f"no MCP server named {command.namespace!r}; servers: {candidates_text(self.servers)}", sent=False
+                )
+            return command.namespace, command.tool_name
+        prefix, dot, rest = command.tool_name.partition(".")
+        if dot and prefix in self.servers:
+            return prefix, rest
+        if command.tool_type in self.servers:
+            return command.tool_type, command.tool_name
+        return None, command.tool_name
+
+    def _on(self, name: str, tool_name: str) -> Route:
+        server = self.servers[name]
+        if not server.available and tool_name not in server.tools:
+            raise ServerUnavailable(f"MCP server {name!r} is down: {server.error}")
+        tool = server.tools.get(tool_name)
+        if tool is None:
+            raise UnknownTool(
+                f"MCP server {name!r} has no tool {tool_name!r}{_suggest(tool_name, server.tools)}; "
+                f"its tools: {candidates_text(server.tools)}",
+                sent=False,
+            )
+        return Route(name, tool)
+
+    def _unique(self, tool_name: str, names: Iterable[str], scope: str) -> Route:
+        names = list(names)
+        offering = [name for name in names if tool_name in self.servers[name].tools]
+        if len(offering) == 1:
+            return Route(offering[0], self.servers[offering[0]].tools[tool_name])
+        if offering:
+            qualified = (f"{name}.{tool_name}" for name in offering)
+            raise AmbiguousTool(
+                f"tool {tool_name!r} is offered by several servers{scope}: {candidates_text(qualified)}; "
+                "set the command's namespace or write server.tool",
+                sent=False,
+            )
+        down = [name for name in names if not self.servers[name].available]
+        if down:
+            reasons = "; ".join(f"{name!r}: {self.servers[name].error}" for name in down)
+            raise ServerUnavailable(f"no live MCP server offers {tool_name!r}{scope}, and some are down ({reasons})")
+        elsewhere = [name for name in self.servers if name not in names and tool_name in self.servers[name].tools]
+        if elsewhere:
+            raise UnknownTool(
+                f"no MCP server offers {tool_name!r}{scope}; it is on {candidates_text(elsewhere)}, "
+                "which serve other tool_types",
+                sent=False,
+            )
+        every_tool = {tool for name in names for tool in self.servers[name].tools}
+        raise UnknownTool(
+            f"no MCP server offers {tool_name!r}{scope}{_suggest(tool_name, every_tool)}; "
+            f"servers: {candidates_text(names)}",
+            sent=False,
+        )
+
+
+def _suggest(name: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=3)
+    return f" (did you mean {', '.join(repr(option) for option in close)}?)" if close else ""

@@ -1,0 +1,62 @@
+"""Shared fixtures: real MCP servers as subprocesses, a real Prefect API."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+DEMO_SERVER = EXAMPLES / "demo_server.py"
+
+
+def demo_server_spec(**extra: Any) -> dict[str, Any]:
+    """An ``mcp.json`` server entry that runs our demo server over stdio."""
+    return {"command": sys.executable, "args": [str(DEMO_SERVER)], **extra}
+
+
+@pytest.fixture
+def demo_config() -> dict[str, Any]:
+    """The demo server and the third-party ``mcp-server-time``, both over stdio."""
+    return {
+        "mcpServers": {
+            "demo": demo_server_spec(),
+            "time": {"command": sys.executable, "args": ["-m", "mcp_server_time", "--local-timezone", "UTC"]},
+        }
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def http_demo_url() -> Iterator[str]:
+    """The demo server over streamable HTTP on 127.0.0.1, for the session."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(DEMO_SERVER), "--http", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the demo HTTP server did not come up") from None
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
