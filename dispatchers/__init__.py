@@ -6,7 +6,7 @@ functions (tests, fault injection). Nothing here imports Prefect: a machine
 that only executes commands never pays for it.
 """
 
-from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, error_result
+from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, error_result, short_id, with_call_id
 from .batch import BatchPolicy, ExecutionMode, run_batch
 from .local import LocalCommandDispatcher
 from .mcp_config import ConfigError, load_config
@@ -32,4 +32,6 @@ __all__ = [
     "error_result",
     "load_config",
     "run_batch",
+    "short_id",
+    "with_call_id",
 ]

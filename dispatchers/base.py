@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from aip.messages import Command, Result, ResultStatus
 
 from .errors import describe
+from .policy import Deadline
 
 #: UFO's default batch timeout, in seconds.
 DEFAULT_TIMEOUT = 6000.0
@@ -23,6 +24,12 @@ def with_call_id(command: Command) -> Command:
     if command.call_id:
         return command
     return command.model_copy(update={"call_id": str(uuid.uuid4())})
+
+
+def short_id(call_id: str | None) -> str:
+    """A call_id short enough for a table or a task run name: short ids whole, uuids by prefix."""
+    call_id = call_id or ""
+    return call_id if len(call_id) <= 12 else call_id[:8]
 
 
 def error_result(command: Command, error: BaseException | str) -> Result:
@@ -53,6 +60,11 @@ class BasicCommandDispatcher(ABC):
     @abstractmethod
     async def execute_commands(self, commands: Sequence[Command], timeout: float = DEFAULT_TIMEOUT) -> list[Result]:
         """Run ``commands`` and return their Results, within ``timeout`` seconds."""
+
+    async def execute_command(self, command: Command, deadline: Deadline) -> Result:
+        """Run one command by ``deadline``: a batch of one, unless a transport does better."""
+        [result] = await self.execute_commands([with_call_id(command)], timeout=max(deadline.remaining(), 1e-3))
+        return result
 
     def generate_error_results(self, commands: Sequence[Command], error: BaseException | str) -> list[Result]:
         """One failure Result per command, all naming the same cause."""

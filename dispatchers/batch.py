@@ -21,7 +21,10 @@ from .base import error_result, skipped_result, with_call_id
 from .errors import CommandTimeout
 from .policy import Deadline
 
-#: How long cancelled work may take to unwind after the deadline.
+#: How long commands in flight at the deadline get to end by their own timeouts
+#: (which fire at the same instant) before they are cancelled.
+SETTLE_GRACE = 0.2
+#: How long cancelled work may take to unwind after that.
 CANCEL_GRACE = 0.5
 
 #: Runs one command to its Result before the given deadline.
@@ -67,6 +70,8 @@ async def run_batch(
     async def run(index: int, command: Command) -> None:
         if policy.stop_on_failure and failed.is_set():
             result = skipped_result(command, "skipped: an earlier command in the batch failed")
+        elif deadline.expired:
+            result = error_result(command, CommandTimeout(deadline.seconds))
         else:
             try:
                 result = await run_one(command, deadline.within(command.timeout))
@@ -95,7 +100,7 @@ async def run_batch(
 
     driver = asyncio.ensure_future(run_all())
     try:
-        await asyncio.wait({driver}, timeout=deadline.remaining())
+        await asyncio.wait({driver}, timeout=deadline.remaining() + SETTLE_GRACE)
     finally:
         finished = list(results)
         if not driver.done():

@@ -1,0 +1,78 @@
+"""Batch files: a list of commands, or an object with the commands and how to run them.
+
+```yaml
+config: mcp.json          # optional, relative to this file
+timeout: 30               # seconds for the whole batch
+mode: parallel            # or sequential (the default)
+stop_on_failure: false
+retries: 2                # retries after the first attempt, for transient failures
+commands:
+  - {tool_name: add, parameters: {a: 1, b: 2}}
+```
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from aip.messages import Command
+
+from .batch import ExecutionMode
+
+
+class BatchFileError(ValueError):
+    """The batch file can't be used; the message says what is wrong and where."""
+
+
+class BatchFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    commands: list[Command] = Field(min_length=1)
+    config: str | None = None
+    timeout: float | None = Field(default=None, gt=0)
+    mode: ExecutionMode | None = None
+    stop_on_failure: bool | None = None
+    retries: int | None = Field(default=None, ge=0)
+
+
+def load_batch(path: str | Path) -> BatchFile:
+    """Read a JSON or YAML batch file; a relative ``config`` is resolved against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BatchFileError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise BatchFileError(f"{path}: can't read it: {error}") from None
+    data = _parse(path, text)
+    if isinstance(data, list):
+        data = {"commands": data}
+    if not isinstance(data, dict):
+        raise BatchFileError(f"{path}: expected a list of commands or an object with 'commands'")
+    try:
+        batch = BatchFile.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        raise BatchFileError(f"{path}: {where}: {first['msg']}") from None
+    if batch.config is not None:
+        batch.config = str((path.parent / batch.config).resolve())
+    return batch
+
+
+def _parse(path: Path, text: str) -> Any:
+    try:
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except json.JSONDecodeError as error:
+        raise BatchFileError(f"{path}: line {error.lineno} column {error.colno}: {error.msg}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
+        raise BatchFileError(f"{path}: {where}{getattr(error, 'problem', None) or error}") from None

@@ -1,0 +1,1 @@
+"""Prefect flows: one flow run per batch."""

@@ -1,0 +1,111 @@
+"""The batch flow: one flow run per batch, one task run per command.
+
+``dispatch_batch`` takes only JSON-serialisable parameters, so a deployment
+can run it; ``run_batch_flow`` is the in-process entry that always returns
+one Result per command, whatever happens to the flow run itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Sequence
+from typing import Any, cast
+
+from prefect import State, flow
+from prefect.artifacts import acreate_table_artifact
+from prefect.runtime import flow_run
+from prefect.states import Completed, Failed
+
+from aip.messages import Command, Result, ResultStatus
+from dispatchers import (
+    DEFAULT_TIMEOUT,
+    BatchPolicy,
+    Deadline,
+    ExecutionMode,
+    LocalCommandDispatcher,
+    MCPServerManager,
+    RetryPolicy,
+    error_result,
+    run_batch,
+    with_call_id,
+)
+from tasks import run_command
+
+#: Characters of a result or error shown per cell of the results table.
+CELL_LIMIT = 200
+
+
+def flow_run_name() -> str:
+    return f"batch-{len(flow_run.parameters['commands'])}-commands"
+
+
+@flow(name="dispatch-batch", flow_run_name=flow_run_name, persist_result=False, log_prints=False)
+async def dispatch_batch(
+    commands: list[Command],
+    config: str | dict[str, Any] = "mcp.json",
+    timeout: float = DEFAULT_TIMEOUT,
+    mode: ExecutionMode = ExecutionMode.SEQUENTIAL,
+    stop_on_failure: bool = False,
+    retries: int = 2,
+    max_concurrency: int = 8,
+) -> list[Result] | State:
+    """Run ``commands`` on the MCP servers of ``config`` (a path to mcp.json, or its content).
+
+    Fails (with every Result still attached) when any command failed.
+    """
+    deadline = Deadline.after(timeout)
+    policy = BatchPolicy(mode=mode, stop_on_failure=stop_on_failure, max_concurrency=max_concurrency)
+    async with MCPServerManager.from_config(config) as servers:
+        dispatcher = LocalCommandDispatcher(servers, retry=RetryPolicy(attempts=retries + 1))
+
+        async def run_one(command: Command, command_deadline: Deadline) -> Result:
+            # Prefect types an async task's return_state call as a bare State; it is awaitable.
+            pending = cast(Awaitable[State[Any]], run_command(command, dispatcher, command_deadline, return_state=True))
+            state = await pending
+            result = await state.aresult(raise_on_failure=False)
+            return result if isinstance(result, Result) else error_result(command, result)
+
+        results = await run_batch(commands, run_one, deadline, policy)
+    await _publish(results, commands)
+    failed = sum(result.status is ResultStatus.FAILURE for result in results)
+    if failed:
+        return Failed(message=f"{failed} of {len(results)} commands failed", data=results)
+    return Completed(message=f"{len(results)} commands succeeded", data=results)
+
+
+async def _publish(results: Sequence[Result], commands: Sequence[Command]) -> None:
+    rows = [
+        {
+            "call_id": result.call_id,
+            "tool": command.tool_name,
+            "server": result.namespace,
+            "status": result.status.value,
+            "result": _cell(result.result) if result.status is ResultStatus.SUCCESS else "",
+            "error": _cell(result.error),
+        }
+        for command, result in zip(commands, results, strict=True)
+    ]
+    await acreate_table_artifact(table=rows, key="batch-results", description="One row per command, in batch order.")
+
+
+def _cell(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= CELL_LIMIT else text[: CELL_LIMIT - 1] + "…"
+
+
+async def run_batch_flow(commands: Sequence[Command], **options: Any) -> list[Result]:
+    """Run the batch flow in this process and return one Result per command, always.
+
+    A flow run that crashes or cannot reach the Prefect API still answers:
+    every command gets a failure Result naming the cause.
+    """
+    batch = [with_call_id(command) for command in commands]
+    try:
+        state = await dispatch_batch(batch, return_state=True, **options)
+        data = await state.aresult(raise_on_failure=False)
+    except Exception as error:  # the API or the flow machinery failed: answer anyway
+        data = error
+    if isinstance(data, list) and len(data) == len(batch) and all(isinstance(r, Result) for r in data):
+        return data
+    cause = data if isinstance(data, BaseException) else "the flow run ended without results"
+    return [error_result(command, cause) for command in batch]

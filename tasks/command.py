@@ -1,0 +1,45 @@
+"""The task that runs one command: a task run per command in the dashboard.
+
+Retries and the deadline are the dispatcher's (tenacity, our own async
+timeouts): Prefect task retries would cost a state round trip each and could
+not stop at the batch deadline. A failed command returns a ``Failed`` state
+that carries its Result, so the task run shows failed while the flow still
+gets the Result.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prefect import State, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run
+from prefect.states import Failed
+
+from aip.messages import Command, Result, ResultStatus
+from dispatchers import BasicCommandDispatcher, Deadline, short_id
+
+
+def _send_dispatcher_logs_to_prefect() -> None:
+    """Retry and server logs go where Prefect's own extra loggers go: console and run logs."""
+    target = logging.getLogger("dispatchers")
+    for handler in logging.getLogger("prefect.extra").handlers:
+        if handler not in target.handlers:
+            target.addHandler(handler)
+
+
+_send_dispatcher_logs_to_prefect()
+
+
+def task_run_name() -> str:
+    """``tool_name[short call_id]``: readable, and unique enough to find in the dashboard."""
+    command = task_run.parameters["command"]
+    return f"{command.tool_name}[{short_id(command.call_id)}]"
+
+
+@task(name="command", task_run_name=task_run_name, cache_policy=NO_CACHE, persist_result=False)
+async def run_command(command: Command, dispatcher: BasicCommandDispatcher, deadline: Deadline) -> Result | State:
+    result = await dispatcher.execute_command(command, deadline)
+    if result.status is ResultStatus.FAILURE:
+        return Failed(message=result.error, data=result)
+    return result
