@@ -6,7 +6,7 @@ functions (tests, fault injection). Nothing here imports Prefect: a machine
 that only executes commands never pays for it.
 """
 
-from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, error_result, short_id, with_call_id
+from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, error_result, failure_cause, short_id, with_call_id
 from .batch import BatchPolicy, ExecutionMode, run_batch
 from .local import LocalCommandDispatcher
 from .mcp_config import ConfigError, load_config
@@ -30,6 +30,7 @@ __all__ = [
     "RetryPolicy",
     "ToolCallDispatcher",
     "error_result",
+    "failure_cause",
     "load_config",
     "run_batch",
     "short_id",

@@ -32,10 +32,14 @@ def short_id(call_id: str | None) -> str:
     return call_id if len(call_id) <= 12 else call_id[:8]
 
 
+def _error_prefix(command: Command) -> str:
+    return f"Error occurred while executing command {command}: "
+
+
 def error_result(command: Command, error: BaseException | str) -> Result:
     """A failure ``Result`` in the documented (UFO) format."""
     text = error if isinstance(error, str) else describe(error)
-    message = f"Error occurred while executing command {command}: {text}"
+    message = _error_prefix(command) + text
     return Result(
         status=ResultStatus.FAILURE,
         error=message,
@@ -43,6 +47,11 @@ def error_result(command: Command, error: BaseException | str) -> Result:
         namespace=command.namespace,
         call_id=command.call_id,
     )
+
+
+def failure_cause(command: Command, result: Result) -> str:
+    """The cause part of a failure Result's error, without the command it quotes."""
+    return (result.error or "").removeprefix(_error_prefix(command))
 
 
 def skipped_result(command: Command, reason: str) -> Result:

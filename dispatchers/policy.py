@@ -109,7 +109,7 @@ class RetryPolicy:
 
         return AsyncRetrying(
             stop=stop_after_attempt(self.attempts) | stop_before_delay(deadline.remaining()),
-            wait=wait_exponential_jitter(initial=self.initial_delay, max=self.max_delay, jitter=self.jitter),
+            wait=wait_exponential_jitter(multiplier=self.initial_delay, max=self.max_delay, jitter=self.jitter),
             retry=retry_if_exception(should_retry),
             before_sleep=before_sleep,
             reraise=True,

@@ -17,7 +17,7 @@ from prefect.runtime import task_run
 from prefect.states import Failed
 
 from aip.messages import Command, Result, ResultStatus
-from dispatchers import BasicCommandDispatcher, Deadline, short_id
+from dispatchers import BasicCommandDispatcher, Deadline, failure_cause, short_id
 
 
 def _send_dispatcher_logs_to_prefect() -> None:
@@ -41,5 +41,5 @@ def task_run_name() -> str:
 async def run_command(command: Command, dispatcher: BasicCommandDispatcher, deadline: Deadline) -> Result | State:
     result = await dispatcher.execute_command(command, deadline)
     if result.status is ResultStatus.FAILURE:
-        return Failed(message=result.error, data=result)
+        return Failed(message=failure_cause(command, result), data=result)
     return result

@@ -1,0 +1,936 @@
+"""The batch engine and the retry loop, over in-memory tools: no process, no socket.
+
+Each test names the DESIGN.md invariant it checks. Synchronisation is done
+with asyncio events, never with sleeps; time is only measured (monotonic
+clock) with generous bounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from aip.messages import Command, Result, ResultStatus
+from dispatchers import (
+    DEFAULT_TIMEOUT,
+    BatchPolicy,
+    Deadline,
+    ExecutionMode,
+    InMemoryCommandDispatcher,
+    RetryPolicy,
+    error_result,
+    run_batch,
+)
+from dispatchers.errors import (
+    CommandTimeout,
+    ConnectionLost,
+    InvalidParameters,
+    ProtocolError,
+    ServerUnavailable,
+    ToolReportedError,
+)
+
+#: Retries without waiting, so that retry tests take no time.
+NO_WAIT = RetryPolicy(attempts=3, initial_delay=0, max_delay=0, jitter=0)
+SEQUENTIAL = BatchPolicy(mode=ExecutionMode.SEQUENTIAL)
+PARALLEL = BatchPolicy(mode=ExecutionMode.PARALLEL)
+MODES = pytest.mark.parametrize("batch", [SEQUENTIAL, PARALLEL], ids=["sequential", "parallel"])
+
+#: How late after its deadline a batch may return (the engine allows 0.5 s to unwind).
+SLACK = 1.0
+
+SUFFIX = ", please retry or execute a different command."
+
+
+def echo(command: Command) -> Any:
+    return (command.parameters or {}).get("value")
+
+
+def failure_texts(command: Command, cause: str) -> tuple[str, str]:
+    """The documented (error, result) pair of a failed command."""
+    error = f"Error occurred while executing command {command}: {cause}"
+    return error, error + SUFFIX
+
+
+def assert_failure(result: Result, command: Command, cause: str) -> None:
+    """``result`` is the documented failure of ``command`` (which carries its call_id) for ``cause``."""
+    assert command.call_id
+    error, text = failure_texts(command, cause)
+    assert result.status is ResultStatus.FAILURE
+    assert result.call_id == command.call_id
+    assert result.error == error
+    assert result.result == text
+
+
+def cause_of(result: Result, command: Command) -> str:
+    """The cause part of a failure's error text."""
+    prefix = f"Error occurred while executing command {command}: "
+    assert result.error is not None
+    assert result.error.startswith(prefix), result.error
+    return result.error[len(prefix) :]
+
+
+def recorder(
+    behaviour: Callable[[Command, int], Any] | None = None,
+) -> tuple[Callable[[Command], Any], list[str | None]]:
+    """A tool that records the call_id of every call, then does ``behaviour(command, call_number)``."""
+    seen: list[str | None] = []
+
+    def tool(command: Command) -> Any:
+        seen.append(command.call_id)
+        if behaviour is None:
+            return len(seen)
+        return behaviour(command, len(seen))
+
+    return tool, seen
+
+
+async def wait_for(event: asyncio.Event, seconds: float = 5.0) -> None:
+    async with asyncio.timeout(seconds):
+        await event.wait()
+
+
+# --- invariant 1: one result per command, in order, with its call_id ---------------------------
+
+
+@MODES
+async def test_one_result_per_command_in_order_with_call_ids(batch: BatchPolicy) -> None:
+    seen: list[str | None] = []
+
+    def tool(command: Command) -> Any:
+        seen.append(command.call_id)
+        return echo(command)
+
+    dispatcher = InMemoryCommandDispatcher({"echo": tool}, batch=batch)
+    call_ids = ["first", None, "third", "", None, "sixth"]
+    commands = [
+        Command(tool_name="echo", parameters={"value": index}, call_id=call_id)
+        for index, call_id in enumerate(call_ids)
+    ]
+
+    results = await dispatcher.execute_commands(commands, timeout=10)
+
+    assert len(results) == len(commands)
+    assert [r.status for r in results] == [ResultStatus.SUCCESS] * len(commands)
+    assert [r.result for r in results] == list(range(len(commands)))
+    for command, result in zip(commands, results, strict=True):
+        if command.call_id:
+            assert result.call_id == command.call_id
+        else:
+            assert result.call_id
+            assert uuid.UUID(result.call_id).version == 4
+    filled = [r.call_id for c, r in zip(commands, results, strict=True) if not c.call_id]
+    assert len(set(filled)) == len(filled) == 3
+    # The tool saw exactly the call_ids that came back.
+    assert sorted(seen, key=str) == sorted((r.call_id for r in results), key=str)
+
+
+async def test_parallel_results_are_in_command_order_when_they_finish_in_reverse() -> None:
+    """Command i can only finish after command i+1 did: completion order is the reverse of the batch."""
+    size = 5
+    gates = [asyncio.Event() for _ in range(size)]
+    gates[-1].set()
+    finished: list[int] = []
+
+    async def chained(command: Command) -> int:
+        index = echo(command)
+        await gates[index].wait()
+        finished.append(index)
+        if index > 0:
+            gates[index - 1].set()
+        return index
+
+    dispatcher = InMemoryCommandDispatcher({"chained": chained}, batch=PARALLEL)
+    commands = [Command(tool_name="chained", parameters={"value": i}, call_id=f"c{i}") for i in range(size)]
+
+    results = await dispatcher.execute_commands(commands, timeout=10)
+
+    assert finished == list(reversed(range(size)))
+    assert [r.result for r in results] == list(range(size))
+    assert [r.call_id for r in results] == [c.call_id for c in commands]
+
+
+@MODES
+async def test_an_empty_batch_gives_no_results(batch: BatchPolicy) -> None:
+    dispatcher = InMemoryCommandDispatcher({"echo": echo}, batch=batch)
+    assert await dispatcher.execute_commands([], timeout=5) == []
+
+
+@MODES
+async def test_failures_and_successes_keep_their_places(batch: BatchPolicy) -> None:
+    def sometimes(command: Command) -> Any:
+        if echo(command) % 2:
+            raise ValueError(f"odd {echo(command)}")
+        return echo(command)
+
+    dispatcher = InMemoryCommandDispatcher({"sometimes": sometimes}, batch=batch, retry=NO_WAIT)
+    commands = [Command(tool_name="sometimes", parameters={"value": i}, call_id=f"id-{i}") for i in range(6)]
+
+    results = await dispatcher.execute_commands(commands, timeout=10)
+
+    assert [r.call_id for r in results] == [c.call_id for c in commands]
+    for index, (command, result) in enumerate(zip(commands, results, strict=True)):
+        if index % 2:
+            assert_failure(result, command, f"ToolError: odd {index}")
+        else:
+            assert result.status is ResultStatus.SUCCESS
+            assert result.result == index
+
+
+# --- invariant 2: call_ids kept, filled only when empty, the same on every retry ---------------------------
+
+
+@pytest.mark.parametrize("missing", [None, ""])
+async def test_an_empty_call_id_is_filled_and_the_tool_sees_it(missing: str | None) -> None:
+    tool, seen = recorder()
+    dispatcher = InMemoryCommandDispatcher({"t": tool})
+
+    [result] = await dispatcher.execute_commands([Command(tool_name="t", call_id=missing)], timeout=5)
+
+    assert result.status is ResultStatus.SUCCESS
+    assert result.call_id
+    assert uuid.UUID(result.call_id).version == 4
+    assert seen == [result.call_id]
+
+
+async def test_a_given_call_id_is_kept_even_if_it_is_not_a_uuid() -> None:
+    tool, seen = recorder()
+    dispatcher = InMemoryCommandDispatcher({"t": tool})
+
+    [result] = await dispatcher.execute_commands([Command(tool_name="t", call_id="not-a-uuid")], timeout=5)
+
+    assert result.call_id == "not-a-uuid"
+    assert seen == ["not-a-uuid"]
+
+
+@pytest.mark.parametrize("call_id", ["mine", None])
+async def test_a_retried_command_keeps_its_call_id_on_every_attempt(call_id: str | None) -> None:
+    def flaky(command: Command, number: int) -> Any:
+        if number < 3:
+            raise ConnectionLost(f"dropped on attempt {number}")
+        return {"attempts": number}
+
+    tool, seen = recorder(flaky)
+    dispatcher = InMemoryCommandDispatcher({"flaky": tool}, retry=NO_WAIT)
+
+    [result] = await dispatcher.execute_commands([Command(tool_name="flaky", call_id=call_id)], timeout=5)
+
+    assert result.status is ResultStatus.SUCCESS
+    assert result.result == {"attempts": 3}
+    assert len(seen) == 3
+    assert len(set(seen)) == 1
+    assert seen[0] == result.call_id
+    if call_id:
+        assert result.call_id == call_id
+
+
+# --- invariant 3: every failure is a Result in the documented format ----------------------------------
+
+
+async def test_a_tool_exception_is_a_failure_in_the_documented_format() -> None:
+    def broken(command: Command) -> Any:
+        raise ValueError("the disk is full")
+
+    dispatcher = InMemoryCommandDispatcher({"broken": broken})
+    command = Command(tool_name="broken", parameters={"path": "/tmp/x"}, tool_type="action", call_id="c-1")
+
+    [result] = await dispatcher.execute_commands([command], timeout=5)
+
+    assert_failure(result, command, "ToolError: the disk is full")
+    assert result.error == (
+        "Error occurred while executing command tool_name='broken' parameters={'path': '/tmp/x'} "
+        "tool_type='action' call_id='c-1': ToolError: the disk is full"
+    )
+
+
+async def test_the_error_text_names_the_filled_call_id() -> None:
+    def broken(command: Command) -> Any:
+        raise RuntimeError("nope")
+
+    dispatcher = InMemoryCommandDispatcher({"broken": broken})
+
+    [result] = await dispatcher.execute_commands([Command(tool_name="broken")], timeout=5)
+
+    assert result.call_id
+    assert_failure(result, Command(tool_name="broken", call_id=result.call_id), "ToolError: nope")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ValueError(), RuntimeError(""), ToolReportedError(""), ConnectionLost("   "), KeyError()],
+    ids=["ValueError()", "RuntimeError('')", "ToolReportedError('')", "ConnectionLost(blank)", "KeyError()"],
+)
+async def test_a_failure_never_has_an_empty_cause(error: Exception) -> None:
+    def broken(command: Command) -> Any:
+        raise error
+
+    dispatcher = InMemoryCommandDispatcher({"broken": broken}, retry=NO_WAIT)
+    command = Command(tool_name="broken", call_id="c")
+
+    [result] = await dispatcher.execute_commands([command], timeout=5)
+
+    cause = cause_of(result, command)
+    kind, _, message = cause.partition(": ")
+    assert kind
+    assert message.strip()
+    assert result.result == result.error + SUFFIX
+
+
+async def test_an_unknown_tool_is_a_failure_naming_the_tools() -> None:
+    dispatcher = InMemoryCommandDispatcher({"echo": echo, "add": echo})
+    command = Command(tool_name="ecko", call_id="u")
+
+    [result] = await dispatcher.execute_commands([command], timeout=5)
+
+    assert_failure(result, command, "UnknownTool: no tool named 'ecko'; tools: add, echo")
+
+
+async def test_a_failure_carries_the_command_namespace() -> None:
+    def broken(command: Command) -> Any:
+        raise ValueError("x")
+
+    dispatcher = InMemoryCommandDispatcher({"broken": broken})
+    command = Command(tool_name="broken", call_id="n", namespace="somewhere")
+
+    [result] = await dispatcher.execute_commands([command], timeout=5)
+
+    assert_failure(result, command, "ToolError: x")
+    assert result.namespace == "somewhere"
+    assert "namespace='somewhere'" in (result.error or "")
+
+
+async def test_run_batch_turns_any_exception_of_run_one_into_a_failure() -> None:
+    async def run_one(command: Command, deadline: Deadline) -> Result:
+        raise Exception()
+
+    commands = [Command(tool_name="x", call_id="a"), Command(tool_name="y", call_id="b")]
+
+    results = await run_batch(commands, run_one, Deadline.after(5))
+
+    for command, result in zip(commands, results, strict=True):
+        assert_failure(result, command, "Exception: Exception()")
+
+
+async def test_run_batch_rejects_a_result_for_another_call_id() -> None:
+    async def run_one(command: Command, deadline: Deadline) -> Result:
+        return Result(status=ResultStatus.SUCCESS, result=1, call_id="someone-else")
+
+    command = Command(tool_name="x", call_id="mine")
+
+    [result] = await run_batch([command], run_one, Deadline.after(5))
+
+    assert_failure(result, command, "the result came back for call_id 'someone-else'")
+
+
+def test_error_result_and_generate_error_results_use_the_documented_format() -> None:
+    command = Command(tool_name="x", call_id="1")
+    assert_failure(error_result(command, ConnectionLost("gone")), command, "ConnectionLost: gone")
+    assert_failure(error_result(command, "plain text cause"), command, "plain text cause")
+    commands = [Command(tool_name="a", call_id="1"), Command(tool_name="b", call_id="2")]
+    dispatcher = InMemoryCommandDispatcher({})
+    results = dispatcher.generate_error_results(commands, CommandTimeout(30))
+    for command, result in zip(commands, results, strict=True):
+        assert_failure(result, command, "TimeoutError: no result within 30.0s")
+
+
+def test_the_default_batch_timeout_is_ufos() -> None:
+    assert DEFAULT_TIMEOUT == 6000.0
+
+
+# --- invariant 4: a batch timeout keeps finished results ------------------------------------------------
+
+
+async def test_parallel_batch_timeout_keeps_finished_results() -> None:
+    never = asyncio.Event()
+    started = asyncio.Event()
+
+    async def stuck(command: Command) -> Any:
+        started.set()
+        await never.wait()
+
+    dispatcher = InMemoryCommandDispatcher({"echo": echo, "stuck": stuck}, batch=PARALLEL)
+    commands = [
+        Command(tool_name="echo", parameters={"value": "a"}, call_id="1"),
+        Command(tool_name="stuck", call_id="2"),
+        Command(tool_name="echo", parameters={"value": "c"}, call_id="3"),
+    ]
+    deadline = 0.5
+    begin = time.monotonic()
+
+    results = await dispatcher.execute_commands(commands, timeout=deadline)
+
+    elapsed = time.monotonic() - begin
+    assert started.is_set()
+    assert elapsed < deadline + SLACK
+    assert [r.status for r in results] == [ResultStatus.SUCCESS, ResultStatus.FAILURE, ResultStatus.SUCCESS]
+    assert results[0].result == "a"
+    assert results[2].result == "c"
+    assert_failure(results[1], commands[1], "TimeoutError: no result within 0.5s")
+
+
+async def test_sequential_batch_timeout_fails_the_running_and_the_unstarted_commands() -> None:
+    never = asyncio.Event()
+    calls: list[str] = []
+
+    async def stuck(command: Command) -> Any:
+        calls.append("stuck")
+        await never.wait()
+
+    def later(command: Command) -> Any:
+        calls.append("later")
+        return "should not run"
+
+    dispatcher = InMemoryCommandDispatcher({"echo": echo, "stuck": stuck, "later": later}, batch=SEQUENTIAL)
+    commands = [
+        Command(tool_name="echo", parameters={"value": 0}, call_id="1"),
+        Command(tool_name="stuck", call_id="2"),
+        Command(tool_name="later", call_id="3"),
+    ]
+    begin = time.monotonic()
+
+    results = await dispatcher.execute_commands(commands, timeout=0.4)
+
+    assert time.monotonic() - begin < 0.4 + SLACK
+    assert results[0].status is ResultStatus.SUCCESS
+    assert results[0].result == 0
+    assert_failure(results[1], commands[1], "TimeoutError: no result within 0.4s")
+    assert_failure(results[2], commands[2], "TimeoutError: no result within 0.4s")
+    assert calls == ["stuck"]
+
+
+async def test_batch_timeout_fills_call_ids_of_unfinished_commands() -> None:
+    never = asyncio.Event()
+
+    async def stuck(command: Command) -> Any:
+        await never.wait()
+
+    dispatcher = InMemoryCommandDispatcher({"stuck": stuck}, batch=PARALLEL)
+
+    results = await dispatcher.execute_commands([Command(tool_name="stuck"), Command(tool_name="stuck")], timeout=0.3)
+
+    for result in results:
+        assert result.call_id
+        assert_failure(
+            result, Command(tool_name="stuck", call_id=result.call_id), "TimeoutError: no result within 0.3s"
+        )
+    assert results[0].call_id != results[1].call_id
+
+
+async def test_batch_returns_at_the_deadline_even_if_a_tool_ignores_cancellation() -> None:
+    never = asyncio.Event()
+    release = asyncio.Event()
+
+    async def stubborn(command: Command) -> Any:
+        try:
+            await never.wait()
+        except asyncio.CancelledError:
+            await release.wait()  # refuses to stop until the test lets it
+            raise
+
+    dispatcher = InMemoryCommandDispatcher({"stubborn": stubborn, "echo": echo}, batch=PARALLEL)
+    commands = [Command(tool_name="stubborn", call_id="s"), Command(tool_name="echo", parameters={"value": 7})]
+    begin = time.monotonic()
+    try:
+        results = await dispatcher.execute_commands(commands, timeout=0.3)
+        elapsed = time.monotonic() - begin
+    finally:
+        release.set()
+    assert elapsed < 0.3 + SLACK
+    assert_failure(results[0], commands[0], "TimeoutError: no result within 0.3s")
+    assert results[1].status is ResultStatus.SUCCESS
+    assert results[1].result == 7
+
+
+async def test_results_are_reported_as_they_finish() -> None:
+    never = asyncio.Event()
+
+    async def stuck(command: Command) -> Any:
+        await never.wait()
+
+    reported: list[tuple[int, ResultStatus]] = []
+    dispatcher = InMemoryCommandDispatcher({"echo": echo, "stuck": stuck}, batch=PARALLEL)
+    commands = [Command(tool_name="stuck", call_id="1"), Command(tool_name="echo", parameters={"value": 2})]
+
+    results = await dispatcher.execute_commands(
+        commands, timeout=0.3, on_result=lambda index, result: reported.append((index, result.status))
+    )
+
+    assert reported == [(1, ResultStatus.SUCCESS)]
+    assert results[0].status is ResultStatus.FAILURE
+
+
+async def test_command_timeout_bounds_a_single_command() -> None:
+    never = asyncio.Event()
+    tool, seen = recorder()
+
+    async def stuck(command: Command) -> Any:
+        seen.append(command.call_id)
+        await never.wait()
+
+    dispatcher = InMemoryCommandDispatcher({"stuck": stuck, "count": tool}, batch=SEQUENTIAL)
+    commands = [
+        Command(tool_name="stuck", call_id="slow", timeout=0.25),
+        Command(tool_name="count", call_id="after"),
+    ]
+    begin = time.monotonic()
+
+    results = await dispatcher.execute_commands(commands, timeout=30)
+
+    assert time.monotonic() - begin < 0.25 + SLACK
+    assert_failure(results[0], commands[0], "TimeoutError: no result within 0.25s")
+    assert results[1].status is ResultStatus.SUCCESS
+    # The timed-out command was not retried: there was no time left to.
+    assert seen == ["slow", "after"]
+
+
+async def test_dispatcher_command_timeout_bounds_every_command() -> None:
+    never = asyncio.Event()
+
+    async def stuck(command: Command) -> Any:
+        await never.wait()
+
+    dispatcher = InMemoryCommandDispatcher({"stuck": stuck, "echo": echo}, batch=PARALLEL, command_timeout=0.2)
+    commands = [Command(tool_name="stuck", call_id="1"), Command(tool_name="echo", parameters={"value": 1})]
+    begin = time.monotonic()
+
+    results = await dispatcher.execute_commands(commands, timeout=30)
+
+    assert time.monotonic() - begin < 0.2 + SLACK
+    assert_failure(results[0], commands[0], "TimeoutError: no result within 0.2s")
+    assert results[1].result == 1
+
+
+async def test_retries_stop_at_the_deadline() -> None:
+    tool, seen = recorder(lambda command, number: (_ for _ in ()).throw(ConnectionLost(f"lost {number}")))
+    dispatcher = InMemoryCommandDispatcher(
+        {"lost": tool}, retry=RetryPolicy(attempts=1000, initial_delay=0.1, max_delay=0.1, jitter=0)
+    )
+    begin = time.monotonic()
+
+    [result] = await dispatcher.execute_commands([Command(tool_name="lost", call_id="l")], timeout=0.6)
+
+    assert time.monotonic() - begin < 0.6 + SLACK
+    assert result.status is ResultStatus.FAILURE
+    assert 1 < len(seen) < 20
+    assert set(seen) == {"l"}
+
+
+# --- invariant 6: falsy outputs are kept ------------------------------------------------------------------
+
+
+@MODES
+async def test_falsy_outputs_are_kept(batch: BatchPolicy) -> None:
+    values: list[Any] = [0, "", [], False, None, {}, 0.0]
+    dispatcher = InMemoryCommandDispatcher({"echo": echo}, batch=batch)
+    commands = [Command(tool_name="echo", parameters={"value": v}) for v in values]
+
+    results = await dispatcher.execute_commands(commands, timeout=5)
+
+    assert [r.status for r in results] == [ResultStatus.SUCCESS] * len(values)
+    for value, result in zip(values, results, strict=True):
+        assert result.result == value
+        assert type(result.result) is type(value)
+        assert result.error is None
+
+
+async def test_async_tools_return_their_values() -> None:
+    async def answer(command: Command) -> Any:
+        return {"async": True, "value": echo(command)}
+
+    dispatcher = InMemoryCommandDispatcher({"answer": answer}, namespace="mem")
+
+    [result] = await dispatcher.execute_commands([Command(tool_name="answer", parameters={"value": 0})], timeout=5)
+
+    assert result.result == {"async": True, "value": 0}
+    assert result.namespace == "mem"
+
+
+# --- batch modes --------------------------------------------------------------------------------------------
+
+
+async def test_stop_on_failure_skips_the_rest_in_sequential_mode() -> None:
+    calls: list[str] = []
+
+    def tool(command: Command) -> Any:
+        calls.append(command.tool_name)
+        if command.tool_name == "bad":
+            raise ValueError("broken")
+        return command.tool_name
+
+    dispatcher = InMemoryCommandDispatcher(
+        {"ok": tool, "bad": tool, "more": tool, "last": tool},
+        batch=BatchPolicy(mode=ExecutionMode.SEQUENTIAL, stop_on_failure=True),
+    )
+    commands = [
+        Command(tool_name="ok", call_id="1"),
+        Command(tool_name="bad", call_id="2"),
+        Command(tool_name="more", call_id="3"),
+        Command(tool_name="last"),
+    ]
+
+    results = await dispatcher.execute_commands(commands, timeout=5)
+
+    assert calls == ["ok", "bad"]
+    assert results[0].status is ResultStatus.SUCCESS
+    assert_failure(results[1], commands[1], "ToolError: broken")
+    assert [r.status for r in results[2:]] == [ResultStatus.SKIPPED, ResultStatus.SKIPPED]
+    assert results[2].call_id == "3"
+    assert results[3].call_id
+    assert all(r.error for r in results[2:])
+
+
+async def test_without_stop_on_failure_every_command_runs() -> None:
+    calls: list[str] = []
+
+    def tool(command: Command) -> Any:
+        calls.append(command.tool_name)
+        if command.tool_name == "bad":
+            raise ValueError("broken")
+        return 1
+
+    dispatcher = InMemoryCommandDispatcher({"ok": tool, "bad": tool}, batch=SEQUENTIAL)
+    commands = [Command(tool_name=name) for name in ("bad", "ok", "bad", "ok")]
+
+    results = await dispatcher.execute_commands(commands, timeout=5)
+
+    assert calls == ["bad", "ok", "bad", "ok"]
+    assert [r.status for r in results] == [
+        ResultStatus.FAILURE,
+        ResultStatus.SUCCESS,
+        ResultStatus.FAILURE,
+        ResultStatus.SUCCESS,
+    ]
+
+
+class ConcurrencyProbe:
+    """A tool that counts how many calls run at once and holds them until released.
+
+    ``full`` is set when ``expected`` calls are inside together; every caller
+    that can enter before the test wakes up has entered by then (they were all
+    ready in the same loop iteration), so ``peak`` is the real bound.
+    """
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.active = 0
+        self.peak = 0
+        self.entered = 0
+        self.full = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, command: Command) -> Any:
+        self.active += 1
+        self.entered += 1
+        self.peak = max(self.peak, self.active)
+        if self.active >= self.expected:
+            self.full.set()
+        try:
+            await self.release.wait()
+        finally:
+            self.active -= 1
+        return self.entered
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3])
+async def test_parallel_mode_respects_max_concurrency(limit: int) -> None:
+    probe = ConcurrencyProbe(expected=limit)
+    dispatcher = InMemoryCommandDispatcher(
+        {"probe": probe}, batch=BatchPolicy(mode=ExecutionMode.PARALLEL, max_concurrency=limit)
+    )
+    batch = asyncio.ensure_future(
+        dispatcher.execute_commands([Command(tool_name="probe") for _ in range(limit * 3)], timeout=10)
+    )
+    try:
+        await wait_for(probe.full)
+        assert probe.active == limit
+        assert probe.peak == limit
+        probe.release.set()
+        async with asyncio.timeout(5):
+            results = await batch
+    finally:
+        probe.release.set()
+    assert probe.peak == limit
+    assert probe.entered == limit * 3
+    assert all(r.status is ResultStatus.SUCCESS for r in results)
+
+
+async def test_parallel_mode_runs_commands_concurrently() -> None:
+    """Every call waits until all are in: only possible if they really run at once."""
+    size = 4
+    probe = ConcurrencyProbe(expected=size)
+
+    async def gathering(command: Command) -> Any:
+        task = asyncio.ensure_future(probe(command))
+        if probe.active >= size:
+            probe.release.set()
+        return await task
+
+    dispatcher = InMemoryCommandDispatcher({"g": gathering}, batch=BatchPolicy(mode=ExecutionMode.PARALLEL))
+    async with asyncio.timeout(5):
+        results = await dispatcher.execute_commands([Command(tool_name="g") for _ in range(size)], timeout=5)
+    assert probe.peak == size
+    assert all(r.status is ResultStatus.SUCCESS for r in results)
+
+
+async def test_sequential_mode_runs_one_command_at_a_time() -> None:
+    active = 0
+    peak = 0
+    order: list[int] = []
+
+    async def tool(command: Command) -> Any:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        order.append(echo(command))
+        await asyncio.sleep(0)  # give any concurrent call a chance to enter (not a synchronisation)
+        active -= 1
+        return echo(command)
+
+    dispatcher = InMemoryCommandDispatcher({"t": tool}, batch=SEQUENTIAL)
+    results = await dispatcher.execute_commands([Command(tool_name="t", parameters={"value": i}) for i in range(5)], 5)
+    assert peak == 1
+    assert order == [0, 1, 2, 3, 4]
+    assert [r.result for r in results] == order
+
+
+def test_batch_policy_is_validated() -> None:
+    with pytest.raises(ValueError, match="max_concurrency"):
+        BatchPolicy(max_concurrency=0)
+    assert BatchPolicy() == BatchPolicy(mode=ExecutionMode.SEQUENTIAL, stop_on_failure=False, max_concurrency=8)
+
+
+# --- retries ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ToolReportedError("the tool said no"),
+        ValueError("plain exception"),
+        InvalidParameters("parameter 'x': wrong"),
+        ProtocolError("method not found (code -32601)", transient=False),
+    ],
+    ids=["ToolReportedError", "plain", "InvalidParameters", "ProtocolError-permanent"],
+)
+async def test_a_non_retryable_error_is_called_exactly_once(error: Exception) -> None:
+    def fails(command: Command, number: int) -> Any:
+        raise error
+
+    tool, seen = recorder(fails)
+    dispatcher = InMemoryCommandDispatcher({"t": tool}, retry=RetryPolicy(attempts=5, initial_delay=0, jitter=0))
+    command = Command(tool_name="t", call_id="once")
+
+    [result] = await dispatcher.execute_commands([command], timeout=5)
+
+    assert seen == ["once"]
+    assert result.status is ResultStatus.FAILURE
+    assert str(error) in cause_of(result, command)
+
+
+async def test_a_tool_error_is_retried_when_configured() -> None:
+    def fails(command: Command, number: int) -> Any:
+        if number < 3:
+            raise ToolReportedError(f"no {number}")
+        return "yes"
+
+    tool, seen = recorder(fails)
+    dispatcher = InMemoryCommandDispatcher(
+        {"t": tool}, retry=RetryPolicy(attempts=3, initial_delay=0, jitter=0, retry_tool_errors=True)
+    )
+
+    [result] = await dispatcher.execute_commands([Command(tool_name="t", call_id="r")], timeout=5)
+
+    assert result.status is ResultStatus.SUCCESS
+    assert result.result == "yes"
+    assert seen == ["r", "r", "r"]
+
+
+@pytest.mark.parametrize("attempts", [1, 2, 4])
+async def test_a_transient_error_is_retried_up_to_the_attempts(attempts: int) -> None:
+    def fails(command: Command, number: int) -> Any:
+        raise ConnectionLost(f"dropped {number}")
+
+    tool, seen = recorder(fails)
+    dispatcher = InMemoryCommandDispatcher({"t": tool}, retry=RetryPolicy(attempts=attempts, initial_delay=0, jitter=0))
+    command = Command(tool_name="t", call_id="same")
+
+    [result] = await dispatcher.execute_commands([command], timeout=5)
+
+    assert seen == ["same"] * attempts
+    assert_failure(result, command, f"ConnectionLost: dropped {attempts}")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ConnectionLost("lost"), ProtocolError("internal (code -32603)", transient=True), CommandTimeout(1)],
+    ids=["ConnectionLost", "ProtocolError-transient", "CommandTimeout"],
+)
+async def test_a_transient_error_is_retried_to_success(error: Exception) -> None:
+    def flaky(command: Command, number: int) -> Any:
+        if number < 3:
+            raise error
+        return {"attempts": number}
+
+    tool, seen = recorder(flaky)
+    dispatcher = InMemoryCommandDispatcher({"t": tool}, retry=NO_WAIT)
+
+    [result] = await dispatcher.execute_commands([Command(tool_name="t", call_id="x")], timeout=5)
+
+    assert result.status is ResultStatus.SUCCESS
+    assert result.result == {"attempts": 3}
+    assert seen == ["x", "x", "x"]
+
+
+async def test_a_sent_transient_error_is_not_retried_when_not_repeatable() -> None:
+    def fails(command: Command, number: int) -> Any:
+        raise ConnectionLost("dropped after sending")
+
+    tool, seen = recorder(fails)
+    dispatcher = InMemoryCommandDispatcher({"t": tool}, repeatable=False, retry=NO_WAIT)
+    command = Command(tool_name="t", call_id="side-effect")
+
+    [result] = await dispatcher.execute_commands([command], timeout=5)
+
+    assert seen == ["side-effect"]
+    assert_failure(result, command, "ConnectionLost: dropped after sending")
+
+
+async def test_an_unsent_transient_error_is_retried_even_when_not_repeatable() -> None:
+    def flaky(command: Command, number: int) -> Any:
+        if number < 3:
+            raise ServerUnavailable("restarting")
+        return "up"
+
+    tool, seen = recorder(flaky)
+    dispatcher = InMemoryCommandDispatcher({"t": tool}, repeatable=False, retry=NO_WAIT)
+
+    [result] = await dispatcher.execute_commands([Command(tool_name="t", call_id="u")], timeout=5)
+
+    assert result.status is ResultStatus.SUCCESS
+    assert result.result == "up"
+    assert seen == ["u", "u", "u"]
+
+
+async def test_an_explicitly_unsent_connection_loss_is_retried_when_not_repeatable() -> None:
+    def flaky(command: Command, number: int) -> Any:
+        if number == 1:
+            raise ConnectionLost("could not connect", sent=False)
+        return "ok"
+
+    tool, seen = recorder(flaky)
+    dispatcher = InMemoryCommandDispatcher({"t": tool}, repeatable=False, retry=NO_WAIT)
+
+    [result] = await dispatcher.execute_commands([Command(tool_name="t", call_id="v")], timeout=5)
+
+    assert result.result == "ok"
+    assert seen == ["v", "v"]
+
+
+async def test_the_retry_log_line_names_the_reason_and_the_delay(caplog: pytest.LogCaptureFixture) -> None:
+    def flaky(command: Command, number: int) -> Any:
+        if number < 3:
+            raise ConnectionLost(f"socket closed {number}")
+        return "done"
+
+    tool, _ = recorder(flaky)
+    dispatcher = InMemoryCommandDispatcher(
+        {"flaky": tool}, retry=RetryPolicy(attempts=3, initial_delay=0.01, max_delay=1.0, jitter=0)
+    )
+    caplog.set_level(logging.WARNING, logger="dispatchers")
+
+    [result] = await dispatcher.execute_commands([Command(tool_name="flaky", call_id="log-me")], timeout=5)
+
+    assert result.status is ResultStatus.SUCCESS
+    lines = [r.getMessage() for r in caplog.records if r.name == "dispatchers" and r.levelno == logging.WARNING]
+    assert lines == [
+        "flaky[log-me] attempt 1 failed (ConnectionLost: socket closed 1); retrying in 0.01s",
+        "flaky[log-me] attempt 2 failed (ConnectionLost: socket closed 2); retrying in 0.02s",
+    ]
+
+
+async def test_no_retry_log_line_for_a_permanent_failure(caplog: pytest.LogCaptureFixture) -> None:
+    def fails(command: Command) -> Any:
+        raise ValueError("permanent")
+
+    dispatcher = InMemoryCommandDispatcher({"t": fails}, retry=NO_WAIT)
+    caplog.set_level(logging.DEBUG, logger="dispatchers")
+
+    [result] = await dispatcher.execute_commands([Command(tool_name="t")], timeout=5)
+
+    assert result.status is ResultStatus.FAILURE
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+
+
+# --- policies as values -------------------------------------------------------------------------------------
+
+
+def test_retry_policy_is_a_value() -> None:
+    assert RetryPolicy() == RetryPolicy(attempts=3, initial_delay=0.2, max_delay=5.0, jitter=0.2)
+    assert hash(RetryPolicy()) == hash(RetryPolicy())
+    assert RetryPolicy(attempts=4) != RetryPolicy()
+    assert RetryPolicy.never() == RetryPolicy(attempts=1)
+    text = repr(RetryPolicy(attempts=7, initial_delay=0.5))
+    assert "RetryPolicy(" in text
+    assert "attempts=7" in text
+    assert "initial_delay=0.5" in text
+    assert str(RetryPolicy()) == repr(RetryPolicy())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RetryPolicy().attempts = 9  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"attempts": 0}, {"attempts": -1}, {"initial_delay": -0.1}, {"max_delay": -1}, {"jitter": -0.5}],
+)
+def test_invalid_retry_policies_raise_value_error(fields: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=next(iter(fields))):
+        RetryPolicy(**fields)
+
+
+def test_deadline_is_a_value() -> None:
+    assert Deadline(expires_at=10.0, seconds=2.0) == Deadline(10.0, 2.0)
+    assert Deadline(10.0, 2.0) != Deadline(10.0, 3.0)
+    assert hash(Deadline(10.0, 2.0)) == hash(Deadline(10.0, 2.0))
+    assert "seconds=2.0" in repr(Deadline(10.0, 2.0))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Deadline(10.0, 2.0).seconds = 1  # type: ignore[misc]
+
+
+def test_deadline_after_counts_down_and_prints() -> None:
+    deadline = Deadline.after(30)
+    assert deadline.seconds == 30
+    assert 0 < deadline.remaining() <= 30
+    assert not deadline.expired
+    assert re.fullmatch(r"30s deadline, \d+\.\d{3}s left", str(deadline))
+    past = Deadline(expires_at=time.monotonic() - 1, seconds=1.0)
+    assert past.expired
+    assert past.remaining() == 0.0
+
+
+def test_deadline_within_picks_the_earlier() -> None:
+    deadline = Deadline.after(30)
+    assert deadline.within(None) is deadline
+    assert deadline.within(60) is deadline
+    shorter = deadline.within(1)
+    assert shorter.seconds == 1
+    assert shorter.expires_at < deadline.expires_at
+
+
+@pytest.mark.parametrize("seconds", [0, -1, math.inf, math.nan])
+def test_invalid_deadlines_raise_value_error(seconds: float) -> None:
+    with pytest.raises(ValueError):
+        Deadline.after(seconds)
+
+
+def test_command_timeout_text() -> None:
+    assert str(CommandTimeout(30)) == "no result within 30.0s"
+    assert isinstance(CommandTimeout(1), TimeoutError)

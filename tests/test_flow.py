@@ -1,0 +1,143 @@
+"""The batch flow against a real Prefect API and real MCP servers.
+
+Prefect is exercised for what users see: one flow run per batch, one task run
+per command with a readable name, failed commands as failed task runs, a
+Failed flow run that says how many failed, and the results table artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable
+from typing import Any, cast
+from uuid import UUID
+
+import pytest
+from prefect import State, get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+
+from aip.messages import Command, Result, ResultStatus
+from flows.batch import dispatch_batch, run_batch_flow
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+async def run_flow(commands: list[Any], **options: Any) -> State[Any]:
+    return await cast(Awaitable[State[Any]], dispatch_batch(commands, return_state=True, **options))
+
+
+async def task_runs_of(flow_run_id: UUID) -> list[Any]:
+    async with get_client() as client:
+        return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+async def test_a_batch_is_one_flow_run_with_a_named_task_run_per_command(demo_config: dict[str, Any]) -> None:
+    commands = [
+        Command(tool_name="add", parameters={"a": 1, "b": 2}, call_id="first"),
+        Command(tool_name="echo", parameters={"value": 0}),
+        Command(tool_name="get_current_time", parameters={"timezone": "UTC"}, call_id="third-call-id-is-long"),
+    ]
+
+    state = await run_flow(commands, config=demo_config, timeout=60)
+
+    assert state.is_completed(), state.message
+    results = await state.aresult()
+    assert [r.status for r in results] == [ResultStatus.SUCCESS] * 3
+    assert results[0].call_id == "first" and results[2].call_id == "third-call-id-is-long"
+    assert results[1].call_id  # an empty call_id is filled
+    assert results[0].result == {"result": 3.0} and results[1].result == {"result": 0}
+    flow_run_id = state.state_details.flow_run_id
+    assert flow_run_id is not None
+    async with get_client() as client:
+        flow_run = await client.read_flow_run(flow_run_id)
+    assert flow_run.name == "batch-3-commands"
+    names = sorted(run.name for run in await task_runs_of(flow_run_id))
+    assert names == sorted(["add[first]", f"echo[{results[1].call_id[:8]}]", "get_current_time[third-ca]"])
+
+
+async def test_failed_commands_fail_their_task_runs_and_the_flow_run_with_a_results_table(
+    demo_config: dict[str, Any],
+) -> None:
+    commands = [
+        {"tool_name": "echo", "parameters": {"value": "ok"}, "call_id": "good"},  # as a deployment passes them
+        {"tool_name": "fail", "parameters": {"message": "out of paper"}, "call_id": "bad"},
+        {"tool_name": "no_such_tool", "call_id": "unknown"},
+    ]
+
+    state = await run_flow(commands, config=demo_config, timeout=60)
+
+    assert state.is_failed()
+    assert state.message == "2 of 3 commands failed"
+    results = await state.aresult(raise_on_failure=False)
+    assert [r.call_id for r in results] == ["good", "bad", "unknown"]
+    assert [r.status for r in results] == [ResultStatus.SUCCESS, ResultStatus.FAILURE, ResultStatus.FAILURE]
+    assert "out of paper" in results[1].error
+    assert "UnknownTool" in results[2].error
+    flow_run_id = state.state_details.flow_run_id
+    assert flow_run_id is not None
+    task_states = {run.name: run.state.type.value for run in await task_runs_of(flow_run_id)}
+    assert task_states == {"echo[good]": "COMPLETED", "fail[bad]": "FAILED", "no_such_tool[unknown]": "FAILED"}
+    async with get_client() as client:
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    [table] = [artifact for artifact in artifacts if artifact.type == "table"]
+    assert table.key == "batch-results"
+    rows = json.loads(cast(str, table.data))
+    assert [row["call_id"] for row in rows] == ["good", "bad", "unknown"]
+    assert [row["status"] for row in rows] == ["success", "failure", "failure"]
+    assert "out of paper" in rows[1]["error"]
+
+
+async def test_batch_deadline_keeps_finished_results_and_times_out_the_rest(demo_config: dict[str, Any]) -> None:
+    commands = [
+        Command(tool_name="echo", parameters={"value": []}, call_id="quick"),
+        Command(tool_name="sleep", parameters={"seconds": 30}, call_id="slow"),
+        Command(tool_name="echo", parameters={"value": False}, call_id="never-started"),
+    ]
+    started = time.monotonic()
+
+    state = await run_flow(commands, config=demo_config, timeout=3)
+
+    elapsed = time.monotonic() - started
+    results = await state.aresult(raise_on_failure=False)
+    assert results[0].status is ResultStatus.SUCCESS and results[0].result == {"result": []}
+    for result in results[1:]:
+        assert result.status is ResultStatus.FAILURE
+        assert result.error.endswith("TimeoutError: no result within 3.0s")
+    assert state.message == "2 of 3 commands failed"
+    assert elapsed < 3 + 5  # the flow's own start and stop, not the 30 s sleep
+
+
+async def test_parallel_mode_and_retries_through_the_flow(demo_config: dict[str, Any]) -> None:
+    commands = [
+        Command(tool_name="sleep", parameters={"seconds": 0.5}, tool_type="data_collection", call_id=f"s{i}")
+        for i in range(4)
+    ] + [Command(tool_name="flaky", parameters={"key": "flow", "failures": 2}, tool_type="data_collection")]
+
+    state = await run_flow(commands, config=demo_config, timeout=60, mode="parallel", retries=2)
+
+    results = await state.aresult()
+    assert [r.status for r in results] == [ResultStatus.SUCCESS] * 5
+    assert results[4].result == {"attempts": 3}
+
+
+async def test_the_helper_always_answers_even_when_the_flow_cannot_start_servers() -> None:
+    commands = [Command(tool_name="echo", call_id="a"), Command(tool_name="echo")]
+
+    results = await run_batch_flow(commands, config="/nonexistent/mcp.json", timeout=30)
+
+    assert len(results) == 2
+    assert results[0].call_id == "a" and results[1].call_id
+    for result in results:
+        assert isinstance(result, Result) and result.status is ResultStatus.FAILURE
+        assert "/nonexistent/mcp.json: no such file" in result.error
+
+
+def test_aip_and_dispatchers_never_import_prefect() -> None:
+    check = "import sys, aip.messages, dispatchers, dispatchers.batch_file; print('prefect' in sys.modules)"
+    output = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True, timeout=60)
+    assert output.stdout.strip() == "False"
