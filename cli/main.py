@@ -30,12 +30,12 @@ stderr = Console(stderr=True)
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="mcp.json naming the MCP servers [default: the batch file's, else ./mcp.json]"),
+    typer.Option("--config", "-c", help="mcp.json naming the MCP servers (default: the batch file's 'config', else ./mcp.json)"),
 ]
 
 
 def fail_usage(message: str) -> NoReturn:
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False)
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
