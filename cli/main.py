@@ -30,7 +30,9 @@ stderr = Console(stderr=True)
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="mcp.json naming the MCP servers (default: the batch file's 'config', else ./mcp.json)"),
+    typer.Option(
+        "--config", "-c", help="mcp.json naming the MCP servers (default: the batch file's 'config', else ./mcp.json)"
+    ),
 ]
 
 
@@ -71,7 +73,11 @@ def run(
     quiet_prefect_defaults()
     from flows.batch import run_batch_flow
 
-    results = asyncio.run(run_batch_flow(batch.commands, **options))
+    try:
+        results = asyncio.run(run_batch_flow(batch.commands, **options))
+    except KeyboardInterrupt:
+        stderr.print("interrupted: the MCP servers were stopped", highlight=False)
+        raise typer.Exit(130) from None
     if json_output:
         sys.stdout.write(json.dumps([result.model_dump(mode="json") for result in results]) + "\n")
     else:

@@ -10,7 +10,6 @@ timeout failures, and the call returns at once, with nothing left running.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -105,8 +104,7 @@ async def run_batch(
         finished = list(results)
         if not driver.done():
             driver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({driver}, timeout=CANCEL_GRACE)
+            await asyncio.wait({driver}, timeout=CANCEL_GRACE)
         elif not driver.cancelled() and driver.exception() is not None:
             raise driver.exception()  # type: ignore[misc]  # a bug in run(): never swallow it
     timeout = CommandTimeout(deadline.seconds)

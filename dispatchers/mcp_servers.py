@@ -77,7 +77,10 @@ class StderrTail:
         return text if len(text) <= limit else "..." + text[-limit:]
 
     async def aclose(self) -> None:
+        """Stop reading, once the server's last words are in (or a second has passed)."""
         self.release_writer()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.closed.wait(), timeout=1.0)
         self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader
@@ -156,12 +159,15 @@ class ServerConnection:
         await asyncio.shield(self._starting)
 
     async def _own(self, started: asyncio.Future[None]) -> None:
-        stderr = StderrTail(self.name) if isinstance(self.spec, StdioServer) else None
-        stopped = False
+        stderr: StderrTail | None = None
+        if isinstance(self.spec, StdioServer):
+            stderr = StderrTail(self.name)
+            transport = _stdio_transport(self.spec, stderr)
+        else:
+            transport = _http_transport(self.spec)
         try:
             async with AsyncExitStack() as stack:
                 async with asyncio.timeout(self.start_timeout):
-                    transport = _stdio_transport(self.spec, stderr) if stderr else _http_transport(self.spec)  # type: ignore[arg-type]
                     client = await stack.enter_async_context(Client(transport))
                     self.tools = {tool.name: tool for tool in await _list_tools(client)}
                 self._client, self.error, self._failures = client, None, 0
@@ -171,13 +177,12 @@ class ServerConnection:
                 # Down from this moment: no new call may reach the dying session.
                 self._client = None
                 self._down.set()
-                stopped = self._stop.is_set()
-                if not stopped:
+                if not self._stop.is_set():
                     self.error = "the server process exited"
         except TimeoutError:
             self.error = f"no answer within {self.start_timeout}s of starting"
         except Exception as error:
-            self.error = _cause(error)
+            self.error = _start_failure(error)
         finally:
             self._client = None
             self._down.set()
@@ -185,7 +190,7 @@ class ServerConnection:
                 await stderr.aclose()
                 if self.error and stderr.text():
                     self.error += f"; stderr: {stderr.text()}"
-            if not stopped:
+            if not self._stop.is_set():
                 self._failures += 1
                 delay = min(self.max_restart_delay, self.restart_delay * 2 ** (self._failures - 1))
                 self._next_start = time.monotonic() + delay * (1 + random.random() / 4)
@@ -223,8 +228,11 @@ class ServerConnection:
             raise ConnectionLost(f"MCP server {self.name!r}: {describe(error)}") from None
 
     async def close(self) -> None:
+        """Stop the server: gracefully when it runs, at once when it is still starting."""
         self._stop.set()
         if self._owner is not None:
+            if self._client is None:
+                self._owner.cancel()
             await asyncio.wait({self._owner}, timeout=10)
 
 
@@ -248,10 +256,12 @@ async def _first_of(*waits: Any) -> None:
             task.cancel()
 
 
-def _cause(error: BaseException) -> str:
+def _start_failure(error: BaseException) -> str:
     """The innermost useful cause of a start failure (anyio wraps them in groups)."""
     while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
         error = error.exceptions[0]
+    if isinstance(error, MCPError) and error.code == CONNECTION_CLOSED:
+        return "the server closed the connection while starting"
     return describe(error)
 
 
