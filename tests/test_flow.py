@@ -141,3 +141,21 @@ def test_aip_and_dispatchers_never_import_prefect() -> None:
     check = "import sys, aip.messages, dispatchers, dispatchers.batch_file; print('prefect' in sys.modules)"
     output = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True, timeout=60)
     assert output.stdout.strip() == "False"
+
+
+async def test_a_server_killed_mid_call_fails_only_that_command_promptly(demo_config: dict[str, Any]) -> None:
+    commands = [
+        Command(tool_name="sleep", parameters={"seconds": 60}, tool_type="action", call_id="in-flight"),
+        Command(tool_name="crash", call_id="killer"),
+        Command(tool_name="echo", parameters={"value": "after"}, call_id="after-restart"),
+    ]
+    started = time.monotonic()
+
+    state = await run_flow(commands, config=demo_config, timeout=60, mode="parallel", max_concurrency=2)
+
+    elapsed = time.monotonic() - started
+    results = await state.aresult(raise_on_failure=False)
+    assert [r.call_id for r in results] == ["in-flight", "killer", "after-restart"]
+    assert "ConnectionLost" in results[0].error and "ConnectionLost" in results[1].error
+    assert results[2].status is ResultStatus.SUCCESS and results[2].result == {"result": "after"}
+    assert elapsed < 30  # detected at the crash, not at the 60 s deadline nor after the 60 s sleep
