@@ -97,7 +97,7 @@ class Command(WireModel):
     tool_type: str = ""
     call_id: str | None = None
     namespace: str | None = None
-    timeout: float | None = Field(default=None, gt=0)
+    timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class Result(WireModel):

@@ -7,7 +7,7 @@ from typing import Any
 
 from aip.messages import Command, Result, ResultStatus
 
-from .errors import ToolReportedError
+from .errors import ServerUnavailable, ToolReportedError
 from .mcp_results import tool_error, tool_output
 from .mcp_servers import MCPServerManager
 from .parameters import check_parameters
@@ -42,7 +42,11 @@ class LocalCommandDispatcher(ToolCallDispatcher):
         return hints is not None and bool(hints.read_only_hint or hints.idempotent_hint)
 
     async def call(self, command: Command) -> Result:
-        route = self.router.route(command)
+        try:
+            route = self.router.route(command)
+        except ServerUnavailable:
+            await self.servers.revive()
+            route = self.router.route(command)
         parameters = command.parameters or {}
         check_parameters(route.tool.input_schema, parameters)
         logger.debug("session %s: %s[%s] -> %s", self.session, command.tool_name, command.call_id, route.server)

@@ -88,9 +88,9 @@ def load_config(source: str | Path | Mapping[str, Any]) -> dict[str, ServerSpec]
     for name, raw in servers.items():
         if not name or "." in name:
             raise ConfigError(f"{where}: server name {name!r} must be non-empty and contain no '.'")
-        spec = _parse_server(f"{where}: mcpServers.{name}", raw, base)
-        if not spec.disabled:
-            specs[name] = spec
+        if isinstance(raw, dict) and raw.get("disabled") is True:
+            continue  # not even expanded: a disabled server may name variables that are unset
+        specs[name] = _parse_server(f"{where}: mcpServers.{name}", raw, base)
     return specs
 
 
@@ -131,7 +131,9 @@ def _lookup(match: re.Match[str], where: str) -> str:
     name, default = match.group(1), match.group(2)
     if name == "DISPATCH_PYTHON" and name not in os.environ:
         return sys.executable
-    value = os.environ.get(name, default)
+    value = os.environ.get(name)
+    if not value and default is not None:  # like the shell's ":-": unset or empty
+        value = default
     if value is None:
         raise ConfigError(
             f"{where}: ${{{name}}} is not set in the environment (write ${{{name}:-default}} for a default)"

@@ -171,6 +171,7 @@ class ServerConnection:
                     client = await stack.enter_async_context(Client(transport))
                     self.tools = {tool.name: tool for tool in await _list_tools(client)}
                 self._client, self.error, self._failures = client, None, 0
+                self._starting = None
                 started.set_result(None)
                 logger.info("MCP server %r is up with %d tools", self.name, len(self.tools))
                 await _first_of(self._stop.wait(), stderr.closed.wait() if stderr else None)
@@ -186,18 +187,25 @@ class ServerConnection:
         finally:
             self._client = None
             self._down.set()
+            if not self._stop.is_set():
+                self._failures += 1
+                delay = min(self.max_restart_delay, self.restart_delay * 2 ** (self._failures - 1))
+                self._next_start = time.monotonic() + delay * (1 + random.random() / 4)
             if stderr is not None:
                 await stderr.aclose()
                 if self.error and stderr.text():
                     self.error += f"; stderr: {stderr.text()}"
             if not self._stop.is_set():
-                self._failures += 1
-                delay = min(self.max_restart_delay, self.restart_delay * 2 ** (self._failures - 1))
-                self._next_start = time.monotonic() + delay * (1 + random.random() / 4)
                 logger.warning("MCP server %r is down: %s", self.name, self.error)
-            self._starting = None
+            if self._starting is started:
+                self._starting = None
             if not started.done():
                 started.set_result(None)
+
+    @property
+    def restart_due(self) -> bool:
+        """Down, not starting, and past its restart delay."""
+        return self._client is None and self._starting is None and time.monotonic() >= self._next_start
 
     async def session(self) -> Client:
         """The live client, starting the server if its restart delay has passed."""
@@ -284,6 +292,16 @@ class MCPServerManager:
 
     async def start(self) -> None:
         await asyncio.gather(*(connection.start() for connection in self.connections.values()))
+
+    async def revive(self) -> None:
+        """Start again every server that is down and past its restart delay.
+
+        Routing needs a server's tool list, which only a running server gives:
+        a server that failed its first start is brought back here, before a
+        command would be refused for want of its tools.
+        """
+        due = [connection.start() for connection in self.connections.values() if connection.restart_due]
+        await asyncio.gather(*due)
 
     async def close(self) -> None:
         await asyncio.gather(*(connection.close() for connection in self.connections.values()))

@@ -43,7 +43,7 @@ def add(a: float, b: float) -> float:
     return a + b
 
 
-@server.tool(annotations=_READ_ONLY)
+@server.tool(annotations=_READ_ONLY, structured_output=False)
 def text(message: str) -> str:
     """Return ``message`` as unstructured text content."""
     return message

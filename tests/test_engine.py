@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from aip.messages import Command, Result, ResultStatus
 from dispatchers import (
@@ -495,6 +496,20 @@ async def test_command_timeout_bounds_a_single_command() -> None:
     assert seen == ["slow", "after"]
 
 
+async def test_an_infinite_command_timeout_is_rejected_or_means_no_bound() -> None:
+    """A Command the model accepts must be runnable: ``timeout=inf`` either fails validation or bounds nothing."""
+    try:
+        command = Command(tool_name="echo", parameters={"value": 1}, call_id="inf", timeout=math.inf)
+    except ValidationError:
+        return
+    dispatcher = InMemoryCommandDispatcher({"echo": echo})
+
+    [result] = await dispatcher.execute_commands([command], timeout=5)
+
+    assert result.status is ResultStatus.SUCCESS, result.error
+    assert result.result == 1
+
+
 async def test_dispatcher_command_timeout_bounds_every_command() -> None:
     never = asyncio.Event()
 
@@ -649,18 +664,15 @@ async def test_parallel_mode_respects_max_concurrency(limit: int) -> None:
     dispatcher = InMemoryCommandDispatcher(
         {"probe": probe}, batch=BatchPolicy(mode=ExecutionMode.PARALLEL, max_concurrency=limit)
     )
-    batch = asyncio.ensure_future(
-        dispatcher.execute_commands([Command(tool_name="probe") for _ in range(limit * 3)], timeout=10)
-    )
-    try:
+    async with asyncio.timeout(10), asyncio.TaskGroup() as group:
+        pending = group.create_task(
+            dispatcher.execute_commands([Command(tool_name="probe") for _ in range(limit * 3)], timeout=10)
+        )
         await wait_for(probe.full)
-        assert probe.active == limit
-        assert probe.peak == limit
+        active_when_full = probe.active
         probe.release.set()
-        async with asyncio.timeout(5):
-            results = await batch
-    finally:
-        probe.release.set()
+    results = pending.result()
+    assert active_when_full == limit
     assert probe.peak == limit
     assert probe.entered == limit * 3
     assert all(r.status is ResultStatus.SUCCESS for r in results)

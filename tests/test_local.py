@@ -1,0 +1,546 @@
+"""LocalCommandDispatcher and MCPServerManager against real MCP server subprocesses.
+
+The demo server (examples/demo_server.py) and the third-party
+``mcp-server-time`` run over stdio; one test reaches the demo server over
+streamable HTTP on 127.0.0.1. Every test is bounded in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from conftest import DEMO_SERVER, EXAMPLES, demo_server_spec
+from mcp.types import CallToolResult, ImageContent, TextContent
+
+from aip.messages import Command, Result, ResultStatus
+from dispatchers import (
+    BatchPolicy,
+    ExecutionMode,
+    LocalCommandDispatcher,
+    MCPServerManager,
+    RetryPolicy,
+)
+from dispatchers.mcp_results import tool_output
+
+pytestmark = pytest.mark.timeout(60)
+
+TIME_SERVER = {"command": sys.executable, "args": ["-m", "mcp_server_time", "--local-timezone", "UTC"]}
+#: Quick retries, for tests that expect some.
+QUICK = RetryPolicy(attempts=3, initial_delay=0.05, max_delay=0.2, jitter=0)
+SUFFIX = ", please retry or execute a different command."
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+
+
+def child_processes() -> dict[int, str]:
+    """This process's children (zombies included), by pid, with their command lines."""
+    me = os.getpid()
+    children: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                command = cmdline.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            children[int(entry)] = f"[{fields[0]}] {command}"
+    return children
+
+
+def demo_children() -> set[int]:
+    """Children running the demo server over stdio (not the session's HTTP one)."""
+    return {
+        pid for pid, command in child_processes().items() if str(DEMO_SERVER) in command and "--http" not in command
+    }
+
+
+@asynccontextmanager
+async def running(config: dict[str, Any], **options: Any) -> AsyncIterator[MCPServerManager]:
+    """A started manager, closed on the way out; start and close are bounded."""
+    manager = MCPServerManager.from_config(config, **options)
+    try:
+        async with asyncio.timeout(45):
+            await manager.start()
+        yield manager
+    finally:
+        async with asyncio.timeout(30):
+            await manager.close()
+
+
+def count_calls(manager: MCPServerManager, server: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every tool call the dispatcher sends to ``server`` (the names), to prove how often it ran."""
+    connection = manager.connections[server]
+    original = connection.call_tool
+    calls: list[str] = []
+
+    async def counting(tool: str, arguments: dict[str, Any]) -> CallToolResult:
+        calls.append(tool)
+        return await original(tool, arguments)
+
+    monkeypatch.setattr(connection, "call_tool", counting)
+    return calls
+
+
+def failure_cause(result: Result, command: Command) -> str:
+    """Checks the documented failure format and returns the cause."""
+    assert result.status is ResultStatus.FAILURE, result
+    assert result.call_id == command.call_id
+    prefix = f"Error occurred while executing command {command}: "
+    assert result.error is not None
+    assert result.error.startswith(prefix), result.error
+    assert result.result == result.error + SUFFIX
+    cause = result.error[len(prefix) :]
+    assert cause.strip()
+    return cause
+
+
+async def run(dispatcher: LocalCommandDispatcher, *commands: Command, timeout: float = 20) -> list[Result]:
+    return await dispatcher.execute_commands(list(commands), timeout=timeout)
+
+
+def key() -> str:
+    return uuid.uuid4().hex
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def shared() -> AsyncIterator[MCPServerManager]:
+    """The demo server and mcp-server-time, for tests that don't disturb them."""
+    async with running({"mcpServers": {"demo": demo_server_spec(), "time": TIME_SERVER}}) as manager:
+        assert manager.connections["demo"].available, manager.connections["demo"].error
+        assert manager.connections["time"].available, manager.connections["time"].error
+        yield manager
+
+
+# --- outputs -------------------------------------------------------------------------------------------------
+
+
+async def test_structured_output(shared: MCPServerManager) -> None:
+    dispatcher = LocalCommandDispatcher(shared, session="test")
+    nested = {"list": [1, "two", None], "flag": True, "inner": {"x": 1.5}}
+    commands = [
+        Command(tool_name="add", parameters={"a": 2, "b": 3.5}, call_id="sum"),
+        Command(tool_name="echo", parameters={"value": nested}, call_id="nested"),
+    ]
+
+    results = await run(dispatcher, *commands)
+
+    assert [r.status for r in results] == [ResultStatus.SUCCESS, ResultStatus.SUCCESS]
+    assert results[0].result == {"result": 5.5}
+    assert results[1].result == {"result": nested}
+    assert [r.namespace for r in results] == ["demo", "demo"]
+    assert [r.call_id for r in results] == ["sum", "nested"]
+
+
+async def test_text_output(shared: MCPServerManager) -> None:
+    """The demo's ``text`` tool answers with unstructured text; invariant 6 says that text is the result."""
+    dispatcher = LocalCommandDispatcher(shared)
+    [result] = await run(dispatcher, Command(tool_name="text", parameters={"message": "hello, world"}))
+    assert result.status is ResultStatus.SUCCESS
+    assert result.result == "hello, world"
+
+
+def test_text_content_becomes_the_result() -> None:
+    """How an MCP answer maps to Result.result when it carries only content blocks."""
+    one = CallToolResult(content=[TextContent(type="text", text="")])
+    assert tool_output(one) == ""
+    two = CallToolResult(content=[TextContent(type="text", text="a"), TextContent(type="text", text="b")])
+    assert tool_output(two) == ["a", "b"]
+    assert tool_output(CallToolResult(content=[])) is None
+    image = CallToolResult(content=[ImageContent(type="image", data="aGk=", mime_type="image/png")])
+    assert tool_output(image) == [{"type": "image", "data": "aGk=", "mimeType": "image/png"}]
+    structured = CallToolResult(content=[TextContent(type="text", text="0")], structured_content={"result": 0})
+    assert tool_output(structured) == {"result": 0}
+
+
+@pytest.mark.parametrize("mode", [ExecutionMode.SEQUENTIAL, ExecutionMode.PARALLEL])
+async def test_falsy_outputs_are_kept(shared: MCPServerManager, mode: ExecutionMode) -> None:
+    dispatcher = LocalCommandDispatcher(shared, batch=BatchPolicy(mode=mode))
+    values: list[Any] = [0, "", [], False, {}, None]
+
+    results = await run(dispatcher, *(Command(tool_name="echo", parameters={"value": v}) for v in values))
+
+    assert [r.status for r in results] == [ResultStatus.SUCCESS] * len(values)
+    for value, result in zip(values, results, strict=True):
+        assert result.result == {"result": value}
+        assert type(result.result["result"]) is type(value)
+
+
+async def test_mcp_server_time_get_current_time(shared: MCPServerManager) -> None:
+    dispatcher = LocalCommandDispatcher(shared)
+    commands = [
+        Command(tool_name="get_current_time", parameters={"timezone": "UTC"}, call_id="plain"),
+        Command(tool_name="time.get_current_time", parameters={"timezone": "Europe/Paris"}),
+        Command(tool_name="get_current_time", parameters={"timezone": "Asia/Tokyo"}, tool_type="time"),
+        Command(tool_name="get_current_time", parameters={"timezone": "UTC"}, tool_type="data_collection"),
+    ]
+
+    results = await run(dispatcher, *commands)
+
+    assert [r.status for r in results] == [ResultStatus.SUCCESS] * 4, [r.error for r in results]
+    assert [r.namespace for r in results] == ["time"] * 4
+    assert results[0].call_id == "plain"
+    answer = results[0].result
+    assert answer["timezone"] == "UTC"
+    moment = datetime.fromisoformat(answer["datetime"])
+    assert moment.utcoffset() is not None
+    assert abs(moment.timestamp() - time.time()) < 600
+    assert results[1].result["timezone"] == "Europe/Paris"
+    assert results[2].result["timezone"] == "Asia/Tokyo"
+
+
+# --- failures ------------------------------------------------------------------------------------------------
+
+
+async def test_a_tool_reporting_an_error_fails_with_its_message_and_runs_once(
+    shared: MCPServerManager, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = count_calls(shared, "demo", monkeypatch)
+    dispatcher = LocalCommandDispatcher(shared, retry=RetryPolicy(attempts=5, initial_delay=0, jitter=0))
+    message = f"disk on fire {key()}"
+    command = Command(tool_name="fail", parameters={"message": message}, call_id="f1")
+    caplog.set_level(logging.WARNING, logger="dispatchers")
+
+    [result] = await run(dispatcher, command)
+
+    cause = failure_cause(result, command)
+    assert cause.startswith("ToolError: ")
+    assert message in cause
+    assert calls == ["fail"]
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+
+
+async def test_invalid_parameters_fail_naming_the_field_without_calling_the_tool(
+    shared: MCPServerManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = count_calls(shared, "demo", monkeypatch)
+    dispatcher = LocalCommandDispatcher(shared)
+    wrong_type = Command(tool_name="add", parameters={"a": "two", "b": 2}, call_id="p1")
+    missing = Command(tool_name="count", parameters={"key": 5}, call_id="p2")
+    no_value = Command(tool_name="echo", parameters={}, call_id="p3")
+
+    results = await run(dispatcher, wrong_type, missing, no_value)
+
+    cause = failure_cause(results[0], wrong_type)
+    assert cause.startswith("InvalidParameters: ")
+    assert "'a'" in cause
+    assert "number" in cause
+    assert "'key'" in failure_cause(results[1], missing)
+    assert "'value'" in failure_cause(results[2], no_value)
+    assert calls == []
+
+
+async def test_an_unknown_tool_fails_with_a_suggestion(shared: MCPServerManager) -> None:
+    dispatcher = LocalCommandDispatcher(shared)
+    typo = Command(tool_name="ecoh", parameters={"value": 1}, call_id="u1")
+    nowhere = Command(tool_name="echo", parameters={"value": 1}, namespace="nope", call_id="u2")
+
+    results = await run(dispatcher, typo, nowhere)
+
+    cause = failure_cause(results[0], typo)
+    assert cause.startswith("UnknownTool: ")
+    assert "did you mean 'echo'" in cause
+    cause = failure_cause(results[1], nowhere)
+    assert "'nope'" in cause
+    assert "demo" in cause
+    assert "time" in cause
+
+
+async def test_an_ambiguous_tool_names_both_servers(demo_config: dict[str, Any]) -> None:
+    config = {"mcpServers": {"left": demo_server_spec(), "right": demo_server_spec()}}
+    async with running(config) as manager:
+        dispatcher = LocalCommandDispatcher(manager)
+        ambiguous = Command(tool_name="count", parameters={"key": "k"}, call_id="amb")
+        results = await run(
+            dispatcher,
+            ambiguous,
+            Command(tool_name="left.count", parameters={"key": "k"}),
+            Command(tool_name="count", parameters={"key": "k"}, namespace="left"),
+            Command(tool_name="count", parameters={"key": "k"}, tool_type="right"),
+        )
+
+    cause = failure_cause(results[0], ambiguous)
+    assert cause.startswith("AmbiguousTool: ")
+    assert "left.count" in cause
+    assert "right.count" in cause
+    # Pinned calls reach one server each: two calls on left, one on right.
+    assert [(r.namespace, r.result) for r in results[1:]] == [
+        ("left", {"result": 1}),
+        ("left", {"result": 2}),
+        ("right", {"result": 1}),
+    ]
+
+
+# --- retries -------------------------------------------------------------------------------------------------
+
+
+async def test_a_flaky_data_collection_tool_is_retried_to_success_with_the_same_call_id(
+    shared: MCPServerManager, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = count_calls(shared, "demo", monkeypatch)
+    dispatcher = LocalCommandDispatcher(shared, retry=QUICK)
+    command = Command(
+        tool_name="flaky", parameters={"key": key(), "failures": 2}, tool_type="data_collection", call_id="flaky-1"
+    )
+    caplog.set_level(logging.WARNING, logger="dispatchers")
+
+    [result] = await run(dispatcher, command)
+
+    assert result.status is ResultStatus.SUCCESS, result.error
+    assert result.result == {"attempts": 3}
+    assert result.call_id == "flaky-1"
+    assert result.namespace == "demo"
+    assert calls == ["flaky", "flaky", "flaky"]
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 2
+    assert all(line.startswith("flaky[flaky-1] attempt ") for line in retries)
+    assert "transient failure 1 of 2" in retries[0]
+
+
+async def test_a_flaky_action_is_not_retried(shared: MCPServerManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ``action`` has side effects: a call that reached the server is not repeated."""
+    calls = count_calls(shared, "demo", monkeypatch)
+    dispatcher = LocalCommandDispatcher(shared, retry=QUICK)
+    command = Command(tool_name="flaky", parameters={"key": key(), "failures": 1}, tool_type="action", call_id="a1")
+
+    [result] = await run(dispatcher, command)
+
+    cause = failure_cause(result, command)
+    assert "transient failure 1 of 1" in cause
+    assert calls == ["flaky"]
+
+
+# --- servers that fail ------------------------------------------------------------------------------------
+
+
+async def test_broken_servers_fail_only_their_commands(demo_config: dict[str, Any], tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-such-server-binary")
+    config = {
+        "mcpServers": {
+            **demo_config["mcpServers"],
+            "missing": {"command": missing},
+            "dies": {
+                "command": sys.executable,
+                "args": ["-c", "import sys; sys.stderr.write('fatal: licence key missing\\n'); sys.exit(2)"],
+            },
+        }
+    }
+    begin = time.monotonic()
+    async with running(config) as manager:
+        started = time.monotonic() - begin
+        assert not manager.connections["missing"].available
+        assert not manager.connections["dies"].available
+        dispatcher = LocalCommandDispatcher(manager, retry=QUICK, batch=BatchPolicy(mode=ExecutionMode.PARALLEL))
+        to_missing = Command(tool_name="anything", namespace="missing", call_id="m")
+        to_dies = Command(tool_name="anything", tool_type="dies", call_id="d")
+        results = await run(
+            dispatcher,
+            to_missing,
+            to_dies,
+            Command(tool_name="echo", parameters={"value": "still here"}),
+            Command(tool_name="get_current_time", parameters={"timezone": "UTC"}),
+        )
+
+    assert started < 20
+    cause = failure_cause(results[0], to_missing)
+    assert cause.startswith("ServerUnavailable: ")
+    assert "no-such-server-binary" in cause or "FileNotFoundError" in cause
+    cause = failure_cause(results[1], to_dies)
+    assert cause.startswith("ServerUnavailable: ")
+    assert "fatal: licence key missing" in cause
+    assert results[2].status is ResultStatus.SUCCESS
+    assert results[2].result == {"result": "still here"}
+    assert results[3].status is ResultStatus.SUCCESS
+    assert results[3].namespace == "time"
+
+
+async def test_a_server_that_failed_its_first_start_comes_back(tmp_path: Path) -> None:
+    """A server down at start is restarted (with backoff) when a command needs it, like one that died later."""
+    marker = tmp_path / "started-once"
+    first_start_fails = (
+        "import os, runpy, sys\n"
+        "marker, server = sys.argv[1], sys.argv[2]\n"
+        "if not os.path.exists(marker):\n"
+        "    open(marker, 'w').close()\n"
+        "    sys.exit('first start fails on purpose')\n"
+        "sys.argv = [server]\n"
+        "runpy.run_path(server, run_name='__main__')\n"
+    )
+    config = {
+        "mcpServers": {
+            "flappy": {"command": sys.executable, "args": ["-c", first_start_fails, str(marker), str(DEMO_SERVER)]}
+        }
+    }
+    async with running(config) as manager:
+        connection = manager.connections["flappy"]
+        assert not connection.available
+        assert "first start fails on purpose" in (connection.error or "")
+        patient = RetryPolicy(attempts=8, initial_delay=0.25, max_delay=0.5, jitter=0)
+        dispatcher = LocalCommandDispatcher(manager, retry=patient)
+        begin = time.monotonic()
+        [result] = await run(dispatcher, Command(tool_name="echo", parameters={"value": 1}, namespace="flappy"))
+        elapsed = time.monotonic() - begin
+
+    assert elapsed < 15
+    assert result.status is ResultStatus.SUCCESS, result.error
+    assert result.result == {"result": 1}
+
+
+async def test_a_crash_mid_call_fails_at_once_and_the_server_restarts(demo_config: dict[str, Any]) -> None:
+    others = demo_children()  # e.g. the module's shared server
+    async with running(demo_config) as manager:
+        first = demo_children() - others
+        assert len(first) == 1
+        dispatcher = LocalCommandDispatcher(manager, retry=RetryPolicy(attempts=6))
+        crash = Command(tool_name="crash", parameters={"exit_code": 3}, call_id="boom")
+
+        begin = time.monotonic()
+        [crashed] = await run(dispatcher, crash, timeout=60)
+        crash_seconds = time.monotonic() - begin
+
+        begin = time.monotonic()
+        results = await run(
+            dispatcher,
+            Command(tool_name="count", parameters={"key": "after-crash"}, call_id="next"),
+            Command(tool_name="get_current_time", parameters={"timezone": "UTC"}),
+            timeout=30,
+        )
+        restart_seconds = time.monotonic() - begin
+        second = demo_children() - others
+
+    assert crash_seconds < 5
+    cause = failure_cause(crashed, crash)
+    assert cause.startswith("ConnectionLost: ")
+    assert "'demo'" in cause
+    next_result = results[0]
+    assert next_result.status is ResultStatus.SUCCESS, next_result.error
+    assert next_result.result == {"result": 1}  # a fresh process: its counter starts again
+    assert next_result.call_id == "next"
+    assert restart_seconds < 20
+    assert results[1].status is ResultStatus.SUCCESS  # the other server was never disturbed
+    assert len(second) == 1
+    assert not first & second  # the crashed process is gone (reaped), a new one serves
+
+
+async def test_a_parallel_batch_past_its_timeout_returns_partial_results(shared: MCPServerManager) -> None:
+    dispatcher = LocalCommandDispatcher(shared, batch=BatchPolicy(mode=ExecutionMode.PARALLEL))
+    slow = Command(tool_name="sleep", parameters={"seconds": 30}, call_id="slow")
+    commands = [
+        Command(tool_name="echo", parameters={"value": "fast"}),
+        slow,
+        Command(tool_name="add", parameters={"a": 1, "b": 1}),
+        Command(tool_name="get_current_time", parameters={"timezone": "UTC"}),
+    ]
+    deadline = 1.5
+    begin = time.monotonic()
+
+    results = await run(dispatcher, *commands, timeout=deadline)
+
+    assert time.monotonic() - begin < deadline + 1.0
+    assert results[0].result == {"result": "fast"}
+    assert results[2].result == {"result": 2.0}
+    assert results[3].status is ResultStatus.SUCCESS
+    assert failure_cause(results[1], slow) == "TimeoutError: no result within 1.5s"
+    # The abandoned call does not wedge the session.
+    begin = time.monotonic()
+    [after] = await run(dispatcher, Command(tool_name="echo", parameters={"value": 0}), timeout=10)
+    assert after.result == {"result": 0}
+    assert time.monotonic() - begin < 5
+
+
+async def test_a_server_that_never_answers_at_start_times_out_and_does_not_block_the_others() -> None:
+    config = {
+        "mcpServers": {
+            "demo": demo_server_spec(),
+            "silent": {"command": sys.executable, "args": ["-c", "import time; time.sleep(120)"]},
+        }
+    }
+    before = set(child_processes())
+    begin = time.monotonic()
+    async with running(config, start_timeout=1.5) as manager:
+        started = time.monotonic() - begin
+        silent = manager.connections["silent"]
+        assert not silent.available
+        assert "1.5" in (silent.error or "")
+        [result] = await run(LocalCommandDispatcher(manager), Command(tool_name="echo", parameters={"value": 1}))
+    assert started < 15
+    assert result.status is ResultStatus.SUCCESS
+    assert set(child_processes()) - before == set()
+
+
+# --- transports and lifecycle ----------------------------------------------------------------------------
+
+
+async def test_the_demo_server_over_streamable_http(http_demo_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with running({"mcpServers": {"web": {"url": http_demo_url}}}) as manager:
+        assert manager.connections["web"].available, manager.connections["web"].error
+        dispatcher = LocalCommandDispatcher(manager, retry=QUICK)
+        failing = Command(tool_name="fail", parameters={"message": "over http"}, call_id="h3")
+        results = await run(
+            dispatcher,
+            Command(tool_name="add", parameters={"a": 40, "b": 2}, call_id="h1"),
+            Command(tool_name="echo", parameters={"value": 0}, call_id="h2"),
+            failing,
+            Command(tool_name="flaky", parameters={"key": key(), "failures": 2}, tool_type="data_collection"),
+        )
+
+    assert results[0].result == {"result": 42.0}
+    assert results[0].namespace == "web"
+    assert results[1].result == {"result": 0}
+    assert "over http" in failure_cause(results[2], failing)
+    assert results[3].result == {"attempts": 3}
+
+
+async def test_the_example_config_file_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DISPATCH_PYTHON", raising=False)
+    async with running(EXAMPLES / "mcp.json") as manager:  # type: ignore[arg-type]
+        assert {name for name, c in manager.connections.items() if c.available} == {"demo", "time"}
+        dispatcher = LocalCommandDispatcher(manager)
+        results = await run(
+            dispatcher,
+            Command(tool_name="echo", parameters={"value": "x"}),
+            Command(tool_name="get_current_time", parameters={"timezone": "UTC"}, tool_type="data_collection"),
+        )
+    assert [r.status for r in results] == [ResultStatus.SUCCESS, ResultStatus.SUCCESS]
+
+
+async def test_closing_the_manager_leaves_no_server_process(demo_config: dict[str, Any]) -> None:
+    before = set(child_processes())
+    manager = MCPServerManager.from_config(demo_config)
+    async with asyncio.timeout(45):
+        await manager.start()
+    try:
+        during = child_processes()
+        started = {pid: command for pid, command in during.items() if pid not in before}
+        assert any(str(DEMO_SERVER) in command for command in started.values()), started
+        assert any("mcp_server_time" in command for command in started.values()), started
+        [result] = await run(LocalCommandDispatcher(manager), Command(tool_name="echo", parameters={"value": 1}))
+        assert result.status is ResultStatus.SUCCESS
+    finally:
+        begin = time.monotonic()
+        async with asyncio.timeout(30):
+            await manager.close()
+        closing = time.monotonic() - begin
+    left = {pid: command for pid, command in child_processes().items() if pid in started}
+    assert left == {}
+    assert closing < 10
+    assert not any(c.available for c in manager.connections.values())
+    for pid in started:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
