@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.conftest import ROOT, demo_server_spec
+from conftest import ROOT, demo_server_spec
 
 
 def dispatch(*args: str | Path, api: str | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
