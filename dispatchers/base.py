@@ -29,7 +29,7 @@ def with_call_id(command: Command) -> Command:
 def short_id(call_id: str | None) -> str:
     """A call_id short enough for a table or a task run name: short ids whole, uuids by prefix."""
     call_id = call_id or ""
-    return call_id if len(call_id) <= 12 else call_id[:8]
+    return call_id if len(call_id) <= 20 else call_id[:8]
 
 
 def _error_prefix(command: Command) -> str:

@@ -38,7 +38,7 @@ async def test_a_batch_is_one_flow_run_with_a_named_task_run_per_command(demo_co
     commands = [
         Command(tool_name="add", parameters={"a": 1, "b": 2}, call_id="first"),
         Command(tool_name="echo", parameters={"value": 0}),
-        Command(tool_name="get_current_time", parameters={"timezone": "UTC"}, call_id="third-call-id-is-long"),
+        Command(tool_name="get_current_time", parameters={"timezone": "UTC"}, call_id="third-call-id-is-long-enough-to-cut"),
     ]
 
     state = await run_flow(commands, config=demo_config, timeout=60)
@@ -46,7 +46,7 @@ async def test_a_batch_is_one_flow_run_with_a_named_task_run_per_command(demo_co
     assert state.is_completed(), state.message
     results = await state.aresult()
     assert [r.status for r in results] == [ResultStatus.SUCCESS] * 3
-    assert results[0].call_id == "first" and results[2].call_id == "third-call-id-is-long"
+    assert results[0].call_id == "first" and results[2].call_id == "third-call-id-is-long-enough-to-cut"
     assert results[1].call_id  # an empty call_id is filled
     assert results[0].result == {"result": 3.0} and results[1].result == {"result": 0}
     flow_run_id = state.state_details.flow_run_id
