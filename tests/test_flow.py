@@ -38,7 +38,9 @@ async def test_a_batch_is_one_flow_run_with_a_named_task_run_per_command(demo_co
     commands = [
         Command(tool_name="add", parameters={"a": 1, "b": 2}, call_id="first"),
         Command(tool_name="echo", parameters={"value": 0}),
-        Command(tool_name="get_current_time", parameters={"timezone": "UTC"}, call_id="third-call-id-is-long-enough-to-cut"),
+        Command(
+            tool_name="get_current_time", parameters={"timezone": "UTC"}, call_id="third-call-id-is-long-enough-to-cut"
+        ),
     ]
 
     state = await run_flow(commands, config=demo_config, timeout=60)
