@@ -5,30 +5,36 @@ Run it from the project root::
     cd /work/main && /work/venv/bin/python bench/local_overhead.py
 
 Three comparisons, all in one process, all against the same stdio demo server
-(``examples/demo_server.py``, tool ``echo``):
+(``examples/demo_server.py``, tool ``echo``). Why each baseline is what it is:
 
 (a) one command at a time: ``LocalCommandDispatcher.execute_commands([cmd])``
-    against a raw ``mcp.Client.call_tool``. The raw client is the floor: it is
-    the same JSON-RPC round trip over the same kind of pipe to the same server
+    against a raw ``mcp.Client.call_tool``. The raw client is the floor: the
+    same JSON-RPC round trip over the same kind of pipe to the same server
     program, with nothing of ours around it (routing, schema check, tenacity,
     deadlines, the batch engine, Result building). It has its own server
-    process, so neither side queues behind the other's calls.
-(b) a batch of 100 in parallel: the dispatcher (default ``max_concurrency``
-    of 8, and one bound as large as the batch) against 100 raw ``call_tool``
-    calls under one ``asyncio.gather``, the fastest way the raw client can run
-    the same batch.
+    process, so neither side queues behind the other's calls. A second raw
+    client on a third server process gives an A/A ratio: the noise floor.
+(b) a batch of 100 in parallel: the dispatcher (the default
+    ``max_concurrency`` of 8, and a bound as large as the batch) against 100
+    raw ``call_tool`` calls under one ``asyncio.gather``, the fastest way the
+    raw client can run the same batch.
 (c) the ``dispatch_batch`` flow (100 commands, parallel) against a bare async
     Prefect flow that gathers 100 no-op async tasks the way our flow gathers
-    its tasks. That baseline is the price of Prefect itself (a flow run, one
-    task run per command), so the ratio shows what our flow adds to it. Our
-    flow also starts its MCP server per run, which a no-op baseline cannot
-    have; that cost is measured on its own (``MCPServerManager`` entered and
-    left) and the headline ratio subtracts it. A 1-command flow of each kind
-    gives the fixed cost per flow run, hence the marginal cost per command.
+    its tasks: the price of Prefect itself (a flow run, a task run per
+    command), so the ratio shows what our flow adds to it. Our flow also
+    starts and stops its MCP server in every run, which a no-op baseline
+    cannot do; that is timed on its own (``MCPServerManager`` started and
+    closed) and the headline ratio subtracts it. A stricter baseline, the bare
+    flow whose tasks make raw ``call_tool`` calls on a connected client, is
+    Prefect plus MCP with nothing of ours. 1-command flows of each kind give
+    the fixed cost per flow run, hence the marginal cost per command. Prefect
+    runs on a throwaway API (``prefect_test_harness``); after each flow run
+    the benchmark waits, untimed, for the API server to finish its deferred
+    work (see ``ApiSettle``), which it records as that run's server CPU.
 
-The machine is shared and noisy, so every figure is a median over
-repetitions, and baselines and subjects are interleaved (per call in (a), in
-a rotating order per repetition in (b) and (c)) so that a slow spell hits
+The machine is shared and noisy (2 cores), so every figure is a median over
+repetitions, and baselines and subjects are interleaved (call by call in (a),
+in an order rotating per repetition in (b) and (c)) so that a slow spell hits
 both. Ratios are subject/baseline of the medians.
 """
 
@@ -46,6 +52,7 @@ import asyncio
 import contextlib
 import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -94,7 +101,7 @@ def median(values: Sequence[float]) -> float:
 
 @dataclass
 class Samples:
-    """Wall times in seconds, by label, gathered over repetitions."""
+    """Figures in seconds (wall times, CPU times), by label, gathered over repetitions."""
 
     times: dict[str, list[float]] = field(default_factory=dict)
 
@@ -324,8 +331,14 @@ class ApiSettle:
         return figures
 
 
-async def bench_flow(batch: int, repeats: int) -> dict[str, Any]:
-    """(c) ``dispatch_batch`` against a bare flow of no-op tasks; also server start, and 1-command flows."""
+async def bench_flow(batch: int, repeats: int, raw: Client) -> dict[str, Any]:
+    """(c) ``dispatch_batch`` against a bare flow of no-op tasks; also server start, and 1-command flows.
+
+    A second, stricter baseline (``bare_mcp``) is the bare flow whose tasks
+    each make the raw ``call_tool`` on ``raw``, an already connected client:
+    Prefect plus MCP with nothing of ours, so that ``ours`` less the server
+    start against it is what our own code adds.
+    """
     from prefect import flow, task
     from prefect.cache_policies import NO_CACHE
 
@@ -335,9 +348,20 @@ async def bench_flow(batch: int, repeats: int) -> dict[str, Any]:
     async def noop(value: int) -> int:
         return value
 
+    @task(cache_policy=NO_CACHE, persist_result=False)
+    async def raw_echo(value: int) -> Any:
+        answer = await raw.call_tool("echo", {"value": value})
+        if answer.is_error:
+            raise RuntimeError(f"raw echo failed: {answer}")
+        return answer.structured_content
+
     @flow(persist_result=False, log_prints=False)
     async def bare(count: int) -> list[int]:
         return list(await asyncio.gather(*(noop(i) for i in range(count))))
+
+    @flow(persist_result=False, log_prints=False)
+    async def bare_mcp(count: int) -> list[Any]:
+        return list(await asyncio.gather(*(raw_echo(i) for i in range(count))))
 
     config = mcp_config()
     counter = iter(range(10**9))
@@ -351,14 +375,17 @@ async def bench_flow(batch: int, repeats: int) -> dict[str, Any]:
             )
             if not state.is_completed():
                 raise SystemExit(f"benchmark broken: dispatch_batch ended {state.name}: {state.message}")
-            check_results(await state.aresult(), count)
+            results = await state.aresult()
+            if not isinstance(results, list):
+                raise SystemExit(f"benchmark broken: dispatch_batch returned {type(results).__name__}")
+            check_results(results, count)
 
         return run
 
-    def baseline(count: int) -> Timed:
+    def baseline(count: int, kind: Any = bare) -> Timed:
         async def run() -> None:
-            if len(await bare(count)) != count:
-                raise SystemExit("benchmark broken: the bare flow lost results")
+            if len(await kind(count)) != count:
+                raise SystemExit("benchmark broken: a bare flow lost results")
 
         return run
 
@@ -379,14 +406,16 @@ async def bench_flow(batch: int, repeats: int) -> dict[str, Any]:
     await ours(1)()
     runs = {
         "bare_n": baseline(batch),
+        "bare_mcp_n": baseline(batch, bare_mcp),
         "ours_n": ours(batch),
         "bare_1": baseline(1),
         "ours_1": ours(1),
         "server_start": server_start,
     }
+    for label in ("bare_n", "bare_mcp_n", "ours_n"):  # first big batch of each kind, untimed
+        await runs[label]()
     settle = ApiSettle()
     await settle()
-    await interleaved(runs, 1, settle)
     for times in start_stop.values():
         times.clear()
     samples = await interleaved(runs, repeats, settle)
@@ -401,6 +430,7 @@ async def bench_flow(batch: int, repeats: int) -> dict[str, Any]:
         "first_flow_s": round(first, 2),
         "api_pid_found": settle.pid is not None,
         "bare_n_ms": ms(m["bare_n"]),
+        "bare_mcp_n_ms": ms(m["bare_mcp_n"]),
         "ours_n_ms": ms(m["ours_n"]),
         "bare_1_ms": ms(m["bare_1"]),
         "ours_1_ms": ms(m["ours_1"]),
@@ -409,6 +439,7 @@ async def bench_flow(batch: int, repeats: int) -> dict[str, Any]:
         "server_stop_only_ms": ms(median(start_stop["stop"])),
         "ratio_total": round(m["ours_n"] / m["bare_n"], 3),
         "ratio_without_server_start": round((m["ours_n"] - m["server_start"]) / m["bare_n"], 3),
+        "ratio_vs_bare_mcp": round((m["ours_n"] - m["server_start"]) / m["bare_mcp_n"], 3),
         "ratio_marginal": round((m["ours_n"] - m["ours_1"]) / (m["bare_n"] - m["bare_1"]), 3),
         "per_command_ours_ms": ms((m["ours_n"] - m["ours_1"]) / (batch - 1)),
         "per_command_bare_ms": ms((m["bare_n"] - m["bare_1"]) / (batch - 1)),
@@ -420,6 +451,11 @@ async def bench_flow(batch: int, repeats: int) -> dict[str, Any]:
     }
 
 
+async def with_raw_client(body: Callable[[Client], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    async with Client(server_params()) as raw:
+        return await body(raw)
+
+
 def run_flow_bench(batch: int, repeats: int) -> dict[str, Any]:
     """(c) under a throwaway Prefect API and database (``prefect_test_harness``), started here."""
     from prefect.testing.utilities import prefect_test_harness
@@ -427,7 +463,7 @@ def run_flow_bench(batch: int, repeats: int) -> dict[str, Any]:
     begin = time.perf_counter()
     with prefect_test_harness():
         started = time.perf_counter() - begin
-        figures = asyncio.run(bench_flow(batch, repeats))
+        figures = asyncio.run(with_raw_client(lambda raw: bench_flow(batch, repeats, raw)))
     return {"api_start_s": round(started, 2), **figures}
 
 
@@ -493,6 +529,12 @@ def print_table(figures: dict[str, Any]) -> None:
                 f"{c['ours_n_ms'] - c['server_start_ms']:.0f} ms",
                 f"{c['ratio_without_server_start']:.2f}",
             ),
+            (
+                "    vs bare flow of raw call_tools",
+                f"{c['bare_mcp_n_ms']:.0f} ms",
+                f"{c['ours_n_ms'] - c['server_start_ms']:.0f} ms",
+                f"{c['ratio_vs_bare_mcp']:.2f}",
+            ),
             ("(c) flow, 1 command", f"{c['bare_1_ms']:.0f} ms", f"{c['ours_1_ms']:.0f} ms", ""),
             (
                 "    per command ((n) - (1))/(n-1)",
@@ -534,6 +576,23 @@ def print_table(figures: dict[str, Any]) -> None:
     print(f"For context: {UFO_NOTE}.")
 
 
+def code_version() -> dict[str, Any]:
+    """The commit measured, and whether the code under test had uncommitted changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "aip", "dispatchers", "flows", "tasks"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(changes)}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="repetitions per figure (default 5)")
@@ -545,7 +604,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--repeats and --calls must be at least 1, --batch at least 2")
 
     started = time.perf_counter()
-    figures: dict[str, Any] = {"repeats": args.repeats, "calls": args.calls, "batch": args.batch}
+    figures: dict[str, Any] = {
+        "repeats": args.repeats,
+        "calls": args.calls,
+        "batch": args.batch,
+        "code": code_version(),
+    }
     figures.update(asyncio.run(bench_dispatcher(args.calls, args.batch, args.repeats)))
     if not args.skip_flow:
         figures["c"] = run_flow_bench(args.batch, args.repeats)

@@ -10,7 +10,7 @@ from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, error_result, failure
 from .batch import BatchPolicy, ExecutionMode, run_batch
 from .local import LocalCommandDispatcher
 from .mcp_config import ConfigError, load_config
-from .mcp_servers import MCPServerManager
+from .mcp_servers import MCPServerManager, close_shared_managers, shared_manager
 from .memory import InMemoryCommandDispatcher
 from .policy import Deadline, RetryPolicy
 from .router import CommandRouter
@@ -29,10 +29,12 @@ __all__ = [
     "MCPServerManager",
     "RetryPolicy",
     "ToolCallDispatcher",
+    "close_shared_managers",
     "error_result",
     "failure_cause",
     "load_config",
     "run_batch",
+    "shared_manager",
     "short_id",
     "with_call_id",
 ]

@@ -45,7 +45,7 @@ class LocalCommandDispatcher(ToolCallDispatcher):
         try:
             route = self.router.route(command)
         except ServerUnavailable:
-            await self.servers.revive()
+            await self.servers.start()
             route = self.router.route(command)
         parameters = command.parameters or {}
         check_parameters(route.tool.input_schema, parameters)

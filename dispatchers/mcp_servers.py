@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -203,6 +205,10 @@ class ServerConnection:
                 started.set_result(None)
 
     @property
+    def starting(self) -> bool:
+        return self._starting is not None
+
+    @property
     def restart_due(self) -> bool:
         """Down, not starting, and past its restart delay."""
         return self._client is None and self._starting is None and time.monotonic() >= self._next_start
@@ -291,17 +297,14 @@ class MCPServerManager:
         return cls(load_config(source), **options)
 
     async def start(self) -> None:
-        await asyncio.gather(*(connection.start() for connection in self.connections.values()))
+        """Bring up every server that is down and past its restart delay; wait for those starting.
 
-    async def revive(self) -> None:
-        """Start again every server that is down and past its restart delay.
-
-        Routing needs a server's tool list, which only a running server gives:
-        a server that failed its first start is brought back here, before a
-        command would be refused for want of its tools.
+        Entering the manager calls it; so does a dispatcher that is about to
+        refuse a command for want of a server's tools, since only a running
+        server lists them (a server that failed its first start comes back so).
         """
-        due = [connection.start() for connection in self.connections.values() if connection.restart_due]
-        await asyncio.gather(*due)
+        wanted = [c.start() for c in self.connections.values() if c.starting or c.restart_due]
+        await asyncio.gather(*wanted)
 
     async def close(self) -> None:
         await asyncio.gather(*(connection.close() for connection in self.connections.values()))
@@ -314,3 +317,31 @@ class MCPServerManager:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         await self.close()
+
+
+_shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, MCPServerManager]] = weakref.WeakKeyDictionary()
+
+
+async def shared_manager(source: str | Path | Mapping[str, Any]) -> MCPServerManager:
+    """A started manager for this config, shared by every batch run in this event loop.
+
+    Starting a server costs more than a whole batch of calls (about 0.6 s for
+    a Python server), so batches that follow one another reuse the servers,
+    as one dispatcher would. Configs are told apart by their content. The
+    servers stop when the event loop ends (its tasks are cancelled), or at
+    ``close_shared_managers()``.
+    """
+    specs = load_config(source)
+    key = json.dumps({name: spec.model_dump(mode="json") for name, spec in specs.items()}, sort_keys=True)
+    managers = _shared.setdefault(asyncio.get_running_loop(), {})
+    manager = managers.get(key)
+    if manager is None:
+        manager = managers[key] = MCPServerManager(specs)
+    await manager.start()
+    return manager
+
+
+async def close_shared_managers() -> None:
+    """Stop the servers that ``shared_manager`` started in this event loop."""
+    managers = _shared.pop(asyncio.get_running_loop(), {})
+    await asyncio.gather(*(manager.close() for manager in managers.values()))

@@ -23,10 +23,10 @@ from dispatchers import (
     Deadline,
     ExecutionMode,
     LocalCommandDispatcher,
-    MCPServerManager,
     RetryPolicy,
     error_result,
     run_batch,
+    shared_manager,
     with_call_id,
 )
 from tasks import run_command
@@ -51,21 +51,23 @@ async def dispatch_batch(
 ) -> list[Result] | State:
     """Run ``commands`` on the MCP servers of ``config`` (a path to mcp.json, or its content).
 
-    Fails (with every Result still attached) when any command failed.
+    Fails (with every Result still attached) when any command failed. The
+    servers are started once per process and event loop and shared by the
+    batches that follow (see ``dispatchers.shared_manager``).
     """
     deadline = Deadline.after(timeout)
     policy = BatchPolicy(mode=mode, stop_on_failure=stop_on_failure, max_concurrency=max_concurrency)
-    async with MCPServerManager.from_config(config) as servers:
-        dispatcher = LocalCommandDispatcher(servers, retry=RetryPolicy(attempts=retries + 1))
+    servers = await shared_manager(config)
+    dispatcher = LocalCommandDispatcher(servers, retry=RetryPolicy(attempts=retries + 1))
 
-        async def run_one(command: Command, command_deadline: Deadline) -> Result:
-            # Prefect types an async task's return_state call as a bare State; it is awaitable.
-            pending = cast(Awaitable[State[Any]], run_command(command, dispatcher, command_deadline, return_state=True))
-            state = await pending
-            result = await state.aresult(raise_on_failure=False)
-            return result if isinstance(result, Result) else error_result(command, result)
+    async def run_one(command: Command, command_deadline: Deadline) -> Result:
+        # Prefect types an async task's return_state call as a bare State; it is awaitable.
+        pending = cast(Awaitable[State[Any]], run_command(command, dispatcher, command_deadline, return_state=True))
+        state = await pending
+        result = await state.aresult(raise_on_failure=False)
+        return result if isinstance(result, Result) else error_result(command, result)
 
-        results = await run_batch(commands, run_one, deadline, policy)
+    results = await run_batch(commands, run_one, deadline, policy)
     await _publish(results, commands)
     failed = sum(result.status is ResultStatus.FAILURE for result in results)
     if failed:

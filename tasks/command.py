@@ -13,6 +13,8 @@ import logging
 
 from prefect import State, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging.handlers import APILogHandler
 from prefect.runtime import task_run
 from prefect.states import Failed
 
@@ -20,12 +22,22 @@ from aip.messages import Command, Result, ResultStatus
 from dispatchers import BasicCommandDispatcher, Deadline, failure_cause, short_id
 
 
+class _InRun(logging.Filter):
+    """Only records made inside a flow or task run: the API has nowhere else to put them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
 def _send_dispatcher_logs_to_prefect() -> None:
-    """Retry and server logs go where Prefect's own extra loggers go: console and run logs."""
-    target = logging.getLogger("dispatchers")
-    for handler in logging.getLogger("prefect.extra").handlers:
-        if handler not in target.handlers:
-            target.addHandler(handler)
+    """Retries and server restarts appear in the run's logs in the dashboard.
+
+    (What ``PREFECT_LOGGING_EXTRA_LOGGERS=dispatchers`` would do, minus the
+    warnings it gives when the dispatchers are used outside any run.)
+    """
+    handler = APILogHandler()
+    handler.addFilter(_InRun())
+    logging.getLogger("dispatchers").addHandler(handler)
 
 
 _send_dispatcher_logs_to_prefect()

@@ -161,3 +161,14 @@ async def test_a_server_killed_mid_call_fails_only_that_command_promptly(demo_co
     assert "ConnectionLost" in results[0].error and "ConnectionLost" in results[1].error
     assert results[2].status is ResultStatus.SUCCESS and results[2].result == {"result": "after"}
     assert elapsed < 30  # detected at the crash, not at the 60 s deadline nor after the 60 s sleep
+
+
+async def test_batches_in_one_event_loop_share_their_servers(demo_config: dict[str, Any]) -> None:
+    key = f"shared-{time.monotonic_ns()}"
+    count = [Command(tool_name="count", parameters={"key": key})]
+
+    first = await run_batch_flow(count, config=demo_config, timeout=60)
+    second = await run_batch_flow(count, config=demo_config, timeout=60)
+
+    # The same server process counted both calls: it was started once, not per flow run.
+    assert (first[0].result, second[0].result) == ({"result": 1}, {"result": 2})
