@@ -7,6 +7,7 @@ Failed flow run that says how many failed, and the results table artifact.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -29,9 +30,21 @@ async def run_flow(commands: list[Any], **options: Any) -> State[Any]:
     return await cast(Awaitable[State[Any]], dispatch_batch(commands, return_state=True, **options))
 
 
-async def task_runs_of(flow_run_id: UUID) -> list[Any]:
-    async with get_client() as client:
-        return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+async def task_runs_of(flow_run_id: UUID, expected: int) -> dict[str, str]:
+    """The flow run's task runs as {name: state type}, once the API has recorded them all.
+
+    The server records task runs from events, after the flow returns: there
+    is no event to await on this side, so poll (bounded) until the records are
+    final (named, and in a final state).
+    """
+    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    async with get_client() as client, asyncio.timeout(30):
+        while True:
+            runs = await client.read_task_runs(flow_run_filter=flow_runs)
+            settled = {run.name: run.state.type.value for run in runs if run.state and run.state.is_final()}
+            if len(settled) == expected and not any(name.startswith("command-") for name in settled):
+                return settled
+            await asyncio.sleep(0.1)
 
 
 async def test_a_batch_is_one_flow_run_with_a_named_task_run_per_command(demo_config: dict[str, Any]) -> None:
@@ -56,7 +69,7 @@ async def test_a_batch_is_one_flow_run_with_a_named_task_run_per_command(demo_co
     async with get_client() as client:
         flow_run = await client.read_flow_run(flow_run_id)
     assert flow_run.name == "batch-3-commands"
-    names = sorted(run.name for run in await task_runs_of(flow_run_id))
+    names = sorted(await task_runs_of(flow_run_id, expected=3))
     assert names == sorted(["add[first]", f"echo[{results[1].call_id[:8]}]", "get_current_time[third-ca]"])
 
 
@@ -80,7 +93,7 @@ async def test_failed_commands_fail_their_task_runs_and_the_flow_run_with_a_resu
     assert "UnknownTool" in results[2].error
     flow_run_id = state.state_details.flow_run_id
     assert flow_run_id is not None
-    task_states = {run.name: run.state.type.value for run in await task_runs_of(flow_run_id)}
+    task_states = await task_runs_of(flow_run_id, expected=3)
     assert task_states == {"echo[good]": "COMPLETED", "fail[bad]": "FAILED", "no_such_tool[unknown]": "FAILED"}
     async with get_client() as client:
         artifacts = await client.read_artifacts(
