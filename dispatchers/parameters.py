@@ -6,9 +6,7 @@ here gives a non-retryable failure that names the field.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from functools import lru_cache
 from typing import Any
 
 import jsonschema
@@ -17,13 +15,19 @@ from jsonschema.protocols import Validator
 
 from .errors import InvalidParameters
 
+#: Compiled validators by the identity of the schema object they were built
+#: from (kept alive here, so an id is never reused while cached). A restarted
+#: server lists new schema objects; the cache is cleared when it grows large.
+_validators: dict[int, tuple[Mapping[str, Any], Validator]] = {}
+_CACHE_SIZE = 1024
+
 
 def check_parameters(schema: Mapping[str, Any], parameters: Mapping[str, Any]) -> None:
     """Raise ``InvalidParameters`` naming the first wrong field, if any."""
-    validator = _validator(json.dumps(schema, sort_keys=True))
-    error = best_match(validator.iter_errors(dict(parameters)))
-    if error is not None:
-        raise InvalidParameters(_describe(error))
+    validator = _validator(schema)
+    if not validator.is_valid(parameters):
+        error = best_match(validator.iter_errors(parameters))
+        raise InvalidParameters(_describe(error) if error else "parameters do not match the tool's input schema")
 
 
 def _describe(error: ValidationError) -> str:
@@ -32,10 +36,13 @@ def _describe(error: ValidationError) -> str:
     return f"{where}: {error.message}"
 
 
-@lru_cache(maxsize=512)
-def _validator(schema_json: str) -> Validator:
-    """One compiled validator per distinct schema (keyed by its canonical JSON)."""
-    schema = json.loads(schema_json)
+def _validator(schema: Mapping[str, Any]) -> Validator:
+    cached = _validators.get(id(schema))
+    if cached is not None and cached[0] is schema:
+        return cached[1]
+    if len(_validators) >= _CACHE_SIZE:
+        _validators.clear()
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     validator: Validator = cls(schema)
+    _validators[id(schema)] = (schema, validator)
     return validator
