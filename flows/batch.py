@@ -8,8 +8,8 @@ one Result per command, whatever happens to the flow run itself.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any
 
 from prefect import State, flow
 from prefect.artifacts import acreate_table_artifact
@@ -29,7 +29,7 @@ from dispatchers import (
     shared_manager,
     with_call_id,
 )
-from tasks import run_command
+from tasks import execute_as_task
 
 #: Characters of a result or error shown per cell of the results table.
 CELL_LIMIT = 200
@@ -61,11 +61,7 @@ async def dispatch_batch(
     dispatcher = LocalCommandDispatcher(servers, retry=RetryPolicy(attempts=retries + 1))
 
     async def run_one(command: Command, command_deadline: Deadline) -> Result:
-        # Prefect types an async task's return_state call as a bare State; it is awaitable.
-        pending = cast(Awaitable[State[Any]], run_command(command, dispatcher, command_deadline, return_state=True))
-        state = await pending
-        result = await state.aresult(raise_on_failure=False)
-        return result if isinstance(result, Result) else error_result(command, result)
+        return await execute_as_task(command, dispatcher, command_deadline)
 
     results = await run_batch(commands, run_one, deadline, policy)
     await _publish(results, commands)

@@ -10,6 +10,8 @@ gets the Result.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
+from typing import Any, cast
 
 from prefect import State, task
 from prefect.cache_policies import NO_CACHE
@@ -17,9 +19,10 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
 from prefect.runtime import task_run
 from prefect.states import Failed
+from prefect.utilities.annotations import quote
 
 from aip.messages import Command, Result, ResultStatus
-from dispatchers import BasicCommandDispatcher, Deadline, failure_cause, short_id
+from dispatchers import BasicCommandDispatcher, Deadline, error_result, failure_cause, short_id
 
 
 class _InRun(logging.Filter):
@@ -46,6 +49,8 @@ _send_dispatcher_logs_to_prefect()
 def task_run_name() -> str:
     """``tool_name[short call_id]``: readable, and unique enough to find in the dashboard."""
     command = task_run.parameters["command"]
+    if isinstance(command, quote):
+        command = command.unquote()
     return f"{command.tool_name}[{short_id(command.call_id)}]"
 
 
@@ -55,3 +60,16 @@ async def run_command(command: Command, dispatcher: BasicCommandDispatcher, dead
     if result.status is ResultStatus.FAILURE:
         return Failed(message=failure_cause(command, result), data=result)
     return result
+
+
+async def execute_as_task(command: Command, dispatcher: BasicCommandDispatcher, deadline: Deadline) -> Result:
+    """Run one command as a task run and return its Result, whatever the run's final state.
+
+    The arguments are quoted: Prefect would otherwise walk them for upstream
+    task results on every call, which none of them can hold.
+    """
+    call = run_command(quote(command), quote(dispatcher), quote(deadline), return_state=True)
+    # Prefect types an async task's return_state call as a bare State; it is awaitable.
+    state = await cast(Awaitable[State[Any]], call)
+    result = await state.aresult(raise_on_failure=False)
+    return result if isinstance(result, Result) else error_result(command, result)
