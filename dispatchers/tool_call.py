@@ -32,6 +32,8 @@ class ToolCallDispatcher(BasicCommandDispatcher):
         batch: BatchPolicy = BatchPolicy(),
         command_timeout: float | None = None,
     ) -> None:
+        if command_timeout is not None and not 0 < command_timeout < float("inf"):
+            raise ValueError(f"command_timeout must be a number of seconds above 0, not {command_timeout!r}")
         self.retry = retry
         self.batch = batch
         self.command_timeout = command_timeout
