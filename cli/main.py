@@ -19,7 +19,15 @@ from rich.console import Console
 from rich.table import Table
 
 from aip.messages import Command, Result, ResultStatus
-from dispatchers import DEFAULT_TIMEOUT, ConfigError, ExecutionMode, MCPServerManager, load_config, short_id
+from dispatchers import (
+    DEFAULT_TIMEOUT,
+    ConfigError,
+    ExecutionMode,
+    MCPServerManager,
+    close_shared_managers,
+    load_config,
+    short_id,
+)
 from dispatchers.batch_file import BatchFile, BatchFileError, load_batch
 
 app = typer.Typer(
@@ -55,6 +63,9 @@ def run(
     retries: Annotated[
         int | None, typer.Option(help="Retries of a transient failure after the first try", min=0)
     ] = None,
+    max_concurrency: Annotated[
+        int | None, typer.Option(help="Commands at once in parallel mode (default 8)", min=1)
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print only the JSON array of Results on stdout")] = False,
 ) -> None:
     """Run a batch of commands as a Prefect flow and print one Result per command."""
@@ -69,12 +80,19 @@ def run(
         "mode": first_set(mode, batch.mode, ExecutionMode.SEQUENTIAL),
         "stop_on_failure": first_set(stop_on_failure, batch.stop_on_failure, False),
         "retries": first_set(retries, batch.retries, 2),
+        "max_concurrency": first_set(max_concurrency, batch.max_concurrency, 8),
     }
     quiet_prefect_defaults()
     from flows.batch import run_batch_flow
 
+    async def run_and_stop_servers() -> list[Result]:
+        try:
+            return await run_batch_flow(batch.commands, **options)
+        finally:
+            await close_shared_managers()
+
     try:
-        results = asyncio.run(run_batch_flow(batch.commands, **options))
+        results = asyncio.run(run_and_stop_servers())
     except KeyboardInterrupt:
         stderr.print("interrupted: the MCP servers were stopped", highlight=False)
         raise typer.Exit(130) from None

@@ -10,6 +10,7 @@ timeout failures, and the call returns at once, with nothing left running.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -20,11 +21,13 @@ from .base import error_result, skipped_result, with_call_id
 from .errors import CommandTimeout
 from .policy import Deadline
 
-#: How long commands in flight at the deadline get to end by their own timeouts
-#: (which fire at the same instant) before they are cancelled.
+#: How long commands in flight at the deadline get, by default, to end by their
+#: own timeouts (which fire at the same instant) before they are cancelled.
 SETTLE_GRACE = 0.2
 #: How long cancelled work may take to unwind after that.
 CANCEL_GRACE = 0.5
+
+logger = logging.getLogger("dispatchers")
 
 #: Runs one command to its Result before the given deadline.
 RunOne = Callable[[Command, Deadline], Awaitable[Result]]
@@ -60,8 +63,13 @@ async def run_batch(
     deadline: Deadline,
     policy: BatchPolicy = BatchPolicy(),
     on_result: ResultListener | None = None,
+    settle: float = SETTLE_GRACE,
 ) -> list[Result]:
-    """Run ``commands`` through ``run_one`` and return one Result each, by ``deadline``."""
+    """Run ``commands`` through ``run_one`` and return one Result each, by ``deadline``.
+
+    At the deadline, commands in flight get ``settle`` seconds to end by their
+    own timeouts; whatever is still running then is cancelled.
+    """
     batch = [with_call_id(command) for command in commands]
     results: list[Result | None] = [None] * len(batch)
     failed = asyncio.Event()
@@ -82,7 +90,10 @@ async def run_batch(
                 failed.set()
         results[index] = result
         if on_result is not None:
-            on_result(index, result)
+            try:
+                on_result(index, result)
+            except Exception:  # a listener's bug must not cost the batch its results
+                logger.exception("result listener failed on %s[%s]", command.tool_name, command.call_id)
 
     async def run_all() -> None:
         if policy.mode is ExecutionMode.SEQUENTIAL:
@@ -95,11 +106,13 @@ async def run_batch(
             async with slots:
                 await run(index, command)
 
-        await asyncio.gather(*(run_in_slot(index, command) for index, command in enumerate(batch)))
+        async with asyncio.TaskGroup() as group:  # a failure cancels the siblings: nothing runs on unseen
+            for index, command in enumerate(batch):
+                group.create_task(run_in_slot(index, command))
 
     driver = asyncio.ensure_future(run_all())
     try:
-        await asyncio.wait({driver}, timeout=deadline.remaining() + SETTLE_GRACE)
+        await asyncio.wait({driver}, timeout=deadline.remaining() + settle)
     finally:
         finished = list(results)
         if not driver.done():

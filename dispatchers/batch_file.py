@@ -6,6 +6,7 @@ timeout: 30               # seconds for the whole batch
 mode: parallel            # or sequential (the default)
 stop_on_failure: false
 retries: 2                # retries after the first attempt, for transient failures
+max_concurrency: 8        # commands at once, in parallel mode
 commands:
   - {tool_name: add, parameters: {a: 1, b: 2}}
 ```
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from aip.messages import Command
 
 from .batch import ExecutionMode
+from .errors import validation_message
 
 
 class BatchFileError(ValueError):
@@ -34,10 +36,11 @@ class BatchFile(BaseModel):
 
     commands: list[Command] = Field(min_length=1)
     config: str | None = None
-    timeout: float | None = Field(default=None, gt=0)
+    timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     mode: ExecutionMode | None = None
     stop_on_failure: bool | None = None
     retries: int | None = Field(default=None, ge=0)
+    max_concurrency: int | None = Field(default=None, ge=1)
 
 
 def load_batch(path: str | Path) -> BatchFile:
@@ -57,9 +60,7 @@ def load_batch(path: str | Path) -> BatchFile:
     try:
         batch = BatchFile.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        raise BatchFileError(f"{path}: {where}: {first['msg']}") from None
+        raise BatchFileError(f"{path}: {validation_message(error)}") from None
     if batch.config is not None:
         batch.config = str((path.parent / batch.config).resolve())
     return batch

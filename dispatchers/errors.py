@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from pydantic import ValidationError
+
 
 class CommandError(Exception):
     """A command failed for a reason we can name."""
@@ -19,9 +21,11 @@ class CommandError(Exception):
     kind = "CommandError"
     transient = False
 
-    def __init__(self, message: str, *, sent: bool = True) -> None:
+    def __init__(self, message: str, *, sent: bool = True, servers: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.sent = sent
+        #: Servers whose start (under way, or due) could change the answer.
+        self.servers = servers
 
 
 class UnknownTool(CommandError):
@@ -50,6 +54,15 @@ class ServerUnavailable(CommandError):
 
     kind = "ServerUnavailable"
     transient = True
+
+    def __init__(self, message: str, *, servers: tuple[str, ...] = ()) -> None:
+        super().__init__(message, sent=False, servers=servers)
+
+
+class ServerStopped(CommandError):
+    """The server was stopped on purpose (its manager closed): it will not come back."""
+
+    kind = "ServerUnavailable"
 
     def __init__(self, message: str) -> None:
         super().__init__(message, sent=False)
@@ -80,6 +93,23 @@ class CommandTimeout(CommandError, TimeoutError):
 
     def __init__(self, seconds: float) -> None:
         super().__init__(f"no result within {float(seconds)}s")
+
+
+class AttemptTimeout(CommandError):
+    """One attempt took longer than the retry policy allows; the command may have time for another."""
+
+    kind = "TimeoutError"
+    transient = True
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"an attempt gave no result within {float(seconds)}s")
+
+
+def validation_message(error: ValidationError) -> str:
+    """``where: what`` for the first problem pydantic found."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    return f"{where}: {first['msg']}"
 
 
 def describe(error: BaseException) -> str:

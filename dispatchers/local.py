@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 from aip.messages import Command, Result, ResultStatus
 
-from .errors import ServerUnavailable, ToolReportedError
+from .errors import CommandError, ToolReportedError
 from .mcp_results import tool_error, tool_output
 from .mcp_servers import MCPServerManager
 from .parameters import check_parameters
-from .router import CommandRouter
+from .router import CommandRouter, Route
 from .tool_call import ToolCallDispatcher
 
 logger = logging.getLogger("dispatchers.local")
@@ -41,12 +42,19 @@ class LocalCommandDispatcher(ToolCallDispatcher):
             return False
         return hints is not None and bool(hints.read_only_hint or hints.idempotent_hint)
 
+    async def _route(self, command: Command) -> Route:
+        """Route ``command``, waiting (within the attempt's time) for servers whose start could decide it."""
+        while True:
+            try:
+                return self.router.route(command)
+            except CommandError as error:
+                starting = self.servers.launch(error.servers) if error.servers else []
+                if not starting:
+                    raise
+                await asyncio.wait(starting, return_when=asyncio.FIRST_COMPLETED)
+
     async def call(self, command: Command) -> Result:
-        try:
-            route = self.router.route(command)
-        except ServerUnavailable:
-            await self.servers.start()
-            route = self.router.route(command)
+        route = await self._route(command)
         parameters = command.parameters or {}
         check_parameters(route.tool.input_schema, parameters)
         logger.debug("session %s: %s[%s] -> %s", self.session, command.tool_name, command.call_id, route.server)

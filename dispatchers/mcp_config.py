@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import validation_message
+
 #: The categories of servers that a command's ``tool_type`` may name.
 CATEGORIES = ("data_collection", "action")
 
@@ -108,9 +110,7 @@ def _parse_server(where: str, raw: Any, base: Path) -> ServerSpec:
     try:
         spec = model.model_validate(expanded)
     except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(f"{where}.{field}: {first['msg']}") from None
+        raise ConfigError(f"{where}.{validation_message(error)}") from None
     if isinstance(spec, StdioServer):
         cwd = base / spec.cwd if spec.cwd else base
         spec = spec.model_copy(update={"cwd": str(cwd)})

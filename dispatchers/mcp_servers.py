@@ -1,11 +1,12 @@
 """MCP servers as long-lived connections: started once, watched, restarted.
 
-Each ``ServerConnection`` has an owner task that holds the ``mcp.Client``
-open (anyio wants a client entered and left by the same task) until the
-manager closes or the server dies. A stdio server's stderr goes through a pipe
-we read: its last lines explain a failure, and its end tells us that the
-process exited even while no call was in flight, so the next command starts
-a fresh process instead of failing on a dead one.
+Each start of a server is a ``_Run`` with an owner task that holds the
+``mcp.Client`` open (anyio wants a client entered and left by the same task)
+until it is stopped or the server dies; a run's state lives on the run, so an
+old run winding down can never touch the next one. A stdio server's stderr
+goes through a pipe we read: its last lines explain a failure, and its end
+tells us that the process exited even while no call was in flight, so the
+next command starts a fresh process instead of failing on a dead one.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ import logging
 import os
 import random
 import time
-import weakref
-from collections import deque
-from collections.abc import AsyncIterator, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -31,7 +31,7 @@ from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CONNECTION_CLOSED, INTERNAL_ERROR, REQUEST_TIMEOUT, CallToolResult, Tool
 
-from .errors import ConnectionLost, ProtocolError, ServerUnavailable, describe
+from .errors import ConnectionLost, ProtocolError, ServerStopped, ServerUnavailable, describe
 from .mcp_config import HttpServer, ServerSpec, StdioServer, load_config
 
 logger = logging.getLogger("dispatchers.mcp")
@@ -41,41 +41,45 @@ TRANSIENT_CODES = frozenset({INTERNAL_ERROR, REQUEST_TIMEOUT})
 
 
 class StderrTail:
-    """The last lines a stdio server wrote to stderr, read through a pipe.
+    """The end of what a stdio server writes to stderr, read through a pipe.
 
-    The pipe's end means the process exited (or closed stderr, which servers
-    don't do while they serve).
+    Read in chunks, so no line is too long to read; only the last few KiB
+    are kept. The pipe's end means the process exited (servers don't close
+    stderr while they serve).
     """
 
-    def __init__(self, name: str, lines: int = 3) -> None:
+    KEEP = 8192
+
+    def __init__(self) -> None:
         read_fd, write_fd = os.pipe()
         self.writer = os.fdopen(write_fd, "w")
         self.closed = asyncio.Event()
-        self._lines: deque[str] = deque(maxlen=lines)
-        self._log = logger.getChild(name)
+        self._tail = bytearray()
         self._reader = asyncio.create_task(self._read(os.fdopen(read_fd, "rb")))
 
     async def _read(self, pipe: Any) -> None:
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
         try:
-            while line := await reader.readline():
-                text = line.decode(errors="replace").rstrip()
-                self._log.debug("%s", text)
-                if text.strip():
-                    self._lines.append(text)
+            reader = asyncio.StreamReader()
+            loop = asyncio.get_running_loop()
+            transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+            try:
+                while chunk := await reader.read(65536):
+                    self._tail += chunk
+                    del self._tail[: -self.KEEP]
+            finally:
+                transport.close()
         finally:
-            transport.close()
             self.closed.set()
 
     def release_writer(self) -> None:
         """Close our copy of the pipe's write end, once the child has its own."""
-        self.writer.close()
+        with contextlib.suppress(OSError):
+            self.writer.close()
 
-    def text(self, limit: int = 400) -> str:
+    def text(self, lines: int = 3, limit: int = 400) -> str:
         """The last few non-blank lines, joined; at most ``limit`` characters from the end."""
-        text = " | ".join(line.strip() for line in self._lines if line.strip())
+        kept = [line.strip() for line in self._tail.decode(errors="replace").splitlines() if line.strip()]
+        text = " | ".join(kept[-lines:])
         return text if len(text) <= limit else "..." + text[-limit:]
 
     async def aclose(self) -> None:
@@ -84,8 +88,7 @@ class StderrTail:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.closed.wait(), timeout=1.0)
         self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        await asyncio.gather(self._reader, return_exceptions=True)
 
 
 @asynccontextmanager
@@ -104,6 +107,24 @@ async def _http_transport(spec: HttpServer) -> AsyncIterator[Any]:
         streamable_http_client(spec.url, http_client=http) as streams,
     ):
         yield streams
+
+
+@dataclass(eq=False)
+class _Run:
+    """One start of a server, from launch to its end."""
+
+    #: Resolved once the server is up, or once it failed to come up.
+    started: asyncio.Future[None]
+    #: Set to end the run.
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set as soon as the run is over: no call may reach it any more.
+    down: asyncio.Event = field(default_factory=asyncio.Event)
+    client: Client | None = None
+    owner: asyncio.Task[None] | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.client is not None and not self.down.is_set()
 
 
 class ServerConnection:
@@ -127,18 +148,25 @@ class ServerConnection:
         self.tools: dict[str, Tool] = {}
         #: Why the server is down, while it is.
         self.error: str | None = None
-        self._client: Client | None = None
-        self._starting: asyncio.Future[None] | None = None
-        self._owner: asyncio.Task[None] | None = None
-        self._stop = asyncio.Event()
-        #: Set when the current run of the server is over.
-        self._down = asyncio.Event()
+        self._run: _Run | None = None
+        self._closed = False
+        #: Failures since the last successful call: they set the restart delay.
         self._failures = 0
         self._next_start = 0.0
 
     @property
     def available(self) -> bool:
-        return self._client is not None
+        return self._run is not None and self._run.up
+
+    @property
+    def starting(self) -> bool:
+        return self._run is not None and not self._run.started.done()
+
+    @property
+    def restart_due(self) -> bool:
+        """Down, not starting, not closed, and past its restart delay."""
+        down = not self.available and not self.starting
+        return down and not self._closed and time.monotonic() >= self._next_start
 
     @property
     def categories(self) -> tuple[str, ...]:
@@ -148,106 +176,117 @@ class ServerConnection:
         state = "up" if self.available else f"down: {self.error}"
         return f"<ServerConnection {self.name} ({self.spec.describe()}) {state}>"
 
+    def launch(self) -> asyncio.Future[None]:
+        """Start the server unless it is up or starting; resolves when it is up or has failed."""
+        if self._closed:
+            raise ServerStopped(f"MCP server {self.name!r} was stopped: its manager is closed")
+        run = self._run
+        if run is None or (run.started.done() and not run.up):
+            run = self._run = _Run(started=asyncio.get_running_loop().create_future())
+            run.owner = asyncio.create_task(self._own(run), name=f"mcp-server:{self.name}")
+        return run.started
+
     async def start(self) -> None:
         """Start the server unless it runs; a failure is kept in ``error``, not raised."""
-        if self._client is not None:
-            return
-        if self._starting is None:
-            self._starting = asyncio.get_running_loop().create_future()
-            self._stop = asyncio.Event()
-            self._down = asyncio.Event()
-            self._owner = asyncio.create_task(self._own(self._starting), name=f"mcp-server:{self.name}")
         # Shielded: a caller that gives up (its deadline) must not abort the start for the next one.
-        await asyncio.shield(self._starting)
+        await asyncio.shield(self.launch())
 
-    async def _own(self, started: asyncio.Future[None]) -> None:
+    async def _own(self, run: _Run) -> None:
         stderr: StderrTail | None = None
+        transport: AbstractAsyncContextManager[Any]
         if isinstance(self.spec, StdioServer):
-            stderr = StderrTail(self.name)
+            stderr = StderrTail()
             transport = _stdio_transport(self.spec, stderr)
         else:
             transport = _http_transport(self.spec)
         try:
             async with AsyncExitStack() as stack:
-                async with asyncio.timeout(self.start_timeout):
-                    client = await stack.enter_async_context(Client(transport))
-                    self.tools = {tool.name: tool for tool in await _list_tools(client)}
-                self._client, self.error, self._failures = client, None, 0
-                self._starting = None
-                started.set_result(None)
+                try:
+                    async with asyncio.timeout(self.start_timeout):
+                        client = await stack.enter_async_context(Client(transport))
+                        tools = await _list_tools(client)
+                except TimeoutError:
+                    self.error = f"no answer within {self.start_timeout}s of starting"
+                    return
+                except Exception as error:
+                    self.error = _start_failure(error)
+                    return
+                self.tools, self.error, run.client = {tool.name: tool for tool in tools}, None, client
+                run.started.set_result(None)
                 logger.info("MCP server %r is up with %d tools", self.name, len(self.tools))
-                await _first_of(self._stop.wait(), stderr.closed.wait() if stderr else None)
-                # Down from this moment: no new call may reach the dying session.
-                self._client = None
-                self._down.set()
-                if not self._stop.is_set():
+                await _first_of(run.stop.wait(), stderr.closed.wait() if stderr else None)
+                run.down.set()
+                if not run.stop.is_set():
                     self.error = "the server process exited"
-        except TimeoutError:
-            self.error = f"no answer within {self.start_timeout}s of starting"
-        except Exception as error:
-            self.error = _start_failure(error)
+        except asyncio.CancelledError:
+            run.stop.set()  # the manager or the event loop is closing: a stop, not a failure
+            raise
+        except Exception as error:  # the session failed after the start (an HTTP server went away)
+            self.error = describe(error)
         finally:
-            self._client = None
-            self._down.set()
-            if not self._stop.is_set():
-                self._failures += 1
-                delay = min(self.max_restart_delay, self.restart_delay * 2 ** (self._failures - 1))
-                self._next_start = time.monotonic() + delay * (1 + random.random() / 4)
-            if stderr is not None:
-                await stderr.aclose()
-                if self.error and stderr.text():
-                    self.error += f"; stderr: {stderr.text()}"
-            if not self._stop.is_set():
-                logger.warning("MCP server %r is down: %s", self.name, self.error)
-            if self._starting is started:
-                self._starting = None
-            if not started.done():
-                started.set_result(None)
+            try:
+                await self._wind_down(run, stderr)
+            finally:
+                if not run.started.done():
+                    run.started.set_result(None)
 
-    @property
-    def starting(self) -> bool:
-        return self._starting is not None
+    async def _wind_down(self, run: _Run, stderr: StderrTail | None) -> None:
+        run.down.set()
+        run.client = None
+        failed = not run.stop.is_set()
+        if failed:
+            self._failures += 1
+            delay = min(self.max_restart_delay, self.restart_delay * 2 ** (self._failures - 1))
+            self._next_start = time.monotonic() + delay * (1 + random.random() / 4)
+        if stderr is not None:
+            await stderr.aclose()
+            if failed and stderr.text():
+                self.error = f"{self.error}; stderr: {stderr.text()}"
+        if failed:
+            logger.warning("MCP server %r is down: %s", self.name, self.error)
 
-    @property
-    def restart_due(self) -> bool:
-        """Down, not starting, and past its restart delay."""
-        return self._client is None and self._starting is None and time.monotonic() >= self._next_start
-
-    async def session(self) -> Client:
-        """The live client, starting the server if its restart delay has passed."""
-        if self._client is None:
+    async def _session(self) -> _Run:
+        """The live run, starting the server if its restart delay has passed."""
+        if not self.available:
             wait = self._next_start - time.monotonic()
-            if self._starting is None and wait > 0:
+            if not self._closed and not self.starting and wait > 0:
                 raise ServerUnavailable(f"MCP server {self.name!r} is down ({self.error}); next start in {wait:.1f}s")
             await self.start()
-        if self._client is None:
+        run = self._run
+        if run is None or not run.up:
             raise ServerUnavailable(f"MCP server {self.name!r} failed to start: {self.error}")
-        return self._client
+        return run
 
     async def call_tool(self, tool: str, arguments: dict[str, Any]) -> CallToolResult:
-        client = await self.session()
-        down = self._down
+        run = await self._session()
+        assert run.client is not None
         try:
-            return await client.call_tool(tool, arguments)
+            answer = await run.client.call_tool(tool, arguments)
         except MCPError as error:
             if error.code != CONNECTION_CLOSED:
-                raise ProtocolError(
-                    f"{error.message} (code {error.code})", transient=error.code in TRANSIENT_CODES
-                ) from None
-            # Give the owner a moment to notice the exit, so the next call starts a fresh server.
+                transient = error.code in TRANSIENT_CODES
+                raise ProtocolError(f"{error.message} (code {error.code})", transient=transient) from None
+            # Give the owner a moment to see the exit, so the next call starts a fresh server.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(down.wait(), timeout=0.5)
+                await asyncio.wait_for(run.down.wait(), timeout=0.5)
             raise ConnectionLost(f"MCP server {self.name!r} closed the connection mid-call ({self.error})") from None
         except (OSError, httpx2.TransportError) as error:
             raise ConnectionLost(f"MCP server {self.name!r}: {describe(error)}") from None
+        self._failures = 0
+        return answer
 
     async def close(self) -> None:
-        """Stop the server: gracefully when it runs, at once when it is still starting."""
-        self._stop.set()
-        if self._owner is not None:
-            if self._client is None:
-                self._owner.cancel()
-            await asyncio.wait({self._owner}, timeout=10)
+        """Stop the server for good: gracefully when it runs, at once when it is still starting."""
+        self._closed = True
+        run = self._run
+        if run is None or run.owner is None:
+            return
+        run.stop.set()
+        if not run.started.done():
+            run.owner.cancel()
+        await asyncio.wait({run.owner}, timeout=10)
+        if not run.started.done():  # cancelled before it ever ran
+            run.started.set_result(None)
 
 
 async def _list_tools(client: Client) -> list[Tool]:
@@ -296,15 +335,19 @@ class MCPServerManager:
     def from_config(cls, source: str | Path | Mapping[str, Any], **options: Any) -> MCPServerManager:
         return cls(load_config(source), **options)
 
-    async def start(self) -> None:
-        """Bring up every server that is down and past its restart delay; wait for those starting.
+    def launch(self, names: Iterable[str] | None = None) -> list[asyncio.Future[None]]:
+        """Start the named servers (all by default) that are down and due; don't wait.
 
-        Entering the manager calls it; so does a dispatcher that is about to
-        refuse a command for want of a server's tools, since only a running
-        server lists them (a server that failed its first start comes back so).
+        Returns a future for each server now starting, resolved when it is up
+        or has failed: a caller waits for just the servers it needs, within
+        its own deadline.
         """
-        wanted = [c.start() for c in self.connections.values() if c.starting or c.restart_due]
-        await asyncio.gather(*wanted)
+        wanted = self.connections if names is None else {name: self.connections[name] for name in names}
+        return [c.launch() for c in wanted.values() if c.starting or c.restart_due]
+
+    async def start(self) -> None:
+        """Bring up every server that is down and due, and wait for each to be up or to have failed."""
+        await asyncio.gather(*(asyncio.shield(started) for started in self.launch()))
 
     async def close(self) -> None:
         await asyncio.gather(*(connection.close() for connection in self.connections.values()))
@@ -319,29 +362,32 @@ class MCPServerManager:
         await self.close()
 
 
-_shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, MCPServerManager]] = weakref.WeakKeyDictionary()
+_shared: dict[asyncio.AbstractEventLoop, dict[str, MCPServerManager]] = {}
 
 
-async def shared_manager(source: str | Path | Mapping[str, Any]) -> MCPServerManager:
-    """A started manager for this config, shared by every batch run in this event loop.
+def shared_manager(source: str | Path | Mapping[str, Any]) -> MCPServerManager:
+    """A manager for this config, shared by every batch run in the running event loop.
 
     Starting a server costs more than a whole batch of calls (about 0.6 s for
     a Python server), so batches that follow one another reuse the servers,
-    as one dispatcher would. Configs are told apart by their content. The
-    servers stop when the event loop ends (its tasks are cancelled), or at
-    ``close_shared_managers()``.
+    as one dispatcher would. Its servers are launched here but not waited for:
+    each command waits for the servers it needs, within its own deadline.
+    Configs are told apart by their content. The servers stop when the event
+    loop ends (its tasks are cancelled), or at ``close_shared_managers()``.
     """
     specs = load_config(source)
     key = json.dumps({name: spec.model_dump(mode="json") for name, spec in specs.items()}, sort_keys=True)
+    for closed in [loop for loop in _shared if loop.is_closed()]:
+        del _shared[closed]
     managers = _shared.setdefault(asyncio.get_running_loop(), {})
     manager = managers.get(key)
     if manager is None:
         manager = managers[key] = MCPServerManager(specs)
-    await manager.start()
+    manager.launch()
     return manager
 
 
 async def close_shared_managers() -> None:
-    """Stop the servers that ``shared_manager`` started in this event loop."""
+    """Stop the servers that ``shared_manager`` started in the running event loop."""
     managers = _shared.pop(asyncio.get_running_loop(), {})
     await asyncio.gather(*(manager.close() for manager in managers.values()))

@@ -72,7 +72,7 @@ class RetryPolicy:
     doubling up to ``max_delay``, each plus up to ``jitter`` seconds at random.
     Only transient failures are retried (see ``errors.CommandError``), a
     tool's own reported error only when ``retry_tool_errors`` is set, and no
-    attempt starts that could not finish before the command's deadline.
+    retry is scheduled to start after the command's deadline.
     """
 
     attempts: int = 3
@@ -80,6 +80,9 @@ class RetryPolicy:
     max_delay: float = 5.0
     jitter: float = 0.2
     retry_tool_errors: bool = False
+    #: Seconds one attempt may take before it is abandoned (and, time
+    #: permitting, retried); by default an attempt may use all the time left.
+    attempt_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -87,11 +90,8 @@ class RetryPolicy:
         for name in ("initial_delay", "max_delay", "jitter"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
-
-    @classmethod
-    def never(cls) -> RetryPolicy:
-        """One attempt, no retry."""
-        return cls(attempts=1)
+        if self.attempt_timeout is not None and not 0 < self.attempt_timeout < math.inf:
+            raise ValueError(f"attempt_timeout must be a number of seconds above 0, not {self.attempt_timeout!r}")
 
     def retrying(
         self,

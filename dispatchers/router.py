@@ -2,9 +2,11 @@
 
 In order: ``namespace`` (or a ``server.tool`` name) picks the server; else
 ``tool_type`` names a server, or a category of servers (``data_collection``,
-``action``); else the tool name must be unique across servers. A tool no live
-server offers while some server is down is reported as that server being
-unavailable (transient: it may offer the tool once it is back), not unknown.
+``action``); else the tool name must be unique across the servers whose
+tools are known (up now, or listed before they went down). Servers that have
+never listed their tools take no part in routing by name; the errors name
+them (``CommandError.servers``), so a caller can wait for their start and ask
+again.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class CommandRouter:
     def _on(self, name: str, tool_name: str) -> Route:
         server = self.servers[name]
         if not server.available and tool_name not in server.tools:
-            raise ServerUnavailable(f"MCP server {name!r} is down: {server.error}")
+            raise ServerUnavailable(f"MCP server {name!r} is down: {server.error}", servers=(name,))
         tool = server.tools.get(tool_name)
         if tool is None:
             raise UnknownTool(
@@ -96,10 +98,16 @@ class CommandRouter:
                 "set the command's namespace or write server.tool",
                 sent=False,
             )
-        down = [name for name in names if not self.servers[name].available]
-        if down:
-            reasons = "; ".join(f"{name!r}: {self.servers[name].error}" for name in down)
-            raise ServerUnavailable(f"no live MCP server offers {tool_name!r}{scope}, and some are down ({reasons})")
+        unlisted = tuple(name for name in names if not self.servers[name].available and not self.servers[name].tools)
+        if unlisted:
+            every_tool = {tool for name in names for tool in self.servers[name].tools}
+            reasons = "; ".join(f"{name!r}: {self.servers[name].error}" for name in unlisted)
+            raise UnknownTool(
+                f"no MCP server offers {tool_name!r}{scope}{_suggest(tool_name, every_tool)}, "
+                f"and these have not listed their tools yet: {reasons}",
+                sent=False,
+                servers=unlisted,
+            )
         elsewhere = [name for name in self.servers if name not in names and tool_name in self.servers[name].tools]
         if elsewhere:
             raise UnknownTool(

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 from aip.messages import Command, Result
 
-from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, error_result
+from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, error_result, with_call_id
 from .batch import BatchPolicy, ResultListener, run_batch
-from .errors import CommandError, CommandTimeout, ToolReportedError, describe
+from .errors import AttemptTimeout, CommandError, CommandTimeout, ToolReportedError, describe
 from .policy import Deadline, RetryPolicy
 
 logger = logging.getLogger("dispatchers")
@@ -56,15 +56,20 @@ class ToolCallDispatcher(BasicCommandDispatcher):
         """Run one command with retries, by ``deadline`` (and its own timeout)."""
         deadline = deadline.within(self.command_timeout)
 
+        limit = self.retry.attempt_timeout
+
         async def attempt() -> Result:
-            scope = asyncio.timeout(deadline.remaining())
+            remaining = deadline.remaining()
+            scope = asyncio.timeout(remaining if limit is None else min(remaining, limit))
             try:
                 async with scope:
                     return await self.call(command)
             except TimeoutError:
-                if scope.expired():
-                    raise CommandTimeout(deadline.seconds) from None
-                raise
+                if not scope.expired():
+                    raise
+                if limit is not None and not deadline.expired:
+                    raise AttemptTimeout(limit) from None
+                raise CommandTimeout(deadline.seconds) from None
 
         def log_retry(attempt_number: int, error: BaseException, delay: float) -> None:
             logger.warning(
@@ -91,4 +96,8 @@ class ToolCallDispatcher(BasicCommandDispatcher):
         timeout: float = DEFAULT_TIMEOUT,
         on_result: ResultListener | None = None,
     ) -> list[Result]:
-        return await run_batch(commands, self.execute_command, Deadline.after(timeout), self.batch, on_result)
+        try:
+            deadline = Deadline.after(timeout)
+        except ValueError as error:  # still one Result per command, never an exception
+            return self.generate_error_results([with_call_id(command) for command in commands], error)
+        return await run_batch(commands, self.execute_command, deadline, self.batch, on_result)

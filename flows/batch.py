@@ -31,6 +31,9 @@ from dispatchers import (
 )
 from tasks import execute_as_task
 
+#: How long task runs in flight at the batch deadline get to report their own
+#: timeout (Failed) before they are cancelled (and show as Crashed).
+TASK_REPORT_GRACE = 1.0
 #: Characters of a result or error shown per cell of the results table.
 CELL_LIMIT = 200
 
@@ -57,13 +60,14 @@ async def dispatch_batch(
     """
     deadline = Deadline.after(timeout)
     policy = BatchPolicy(mode=mode, stop_on_failure=stop_on_failure, max_concurrency=max_concurrency)
-    servers = await shared_manager(config)
+    servers = shared_manager(config)
     dispatcher = LocalCommandDispatcher(servers, retry=RetryPolicy(attempts=retries + 1))
 
     async def run_one(command: Command, command_deadline: Deadline) -> Result:
         return await execute_as_task(command, dispatcher, command_deadline)
 
-    results = await run_batch(commands, run_one, deadline, policy)
+    # Task runs that end at the deadline report Failed (a state round trip each) before they are cancelled.
+    results = await run_batch(commands, run_one, deadline, policy, settle=TASK_REPORT_GRACE)
     await _publish(results, commands)
     failed = sum(result.status is ResultStatus.FAILURE for result in results)
     if failed:

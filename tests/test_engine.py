@@ -894,7 +894,6 @@ def test_retry_policy_is_a_value() -> None:
     assert RetryPolicy() == RetryPolicy(attempts=3, initial_delay=0.2, max_delay=5.0, jitter=0.2)
     assert hash(RetryPolicy()) == hash(RetryPolicy())
     assert RetryPolicy(attempts=4) != RetryPolicy()
-    assert RetryPolicy.never() == RetryPolicy(attempts=1)
     text = repr(RetryPolicy(attempts=7, initial_delay=0.5))
     assert "RetryPolicy(" in text
     assert "attempts=7" in text
@@ -951,3 +950,70 @@ def test_invalid_deadlines_raise_value_error(seconds: float) -> None:
 def test_command_timeout_text() -> None:
     assert str(CommandTimeout(30)) == "no result within 30.0s"
     assert isinstance(CommandTimeout(1), TimeoutError)
+
+
+# --- hardening found in review -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("timeout", [0, -1, math.inf, math.nan])
+async def test_an_unusable_batch_timeout_gives_failure_results_not_an_exception(timeout: float) -> None:
+    dispatcher = InMemoryCommandDispatcher({"echo": lambda command: 1})
+    commands = [Command(tool_name="echo", call_id="kept"), Command(tool_name="echo")]
+
+    results = await dispatcher.execute_commands(commands, timeout=timeout)
+
+    assert [r.status for r in results] == [ResultStatus.FAILURE, ResultStatus.FAILURE]
+    assert results[0].call_id == "kept" and results[1].call_id
+    assert "a deadline needs a finite number of seconds above 0" in (results[0].error or "")
+
+
+async def test_a_failing_result_listener_costs_no_result_and_leaves_nothing_running() -> None:
+    finished: list[str] = []
+
+    async def slow(command: Command) -> str:
+        await asyncio.sleep(0.2)
+        finished.append(command.call_id or "")
+        return "slow"
+
+    def listener(index: int, result: Result) -> None:
+        raise RuntimeError("listener bug")
+
+    dispatcher = InMemoryCommandDispatcher(
+        {"fast": lambda command: "fast", "slow": slow}, batch=BatchPolicy(mode=ExecutionMode.PARALLEL)
+    )
+    results = await dispatcher.execute_commands(
+        [Command(tool_name="fast"), Command(tool_name="slow", call_id="s")], timeout=5, on_result=listener
+    )
+
+    assert [r.result for r in results] == ["fast", "slow"]
+    assert finished == ["s"]
+
+
+async def test_an_attempt_timeout_lets_a_hung_attempt_be_retried() -> None:
+    attempts: list[str] = []
+    release = asyncio.Event()
+
+    async def hangs_once(command: Command) -> str:
+        attempts.append(command.call_id or "")
+        if len(attempts) == 1:
+            await release.wait()  # never set: this attempt hangs until abandoned
+        return "second time lucky"
+
+    dispatcher = InMemoryCommandDispatcher(
+        {"hangs_once": hangs_once}, retry=RetryPolicy(attempts=3, initial_delay=0.01, jitter=0, attempt_timeout=0.2)
+    )
+    [result] = await dispatcher.execute_commands([Command(tool_name="hangs_once", call_id="h")], timeout=10)
+
+    assert result.status is ResultStatus.SUCCESS and result.result == "second time lucky"
+    assert attempts == ["h", "h"]
+
+
+async def test_without_an_attempt_timeout_a_hung_command_times_out_once_with_the_command_budget() -> None:
+    async def hangs(command: Command) -> str:
+        await asyncio.Event().wait()
+        return "never"
+
+    dispatcher = InMemoryCommandDispatcher({"hangs": hangs}, retry=RetryPolicy(initial_delay=0.01))
+    [result] = await dispatcher.execute_commands([Command(tool_name="hangs")], timeout=0.3)
+
+    assert (result.error or "").endswith("TimeoutError: no result within 0.3s")

@@ -31,6 +31,8 @@ from dispatchers import (
     LocalCommandDispatcher,
     MCPServerManager,
     RetryPolicy,
+    close_shared_managers,
+    shared_manager,
 )
 from dispatchers.mcp_results import tool_output
 
@@ -544,3 +546,77 @@ async def test_closing_the_manager_leaves_no_server_process(demo_config: dict[st
     for pid in started:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+# --- hardening found in review -------------------------------------------------------------------------------
+
+HUGE_STDERR_THEN_SERVE = (
+    "import runpy, sys; sys.stderr.write('x' * 200_000 + '\\n'); sys.stderr.flush(); "
+    f"sys.argv = [{str(DEMO_SERVER)!r}]; runpy.run_path({str(DEMO_SERVER)!r}, run_name='__main__')"
+)
+HUGE_STDERR_THEN_EXIT = "import sys; sys.stderr.write('y' * 200_000 + ' the real reason\\n'); sys.exit(1)"
+
+
+async def test_a_stderr_line_longer_than_any_buffer_neither_kills_a_server_nor_hangs_a_start() -> None:
+    config = {
+        "mcpServers": {
+            "chatty": {"command": sys.executable, "args": ["-c", HUGE_STDERR_THEN_SERVE]},
+            "doomed": {"command": sys.executable, "args": ["-c", HUGE_STDERR_THEN_EXIT]},
+        }
+    }
+    async with running(config, start_timeout=20) as manager:
+        dispatcher = LocalCommandDispatcher(manager)
+        [result] = await run(dispatcher, Command(tool_name="echo", parameters={"value": 7}, namespace="chatty"))
+
+        assert result.status is ResultStatus.SUCCESS and result.result == {"result": 7}
+        doomed = manager.connections["doomed"]
+        assert not doomed.available and not doomed.starting
+        assert doomed.error is not None and doomed.error.endswith("the real reason")
+        assert len(doomed.error) < 600
+
+
+async def test_a_server_that_hangs_at_start_does_not_hold_up_commands_for_the_others() -> None:
+    config = {
+        "mcpServers": {
+            "demo": demo_server_spec(),
+            "hangs": {"command": sys.executable, "args": ["-c", "import time; time.sleep(120)"]},
+        }
+    }
+    try:
+        manager = shared_manager(config)  # launches the servers, does not wait for them
+        dispatcher = LocalCommandDispatcher(manager)
+        started = time.monotonic()
+        add = Command(tool_name="add", parameters={"a": 2, "b": 2})
+        [result] = await run(dispatcher, add, timeout=15)
+        elapsed = time.monotonic() - started
+    finally:
+        await close_shared_managers()
+
+    assert result.status is ResultStatus.SUCCESS and result.result == {"result": 4.0}
+    assert elapsed < 10  # the demo server's start, not the hanging server's 30 s start timeout
+
+
+async def test_a_closed_manager_stays_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    others = demo_children()
+    async with running({"mcpServers": {"demo": demo_server_spec()}}) as manager:
+        connection = manager.connections["demo"]
+        original, sent = connection.call_tool, asyncio.Event()
+
+        async def call_tool(tool: str, arguments: dict[str, Any]) -> CallToolResult:
+            sent.set()
+            return await original(tool, arguments)
+
+        monkeypatch.setattr(connection, "call_tool", call_tool)
+        dispatcher = LocalCommandDispatcher(manager, retry=QUICK)
+        sleeper = Command(tool_name="sleep", parameters={"seconds": 30}, tool_type="data_collection")
+        in_flight = asyncio.ensure_future(run(dispatcher, sleeper, timeout=20))
+        await sent.wait()
+    # Closing ended the call in flight; its retry found the server stopped instead of restarting it.
+    [result] = await in_flight
+    after = await run(dispatcher, Command(tool_name="echo", parameters={"value": 1}))
+
+    assert result.status is ResultStatus.FAILURE
+    assert "stopped" in (result.error or "") or "closed" in (result.error or "")
+    assert after[0].status is ResultStatus.FAILURE and "stopped" in (after[0].error or "")
+    assert not manager.connections["demo"].available
+    assert not demo_children() - others
