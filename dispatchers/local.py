@@ -38,7 +38,7 @@ class LocalCommandDispatcher(ToolCallDispatcher):
             return False
         try:
             hints = self.router.route(command).tool.annotations
-        except Exception:
+        except CommandError:
             return False
         return hints is not None and bool(hints.read_only_hint or hints.idempotent_hint)
 
