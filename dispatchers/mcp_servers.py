@@ -245,7 +245,7 @@ class ServerConnection:
         if failed:
             logger.warning("MCP server %r is down: %s", self.name, self.error)
 
-    async def _session(self) -> _Run:
+    async def _live_run(self) -> _Run:
         """The live run, starting the server if its restart delay has passed."""
         if not self.available:
             wait = self._next_start - time.monotonic()
@@ -257,8 +257,14 @@ class ServerConnection:
             raise ServerUnavailable(f"MCP server {self.name!r} failed to start: {self.error}")
         return run
 
+    async def session(self) -> Client:
+        """The live ``mcp.Client``, for what commands don't cover (resources, prompts, raw calls)."""
+        run = await self._live_run()
+        assert run.client is not None
+        return run.client
+
     async def call_tool(self, tool: str, arguments: dict[str, Any]) -> CallToolResult:
-        run = await self._session()
+        run = await self._live_run()
         assert run.client is not None
         try:
             answer = await run.client.call_tool(tool, arguments)
