@@ -2,7 +2,7 @@
 
 Run it from the project root::
 
-    cd /work/main && /work/venv/bin/python bench/local_overhead.py
+    python bench/local_overhead.py          # from the repository root
 
 Three comparisons, all in one process, all against the same stdio demo server
 (``examples/demo_server.py``, tool ``echo``). Why each baseline is what it is:
