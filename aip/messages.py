@@ -4,9 +4,10 @@ Compatibility rules (see ``shared/aip-wire.md``):
 
 * unknown keys are ignored and missing optional keys allowed, as UFO parses;
 * every UFO field is serialised, unset ones as ``null``, as UFO sends;
-* our extensions (``namespace`` and ``timeout`` on a command) are optional and
-  left out of the JSON while unset, so a frame we parse re-serialises to an
-  equal object and a UFO peer never sees a key it did not send.
+* our extensions (``namespace`` and ``timeout`` on a command, ``target_id``
+  and ``timeout`` on a server message) are optional and left out of the JSON
+  while unset, so a frame we parse re-serialises to an equal object and a UFO
+  peer never sees a key it did not send.
 """
 
 from __future__ import annotations
@@ -111,7 +112,15 @@ class Result(WireModel):
 
 
 class ServerMessage(WireModel):
-    """A frame from a server (hub) to a client (device)."""
+    """A frame from a server (hub) to a client (device).
+
+    Extensions: ``target_id`` addresses a controller's frame to a device (the
+    hub removes it before forwarding); ``timeout`` is how many seconds the
+    sender still waits for this batch, so the device can stop work nobody
+    waits for. Seconds rather than a timestamp: no clock is shared.
+    """
+
+    _extensions: ClassVar[frozenset[str]] = frozenset({"target_id", "timeout"})
 
     type: ServerMessageType
     status: TaskStatus
@@ -127,6 +136,8 @@ class ServerMessage(WireModel):
     timestamp: str | None = None
     response_id: str | None = None
     result: Any = None
+    target_id: str | None = None
+    timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class ClientMessage(WireModel):

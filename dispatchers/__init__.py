@@ -1,8 +1,9 @@
 """Dispatchers: run a batch of commands, answer one Result each.
 
 ``BasicCommandDispatcher`` is the interface; ``LocalCommandDispatcher`` runs
-commands on local MCP servers, ``InMemoryCommandDispatcher`` on Python
-functions (tests, fault injection). Nothing here imports Prefect: a machine
+commands on local MCP servers, ``WebSocketCommandDispatcher`` on a remote
+device through the hub, ``InMemoryCommandDispatcher`` on Python functions
+(tests, fault injection). Nothing here imports Prefect: a machine
 that only executes commands never pays for it.
 """
 
@@ -13,6 +14,7 @@ from .mcp_config import ConfigError, load_config
 from .mcp_servers import MCPServerManager, close_shared_managers, shared_manager
 from .memory import InMemoryCommandDispatcher
 from .policy import Deadline, RetryPolicy
+from .remote import WebSocketCommandDispatcher
 from .router import CommandRouter
 from .tool_call import ToolCallDispatcher
 
@@ -29,6 +31,7 @@ __all__ = [
     "MCPServerManager",
     "RetryPolicy",
     "ToolCallDispatcher",
+    "WebSocketCommandDispatcher",
     "close_shared_managers",
     "error_result",
     "failure_cause",

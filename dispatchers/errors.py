@@ -92,7 +92,7 @@ class CommandTimeout(CommandError, TimeoutError):
     transient = True
 
     def __init__(self, seconds: float) -> None:
-        super().__init__(f"no result within {float(seconds)}s")
+        super().__init__(f"no result within {_seconds(seconds)}s")
 
 
 class AttemptTimeout(CommandError):
@@ -102,7 +102,12 @@ class AttemptTimeout(CommandError):
     transient = True
 
     def __init__(self, seconds: float) -> None:
-        super().__init__(f"an attempt gave no result within {float(seconds)}s")
+        super().__init__(f"an attempt gave no result within {_seconds(seconds)}s")
+
+
+def _seconds(seconds: float) -> float:
+    """A budget as people wrote it: a deadline passed on (29.9987s left of 30) reads 30.0."""
+    return float(round(seconds, 1) if seconds >= 1 else round(seconds, 3))
 
 
 def validation_message(error: ValidationError) -> str:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -58,6 +59,8 @@ class Deadline:
     def __str__(self) -> str:
         return f"{self.seconds:g}s deadline, {self.remaining():.3f}s left"
 
+
+T = TypeVar("T")
 
 #: Called before each retry sleep with the attempt number that failed, its
 #: error and the delay before the next attempt.
@@ -114,3 +117,29 @@ class RetryPolicy:
             before_sleep=before_sleep,
             reraise=True,
         )
+
+    async def call(
+        self,
+        attempt: Callable[[], Awaitable[T]],
+        deadline: Deadline,
+        should_retry: Callable[[BaseException], bool],
+        on_retry: RetryListener | None = None,
+    ) -> T:
+        """``attempt()``, retried by this policy until it succeeds or must stop; then its last error is raised.
+
+        The first attempt runs outside tenacity: most calls succeed at once,
+        and building a retry loop per call is most of the per-call cost.
+        """
+        try:
+            return await attempt()
+        except Exception as error:
+            if not should_retry(error):
+                raise
+            first_failure: BaseException | None = error
+        async for trial in self.retrying(deadline, should_retry, on_retry):
+            with trial:
+                if first_failure is not None:  # tenacity's attempt 1 is the one that already failed
+                    failure, first_failure = first_failure, None
+                    raise failure
+                return await attempt()
+        raise AssertionError("tenacity ended without a result or an error")  # pragma: no cover

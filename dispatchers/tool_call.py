@@ -81,26 +81,10 @@ class ToolCallDispatcher(BasicCommandDispatcher):
                 delay,
             )
 
-        # The first attempt runs outside tenacity: most commands succeed at once,
-        # and building a retry loop per command is most of our per-call cost.
         try:
-            return await attempt()
-        except Exception as error:
-            if not self.should_retry(command, error):
-                return error_result(command, error)
-            first_failure: BaseException | None = error
-
-        retrying = self.retry.retrying(deadline, lambda error: self.should_retry(command, error), log_retry)
-        try:
-            async for trial in retrying:
-                with trial:
-                    if first_failure is not None:  # tenacity's attempt 1 is the one that already failed
-                        failure, first_failure = first_failure, None
-                        raise failure
-                    return await attempt()
+            return await self.retry.call(attempt, deadline, lambda error: self.should_retry(command, error), log_retry)
         except Exception as error:
             return error_result(command, error)
-        raise AssertionError("tenacity ended without a result or an error")  # pragma: no cover
 
     async def execute_commands(
         self,

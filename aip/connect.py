@@ -1,0 +1,75 @@
+"""Opening a client connection to the hub: its URL, the token, and what a refusal means."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from urllib.parse import urlsplit, urlunsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+
+#: Where devices connect (as UFO's devices do) and where controllers connect.
+DEVICE_PATH = "/ws"
+CONTROLLER_PATH = "/controller"
+#: UFO's own frame limit: screenshots travel as base64 inside results.
+DEFAULT_MAX_MESSAGE_BYTES = 100 * 2**20
+
+# As on the hub: websockets logs request headers (the token) at DEBUG.
+_wire_logger = logging.getLogger("aip.client.wire")
+_wire_logger.setLevel(logging.WARNING)
+
+
+class HubUnavailable(ConnectionError):
+    """The hub could not be reached, or the connection to it ended; trying later may work."""
+
+
+class HubRefused(HubUnavailable):
+    """The hub turned the connection down (a wrong token, a Host or Origin it does not accept)."""
+
+
+def endpoint(hub_url: str, path: str) -> str:
+    """``ws://host:port`` (or the same with any path) -> ``ws://host:port/<path>``, query kept."""
+    parts = urlsplit(hub_url)
+    if parts.scheme not in ("ws", "wss") or not parts.netloc:
+        raise ValueError(f"a hub URL looks like ws://HOST:PORT or wss://HOST:PORT, not {hub_url!r}")
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+async def open_connection(
+    url: str,
+    token: str | None,
+    *,
+    open_timeout: float = 10.0,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ssl_context: ssl.SSLContext | None = None,
+    ping_interval: float | None = 20.0,
+    ping_timeout: float | None = 20.0,
+) -> ClientConnection:
+    """Connect with ``Authorization: Bearer <token>``; a failure is a ``HubUnavailable`` that says why."""
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        return await connect(
+            url,
+            additional_headers=headers,
+            open_timeout=open_timeout,
+            max_size=max_message_bytes,
+            ssl=ssl_context if url.startswith("wss:") else None,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            logger=_wire_logger,
+        )
+    except InvalidStatus as error:
+        status = error.response.status_code
+        body = error.response.body.decode(errors="replace").strip() if error.response.body else ""
+        raise HubRefused(f"the hub at {_safe(url)} refused the connection: HTTP {status} {body}".strip()) from None
+    except InvalidURI as error:
+        raise ValueError(str(error)) from None
+    except (OSError, TimeoutError, InvalidHandshake) as error:
+        raise HubUnavailable(f"cannot reach the hub at {_safe(url)}: {error or type(error).__name__}") from None
+
+
+def _safe(url: str) -> str:
+    """The URL without its query, where a UFO-style ``?token=`` would be."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))

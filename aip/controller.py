@@ -1,0 +1,150 @@
+"""A controller's side of the hub: send frames for devices, hear what comes back.
+
+``HubLink`` owns one authenticated connection to the hub's controller
+endpoint, opens it on first use and again after a loss, and hands every frame
+it receives to ``on_frame``. Matching answers to questions is the caller's
+job (the ``WebSocketCommandDispatcher`` keeps its futures by response_id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import ValidationError
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from .connect import CONTROLLER_PATH, DEFAULT_MAX_MESSAGE_BYTES, HubUnavailable, endpoint, open_connection
+from .messages import ClientMessage, ClientMessageType, ServerMessage, ServerMessageType, TaskStatus
+from .switchboard import now_iso
+
+logger = logging.getLogger("aip.controller")
+
+FrameListener = Callable[[ClientMessage], None]
+LossListener = Callable[[HubUnavailable], None]
+
+
+def _ignore(_: Any) -> None:
+    return None
+
+
+class HubLink:
+    """One controller connection to a hub, (re)opened on demand."""
+
+    def __init__(
+        self,
+        hub_url: str,
+        token: str | None = None,
+        *,
+        open_timeout: float = 10.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.url = endpoint(hub_url, CONTROLLER_PATH)
+        self.token = token
+        self.open_timeout = open_timeout
+        self.max_message_bytes = max_message_bytes
+        self.ssl_context = ssl_context
+        self.on_frame: FrameListener = _ignore
+        self.on_lost: LossListener = _ignore
+        self._connection: ClientConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._opening = asyncio.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"HubLink({self.url!r}, token=<hidden>)"
+
+    async def open(self) -> None:
+        """Connect now (``send`` would anyway); a failure is a ``HubUnavailable``."""
+        async with self._opening:
+            if self._closed:
+                raise HubUnavailable("this hub link was closed")
+            if self._connection is not None:
+                return
+            connection = await open_connection(
+                self.url,
+                self.token,
+                open_timeout=self.open_timeout,
+                max_message_bytes=self.max_message_bytes,
+                ssl_context=self.ssl_context,
+            )
+            self._connection = connection
+            self._reader = asyncio.create_task(self._read(connection))
+
+    async def send(self, message: ServerMessage) -> None:
+        """Send one frame, connecting first if needed; ``HubUnavailable`` if that cannot be done."""
+        await self.open()
+        assert self._connection is not None
+        try:
+            await self._connection.send(message.model_dump_json())
+        except ConnectionClosed as closed:
+            raise HubUnavailable(f"the connection to the hub closed: {closed}") from None
+
+    async def _read(self, connection: ClientConnection) -> None:
+        why = "the hub closed the connection"
+        try:
+            async for frame in connection:
+                try:
+                    message = ClientMessage.model_validate_json(frame)
+                except ValidationError as error:
+                    logger.warning("ignored a malformed frame from the hub: %s", error)
+                    continue
+                self.on_frame(message)
+        except ConnectionClosed as closed:
+            why = f"the connection to the hub closed: {closed}"
+        finally:
+            if self._connection is connection:
+                self._connection = None
+            if not self._closed:
+                self.on_lost(HubUnavailable(why))
+
+    async def close(self) -> None:
+        self._closed = True
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
+        if self._reader is not None:
+            await asyncio.wait({self._reader}, timeout=1)
+
+    async def __aenter__(self) -> HubLink:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def list_devices(hub_url: str, token: str | None, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """The devices connected to the hub now: id, kind, platform, tools, when connected and last seen."""
+    answer: asyncio.Future[ClientMessage] = asyncio.get_running_loop().create_future()
+    request_id = str(uuid.uuid4())
+
+    def on_frame(message: ClientMessage) -> None:
+        if message.prev_response_id == request_id and not answer.done():
+            answer.set_result(message)
+
+    def on_lost(error: HubUnavailable) -> None:
+        if not answer.done():
+            answer.set_exception(error)
+
+    async with asyncio.timeout(timeout):
+        async with HubLink(hub_url, token, open_timeout=timeout) as link:
+            link.on_frame, link.on_lost = on_frame, on_lost
+            request = ServerMessage(
+                type=ServerMessageType.DEVICE_INFO_REQUEST,
+                status=TaskStatus.OK,
+                response_id=request_id,
+                timestamp=now_iso(),
+            )
+            await link.send(request)
+            message = await answer
+    if message.type is not ClientMessageType.DEVICE_INFO_RESPONSE:
+        raise HubUnavailable(f"the hub answered the device list request with an error: {message.error}")
+    devices: list[dict[str, Any]] = (message.metadata or {}).get("devices", [])
+    return devices

@@ -1,0 +1,278 @@
+"""The device client: dial in to a hub, register, execute the batches it sends.
+
+It speaks AIP as a UFO device does (register, heartbeats, command /
+command_results), so it works against our hub and against a UFO server.
+What it adds: it always answers (an executor that raises still produces
+failure Results), it keeps heartbeating while a batch runs, it stops a batch
+when the hub says nobody waits for it any more (and still answers for it), it
+answers a repeated call_id from memory, and it reconnects with capped,
+jittered backoff until it is stopped.
+
+The executor is anything with the dispatcher interface (``execute_commands``
+and ``generate_error_results``); this module knows nothing of MCP or Prefect,
+so a device starts fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import random
+import socket
+import ssl
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from .call_memory import CallMemory
+from .connect import DEFAULT_MAX_MESSAGE_BYTES, DEVICE_PATH, HubRefused, HubUnavailable, endpoint, open_connection
+from .messages import (
+    ClientMessage,
+    ClientMessageType,
+    Command,
+    Result,
+    ServerMessage,
+    ServerMessageType,
+    TaskStatus,
+)
+from .switchboard import DISPATCH_METADATA, now_iso
+
+logger = logging.getLogger("aip.device")
+
+#: UFO's default batch timeout, used when a batch does not say how long it is waited for.
+UNBOUNDED_BATCH_SECONDS = 6000.0
+
+
+class Executor(Protocol):
+    """What runs the commands: any dispatcher (``dispatchers.BasicCommandDispatcher``)."""
+
+    async def execute_commands(self, commands: Sequence[Command], timeout: float = ...) -> list[Result]: ...
+
+    def generate_error_results(self, commands: Sequence[Command], error: BaseException | str) -> list[Result]: ...
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delays between reconnection attempts: doubling from ``initial`` up to ``maximum``.
+
+    Each delay is scaled by a random factor in ``[1 - jitter, 1]``, so devices
+    that lost the same hub do not all come back in the same instant.
+    """
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    jitter: float = 0.5
+
+    def delay(self, failures: int) -> float:
+        base = min(self.maximum, self.initial * 2.0 ** min(failures, 32))
+        return base * random.uniform(1 - self.jitter, 1)
+
+
+def system_info(device_id: str) -> dict[str, Any]:
+    """UFO's ``metadata.system_info`` for this machine."""
+    return {
+        "device_id": device_id,
+        "platform": sys.platform,
+        "os_version": platform.version(),
+        "cpu_count": os.cpu_count(),
+        "hostname": socket.gethostname(),
+        "supported_features": ["mcp"],
+        "platform_type": "computer",
+        "schema_version": "1.0",
+        "custom_metadata": {},
+    }
+
+
+class DeviceClient:
+    """One device: its id, its executor, and the connection it keeps to the hub.
+
+    ``tools`` is asked at each registration for the tools to announce
+    (``[{"name", "server", "description"}, ...]``).
+    """
+
+    def __init__(
+        self,
+        hub_url: str,
+        device_id: str,
+        executor: Executor,
+        *,
+        token: str | None = None,
+        tools: Callable[[], list[dict[str, Any]]] = list,
+        heartbeat_interval: float = 10.0,
+        backoff: Backoff = Backoff(),
+        memory: CallMemory | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if not device_id:
+            raise ValueError("a device needs an id")
+        self.url = endpoint(hub_url, DEVICE_PATH)
+        self.device_id = device_id
+        self.executor = executor
+        self.token = token
+        self.tools = tools
+        self.heartbeat_interval = heartbeat_interval
+        self.backoff = backoff
+        self.memory = memory if memory is not None else CallMemory()
+        self.max_message_bytes = max_message_bytes
+        self.ssl_context = ssl_context
+        #: Set while registered with the hub; cleared when the connection ends.
+        self.registered = asyncio.Event()
+        self.registrations = 0
+        self._batches: dict[str, asyncio.Task[None]] = {}
+        self._cancelled: dict[str, str] = {}
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Stay connected (reconnecting as needed) until ``stop`` is set; answer every batch before leaving."""
+        stop = stop or asyncio.Event()
+        failures = 0
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                session = asyncio.ensure_future(self._connect_and_serve())
+                await asyncio.wait({session, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not session.done():
+                    await self._stop_batches("the device is shutting down")  # answered while still connected
+                    session.cancel()
+                    await asyncio.wait({session})
+                    break
+                error = session.exception()
+                if error is None:
+                    failures = 0
+                else:
+                    level = logging.ERROR if isinstance(error, HubRefused) else logging.WARNING
+                    logger.log(level, "device %r: %s", self.device_id, error)
+                    failures += 1
+                if stop.is_set():
+                    break
+                delay = self.backoff.delay(failures)
+                logger.info("device %r reconnecting in %.1fs", self.device_id, delay)
+                await asyncio.wait({stopping}, timeout=delay)
+        finally:
+            stopping.cancel()
+            await self._stop_batches("the device is shutting down")
+
+    async def _connect_and_serve(self) -> None:
+        connection = await open_connection(
+            self.url, self.token, max_message_bytes=self.max_message_bytes, ssl_context=self.ssl_context
+        )
+        try:
+            await self._register(connection)
+            heartbeat = asyncio.create_task(self._heartbeat(connection))
+            try:
+                async for frame in connection:
+                    self._receive(connection, frame)
+            finally:
+                heartbeat.cancel()
+        except ConnectionClosed as closed:
+            raise HubUnavailable(f"the connection to the hub closed: {closed}") from None
+        finally:
+            self.registered.clear()
+            await connection.close()
+        raise HubUnavailable("the hub closed the connection")
+
+    async def _register(self, connection: ClientConnection) -> None:
+        register = ClientMessage(
+            type=ClientMessageType.REGISTER,
+            status=TaskStatus.OK,
+            client_id=self.device_id,
+            timestamp=now_iso(),
+            metadata={
+                "system_info": system_info(self.device_id),
+                "registration_time": now_iso(),
+                "platform": sys.platform,
+                DISPATCH_METADATA: {"remembers_call_ids": True, "tools": self.tools()},
+            },
+        )
+        await connection.send(register.model_dump_json())
+        async with asyncio.timeout(30):
+            answer = ServerMessage.model_validate_json(await connection.recv())
+        if answer.type is ServerMessageType.ERROR:
+            raise HubRefused(f"the hub refused the registration: {answer.error}")
+        self.registrations += 1
+        self.registered.set()
+        logger.info("device %r registered with %s", self.device_id, self.url)
+
+    async def _heartbeat(self, connection: ClientConnection) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            beat = ClientMessage(
+                type=ClientMessageType.HEARTBEAT, status=TaskStatus.OK, client_id=self.device_id, timestamp=now_iso()
+            )
+            await connection.send(beat.model_dump_json())
+
+    def _receive(self, connection: ClientConnection, frame: str | bytes) -> None:
+        try:
+            message = ServerMessage.model_validate_json(frame)
+        except ValueError as error:
+            logger.warning("device %r: ignored a malformed frame from the hub: %s", self.device_id, error)
+            return
+        match message.type:
+            case ServerMessageType.COMMAND:
+                response_id = message.response_id or str(uuid.uuid4())
+                if response_id not in self._batches:
+                    task = asyncio.create_task(self._run_batch(connection, message, response_id))
+                    self._batches[response_id] = task
+                    task.add_done_callback(lambda _: self._batches.pop(response_id, None))
+            case ServerMessageType.TASK_END:
+                self._cancel(message.response_id or "", message.error or "the hub ended this batch")
+            case ServerMessageType.ERROR:
+                logger.warning("device %r: the hub reported: %s", self.device_id, message.error)
+            case _:
+                pass  # heartbeats and anything a UFO server may add: nothing to do
+
+    def _cancel(self, response_id: str, why: str) -> None:
+        task = self._batches.get(response_id)
+        if task is not None and not task.done():
+            self._cancelled[response_id] = why
+            task.cancel()
+
+    async def _stop_batches(self, why: str) -> None:
+        for response_id in list(self._batches):
+            self._cancel(response_id, why)
+        if self._batches:
+            await asyncio.wait(set(self._batches.values()), timeout=5)
+
+    async def _run_batch(self, connection: ClientConnection, message: ServerMessage, response_id: str) -> None:
+        commands = list(message.actions or [])
+        timeout = message.timeout or UNBOUNDED_BATCH_SECONDS
+        executor = self.executor
+
+        async def run(fresh: list[Command]) -> list[Result]:
+            return await executor.execute_commands(fresh, timeout)
+
+        try:
+            results = await self.memory.execute(commands, run, executor.generate_error_results)
+        except asyncio.CancelledError:
+            why = self._cancelled.pop(response_id, None)
+            if why is None:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            results = executor.generate_error_results(commands, f"Cancelled: {why}")
+        except Exception as error:  # the executor broke: answer anyway
+            logger.exception("device %r: the executor failed on batch %s", self.device_id, response_id)
+            results = executor.generate_error_results(commands, error)
+        reply = ClientMessage(
+            type=ClientMessageType.COMMAND_RESULTS,
+            status=TaskStatus.CONTINUE,
+            client_id=self.device_id,
+            session_id=message.session_id,
+            prev_response_id=response_id,
+            action_results=results,
+            request_id=str(uuid.uuid4()),
+            timestamp=now_iso(),
+        )
+        try:
+            await connection.send(reply.model_dump_json())
+        except ConnectionClosed:
+            # The results stay in memory: a controller that sends the batch again gets them.
+            logger.info("device %r: the connection closed before batch %s was answered", self.device_id, response_id)

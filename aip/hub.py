@@ -1,0 +1,215 @@
+"""The hub: a WebSocket server that routes batches between controllers and devices.
+
+Devices connect at ``/ws`` exactly as a UFO device does; controllers (the
+dispatchers inside flow runs) connect at ``/controller``. Both must present
+the token. All routing decisions are the ``Switchboard``'s; this module only
+moves frames: it reads each connection, feeds the switchboard, and carries out
+the sends and closes it returns. Each connection has an outbox drained by its
+own writer, so a slow reader never holds up the connection that wrote to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.typing import Origin
+
+from .access import AccessPolicy
+from .connect import CONTROLLER_PATH, DEFAULT_MAX_MESSAGE_BYTES, DEVICE_PATH
+from .switchboard import Action, Close, CloseCode, Send, Switchboard, error_frame
+
+logger = logging.getLogger("aip.hub")
+# websockets logs request paths (``?token=``) and headers at DEBUG: its logger
+# stays at WARNING whatever the root level, so a token never reaches a log.
+_wire_logger = logging.getLogger("aip.hub.wire")
+_wire_logger.setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    """Where the hub listens and how patient it is.
+
+    A device must register within ``register_timeout`` seconds of connecting
+    and send something (a heartbeat at least) every ``heartbeat_timeout``
+    seconds; WebSocket pings every ``ping_interval`` catch a dead TCP peer
+    within ``ping_interval + ping_timeout``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    register_timeout: float = 5.0
+    heartbeat_timeout: float = 60.0
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+
+
+class _Outbox:
+    """Frames for one connection, written in order by one writer task; a Close ends it."""
+
+    def __init__(self, connection: ServerConnection) -> None:
+        self.connection = connection
+        self.queue: asyncio.Queue[str | Close] = asyncio.Queue()
+        self.writer = asyncio.create_task(self._write())
+
+    def put(self, item: str | Close) -> None:
+        self.queue.put_nowait(item)
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                item = await self.queue.get()
+                if isinstance(item, Close):
+                    await self.connection.close(item.code, item.reason)
+                    return
+                await self.connection.send(item)
+        except ConnectionClosed:
+            pass
+
+    async def finish(self, timeout: float) -> None:
+        """Let queued frames go out (a refusal before its close), then stop writing."""
+        await asyncio.wait({self.writer}, timeout=timeout)
+        self.writer.cancel()
+
+
+class Hub:
+    """Serve devices and controllers until closed (``async with Hub(...)``)."""
+
+    def __init__(
+        self,
+        access: AccessPolicy,
+        settings: HubSettings = HubSettings(),
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.access = access
+        self.settings = settings
+        self.ssl_context = ssl_context
+        self.switchboard = Switchboard()
+        self._outboxes: dict[Hashable, _Outbox] = {}
+        self._server: Server | None = None
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful with ``port=0``)."""
+        assert self._server is not None, "the hub is not started"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        scheme = "wss" if self.ssl_context else "ws"
+        host = self.settings.host if ":" not in self.settings.host else f"[{self.settings.host}]"
+        return f"{scheme}://{host}:{self.port}"
+
+    async def start(self) -> Hub:
+        settings = self.settings
+        self._server = await serve(
+            self._serve,
+            settings.host,
+            settings.port,
+            process_request=self._admit,
+            origins=[None, *(Origin(origin) for origin in self.access.origins)],
+            max_size=settings.max_message_bytes,
+            ping_interval=settings.ping_interval,
+            ping_timeout=settings.ping_timeout,
+            ssl=self.ssl_context,
+            logger=_wire_logger,
+        )
+        logger.info("hub listening on %s (devices at %s, controllers at %s)", self.url, DEVICE_PATH, CONTROLLER_PATH)
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> Hub:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None, "the hub is not started"
+        await self._server.serve_forever()
+
+    def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
+        if urlsplit(request.path).path not in (DEVICE_PATH, CONTROLLER_PATH):
+            return connection.respond(404, f"not found: devices connect at {DEVICE_PATH}\n")
+        refusal = self.access.refusal(request.path, request.headers.get("Host"), request.headers.get("Authorization"))
+        if refusal is not None:
+            status, reason = refusal
+            logger.warning("refused a connection from %s: %s", _address(connection), reason)
+            return connection.respond(status, reason + "\n")
+        return None
+
+    def _apply(self, actions: Iterable[Action]) -> None:
+        for action in actions:
+            outbox = self._outboxes.get(action.peer)
+            if outbox is not None:
+                outbox.put(action.text if isinstance(action, Send) else action)
+
+    async def _serve(self, connection: ServerConnection) -> None:
+        outbox = self._outboxes[connection] = _Outbox(connection)
+        try:
+            if urlsplit(connection.request.path if connection.request else "").path == DEVICE_PATH:
+                await self._serve_device(connection, outbox)
+            else:
+                await self._serve_controller(connection)
+        finally:
+            del self._outboxes[connection]
+            await outbox.finish(timeout=1.0)
+
+    async def _serve_device(self, connection: ServerConnection, outbox: _Outbox) -> None:
+        settings = self.settings
+        try:
+            async with asyncio.timeout(settings.register_timeout):
+                first = await connection.recv()
+        except TimeoutError:
+            error = f"no register message within {settings.register_timeout:g}s"
+            self._apply([Send(connection, error_frame(error)), Close(connection, CloseCode.POLICY, error)])
+            return
+        except ConnectionClosed:
+            return
+        device, actions = self.switchboard.device_registers(connection, first)
+        self._apply(actions)
+        if device is None:
+            return
+        logger.info("device %r connected from %s", device.id, _address(connection))
+        why = "connection closed"
+        try:
+            while True:
+                async with asyncio.timeout(settings.heartbeat_timeout):
+                    data = await connection.recv()
+                self._apply(self.switchboard.device_text(connection, data))
+        except TimeoutError:
+            why = f"silent for {settings.heartbeat_timeout:g}s"
+            self._apply([Close(connection, CloseCode.SILENT, why)])
+        except ConnectionClosed as closed:
+            why = f"connection closed ({closed.rcvd.code if closed.rcvd else 'no close frame'})"
+        finally:
+            lost = self.switchboard.device_gone(connection, why)
+            if lost or device.id not in self.switchboard.devices:
+                logger.info("device %r disconnected: %s; %d batches failed", device.id, why, len(lost))
+            self._apply(lost)
+
+    async def _serve_controller(self, connection: ServerConnection) -> None:
+        try:
+            async for data in connection:
+                self._apply(self.switchboard.controller_text(connection, data))
+        except ConnectionClosed:
+            pass
+        finally:
+            self._apply(self.switchboard.controller_gone(connection))
+
+
+def _address(connection: ServerConnection) -> str:
+    address = connection.remote_address
+    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)

@@ -1,0 +1,253 @@
+"""Running commands on a remote device, through the hub.
+
+A batch goes out as one AIP ``command`` frame addressed to the device, with
+the time its sender still waits for it; the device's ``command_results`` (or
+the hub's word that the device is gone) resolves the future kept for that
+``response_id``. The results are checked against the commands before anyone
+sees them: one per command, in order, with the command's call_id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from aip.connect import HubRefused, HubUnavailable
+from aip.controller import HubLink
+from aip.messages import ClientMessage, ClientMessageType, Command, Result, ServerMessage, ServerMessageType, TaskStatus
+from aip.switchboard import Reason, now_iso
+
+from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, error_result, with_call_id
+from .errors import CommandError, CommandTimeout, ConnectionLost, ProtocolError, ServerUnavailable, describe
+from .policy import Deadline, RetryPolicy
+
+logger = logging.getLogger("dispatchers.remote")
+
+#: How long past the deadline the device's own answer is still awaited: it
+#: stops at the deadline too and reports its timeouts, which beats guessing.
+REPLY_GRACE = 0.5
+
+
+class AccessDenied(CommandError):
+    """The hub refused our connection (a wrong token, a Host it does not accept)."""
+
+    kind = "AccessDenied"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, sent=False)
+
+
+class DeviceLost(ConnectionLost):
+    """The device went away with the batch in hand; a resend is safe if it remembers call_ids."""
+
+    def __init__(self, message: str, *, remembers_call_ids: bool) -> None:
+        super().__init__(message)
+        self.remembers_call_ids = remembers_call_ids
+
+
+class WebSocketCommandDispatcher(BasicCommandDispatcher):
+    """Runs each batch on ``device``, reached through the hub behind ``protocol``.
+
+    Session context (``session_id``, ``agent_name``, ``process_name``,
+    ``root_name``) travels on every batch, as UFO's agents send it. A batch
+    that could not be delivered (the device is not connected, the hub is
+    restarting) is sent again with backoff while time remains; one that was
+    delivered and lost is sent again only to a device that remembers call_ids,
+    so no command runs twice.
+    """
+
+    def __init__(
+        self,
+        protocol: HubLink | None,
+        device: str,
+        *,
+        session_id: str | None = None,
+        agent_name: str | None = None,
+        process_name: str | None = None,
+        root_name: str | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+    ) -> None:
+        if protocol is None:
+            raise ValueError(
+                "WebSocketCommandDispatcher needs a connection to the hub: pass a HubLink, "
+                "or use `await WebSocketCommandDispatcher.connect(hub_url, device)`"
+            )
+        if not device:
+            raise ValueError("WebSocketCommandDispatcher needs the id of the device to run commands on")
+        self.protocol = protocol
+        self.device = device
+        self.context: dict[str, Any] = {
+            "session_id": session_id,
+            "agent_name": agent_name,
+            "process_name": process_name,
+            "root_name": root_name,
+        }
+        self.retry = retry
+        self.pending: dict[str, asyncio.Future[ClientMessage]] = {}
+        self._cancels: set[asyncio.Task[None]] = set()
+        protocol.on_frame = self._on_frame
+        protocol.on_lost = self.connection_lost
+
+    def __repr__(self) -> str:
+        return f"WebSocketCommandDispatcher({self.protocol!r}, device={self.device!r})"
+
+    @classmethod
+    async def connect(
+        cls, hub_url: str, device: str, token: str | None = None, **options: Any
+    ) -> WebSocketCommandDispatcher:
+        """Connect to the hub now (``token`` defaults to ``$DISPATCH_TOKEN``); raises if it cannot be reached."""
+        link = HubLink(hub_url, token if token is not None else os.environ.get("DISPATCH_TOKEN"))
+        await link.open()
+        return cls(link, device, **options)
+
+    async def close(self) -> None:
+        await self.protocol.close()
+        self.connection_lost(HubUnavailable("the dispatcher was closed"))
+
+    async def __aenter__(self) -> WebSocketCommandDispatcher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- answers from the hub ----------------------------------------------
+
+    def set_result(self, response_id: str, message: ClientMessage) -> None:
+        """The hub's answer for batch ``response_id``: results, or why there are none."""
+        future = self.pending.get(response_id)
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    def _on_frame(self, message: ClientMessage) -> None:
+        if message.prev_response_id:
+            self.set_result(message.prev_response_id, message)
+
+    def connection_lost(self, error: Exception) -> None:
+        """The hub connection ended: every batch waiting on it fails now, not at its deadline."""
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(ConnectionLost(str(error)))
+
+    # -- batches -------------------------------------------------------------
+
+    async def execute_commands(self, commands: Sequence[Command], timeout: float = DEFAULT_TIMEOUT) -> list[Result]:
+        batch = [with_call_id(command) for command in commands]
+        try:
+            deadline = Deadline.after(timeout)
+        except ValueError as error:
+            return self.generate_error_results(batch, error)
+        if not batch:
+            return []
+
+        def log_retry(attempt: int, error: BaseException, delay: float) -> None:
+            logger.warning(
+                "batch of %d for device %r: attempt %d failed (%s); sending again in %.2fs",
+                len(batch),
+                self.device,
+                attempt,
+                describe(error),
+                delay,
+            )
+
+        try:
+            return await self.retry.call(
+                lambda: self._exchange(batch, deadline), deadline, self._should_retry, log_retry
+            )
+        except Exception as error:
+            return self.generate_error_results(batch, error)
+
+    @staticmethod
+    def _should_retry(error: BaseException) -> bool:
+        if not isinstance(error, CommandError) or not error.transient:
+            return False
+        return not error.sent or (isinstance(error, DeviceLost) and error.remembers_call_ids)
+
+    async def _exchange(self, batch: list[Command], deadline: Deadline) -> list[Result]:
+        """One round trip: send the batch, wait for its answer, check it."""
+        if deadline.expired:
+            raise CommandTimeout(deadline.seconds)
+        response_id = str(uuid.uuid4())
+        answer: asyncio.Future[ClientMessage] = asyncio.get_running_loop().create_future()
+        self.pending[response_id] = answer
+        message = ServerMessage(
+            type=ServerMessageType.COMMAND,
+            status=TaskStatus.CONTINUE,
+            actions=batch,
+            response_id=response_id,
+            timestamp=now_iso(),
+            target_id=self.device,
+            timeout=max(deadline.remaining(), 1e-3),
+            **self.context,
+        )
+        try:
+            async with asyncio.timeout(deadline.remaining() + REPLY_GRACE):
+                await self._send(message)
+                reply = await answer
+        except TimeoutError:
+            self._cancel_remote(response_id)
+            raise CommandTimeout(deadline.seconds) from None
+        except asyncio.CancelledError:
+            self._cancel_remote(response_id)
+            raise
+        finally:
+            del self.pending[response_id]
+        return self._checked(batch, reply)
+
+    async def _send(self, message: ServerMessage) -> None:
+        try:
+            await self.protocol.send(message)
+        except HubRefused as error:
+            raise AccessDenied(str(error)) from None
+        except HubUnavailable as error:
+            raise ServerUnavailable(str(error)) from None
+
+    def _cancel_remote(self, response_id: str) -> None:
+        """Tell the device nobody waits for this batch any more (best effort, in the background)."""
+        cancel = ServerMessage(
+            type=ServerMessageType.TASK_END, status=TaskStatus.FAILED, response_id=response_id, timestamp=now_iso()
+        )
+
+        async def send() -> None:
+            with contextlib.suppress(HubUnavailable):  # the hub cancels a gone controller's batches itself
+                await self.protocol.send(cancel)
+
+        task = asyncio.ensure_future(send())
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    def _checked(self, batch: list[Command], reply: ClientMessage) -> list[Result]:
+        if reply.type is ClientMessageType.ERROR:
+            raise self._failure(reply)
+        if reply.type is not ClientMessageType.COMMAND_RESULTS:
+            raise ProtocolError(f"the device answered with a {reply.type.value!r} frame", transient=False)
+        results = list(reply.action_results or [])
+        by_call_id: dict[str | None, Result] = {}
+        for result in results:
+            by_call_id.setdefault(result.call_id, result)
+        checked = []
+        for index, command in enumerate(batch):
+            in_place = results[index] if index < len(results) else None
+            found = in_place if in_place is not None and in_place.call_id == command.call_id else None
+            found = found or by_call_id.get(command.call_id)
+            checked.append(found or error_result(command, "ProtocolError: the device sent no result for this command"))
+        if len(results) != len(batch):
+            logger.warning("device %r answered %d commands with %d results", self.device, len(batch), len(results))
+        return checked
+
+    def _failure(self, reply: ClientMessage) -> CommandError:
+        metadata = reply.metadata or {}
+        error = reply.error or "no reason given"
+        match metadata.get("reason"):
+            case Reason.DEVICE_UNAVAILABLE:
+                return ServerUnavailable(error)
+            case Reason.DEVICE_LOST:
+                return DeviceLost(error, remembers_call_ids=bool(metadata.get("remembers_call_ids")))
+            case Reason.REJECTED:
+                return ProtocolError(f"the hub rejected the batch: {error}", transient=False)
+            case _:
+                return ProtocolError(f"the device reported: {error}", transient=False)
