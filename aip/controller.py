@@ -120,7 +120,9 @@ class HubLink:
         await self.close()
 
 
-async def list_devices(hub_url: str, token: str | None, timeout: float = 10.0) -> list[dict[str, Any]]:
+async def list_devices(
+    hub_url: str, token: str | None, timeout: float = 10.0, ssl_context: ssl.SSLContext | None = None
+) -> list[dict[str, Any]]:
     """The devices connected to the hub now: id, kind, platform, tools, when connected and last seen."""
     answer: asyncio.Future[ClientMessage] = asyncio.get_running_loop().create_future()
     request_id = str(uuid.uuid4())
@@ -134,7 +136,7 @@ async def list_devices(hub_url: str, token: str | None, timeout: float = 10.0) -
             answer.set_exception(error)
 
     async with asyncio.timeout(timeout):
-        async with HubLink(hub_url, token, open_timeout=timeout) as link:
+        async with HubLink(hub_url, token, open_timeout=timeout, ssl_context=ssl_context) as link:
             link.on_frame, link.on_lost = on_frame, on_lost
             request = ServerMessage(
                 type=ServerMessageType.DEVICE_INFO_REQUEST,

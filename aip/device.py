@@ -188,7 +188,7 @@ class DeviceClient:
                 "system_info": system_info(self.device_id),
                 "registration_time": now_iso(),
                 "platform": sys.platform,
-                DISPATCH_METADATA: {"remembers_call_ids": True, "tools": self.tools()},
+                DISPATCH_METADATA: {"tools": self.tools()},
             },
         )
         await connection.send(register.model_dump_json())

@@ -40,7 +40,7 @@ UFO_TOOL_TYPES = frozenset({"action", "data_collection"})
 #: dropped quietly instead of being refused as unknown.
 ABANDONED_LIMIT = 10_000
 #: The registration metadata key under which our own device client describes
-#: itself (its tools, and that it remembers call_ids).
+#: itself (its tools); its presence says the device understands cancels.
 DISPATCH_METADATA = "dispatch"
 
 
@@ -89,13 +89,8 @@ class Device:
 
     @property
     def speaks_dispatch(self) -> bool:
-        """Our own device client: it understands cancels and remembers call_ids."""
+        """Our own device client: it understands cancels."""
         return isinstance(self.metadata.get(DISPATCH_METADATA), dict)
-
-    @property
-    def remembers_call_ids(self) -> bool:
-        info = self.metadata.get(DISPATCH_METADATA)
-        return isinstance(info, dict) and bool(info.get("remembers_call_ids"))
 
     def describe(self) -> dict[str, Any]:
         system = self.metadata.get("system_info")
@@ -131,10 +126,10 @@ def error_frame(error: str, response_id: str | None = None) -> str:
 
 
 def failure_frame(response_id: str | None, error: str, reason: Reason, device: Device | None = None) -> str:
-    """What a controller gets instead of results: the batch's id, why, and whether a resend is safe."""
+    """What a controller gets instead of results: the batch's id and why."""
     metadata: dict[str, Any] = {"reason": reason.value}
     if device is not None:
-        metadata |= {"device": device.id, "remembers_call_ids": device.remembers_call_ids}
+        metadata["device"] = device.id
     return ClientMessage(
         type=ClientMessageType.ERROR,
         status=TaskStatus.ERROR,

@@ -1,16 +1,22 @@
-"""``dispatch``: run batches of commands, list the tools of MCP servers.
+"""``dispatch``: run batches of commands, list the tools of MCP servers, run the hub and devices.
 
 Exit codes: 0 every command succeeded, 1 some command failed (or, for
-``tools``, some server is down), 2 bad usage, a bad batch file or a bad config.
-With ``--json`` stdout carries exactly the JSON document; logs go to stderr.
+``tools``, some server is down; for ``devices``, the hub is unreachable),
+2 bad usage, a bad batch file or a bad config. With ``--json`` stdout carries
+exactly the JSON document; logs go to stderr. Only ``run`` imports Prefect:
+``device`` starts without it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import signal
+import ssl
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -18,11 +24,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from aip.access import AccessPolicy
+from aip.connect import HubUnavailable
+from aip.controller import list_devices
+from aip.device import DeviceClient
+from aip.hub import Hub, HubSettings
 from aip.messages import Command, Result, ResultStatus
 from dispatchers import (
     DEFAULT_TIMEOUT,
     ConfigError,
     ExecutionMode,
+    LocalCommandDispatcher,
     MCPServerManager,
     close_shared_managers,
     load_config,
@@ -31,7 +43,9 @@ from dispatchers import (
 from dispatchers.batch_file import BatchFile, BatchFileError, load_batch
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="Run agent commands on MCP servers as Prefect flows."
+    add_completion=False,
+    no_args_is_help=True,
+    help="Run agent commands on MCP servers, here or on remote devices, as Prefect flows.",
 )
 stdout = Console()
 stderr = Console(stderr=True)
@@ -41,6 +55,17 @@ ConfigOption = Annotated[
     typer.Option(
         "--config", "-c", help="mcp.json naming the MCP servers (default: the batch file's 'config', else ./mcp.json)"
     ),
+]
+
+
+TokenFileOption = Annotated[
+    Path | None, typer.Option("--token-file", help="File holding the hub token (default: $DISPATCH_TOKEN)")
+]
+HubOption = Annotated[
+    str | None, typer.Option("--hub", help="Hub URL, ws://HOST:PORT (default: $DISPATCH_HUB)", envvar="DISPATCH_HUB")
+]
+CaFileOption = Annotated[
+    Path | None, typer.Option("--cafile", help="CA certificate to trust for a wss:// hub with its own certificate")
 ]
 
 
@@ -66,6 +91,11 @@ def run(
     max_concurrency: Annotated[
         int | None, typer.Option(help="Commands at once in parallel mode (default 8)", min=1)
     ] = None,
+    hub: HubOption = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="Run on this device, connected to --hub, instead of locally")
+    ] = None,
+    token_file: TokenFileOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print only the JSON array of Results on stdout")] = False,
 ) -> None:
     """Run a batch of commands as a Prefect flow and print one Result per command."""
@@ -73,9 +103,17 @@ def run(
         batch = load_batch(file)
     except BatchFileError as error:
         fail_usage(str(error))
-    servers = resolve_config(config, batch)
-    options: dict[str, Any] = {
-        "config": str(servers),
+    options: dict[str, Any] = {}
+    if device is not None:
+        if not hub:
+            fail_usage("--device needs --hub ws://HOST:PORT (or $DISPATCH_HUB)")
+        token = read_token(token_file)
+        if token is not None:
+            os.environ["DISPATCH_TOKEN"] = token  # read by the flow run, in this process
+        options |= {"backend": "remote", "device": device, "hub": hub}
+    else:
+        options["config"] = str(resolve_config(config, batch))
+    options |= {
         "timeout": first_set(timeout, batch.timeout, DEFAULT_TIMEOUT),
         "mode": first_set(mode, batch.mode, ExecutionMode.SEQUENTIAL),
         "stop_on_failure": first_set(stop_on_failure, batch.stop_on_failure, False),
@@ -101,6 +139,121 @@ def run(
     else:
         stdout.print(results_table(batch.commands, results))
     raise typer.Exit(0 if all(result.status is ResultStatus.SUCCESS for result in results) else 1)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback is reachable from outside")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port)", min=0, max=65535)] = 8765,
+    token_file: TokenFileOption = None,
+    allow_host: Annotated[
+        list[str] | None, typer.Option("--allow-host", help="Another host name clients may use (repeatable)")
+    ] = None,
+    allow_origin: Annotated[
+        list[str] | None, typer.Option("--allow-origin", help="A browser Origin to accept (repeatable)")
+    ] = None,
+    max_message_mib: Annotated[float, typer.Option(help="Largest frame accepted, in MiB", min=0.001)] = 100.0,
+    heartbeat_timeout: Annotated[
+        float, typer.Option(help="Seconds a device may stay silent before it counts as gone", min=0.1)
+    ] = 60.0,
+    certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM): serve wss://")] = None,
+    keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM) for --certfile")] = None,
+) -> None:
+    """Run the hub: devices connect at /ws, flow runs (controllers) at /controller."""
+    token = read_token(token_file)
+    if token is None:
+        fail_usage("the hub needs a token: set DISPATCH_TOKEN or pass --token-file")
+    if (certfile is None) != (keyfile is None):
+        fail_usage("--certfile and --keyfile go together")
+    context = None
+    if certfile is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(certfile, keyfile)
+        except (OSError, ssl.SSLError) as error:
+            fail_usage(f"can't load the certificate: {error}")
+    access = AccessPolicy.for_host(token, host, allow_host or (), allow_origin or ())
+    settings = HubSettings(
+        host=host, port=port, max_message_bytes=int(max_message_mib * 2**20), heartbeat_timeout=heartbeat_timeout
+    )
+    log_to_stderr()
+
+    async def serve_until(stop: asyncio.Event) -> None:
+        async with Hub(access, settings, context):
+            await stop.wait()
+
+    try:
+        run_until_signalled(serve_until)
+    except OSError as error:
+        fail_usage(f"can't listen on {host}:{port}: {error}")
+
+
+@app.command()
+def device(
+    hub: HubOption = None,
+    device_id: Annotated[str, typer.Option("--id", help="This device's id, as batches will address it")] = "",
+    config: Annotated[Path, typer.Option("--config", "-c", help="mcp.json naming this machine's MCP servers")] = Path(
+        "mcp.json"
+    ),
+    token_file: TokenFileOption = None,
+    heartbeat: Annotated[float, typer.Option(help="Seconds between heartbeats", min=0.1)] = 10.0,
+    cafile: CaFileOption = None,
+) -> None:
+    """Connect this machine to a hub and execute the commands it sends, until stopped."""
+    if not hub:
+        fail_usage("pass --hub ws://HOST:PORT/ws (or set $DISPATCH_HUB)")
+    if not device_id:
+        fail_usage("pass --id NAME: the id batches will address this device by")
+    specs = checked_config(config)
+    token = read_token(token_file)
+    context = client_ssl(cafile)
+    log_to_stderr()
+
+    async def serve_commands(stop: asyncio.Event) -> None:
+        async with MCPServerManager(specs) as servers:
+
+            def tools() -> list[dict[str, Any]]:
+                return [
+                    {"name": tool.name, "server": name, "description": (tool.description or "").strip().split("\n")[0]}
+                    for name, connection in servers.connections.items()
+                    for tool in connection.tools.values()
+                ]
+
+            executor = LocalCommandDispatcher(servers, session=device_id)
+            client = DeviceClient(
+                hub, device_id, executor, token=token, tools=tools, heartbeat_interval=heartbeat, ssl_context=context
+            )
+            await client.run(stop)
+
+    try:
+        run_until_signalled(serve_commands)
+    except ValueError as error:
+        fail_usage(str(error))
+
+
+@app.command()
+def devices(
+    hub: HubOption = None,
+    token_file: TokenFileOption = None,
+    cafile: CaFileOption = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the devices as JSON")] = False,
+) -> None:
+    """List the devices connected to a hub: id, platform, tools, when connected and last seen."""
+    if not hub:
+        fail_usage("pass --hub ws://HOST:PORT (or set $DISPATCH_HUB)")
+    try:
+        connected = asyncio.run(list_devices(hub, read_token(token_file), ssl_context=client_ssl(cafile)))
+    except ValueError as error:
+        fail_usage(str(error))
+    except (HubUnavailable, TimeoutError) as error:
+        stderr.print(f"[bold red]error:[/] {error or 'the hub did not answer in time'}", highlight=False)
+        raise typer.Exit(1) from None
+    if json_output:
+        sys.stdout.write(json.dumps(connected) + "\n")
+    else:
+        stdout.print(devices_table(connected))
 
 
 @app.command()
@@ -151,6 +304,45 @@ def checked_config(path: Path) -> Any:
         fail_usage(str(error))
 
 
+def read_token(token_file: Path | None) -> str | None:
+    """--token-file, else $DISPATCH_TOKEN; never echoed anywhere."""
+    if token_file is None:
+        return os.environ.get("DISPATCH_TOKEN") or None
+    try:
+        token = token_file.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        fail_usage(f"can't read the token file: {error}")
+    if not token:
+        fail_usage(f"{token_file} is empty")
+    return token
+
+
+def client_ssl(cafile: Path | None) -> ssl.SSLContext | None:
+    if cafile is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=str(cafile))
+    except (OSError, ssl.SSLError) as error:
+        fail_usage(f"can't load {cafile}: {error}")
+
+
+def log_to_stderr() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``main(stop)`` until it returns; SIGINT or SIGTERM sets ``stop`` for a clean ending."""
+
+    async def supervised() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await main(stop)
+
+    asyncio.run(supervised())
+
+
 def first_set(*values: Any) -> Any:
     return next(value for value in values if value is not None)
 
@@ -175,6 +367,24 @@ def results_table(commands: list[Command], results: list[Result]) -> Table:
             result.namespace or "",
             f"[{styles.get(result.status, 'white')}]{result.status.value}[/]",
             shown if isinstance(shown, str) else json.dumps(shown),
+        )
+    return table
+
+
+def devices_table(connected: list[dict[str, Any]]) -> Table:
+    table = Table(title=f"{len(connected)} devices connected", title_justify="left")
+    for column in ("device", "kind", "platform", "tools", "connected", "last seen", "batches"):
+        table.add_column(column, overflow="fold")
+    for entry in connected:
+        names = [tool.get("name", "?") for tool in entry.get("tools", [])]
+        table.add_row(
+            entry["id"],
+            entry.get("kind", ""),
+            entry.get("platform") or "",
+            ", ".join(names) or "-",
+            entry.get("connected_at", ""),
+            entry.get("last_seen", ""),
+            str(entry.get("pending_batches", 0)),
         )
     return table
 

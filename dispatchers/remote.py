@@ -42,23 +42,17 @@ class AccessDenied(CommandError):
         super().__init__(message, sent=False)
 
 
-class DeviceLost(ConnectionLost):
-    """The device went away with the batch in hand; a resend is safe if it remembers call_ids."""
-
-    def __init__(self, message: str, *, remembers_call_ids: bool) -> None:
-        super().__init__(message)
-        self.remembers_call_ids = remembers_call_ids
-
-
 class WebSocketCommandDispatcher(BasicCommandDispatcher):
     """Runs each batch on ``device``, reached through the hub behind ``protocol``.
 
     Session context (``session_id``, ``agent_name``, ``process_name``,
     ``root_name``) travels on every batch, as UFO's agents send it. A batch
     that could not be delivered (the device is not connected, the hub is
-    restarting) is sent again with backoff while time remains; one that was
-    delivered and lost is sent again only to a device that remembers call_ids,
-    so no command runs twice.
+    restarting) is sent again with backoff while time remains. One that was
+    delivered and then lost with its device fails at once and is not sent
+    again: the device that comes back may be a new process that has forgotten
+    what ran. (A later batch with the same call_ids, sent to the same device
+    process, is answered from its memory.)
     """
 
     def __init__(
@@ -163,9 +157,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
 
     @staticmethod
     def _should_retry(error: BaseException) -> bool:
-        if not isinstance(error, CommandError) or not error.transient:
-            return False
-        return not error.sent or (isinstance(error, DeviceLost) and error.remembers_call_ids)
+        return isinstance(error, CommandError) and error.transient and not error.sent
 
     async def _exchange(self, batch: list[Command], deadline: Deadline) -> list[Result]:
         """One round trip: send the batch, wait for its answer, check it."""
@@ -246,7 +238,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
             case Reason.DEVICE_UNAVAILABLE:
                 return ServerUnavailable(error)
             case Reason.DEVICE_LOST:
-                return DeviceLost(error, remembers_call_ids=bool(metadata.get("remembers_call_ids")))
+                return ConnectionLost(error)
             case Reason.REJECTED:
                 return ProtocolError(f"the hub rejected the batch: {error}", transient=False)
             case _:

@@ -8,7 +8,10 @@ one Result per command, whatever happens to the flow run itself.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from enum import StrEnum
 from typing import Any
 
 from prefect import State, flow
@@ -16,14 +19,17 @@ from prefect.artifacts import acreate_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
+from aip.controller import HubLink
 from aip.messages import Command, Result, ResultStatus
 from dispatchers import (
     DEFAULT_TIMEOUT,
+    BasicCommandDispatcher,
     BatchPolicy,
     Deadline,
     ExecutionMode,
     LocalCommandDispatcher,
     RetryPolicy,
+    WebSocketCommandDispatcher,
     error_result,
     run_batch,
     shared_manager,
@@ -38,8 +44,15 @@ TASK_REPORT_GRACE = 1.0
 CELL_LIMIT = 200
 
 
+class Backend(StrEnum):
+    LOCAL = "local"  # MCP servers on the machine that runs the flow
+    REMOTE = "remote"  # a device connected to a hub
+
+
 def flow_run_name() -> str:
-    return f"batch-{len(flow_run.parameters['commands'])}-commands"
+    parameters = flow_run.parameters
+    name = f"batch-{len(parameters['commands'])}-commands"
+    return f"{name}-on-{parameters['device']}" if parameters.get("backend") == Backend.REMOTE else name
 
 
 @flow(name="dispatch-batch", flow_run_name=flow_run_name, persist_result=False, log_prints=False)
@@ -51,28 +64,52 @@ async def dispatch_batch(
     stop_on_failure: bool = False,
     retries: int = 2,
     max_concurrency: int = 8,
+    backend: Backend = Backend.LOCAL,
+    device: str | None = None,
+    hub: str | None = None,
 ) -> list[Result] | State:
-    """Run ``commands`` on the MCP servers of ``config`` (a path to mcp.json, or its content).
+    """Run ``commands`` locally on the MCP servers of ``config`` (a path to mcp.json, or its content),
+    or with ``backend="remote"`` on ``device`` through the hub at ``hub`` (default ``$DISPATCH_HUB``).
 
-    Fails (with every Result still attached) when any command failed. The
+    Fails (with every Result still attached) when any command failed. Local
     servers are started once per process and event loop and shared by the
-    batches that follow (see ``dispatchers.shared_manager``).
+    batches that follow (see ``dispatchers.shared_manager``). The hub's token
+    comes from ``$DISPATCH_TOKEN`` on the machine that runs the flow, never
+    from a parameter: parameters are shown in the dashboard.
     """
     deadline = Deadline.after(timeout)
     policy = BatchPolicy(mode=mode, stop_on_failure=stop_on_failure, max_concurrency=max_concurrency)
-    servers = shared_manager(config)
-    dispatcher = LocalCommandDispatcher(servers, retry=RetryPolicy(attempts=retries + 1))
+    retry = RetryPolicy(attempts=retries + 1)
+    async with _dispatcher(backend, config, retry, device, hub) as dispatcher:
 
-    async def run_one(command: Command, command_deadline: Deadline) -> Result:
-        return await execute_as_task(command, dispatcher, command_deadline)
+        async def run_one(command: Command, command_deadline: Deadline) -> Result:
+            return await execute_as_task(command, dispatcher, command_deadline)
 
-    # Task runs that end at the deadline report Failed (a state round trip each) before they are cancelled.
-    results = await run_batch(commands, run_one, deadline, policy, settle=TASK_REPORT_GRACE)
+        # Task runs that end at the deadline report Failed (a state round trip each) before they are cancelled.
+        results = await run_batch(commands, run_one, deadline, policy, settle=TASK_REPORT_GRACE)
     await _publish(results, commands)
     failed = sum(result.status is ResultStatus.FAILURE for result in results)
     if failed:
         return Failed(message=f"{failed} of {len(results)} commands failed", data=results)
     return Completed(message=f"{len(results)} commands succeeded", data=results)
+
+
+@asynccontextmanager
+async def _dispatcher(
+    backend: Backend, config: str | dict[str, Any], retry: RetryPolicy, device: str | None, hub: str | None
+) -> AsyncIterator[BasicCommandDispatcher]:
+    if backend is Backend.LOCAL:
+        yield LocalCommandDispatcher(shared_manager(config), retry=retry)
+        return
+    hub = hub or os.environ.get("DISPATCH_HUB")
+    if not hub or not device:
+        raise ValueError("the remote backend needs a device and a hub (the hub parameter or $DISPATCH_HUB)")
+    link = HubLink(hub, os.environ.get("DISPATCH_TOKEN"))
+    dispatcher = WebSocketCommandDispatcher(link, device, session_id=str(flow_run.id), retry=retry)
+    try:
+        yield dispatcher
+    finally:
+        await dispatcher.close()
 
 
 async def _publish(results: Sequence[Result], commands: Sequence[Command]) -> None:
