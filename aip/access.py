@@ -17,6 +17,12 @@ from urllib.parse import parse_qs, urlsplit
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
+def check_token(token: str) -> None:
+    """A token must fit in an HTTP header as a bearer credential: visible ASCII, no spaces."""
+    if not all("!" <= character <= "~" for character in token):
+        raise ValueError("a token may hold only visible ASCII characters (no spaces); try `openssl rand -hex 32`")
+
+
 def host_name(host_header: str) -> str:
     """``example.org:8765`` -> ``example.org``; ``[::1]:8765`` -> ``::1``."""
     host_header = host_header.strip().lower()
@@ -39,6 +45,7 @@ class AccessPolicy:
     def __post_init__(self) -> None:
         if not self.token:
             raise ValueError("the hub needs a token: set DISPATCH_TOKEN or pass --token-file")
+        check_token(self.token)
 
     def __repr__(self) -> str:
         return f"AccessPolicy(token=<hidden>, hosts={sorted(self.hosts)}, origins={list(self.origins)})"

@@ -9,6 +9,8 @@ from urllib.parse import urlsplit, urlunsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 
+from .access import check_token
+
 #: Where devices connect (as UFO's devices do) and where controllers connect.
 DEVICE_PATH = "/ws"
 CONTROLLER_PATH = "/controller"
@@ -47,6 +49,8 @@ async def open_connection(
     ping_timeout: float | None = 20.0,
 ) -> ClientConnection:
     """Connect with ``Authorization: Bearer <token>``; a failure is a ``HubUnavailable`` that says why."""
+    if token:
+        check_token(token)
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         return await connect(
