@@ -53,11 +53,11 @@ class HubSettings:
 
 
 class _Outbox:
-    """Frames for one connection, written in order by one writer task; a Close ends it."""
+    """Frames for one connection, written in order by one writer task; a Close (or None) ends it."""
 
     def __init__(self, connection: ServerConnection) -> None:
         self.connection = connection
-        self.queue: asyncio.Queue[str | Close] = asyncio.Queue()
+        self.queue: asyncio.Queue[str | Close | None] = asyncio.Queue()
         self.writer = asyncio.create_task(self._write())
 
     def put(self, item: str | Close) -> None:
@@ -67,6 +67,8 @@ class _Outbox:
         try:
             while True:
                 item = await self.queue.get()
+                if item is None:
+                    return
                 if isinstance(item, Close):
                     await self.connection.close(item.code, item.reason)
                     return
@@ -76,6 +78,7 @@ class _Outbox:
 
     async def finish(self, timeout: float) -> None:
         """Let queued frames go out (a refusal before its close), then stop writing."""
+        self.queue.put_nowait(None)
         await asyncio.wait({self.writer}, timeout=timeout)
         self.writer.cancel()
 
