@@ -16,6 +16,8 @@ so a device starts fast.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import platform
@@ -128,11 +130,13 @@ class DeviceClient:
         self.registrations = 0
         self._batches: dict[str, asyncio.Task[None]] = {}
         self._cancelled: dict[str, str] = {}
+        self._chores: set[asyncio.Future[None]] = set()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Stay connected (reconnecting as needed) until ``stop`` is set; answer every batch before leaving."""
         stop = stop or asyncio.Event()
         failures = 0
+        registrations = self.registrations
         stopping = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
@@ -144,12 +148,11 @@ class DeviceClient:
                     await asyncio.wait({session})
                     break
                 error = session.exception()
-                if error is None:
-                    failures = 0
-                else:
-                    level = logging.ERROR if isinstance(error, HubRefused) else logging.WARNING
-                    logger.log(level, "device %r: %s", self.device_id, error)
-                    failures += 1
+                level = logging.ERROR if isinstance(error, HubRefused) else logging.WARNING
+                logger.log(level, "device %r: %s", self.device_id, error)
+                # A connection that got as far as registering was a success: back off from scratch.
+                failures = 0 if self.registrations > registrations else failures + 1
+                registrations = self.registrations
                 if stop.is_set():
                     break
                 delay = self.backoff.delay(failures)
@@ -212,7 +215,8 @@ class DeviceClient:
         try:
             message = ServerMessage.model_validate_json(frame)
         except ValueError as error:
-            logger.warning("device %r: ignored a malformed frame from the hub: %s", self.device_id, error)
+            logger.warning("device %r: a malformed frame from the hub: %s", self.device_id, error)
+            self._complain(connection, frame, f"malformed frame: {error}")
             return
         match message.type:
             case ServerMessageType.COMMAND:
@@ -227,6 +231,31 @@ class DeviceClient:
                 logger.warning("device %r: the hub reported: %s", self.device_id, message.error)
             case _:
                 pass  # heartbeats and anything a UFO server may add: nothing to do
+
+    def _complain(self, connection: ClientConnection, frame: str | bytes, error: str) -> None:
+        """Answer a frame we could not read with an error, so a batch in it fails now rather than at its deadline."""
+        try:
+            response_id = json.loads(frame).get("response_id")
+        except (ValueError, AttributeError):
+            response_id = None
+        if not isinstance(response_id, str):
+            return  # nothing anyone waits on can be named
+        reply = ClientMessage(
+            type=ClientMessageType.ERROR,
+            status=TaskStatus.ERROR,
+            client_id=self.device_id,
+            prev_response_id=response_id,
+            error=error,
+            timestamp=now_iso(),
+        )
+
+        async def send() -> None:
+            with contextlib.suppress(ConnectionClosed):
+                await connection.send(reply.model_dump_json())
+
+        task = asyncio.ensure_future(send())
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
 
     def _cancel(self, response_id: str, why: str) -> None:
         task = self._batches.get(response_id)
