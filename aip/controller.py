@@ -50,8 +50,9 @@ class HubLink:
         self.open_timeout = open_timeout
         self.max_message_bytes = max_message_bytes
         self.ssl_context = ssl_context
-        self.on_frame: FrameListener = _ignore
-        self.on_lost: LossListener = _ignore
+        self._on_frame: FrameListener = _ignore
+        self._on_lost: LossListener = _ignore
+        self._attached = False
         self._connection: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._opening = asyncio.Lock()
@@ -59,6 +60,12 @@ class HubLink:
 
     def __repr__(self) -> str:
         return f"HubLink({self.url!r}, token=<hidden>)"
+
+    def attach(self, on_frame: FrameListener, on_lost: LossListener) -> None:
+        """Name the one listener for what the hub sends and for the connection's end."""
+        if self._attached:
+            raise ValueError("this HubLink already has a listener: give each dispatcher its own link")
+        self._on_frame, self._on_lost, self._attached = on_frame, on_lost, True
 
     async def open(self) -> None:
         """Connect now (``send`` would anyway); a failure is a ``HubUnavailable``."""
@@ -95,14 +102,14 @@ class HubLink:
                 except ValidationError as error:
                     logger.warning("ignored a malformed frame from the hub: %s", error)
                     continue
-                self.on_frame(message)
+                self._on_frame(message)
         except ConnectionClosed as closed:
             why = f"the connection to the hub closed: {closed}"
         finally:
             if self._connection is connection:
                 self._connection = None
             if not self._closed:
-                self.on_lost(HubUnavailable(why))
+                self._on_lost(HubUnavailable(why))
 
     async def close(self) -> None:
         self._closed = True
@@ -135,9 +142,10 @@ async def list_devices(
         if not answer.done():
             answer.set_exception(error)
 
+    link = HubLink(hub_url, token, open_timeout=timeout, ssl_context=ssl_context)
+    link.attach(on_frame, on_lost)
     async with asyncio.timeout(timeout):
-        async with HubLink(hub_url, token, open_timeout=timeout, ssl_context=ssl_context) as link:
-            link.on_frame, link.on_lost = on_frame, on_lost
+        async with link:
             request = ServerMessage(
                 type=ServerMessageType.DEVICE_INFO_REQUEST,
                 status=TaskStatus.OK,

@@ -84,8 +84,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
         self.retry = retry
         self.pending: dict[str, asyncio.Future[ClientMessage]] = {}
         self._cancels: set[asyncio.Task[None]] = set()
-        protocol.on_frame = self._on_frame
-        protocol.on_lost = self.connection_lost
+        protocol.attach(self._on_frame, self.connection_lost)
 
     def __repr__(self) -> str:
         return f"WebSocketCommandDispatcher({self.protocol!r}, device={self.device!r})"
