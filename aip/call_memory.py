@@ -3,8 +3,11 @@
 A controller that lost its connection mid-batch sends the same commands again
 with the same call_ids (invariant 2). Whatever state each one is in on the
 device, the repeat gets the first run's answer: a finished call its stored
-Result, a call still running the Result it is about to produce. The memory is
-bounded in entries and in age, so a device that runs for months stays small.
+Result, a call still running the Result it is about to produce. Failures are
+remembered too: a call_id is an idempotency key, and its answer does not
+change (a command that should run afresh needs a new call_id). A run that was
+cancelled is not remembered, since it has no answer. The memory is bounded in
+entries and in age, so a device that runs for months stays small.
 """
 
 from __future__ import annotations

@@ -94,6 +94,7 @@ class Device:
 
     def describe(self) -> dict[str, Any]:
         system = self.metadata.get("system_info")
+        system = system if isinstance(system, dict) else None  # whatever a device sent, the listing must work
         dispatch = self.metadata.get(DISPATCH_METADATA)
         return {
             "id": self.id,
@@ -167,6 +168,8 @@ class Switchboard:
 
     def device_registers(self, peer: Hashable, text: str | bytes) -> tuple[Device | None, list[Action]]:
         """The first frame of a device connection: a valid ``register`` or a refusal and a close."""
+        if isinstance(text, bytes):
+            return None, self._refuse(peer, "the first frame must be a register message in a text frame, not binary")
         try:
             message = ClientMessage.model_validate_json(text)
         except ValidationError as error:
