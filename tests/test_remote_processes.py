@@ -1,0 +1,531 @@
+"""The remote path as an operator runs it: ``dispatch serve`` and ``dispatch device`` as real processes.
+
+Hubs and devices are subprocesses on 127.0.0.1, talking over real sockets;
+devices run the demo MCP server. Every wait is bounded, every process is
+stopped in a ``finally``, and readiness is polled through the hub's own
+device list, never slept for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, _free_port, demo_server_spec
+
+from aip.connect import HubUnavailable
+from aip.controller import list_devices
+from aip.messages import Command, Result, ResultStatus
+from dispatchers import WebSocketCommandDispatcher
+
+TOKEN = "proc-test-token-0123456789abcdef"
+CLI = (sys.executable, "-m", "cli.main")
+#: How long a process may take to come up (Python start, imports, the demo server's start).
+STARTUP = 20.0
+#: How long a process may take to stop once asked.
+SHUTDOWN = 15.0
+
+
+# -- processes ----------------------------------------------------------------
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """``(state, ppid)`` of a process from /proc, or None when there is no such process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    state, ppid = text.rsplit(")", 1)[1].split()[:2]
+    return state, int(ppid)
+
+
+def running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie has exited: only its exit status is left)."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
+def demo_servers_of(parent: int) -> set[int]:
+    """The running processes started by ``parent`` whose command line runs demo_server.py."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        stat = _stat(int(entry.name))
+        if stat is None or stat[1] != parent or stat[0] in ("Z", "X"):
+            continue
+        with contextlib.suppress(OSError):
+            if b"demo_server.py" in (entry / "cmdline").read_bytes():
+                found.add(int(entry.name))
+    return found
+
+
+def cli_env(token: str | None = TOKEN, **extra: str) -> dict[str, str]:
+    """This environment without any hub settings, plus ``token`` (None: no token at all) and ``extra``."""
+    env = {key: value for key, value in os.environ.items() if key not in ("DISPATCH_TOKEN", "DISPATCH_HUB")}
+    if token is not None:
+        env["DISPATCH_TOKEN"] = token
+    return env | extra
+
+
+def dispatch(*args: str | Path, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+class Proc:
+    """A ``dispatch`` subprocess whose output goes to a log file (a pipe nobody reads could fill up)."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
+        self.name = name
+        self.log = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        with self.log.open("wb") as out:
+            self.popen = subprocess.Popen(
+                [*CLI, *args], cwd=ROOT, env=cli_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+        #: The MCP servers this process started (known once it is ready), killed at the end if still running.
+        self.children: set[int] = set()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def __str__(self) -> str:
+        return f"{self.name} (pid {self.pid}, exit code {self.popen.poll()}); its log:\n{self.output()[-3000:]}"
+
+    def signal(self, signum: int) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.pid, signum)
+
+    def wait(self, timeout: float = SHUTDOWN) -> int:
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self} did not exit within {timeout}s") from None
+
+    def stop(self) -> None:
+        """Terminate (kill if it lingers), then kill any MCP server it left behind."""
+        if self.popen.poll() is None:
+            self.children |= demo_servers_of(self.pid)
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=SHUTDOWN)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=SHUTDOWN)
+        for child in self.children:
+            if running(child):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(child, signal.SIGKILL)
+
+
+class Launcher:
+    """Starts hubs and devices, and stops every one of them when its fixture ends."""
+
+    def __init__(self, log_dir: Path, config: Path) -> None:
+        self.log_dir = log_dir
+        self.config = config
+        self.processes: list[Proc] = []
+
+    def hub(self, port: int) -> Proc:
+        return self._start("hub", ["serve", "--port", str(port)])
+
+    def device(self, port: int, device_id: str) -> Proc:
+        args = ["device", "--hub", f"ws://127.0.0.1:{port}/ws", "--id", device_id, "--config", str(self.config)]
+        return self._start(f"device-{device_id}", args)
+
+    def _start(self, name: str, args: list[str]) -> Proc:
+        process = Proc(name, args, self.log_dir)
+        self.processes.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+
+@contextlib.contextmanager
+def launcher(log_dir: Path, config: Path) -> Iterator[Launcher]:
+    processes = Launcher(log_dir, config)
+    try:
+        yield processes
+    finally:
+        processes.stop_all()
+
+
+def hub_url(port: int) -> str:
+    return f"ws://127.0.0.1:{port}"
+
+
+async def connected_devices(port: int) -> list[dict[str, Any]] | None:
+    """The hub's device list, or None while the hub cannot be reached."""
+    try:
+        return await list_devices(hub_url(port), TOKEN, timeout=2)
+    except (HubUnavailable, TimeoutError):
+        return None
+
+
+async def wait_for_device(port: int, device_id: str, *watched: Proc, timeout: float = STARTUP) -> dict[str, Any]:
+    """Poll the hub until ``device_id`` is registered; fail early if a watched process exits."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                for process in watched:
+                    if process.popen.poll() is not None:
+                        raise AssertionError(f"{process} exited while waiting for device {device_id!r}")
+                for entry in await connected_devices(port) or []:
+                    if entry["id"] == device_id:
+                        return entry
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        logs = "\n".join(str(process) for process in watched)
+        raise AssertionError(f"device {device_id!r} not registered within {timeout}s\n{logs}") from None
+
+
+async def wait_until_gone(port: int, device_id: str, timeout: float = 10) -> None:
+    """Poll the hub until ``device_id`` is no longer registered."""
+    async with asyncio.timeout(timeout):
+        while True:
+            entries = await connected_devices(port)
+            if entries is not None and all(entry["id"] != device_id for entry in entries):
+                return
+            await asyncio.sleep(0.05)
+
+
+async def slow_batch_in_flight(
+    dispatcher: WebSocketCommandDispatcher, port: int, device_id: str, slow: Command
+) -> asyncio.Task[list[Result]]:
+    """Start a batch of ``slow`` and return once its tool call is surely running on the device.
+
+    The hub shows the batch pending on the device; then a quick batch sent
+    after it comes back: the device took the frames in order and made its
+    MCP calls in order over one session, so the slow call went out first.
+    """
+    batch = asyncio.create_task(dispatcher.execute_commands([slow], timeout=60))
+    async with asyncio.timeout(10):
+        while True:
+            entries = await connected_devices(port) or []
+            if any(entry["id"] == device_id and entry["pending_batches"] >= 1 for entry in entries):
+                break
+            await asyncio.sleep(0.05)
+    [probe] = await dispatcher.execute_commands([Command(tool_name="echo", parameters={"value": "probe"})], timeout=10)
+    assert probe.status is ResultStatus.SUCCESS, probe
+    assert not batch.done(), batch
+    return batch
+
+
+async def start_device(processes: Launcher, port: int, device_id: str, *watched: Proc) -> Proc:
+    device = processes.device(port, device_id)
+    await wait_for_device(port, device_id, device, *watched)
+    device.children = demo_servers_of(device.pid)
+    return device
+
+
+def assert_failure_format(command: Command, result: Result, *causes: str) -> str:
+    """Invariant 3: a failure Result in the documented format, whose cause (returned) contains each of ``causes``."""
+    prefix = f"Error occurred while executing command {command}: "
+    assert result.status is ResultStatus.FAILURE, result
+    assert result.call_id == command.call_id
+    assert result.error is not None and result.error.startswith(prefix), result.error
+    cause = result.error.removeprefix(prefix)
+    assert all(part in cause for part in causes), result.error
+    assert result.result == f"{result.error}, please retry or execute a different command."
+    return cause
+
+
+# -- fixtures -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("remote-processes")
+
+
+@pytest.fixture(scope="module")
+def mcp_config(log_dir: Path) -> Path:
+    path = log_dir / "mcp.json"
+    path.write_text(json.dumps({"mcpServers": {"demo": demo_server_spec()}}))
+    return path
+
+
+class Site:
+    """A hub process and one device process connected to it."""
+
+    def __init__(self, processes: Launcher, port: int, hub: Proc, device: Proc, device_id: str) -> None:
+        self.processes = processes
+        self.port = port
+        self.hub = hub
+        self.device = device
+        self.device_id = device_id
+
+    @property
+    def url(self) -> str:
+        return hub_url(self.port)
+
+
+async def start_site(processes: Launcher, device_id: str) -> Site:
+    port = _free_port()
+    hub = processes.hub(port)
+    device = await start_device(processes, port, device_id, hub)
+    return Site(processes, port, hub, device, device_id)
+
+
+@pytest.fixture(scope="module")
+async def shared_site(log_dir: Path, mcp_config: Path) -> AsyncIterator[Site]:
+    """One hub and one device for the tests that leave them as they found them."""
+    with launcher(log_dir, mcp_config) as processes:
+        yield await start_site(processes, "lab-shared")
+
+
+@pytest.fixture
+async def own_site(log_dir: Path, mcp_config: Path) -> AsyncIterator[Site]:
+    """A hub and a device of this test's own, for tests that kill or stop them."""
+    with launcher(log_dir, mcp_config) as processes:
+        yield await start_site(processes, f"lab-{uuid.uuid4().hex[:6]}")
+
+
+# -- a batch end to end -------------------------------------------------------
+
+
+def test_the_cli_runs_a_batch_on_a_device(shared_site: Site, prefect_api: str, tmp_path: Path) -> None:
+    batch = tmp_path / "batch.json"
+    batch.write_text(
+        json.dumps(
+            [
+                {"tool_name": "echo", "parameters": {"value": 0}, "call_id": "first"},
+                {"tool_name": "add", "parameters": {"a": 1, "b": 2}, "call_id": "second"},
+                {"tool_name": "text", "parameters": {"message": "over the wire"}},
+            ]
+        )
+    )
+
+    done = dispatch(
+        "run",
+        batch,
+        "--hub",
+        shared_site.url,
+        "--device",
+        shared_site.device_id,
+        "--timeout",
+        "30",
+        "--json",
+        env=cli_env(PREFECT_API_URL=prefect_api),
+        timeout=90,
+    )
+
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    assert [r["status"] for r in results] == ["success"] * 3, results
+    assert [r["call_id"] for r in results[:2]] == ["first", "second"]
+    assert results[2]["call_id"], "an empty call_id is filled"
+    assert [r["namespace"] for r in results] == ["demo"] * 3
+    assert [r["result"] for r in results] == [{"result": 0}, {"result": 3.0}, "over the wire"]
+    assert TOKEN not in done.stdout + done.stderr
+
+
+async def test_the_flow_runs_a_batch_on_a_device(
+    shared_site: Site, prefect_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.batch import run_batch_flow
+
+    monkeypatch.setenv("DISPATCH_TOKEN", TOKEN)
+    commands = [
+        Command(tool_name="add", parameters={"a": 2, "b": 5}, call_id="sum"),
+        Command(tool_name="fail", parameters={"message": "refused on purpose"}, call_id="broken"),
+        Command(tool_name="echo", parameters={"value": ""}),
+    ]
+
+    async with asyncio.timeout(60):
+        results = await run_batch_flow(
+            commands, backend="remote", device=shared_site.device_id, hub=shared_site.url, timeout=30
+        )
+
+    assert len(results) == 3
+    assert [r.status for r in results] == [ResultStatus.SUCCESS, ResultStatus.FAILURE, ResultStatus.SUCCESS]
+    assert results[0].call_id == "sum" and results[0].result == {"result": 7.0} and results[0].namespace == "demo"
+    cause = assert_failure_format(commands[1], results[1], "refused on purpose")
+    assert cause.startswith("ToolError: "), cause
+    assert results[2].call_id and results[2].result == {"result": ""}
+
+
+async def test_a_repeated_call_id_is_answered_from_the_devices_memory(shared_site: Site) -> None:
+    key = f"once-{uuid.uuid4().hex}"
+    repeated = Command(tool_name="count", parameters={"key": key}, call_id=f"count-{key}")
+
+    async with (
+        asyncio.timeout(30),
+        await WebSocketCommandDispatcher.connect(shared_site.url, shared_site.device_id, token=TOKEN) as dispatcher,
+    ):
+        [first] = await dispatcher.execute_commands([repeated], timeout=10)
+        [again] = await dispatcher.execute_commands([repeated], timeout=10)
+        [probe] = await dispatcher.execute_commands([Command(tool_name="count", parameters={"key": key})], timeout=10)
+
+    assert first.status is ResultStatus.SUCCESS, first
+    assert first.result == {"result": 1}
+    assert again == first
+    assert probe.result == {"result": 2}, "the repeated call_id must not have run the tool a second time"
+
+
+# -- the device list and the token ----------------------------------------------
+
+
+def test_devices_lists_the_device_with_its_tools(shared_site: Site) -> None:
+    done = dispatch("devices", "--hub", shared_site.url, "--json", env=cli_env())
+
+    assert done.returncode == 0, done.stderr
+    [entry] = [entry for entry in json.loads(done.stdout) if entry["id"] == shared_site.device_id]
+    assert entry["kind"] == "dispatch"
+    tools = {tool["name"]: tool["server"] for tool in entry["tools"]}
+    assert {"echo", "add", "sleep", "fail", "flaky", "count", "crash"} <= set(tools)
+    assert set(tools.values()) == {"demo"}
+    assert TOKEN not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token-9876543210"], ids=["no-token", "wrong-token"])
+def test_devices_without_the_right_token_is_refused(shared_site: Site, token: str | None) -> None:
+    done = dispatch("devices", "--hub", shared_site.url, "--json", env=cli_env(token))
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout == ""
+    assert "refused" in done.stderr and "401" in done.stderr, done.stderr
+    assert TOKEN not in done.stderr
+    if token is not None:
+        assert token not in done.stderr
+
+
+def test_no_token_reaches_the_hub_or_device_logs(shared_site: Site) -> None:
+    refused = dispatch("devices", "--hub", shared_site.url, env=cli_env("wrong-token-in-a-log-0000"))
+    assert refused.returncode == 1
+
+    hub_log, device_log = shared_site.hub.output(), shared_site.device.output()
+    assert "refused a connection" in hub_log, hub_log  # the refusal is logged, the tokens are not
+    for log in (hub_log, device_log):
+        assert TOKEN not in log
+        assert "wrong-token-in-a-log-0000" not in log
+
+
+# -- losing the device or the hub -------------------------------------------------
+
+
+async def test_a_killed_device_fails_its_batch_at_once(own_site: Site) -> None:
+    slow = Command(tool_name="sleep", parameters={"seconds": 30}, call_id="slow-on-a-dying-device")
+
+    async with (
+        asyncio.timeout(30),
+        await WebSocketCommandDispatcher.connect(own_site.url, own_site.device_id, token=TOKEN) as dispatcher,
+    ):
+        batch = await slow_batch_in_flight(dispatcher, own_site.port, own_site.device_id, slow)
+        own_site.device.signal(signal.SIGKILL)
+        killed = time.monotonic()
+        [result] = await batch
+        waited = time.monotonic() - killed
+
+    assert waited < 15, f"the batch came back {waited:.1f}s after the device died"
+    assert_failure_format(slow, result, "ConnectionLost")
+    assert own_site.device_id in (result.error or "")
+    assert own_site.device.wait() == -signal.SIGKILL
+    await wait_until_gone(own_site.port, own_site.device_id)
+
+
+async def test_a_stopped_hub_fails_the_batch_and_the_device_comes_back_to_the_restarted_hub(
+    own_site: Site,
+) -> None:
+    slow = Command(tool_name="sleep", parameters={"seconds": 30}, call_id="slow-through-a-dying-hub")
+    quick = Command(tool_name="add", parameters={"a": 40, "b": 2}, call_id="after-the-restart")
+    before = await wait_for_device(own_site.port, own_site.device_id)
+
+    async with (
+        asyncio.timeout(45),
+        await WebSocketCommandDispatcher.connect(own_site.url, own_site.device_id, token=TOKEN) as dispatcher,
+    ):
+        batch = await slow_batch_in_flight(dispatcher, own_site.port, own_site.device_id, slow)
+        own_site.hub.signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        [lost] = await batch
+        waited = time.monotonic() - stopped
+
+        assert waited < 15, f"the batch came back {waited:.1f}s after the hub was stopped"
+        assert_failure_format(slow, lost, "ConnectionLost")
+        assert own_site.hub.wait() == 0, own_site.hub
+
+        restarted = own_site.processes.hub(own_site.port)
+        after = await wait_for_device(own_site.port, own_site.device_id, restarted, own_site.device)
+        [result] = await dispatcher.execute_commands([quick], timeout=20)
+
+    assert after["connected_at"] != before["connected_at"]
+    assert own_site.device.popen.poll() is None, "the same device process reconnected"
+    assert result.status is ResultStatus.SUCCESS, result
+    assert result.result == {"result": 42.0} and result.call_id == "after-the-restart"
+
+
+# -- the device process itself ----------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_the_device_exits_cleanly_on_a_signal_and_stops_its_servers(
+    shared_site: Site, signum: signal.Signals
+) -> None:
+    device_id = f"leaving-{signum.name.lower()}"
+    device = await start_device(shared_site.processes, shared_site.port, device_id, shared_site.hub)
+    servers = device.children
+    assert servers, f"the device should run the demo server as its child\n{device}"
+
+    device.signal(signum)
+    code = device.wait()
+
+    assert code == 0, device
+    assert not [pid for pid in servers if running(pid)], "the device left its MCP servers running"
+    assert not demo_servers_of(device.pid)
+    await wait_until_gone(shared_site.port, device_id)
+
+
+async def test_a_device_stopped_mid_batch_answers_it_before_leaving(shared_site: Site) -> None:
+    device_id = "leaving-mid-batch"
+    device = await start_device(shared_site.processes, shared_site.port, device_id, shared_site.hub)
+    slow = Command(tool_name="sleep", parameters={"seconds": 30}, call_id="slow-on-a-leaving-device")
+
+    async with (
+        asyncio.timeout(30),
+        await WebSocketCommandDispatcher.connect(shared_site.url, device_id, token=TOKEN) as dispatcher,
+    ):
+        batch = await slow_batch_in_flight(dispatcher, shared_site.port, device_id, slow)
+        device.signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        [result] = await batch
+        waited = time.monotonic() - stopped
+
+    assert waited < 10, f"the batch came back {waited:.1f}s after the device was asked to stop"
+    assert_failure_format(slow, result, "Cancelled: the device is shutting down")
+    assert device.wait() == 0, device
+    assert not [pid for pid in device.children if running(pid)], "the device left its MCP servers running"
+
+
+def test_the_device_command_starts_without_prefect() -> None:
+    check = "import sys, cli.main; assert not any(m == 'prefect' or m.startswith('prefect.') for m in sys.modules)"
+
+    done = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=60, cwd=ROOT, env=cli_env()
+    )
+
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("token", [None, ""], ids=["unset", "empty"])
+def test_serve_without_a_token_exits_2(token: str | None) -> None:
+    done = dispatch("serve", "--port", str(_free_port()), env=cli_env(token), timeout=30)
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "the hub needs a token" in done.stderr and "DISPATCH_TOKEN" in done.stderr, done.stderr
