@@ -58,7 +58,8 @@ async def open_connection(
             additional_headers=headers,
             open_timeout=open_timeout,
             max_size=max_message_bytes,
-            ssl=ssl_context if url.startswith("wss:") else None,
+            # wss:// with no context of ours: check the hub against the system's trusted CAs.
+            ssl=(ssl_context or ssl.create_default_context()) if url.startswith("wss:") else None,
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
             logger=_wire_logger,
@@ -66,14 +67,14 @@ async def open_connection(
     except InvalidStatus as error:
         status = error.response.status_code
         body = error.response.body.decode(errors="replace").strip() if error.response.body else ""
-        raise HubRefused(f"the hub at {_safe(url)} refused the connection: HTTP {status} {body}".strip()) from None
+        raise HubRefused(f"the hub at {safe_url(url)} refused the connection: HTTP {status} {body}".strip()) from None
     except InvalidURI as error:
         raise ValueError(str(error)) from None
     except (OSError, TimeoutError, InvalidHandshake) as error:
-        raise HubUnavailable(f"cannot reach the hub at {_safe(url)}: {error or type(error).__name__}") from None
+        raise HubUnavailable(f"cannot reach the hub at {safe_url(url)}: {error or type(error).__name__}") from None
 
 
-def _safe(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL without its query, where a UFO-style ``?token=`` would be."""
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))

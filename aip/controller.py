@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from .connect import CONTROLLER_PATH, DEFAULT_MAX_MESSAGE_BYTES, HubUnavailable, endpoint, open_connection
+from .connect import CONTROLLER_PATH, DEFAULT_MAX_MESSAGE_BYTES, HubUnavailable, endpoint, open_connection, safe_url
 from .messages import ClientMessage, ClientMessageType, ServerMessage, ServerMessageType, TaskStatus
 from .switchboard import now_iso
 
@@ -59,7 +59,7 @@ class HubLink:
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"HubLink({self.url!r}, token=<hidden>)"
+        return f"HubLink({safe_url(self.url)!r}, token=<hidden>)"
 
     def attach(self, on_frame: FrameListener, on_lost: LossListener) -> None:
         """Name the one listener for what the hub sends and for the connection's end."""

@@ -34,7 +34,15 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from .call_memory import CallMemory
-from .connect import DEFAULT_MAX_MESSAGE_BYTES, DEVICE_PATH, HubRefused, HubUnavailable, endpoint, open_connection
+from .connect import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEVICE_PATH,
+    HubRefused,
+    HubUnavailable,
+    endpoint,
+    open_connection,
+    safe_url,
+)
 from .messages import (
     ClientMessage,
     ClientMessageType,
@@ -201,7 +209,7 @@ class DeviceClient:
             raise HubRefused(f"the hub refused the registration: {answer.error}")
         self.registrations += 1
         self.registered.set()
-        logger.info("device %r registered with %s", self.device_id, self.url)
+        logger.info("device %r registered with %s", self.device_id, safe_url(self.url))
 
     async def _heartbeat(self, connection: ClientConnection) -> None:
         while True:

@@ -1,0 +1,1093 @@
+"""The hub and the device client over real sockets on 127.0.0.1.
+
+Where a test plays a peer by hand it uses plain ``websockets`` and the JSON of
+``shared/aip-wire.md``, so what is checked is the wire, not our own client.
+Every wait is bounded with ``asyncio.timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import json
+import logging
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hub_support import QUICK_BACKOFF, TOKEN, echo_tools, running_device, running_hub
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Origin
+
+from aip.access import AccessPolicy
+from aip.connect import HubRefused, HubUnavailable, open_connection
+from aip.controller import HubLink, list_devices
+from aip.device import DeviceClient
+from aip.hub import Hub, HubSettings
+from aip.messages import (
+    ClientMessage,
+    ClientMessageType,
+    Command,
+    Result,
+    ResultStatus,
+    ServerMessage,
+    ServerMessageType,
+    TaskStatus,
+)
+from dispatchers import InMemoryCommandDispatcher, WebSocketCommandDispatcher
+from dispatchers.memory import Tool
+
+#: Our hand-made peers log through this logger, kept quiet: what the tests
+#: check for tokens is what the product logs, not what a test harness would.
+_QUIET = logging.getLogger("test_hub.hand_peer")
+_QUIET.setLevel(logging.WARNING)
+
+WAIT = 5.0  # seconds any single expected event may take before the test fails
+
+
+# -- hand-made peers ---------------------------------------------------------------
+
+
+def hub_address(hub: Hub, path: str = "/ws", query: str = "") -> str:
+    return f"ws://127.0.0.1:{hub.port}{path}{query}"
+
+
+async def raw_connect(
+    hub: Hub, path: str = "/ws", *, token: str | None = TOKEN, query: str = "", url: str | None = None, **options: Any
+) -> ClientConnection:
+    """A plain websockets connection, the token (if any) as a bearer header."""
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    async with asyncio.timeout(WAIT):
+        return await connect(
+            url or hub_address(hub, path, query),
+            additional_headers=headers,
+            proxy=None,
+            logger=_QUIET,
+            open_timeout=WAIT,
+            **options,
+        )
+
+
+@contextlib.asynccontextmanager
+async def peer(hub: Hub, path: str = "/ws", **options: Any) -> AsyncIterator[ClientConnection]:
+    connection = await raw_connect(hub, path, **options)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+async def refusal_status(hub: Hub, path: str = "/ws", **options: Any) -> int:
+    """The HTTP status the hub answers this connection attempt with (it must refuse it)."""
+    with pytest.raises(InvalidStatus) as refused:
+        connection = await raw_connect(hub, path, **options)
+        await connection.close()
+    return refused.value.response.status_code
+
+
+async def recv_json(connection: ClientConnection, seconds: float = WAIT) -> dict[str, Any]:
+    async with asyncio.timeout(seconds):
+        frame = await connection.recv()
+    assert isinstance(frame, str), "AIP frames are text frames"
+    message: dict[str, Any] = json.loads(frame)
+    return message
+
+
+async def close_code(connection: ClientConnection, seconds: float = WAIT) -> int:
+    """The close code the hub sends next; fails if any other frame comes first."""
+    with pytest.raises(ConnectionClosed) as closed:
+        async with asyncio.timeout(seconds):
+            frame = await connection.recv()
+            pytest.fail(f"expected the connection to close, got a frame: {frame!r}")
+    assert closed.value.rcvd is not None, "the hub closed without a close frame"
+    return closed.value.rcvd.code
+
+
+def register_frame(device_id: str | None, **overrides: Any) -> str:
+    """A ``register`` as a UFO device sends it: every field, unset ones as null."""
+    frame: dict[str, Any] = {
+        "type": "register",
+        "status": "ok",
+        "client_type": "device",
+        "session_id": None,
+        "task_name": None,
+        "client_id": device_id,
+        "target_id": None,
+        "request": None,
+        "action_results": None,
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(),
+        "request_id": None,
+        "prev_response_id": None,
+        "error": None,
+        "metadata": {
+            "system_info": {
+                "device_id": device_id,
+                "platform": "linux",
+                "os_version": "test",
+                "cpu_count": 2,
+                "hostname": "vm",
+                "supported_features": ["gui", "cli"],
+                "platform_type": "computer",
+                "schema_version": "1.0",
+                "custom_metadata": {},
+            },
+            "registration_time": datetime.datetime.now(datetime.UTC).isoformat(),
+            "platform": "linux",
+        },
+    }
+    frame.update(overrides)
+    return json.dumps(frame)
+
+
+def client_frame(kind: str, device_id: str | None = None, **fields: Any) -> str:
+    """A device's frame in UFO's shape (every field present)."""
+    frame: dict[str, Any] = {
+        "type": kind,
+        "status": "ok",
+        "client_type": "device",
+        "session_id": None,
+        "task_name": None,
+        "client_id": device_id,
+        "target_id": None,
+        "request": None,
+        "action_results": None,
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(),
+        "request_id": None,
+        "prev_response_id": None,
+        "error": None,
+        "metadata": None,
+    }
+    frame.update(fields)
+    return json.dumps(frame)
+
+
+@contextlib.asynccontextmanager
+async def hand_device(hub: Hub, device_id: str, **options: Any) -> AsyncIterator[ClientConnection]:
+    """A device played by hand: connected, registered, acknowledged; nothing more."""
+    async with peer(hub, "/ws", **options) as connection:
+        await connection.send(register_frame(device_id))
+        ack = await recv_json(connection)
+        assert (ack["type"], ack["status"]) == ("heartbeat", "ok"), ack
+        yield connection
+
+
+def controller_frame(kind: ServerMessageType, **fields: Any) -> str:
+    status = fields.pop("status", TaskStatus.CONTINUE)
+    return ServerMessage(type=kind, status=status, **fields).model_dump_json()
+
+
+@contextlib.asynccontextmanager
+async def dispatcher_for(hub: Hub, device: str, **options: Any) -> AsyncIterator[WebSocketCommandDispatcher]:
+    link = HubLink(hub.url, TOKEN, open_timeout=WAIT, ssl_context=options.pop("ssl_context", None))
+    async with WebSocketCommandDispatcher(link, device, **options) as dispatcher:
+        yield dispatcher
+
+
+@contextlib.asynccontextmanager
+async def serving(client: DeviceClient) -> AsyncIterator[DeviceClient]:
+    """Run a DeviceClient until the block ends; entered once it is registered."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(client.run(stop))
+    try:
+        async with asyncio.timeout(WAIT):
+            await client.registered.wait()
+        yield client
+    finally:
+        stop.set()
+        async with asyncio.timeout(WAIT * 2):
+            await task
+
+
+class Gate:
+    """A tool that starts, then waits for ``release``; it records being cancelled."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        self.runs = 0
+
+    async def tool(self, command: Command) -> Any:
+        self.runs += 1
+        self.started.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return command.parameters
+
+
+def tools_with(**extra: Tool) -> dict[str, Tool]:
+    return {**echo_tools(), **extra}
+
+
+def echo_batch(tag: str, count: int = 3) -> list[Command]:
+    return [
+        Command(tool_name="echo", parameters={"tag": tag, "n": n}, call_id=f"{tag}-{n}-{uuid.uuid4().hex[:8]}")
+        for n in range(count)
+    ]
+
+
+def assert_echoed(commands: list[Command], results: list[Any]) -> None:
+    assert [r.call_id for r in results] == [c.call_id for c in commands]
+    assert [r.status for r in results] == [ResultStatus.SUCCESS] * len(commands), [r.error for r in results]
+    assert [r.result for r in results] == [c.parameters for c in commands]
+
+
+# -- who may connect ---------------------------------------------------------------
+
+
+async def test_a_connection_without_a_token_is_refused_with_401() -> None:
+    async with running_hub() as hub:
+        assert await refusal_status(hub, "/ws", token=None) == 401
+        assert await refusal_status(hub, "/controller", token=None) == 401
+
+
+async def test_a_wrong_token_is_refused_with_401() -> None:
+    async with running_hub() as hub:
+        assert await refusal_status(hub, "/ws", token="not-the-token") == 401
+        assert await refusal_status(hub, "/ws", token=None, query="?token=not-the-token") == 401
+        assert await refusal_status(hub, "/controller", token=TOKEN + "x") == 401
+
+
+async def test_a_token_in_the_query_is_accepted_as_a_ufo_client_sends_it() -> None:
+    async with running_hub() as hub, hand_device(hub, "ufo-query", token=None, query=f"?token={TOKEN}") as device:
+        await device.send(client_frame("heartbeat", "ufo-query"))
+        assert (await recv_json(device))["type"] == "heartbeat"
+        devices = await list_devices(hub.url, TOKEN, timeout=WAIT)
+        assert [d["id"] for d in devices] == ["ufo-query"]
+
+
+async def test_an_origin_not_allowed_is_refused_with_403_and_an_allowed_one_admitted() -> None:
+    policy = AccessPolicy(TOKEN, origins=("https://console.example",))
+    async with Hub(policy, HubSettings(port=0)) as hub:
+        assert await refusal_status(hub, "/ws", origin=Origin("https://evil.example")) == 403
+        assert await refusal_status(hub, "/controller", origin=Origin("null")) == 403
+        async with hand_device(hub, "from-console", origin=Origin("https://console.example")):
+            pass
+
+
+async def test_a_host_header_the_hub_does_not_answer_to_is_refused_with_403() -> None:
+    async with running_hub() as hub:
+        evil = f"ws://evil.example:{hub.port}/ws"
+        # The TCP connection goes to 127.0.0.1; only the Host header says evil.example (DNS rebinding).
+        assert await refusal_status(hub, url=evil, host="127.0.0.1", port=hub.port) == 403
+        # ... while the loopback names are fine.
+        async with peer(hub, url=f"ws://localhost:{hub.port}/ws", host="127.0.0.1", port=hub.port) as ok:
+            await ok.send(register_frame("via-localhost"))
+            assert (await recv_json(ok))["type"] == "heartbeat"
+
+
+async def test_an_unknown_path_is_404() -> None:
+    async with running_hub() as hub:
+        assert await refusal_status(hub, "/nope") == 404
+        assert await refusal_status(hub, "/ws/extra") == 404
+        assert await refusal_status(hub, "/") == 404
+
+
+async def test_the_token_never_reaches_the_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    wrong = "wrong-token-9f8e7d6c5b4a"
+    async with running_hub() as hub:
+        # Refused: a wrong bearer token, and the right token (header and query) on a wrong path.
+        with pytest.raises(HubRefused) as wrong_token:
+            await open_connection(hub_address(hub, "/ws"), wrong, open_timeout=WAIT)
+        with pytest.raises(HubRefused) as wrong_path:
+            await open_connection(hub_address(hub, "/nope", f"?token={TOKEN}"), TOKEN, open_timeout=WAIT)
+        # Accepted: a device (bearer), a raw UFO-style connection (query) and a batch.
+        async with running_device(hub, "logged"), dispatcher_for(hub, "logged") as dispatcher:
+            connection = await open_connection(hub_address(hub, "/ws", f"?token={TOKEN}"), None, open_timeout=WAIT)
+            await connection.send(register_frame("logged-ufo"))
+            assert json.loads(await connection.recv())["type"] == "heartbeat"
+            await connection.close()
+            commands = echo_batch("log")
+            assert_echoed(commands, await dispatcher.execute_commands(commands, timeout=10))
+    assert "401" in str(wrong_token.value) and "404" in str(wrong_path.value)
+    for error in (wrong_token.value, wrong_path.value):
+        assert TOKEN not in str(error) and wrong not in str(error)
+    assert caplog.records, "nothing was logged at all: the capture is not working"
+    assert any("refused" in r.getMessage() for r in caplog.records)
+    for record in caplog.records:
+        text = record.getMessage()
+        assert TOKEN not in text, f"{record.name} logged the token: {text}"
+        assert wrong not in text, f"{record.name} logged the offered token: {text}"
+    assert TOKEN not in caplog.text and wrong not in caplog.text
+
+
+async def test_a_device_given_a_ufo_style_token_url_never_logs_it(caplog: pytest.LogCaptureFixture) -> None:
+    """A UFO-style ``?token=`` hub URL works for our device client too, and the token stays out of the logs."""
+    caplog.set_level(logging.DEBUG)
+    async with running_hub() as hub:
+        client = DeviceClient(
+            f"{hub.url}?token={TOKEN}", "query-token", InMemoryCommandDispatcher(echo_tools()), backoff=QUICK_BACKOFF
+        )
+        link = HubLink(f"{hub.url}?token={TOKEN}", open_timeout=WAIT)
+        async with serving(client), WebSocketCommandDispatcher(link, "query-token") as dispatcher:
+            commands = echo_batch("q")
+            assert_echoed(commands, await dispatcher.execute_commands(commands, timeout=10))
+            shown = {"repr(HubLink)": repr(link), "repr(WebSocketCommandDispatcher)": repr(dispatcher)}
+    leaks = [f"log {r.name}: {r.getMessage()}" for r in caplog.records if TOKEN in r.getMessage()]
+    leaks += [f"{where}: {text}" for where, text in shown.items() if TOKEN in text]
+    assert not leaks, leaks
+
+
+# -- the first frame -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        "garbage, not json",
+        b"\x00\x01binary",
+        client_frame("heartbeat", "early-beat"),
+        register_frame(None),
+        register_frame("bad-status", status="nonsense"),
+    ],
+    ids=["garbage", "binary", "heartbeat-first", "no-client-id", "bad-enum"],
+)
+async def test_a_first_frame_that_is_not_a_valid_register_gets_an_error_then_1008(first: str | bytes) -> None:
+    async with running_hub(register_timeout=2.0) as hub, peer(hub) as connection:
+        await connection.send(first)
+        refusal = await recv_json(connection)
+        assert (refusal["type"], refusal["status"]) == ("error", "error")
+        assert "register" in refusal["error"]
+        assert await close_code(connection) == 1008
+        assert await list_devices(hub.url, TOKEN, timeout=WAIT) == []
+
+
+async def test_a_device_that_says_nothing_is_dropped_after_the_register_timeout() -> None:
+    async with running_hub(register_timeout=0.3) as hub, peer(hub) as connection:
+        started = time.monotonic()
+        refusal = await recv_json(connection)
+        assert (refusal["type"], refusal["status"]) == ("error", "error")
+        assert "register" in refusal["error"] and "0.3s" in refusal["error"]
+        assert await close_code(connection) == 1008
+        assert time.monotonic() - started < 3.0
+
+
+# -- bad input never takes the hub down ----------------------------------------------
+
+
+BAD_DEVICE_FRAMES: list[tuple[str, str | bytes, str]] = [
+    ("malformed json", "{not json", "malformed"),
+    ("json array", "[1, 2, 3]", "malformed"),
+    ("wrong type for type", '{"type": 5, "status": "ok"}', "type"),
+    ("unknown message type", '{"type": "bogus", "status": "ok"}', "type"),
+    ("missing status", '{"type": "heartbeat"}', "status"),
+    ("wrong type for results", '{"type": "command_results", "status": "continue", "action_results": "no"}', "action"),
+    ("a type the hub does not take", client_frame("task", "noisy", request="open notepad"), "task"),
+    ("binary frame", b"\x00\xff\x10binary", "binary"),
+    ("unknown prev_response_id", client_frame("command_results", "noisy", prev_response_id="no-such-batch"), "no-such"),
+    ("results for no batch", client_frame("command_results", "noisy", action_results=[]), "prev_response_id"),
+]
+
+
+async def test_bad_input_gets_error_frames_and_never_takes_the_hub_down() -> None:
+    limit = 64 * 1024
+    gate = Gate()
+    async with (
+        running_hub(max_message_bytes=limit) as hub,
+        running_device(hub, "steady", tools_with(gate=gate.tool)),
+        dispatcher_for(hub, "steady") as dispatcher,
+    ):
+        # A batch is in flight on the steady device the whole time.
+        commands = [Command(tool_name="gate", parameters={"held": True}, call_id="held-1"), *echo_batch("steady")]
+        batch = asyncio.create_task(dispatcher.execute_commands(commands, timeout=20))
+        async with asyncio.timeout(WAIT):
+            await gate.started.wait()
+
+        async with hand_device(hub, "noisy") as noisy:
+            for name, frame, hint in BAD_DEVICE_FRAMES:
+                await noisy.send(frame)
+                reply = await recv_json(noisy)
+                assert (reply["type"], reply["status"]) == ("error", "error"), (name, reply)
+                assert hint in reply["error"], (name, reply["error"])
+            # The connection was kept through all of it.
+            await noisy.send(client_frame("heartbeat", "noisy"))
+            assert (await recv_json(noisy))["type"] == "heartbeat"
+
+            async with peer(hub, "/controller") as controller:
+                bad_controller_frames: list[tuple[str | bytes, str]] = [
+                    ("{nope", "rejected"),
+                    (b"\x01\x02", "rejected"),
+                    ('{"type": "command"}', "rejected"),
+                    ('{"type": "launch", "status": "ok"}', "rejected"),
+                    (controller_frame(ServerMessageType.COMMAND, target_id="steady", actions=[]), "rejected"),
+                    (controller_frame(ServerMessageType.TASK, response_id="t-1"), "rejected"),
+                    (
+                        controller_frame(ServerMessageType.COMMAND, response_id="r-1", target_id="nobody"),
+                        "device_unavailable",
+                    ),
+                ]
+                for frame, reason in bad_controller_frames:
+                    await controller.send(frame)
+                    reply = await recv_json(controller)
+                    assert reply["type"] == "error" and reply["error"], (frame, reply)
+                    assert reply["metadata"]["reason"] == reason, (frame, reply)
+                # A cancel for a batch that does not exist is ignored, silently: the next answer is the heartbeat's.
+                await controller.send(controller_frame(ServerMessageType.TASK_END, response_id="never-sent"))
+                await controller.send(controller_frame(ServerMessageType.HEARTBEAT, status=TaskStatus.OK))
+                assert (await recv_json(controller))["type"] == "heartbeat"
+
+                # Frames over the limit end that connection with 1009, and only that one.
+                await controller.send("x" * (limit + 1))
+                assert await close_code(controller) == 1009
+            await noisy.send(client_frame("heartbeat", "noisy", request="y" * (limit + 1)))
+            assert await close_code(noisy) == 1009
+
+        assert not batch.done(), "the held batch finished before its tool was released"
+        gate.release.set()
+        async with asyncio.timeout(WAIT * 2):
+            results = await batch
+        assert_echoed(commands, results)
+        after = echo_batch("after")
+        assert_echoed(after, await dispatcher.execute_commands(after, timeout=10))
+        assert [d["id"] for d in await list_devices(hub.url, TOKEN, timeout=WAIT)] == ["steady"]
+
+
+# -- a property: nothing a peer sends disturbs another peer's batch ---------------------------
+
+_json_leaf = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+_json = st.recursive(
+    _json_leaf,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=8,
+)
+_statuses = st.sampled_from([s.value for s in TaskStatus]) | _json
+_ids = st.sampled_from(["noisy-prop", "steady-prop", "nobody"]) | st.text(max_size=10) | _json
+
+
+def _frame_objects(types: list[str]) -> st.SearchStrategy[str]:
+    commands = st.fixed_dictionaries(
+        {"tool_name": st.sampled_from(["echo", "nope"]) | _json},
+        optional={
+            "parameters": _json,
+            "tool_type": st.sampled_from(["", "action", "data_collection"]) | _json,
+            "call_id": st.text(max_size=8) | _json,
+            "timeout": st.floats() | _json,
+        },
+    )
+    results = st.fixed_dictionaries(
+        {"status": st.sampled_from([s.value for s in ResultStatus]) | _json},
+        optional={"call_id": st.text(max_size=8) | _json, "result": _json},
+    )
+    return st.fixed_dictionaries(
+        {"type": st.sampled_from(types) | _json},
+        optional={
+            "status": _statuses,
+            "client_id": _ids,
+            "target_id": _ids,
+            "response_id": st.text(max_size=10) | _json,
+            "prev_response_id": st.text(max_size=10) | _json,
+            "actions": st.lists(commands, max_size=3) | _json,
+            "action_results": st.lists(results, max_size=3) | _json,
+            "metadata": _json,
+            "timeout": st.floats() | _json,
+        },
+    ).map(json.dumps)
+
+
+_short = st.text(max_size=10)
+_small_objects = st.none() | st.dictionaries(st.text(max_size=5), _json_leaf, max_size=2)
+# Frames our own models accept, of every message type: whatever a peer may legally send.
+_well_formed_device_frames = st.builds(
+    ClientMessage,
+    type=st.sampled_from(ClientMessageType),
+    status=st.sampled_from(TaskStatus),
+    client_id=st.none() | st.sampled_from(["noisy-prop", "steady-prop"]) | _short,
+    request_id=st.none() | _short,
+    prev_response_id=st.none() | _short,
+    action_results=st.none()
+    | st.lists(
+        st.builds(Result, status=st.sampled_from(ResultStatus), call_id=st.none() | _short, result=_json_leaf),
+        max_size=2,
+    ),
+    metadata=_small_objects,
+).map(lambda message: message.model_dump_json())
+_well_formed_controller_frames = st.builds(
+    ServerMessage,
+    type=st.sampled_from(ServerMessageType),
+    status=st.sampled_from(TaskStatus),
+    response_id=st.none() | _short,
+    target_id=st.none() | st.sampled_from(["noisy-prop", "steady-prop", "nobody"]) | _short,
+    actions=st.none()
+    | st.lists(
+        st.builds(
+            Command,
+            tool_name=st.sampled_from(["echo", "nope"]),
+            parameters=_small_objects,
+            tool_type=st.sampled_from(["", "action", "data_collection", "demo"]),
+            call_id=st.none() | _short,
+        ),
+        max_size=2,
+    ),
+    timeout=st.none() | st.floats(min_value=0.01, max_value=5),
+).map(lambda message: message.model_dump_json())
+
+
+def _frames(types: list[str], well_formed: st.SearchStrategy[str]) -> st.SearchStrategy[str | bytes]:
+    return st.one_of(
+        st.text(max_size=60), st.binary(max_size=60), _json.map(json.dumps), _frame_objects(types), well_formed
+    )
+
+
+_device_frames = _frames([t.value for t in ClientMessageType], _well_formed_device_frames)
+_controller_frames = _frames([t.value for t in ServerMessageType], _well_formed_controller_frames)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    device_frames=st.lists(_device_frames, min_size=1, max_size=8),
+    controller_frames=st.lists(_controller_frames, min_size=1, max_size=8),
+)
+async def test_no_malformed_traffic_disturbs_a_real_batch(
+    device_frames: list[str | bytes], controller_frames: list[str | bytes]
+) -> None:
+    gate = Gate()
+    async with (
+        running_hub() as hub,
+        running_device(hub, "steady-prop", tools_with(gate=gate.tool)),
+        dispatcher_for(hub, "steady-prop") as dispatcher,
+        hand_device(hub, "noisy-prop") as noisy,
+        peer(hub, "/controller") as controller,
+    ):
+        commands = [
+            Command(tool_name="gate", parameters={"held": 1}, call_id=f"g-{uuid.uuid4()}"),
+            *echo_batch("prop", 2),
+        ]
+        batch = asyncio.create_task(dispatcher.execute_commands(commands, timeout=20))
+        async with asyncio.timeout(WAIT):
+            await gate.started.wait()
+        for device_frame, controller_frame_ in zip(device_frames, controller_frames, strict=False):
+            await noisy.send(device_frame)
+            await controller.send(controller_frame_)
+        for frame in device_frames[len(controller_frames) :]:
+            await noisy.send(frame)
+        for frame in controller_frames[len(device_frames) :]:
+            await controller.send(frame)
+
+        # Both connections are still served: a marked probe on each comes back.
+        marker = f"probe-{uuid.uuid4()}"
+        await noisy.send(client_frame("command_results", "noisy-prop", prev_response_id=marker))
+        await controller.send(
+            controller_frame(ServerMessageType.DEVICE_INFO_REQUEST, status=TaskStatus.OK, response_id=marker)
+        )
+        async with asyncio.timeout(WAIT):
+            while marker not in ((await recv_json(noisy)).get("error") or ""):
+                pass
+            while (reply := await recv_json(controller)).get("prev_response_id") != marker:
+                pass
+        assert reply["type"] == "device_info_response"
+        assert {d["id"] for d in reply["metadata"]["devices"]} == {"steady-prop", "noisy-prop"}
+
+        assert not batch.done()
+        gate.release.set()
+        async with asyncio.timeout(WAIT * 2):
+            assert_echoed(commands, await batch)
+
+
+# -- a UFO device, written from the wire spec alone --------------------------------
+
+
+async def test_a_ufo_style_device_runs_a_batch_from_the_dispatcher() -> None:
+    seen: list[dict[str, Any]] = []
+    acks: list[dict[str, Any]] = []
+
+    async def ufo_device(connection: ClientConnection, answer_after: float) -> None:
+        async def beat() -> None:
+            while True:
+                await connection.send(client_frame("heartbeat", "ufo-pc"))
+                await asyncio.sleep(0.1)
+
+        heartbeats = asyncio.create_task(beat())
+        try:
+            async for frame in connection:
+                message = json.loads(frame)
+                if message["type"] == "heartbeat":
+                    acks.append(message)
+                elif message["type"] == "command":
+                    seen.append(message)
+                    await asyncio.sleep(answer_after)  # the tools take a while; heartbeats go on meanwhile
+                    results = [
+                        {
+                            "status": "success",
+                            "error": None,
+                            "result": {"tool_name": action["tool_name"], "parameters": action["parameters"]},
+                            "namespace": "peer_echo",
+                            "call_id": action["call_id"],
+                        }
+                        for action in message["actions"]
+                    ]
+                    await connection.send(
+                        client_frame(
+                            "command_results",
+                            "ufo-pc",
+                            status="continue",
+                            session_id=message["session_id"],
+                            prev_response_id=message["response_id"],
+                            request_id=str(uuid.uuid4()),
+                            action_results=results,
+                        )
+                    )
+        finally:
+            heartbeats.cancel()
+
+    # Silence for 0.4 s would drop the device; it answers after 0.8 s, kept alive by its heartbeats.
+    async with (
+        running_hub(heartbeat_timeout=0.4) as hub,
+        peer(hub, "/ws", token=None, query=f"?token={TOKEN}") as connection,
+    ):
+        await connection.send(register_frame("ufo-pc"))
+        ack = await recv_json(connection)
+        assert (ack["type"], ack["status"]) == ("heartbeat", "ok")
+        device = asyncio.create_task(ufo_device(connection, answer_after=0.8))
+        try:
+            commands = [
+                Command(tool_name="click_input", parameters={"id": "12"}, tool_type="action", call_id="c-1"),
+                Command(tool_name="get_desktop_app_info", tool_type="data_collection", call_id="c-2"),
+                Command(tool_name="type_text", parameters={"text": "hello"}, call_id="c-3"),
+            ]
+            async with dispatcher_for(
+                hub,
+                "ufo-pc",
+                session_id="s-1",
+                agent_name="HostAgent",
+                process_name="notepad.exe",
+                root_name="NOTEPAD.EXE",
+            ) as dispatcher:
+                results = await dispatcher.execute_commands(commands, timeout=10)
+            listed = await list_devices(hub.url, TOKEN, timeout=WAIT)
+        finally:
+            device.cancel()
+            await asyncio.gather(device, return_exceptions=True)
+
+    assert [r.status for r in results] == [ResultStatus.SUCCESS] * 3, [r.error for r in results]
+    assert [r.call_id for r in results] == ["c-1", "c-2", "c-3"]
+    assert [r.result["tool_name"] for r in results] == ["click_input", "get_desktop_app_info", "type_text"]
+    assert results[2].result["parameters"] == {"text": "hello"}
+    assert results[0].namespace == "peer_echo"
+
+    [command] = seen
+    assert [a["tool_type"] for a in command["actions"]] == ["action", "data_collection", "action"]
+    assert [a["call_id"] for a in command["actions"]] == ["c-1", "c-2", "c-3"]
+    assert (command["status"], command["session_id"], command["agent_name"]) == ("continue", "s-1", "HostAgent")
+    assert (command["process_name"], command["root_name"]) == ("notepad.exe", "NOTEPAD.EXE")
+    assert command["response_id"]
+    assert "target_id" not in command, "the routing field must not reach a UFO device"
+    assert acks and all((a["type"], a["status"]) == ("heartbeat", "ok") for a in acks)
+    [entry] = listed
+    assert (entry["id"], entry["kind"], entry["platform"]) == ("ufo-pc", "ufo", "linux")
+    assert entry["system_info"]["hostname"] == "vm"
+
+
+# -- reconnects, silence, drops --------------------------------------------------------
+
+
+async def test_a_reconnecting_device_replaces_its_stale_connection() -> None:
+    async with running_hub() as hub, hand_device(hub, "twin") as stale, dispatcher_for(hub, "twin") as dispatcher:
+        stranded = echo_batch("stranded", 1)
+        started = time.monotonic()
+        pending = asyncio.create_task(dispatcher.execute_commands(stranded, timeout=30))
+        assert (await recv_json(stale))["type"] == "command"
+        async with running_device(hub, "twin"):
+            assert await close_code(stale) == 4000
+            # The batch the stale connection held fails now, not at its deadline.
+            async with asyncio.timeout(WAIT):
+                [lost] = await pending
+            elapsed = time.monotonic() - started
+            commands = echo_batch("twin")
+            assert_echoed(commands, await dispatcher.execute_commands(commands, timeout=10))
+            devices = await list_devices(hub.url, TOKEN, timeout=WAIT)
+    assert [(d["id"], d["kind"]) for d in devices] == [("twin", "dispatch")]
+    assert lost.status is ResultStatus.FAILURE and lost.call_id == stranded[0].call_id
+    assert "twin" in (lost.error or "") and "ConnectionLost" in (lost.error or ""), lost.error
+    assert elapsed < 10
+
+
+async def test_a_device_client_whose_connection_is_taken_comes_back_by_itself() -> None:
+    async with running_hub() as hub, running_device(hub, "phoenix") as client:
+        assert client.registrations == 1
+        async with hand_device(hub, "phoenix") as usurper:
+            # The real client lost its connection (4000), dialled in again and took its id back.
+            assert await close_code(usurper) == 4000
+        async with dispatcher_for(hub, "phoenix") as dispatcher:
+            commands = echo_batch("phoenix")
+            assert_echoed(commands, await dispatcher.execute_commands(commands, timeout=10))
+        assert client.registrations == 2
+
+
+async def test_a_device_cannot_answer_a_batch_sent_to_another_device() -> None:
+    async with (
+        running_hub() as hub,
+        hand_device(hub, "right-pc") as right,
+        hand_device(hub, "wrong-pc") as wrong,
+        dispatcher_for(hub, "right-pc") as dispatcher,
+    ):
+        commands = echo_batch("whose", 1)
+        batch = asyncio.create_task(dispatcher.execute_commands(commands, timeout=20))
+        command = await recv_json(right)
+        response_id = command["response_id"]
+
+        def answer(device_id: str, value: str) -> str:
+            result = {"status": "success", "error": None, "result": value, "namespace": None, "call_id": None}
+            result["call_id"] = command["actions"][0]["call_id"]
+            return client_frame(
+                "command_results", device_id, status="continue", prev_response_id=response_id, action_results=[result]
+            )
+
+        await wrong.send(answer("wrong-pc", "forged"))
+        refusal = await recv_json(wrong)
+        assert refusal["type"] == "error" and response_id in refusal["error"], refusal
+        await right.send(answer("right-pc", "genuine"))
+        async with asyncio.timeout(WAIT):
+            [result] = await batch
+    assert (result.status, result.result) == (ResultStatus.SUCCESS, "genuine")
+
+
+async def test_a_controller_cannot_cancel_or_take_over_another_controllers_batch() -> None:
+    gate = Gate()
+    async with (
+        running_hub() as hub,
+        running_device(hub, "shared", tools_with(gate=gate.tool)),
+        peer(hub, "/controller") as owner,
+        peer(hub, "/controller") as other,
+    ):
+        batch = controller_frame(
+            ServerMessageType.COMMAND,
+            response_id="batch-1",
+            target_id="shared",
+            actions=[Command(tool_name="gate", parameters={"v": 1}, call_id="g-1")],
+            timeout=30,
+        )
+        await owner.send(batch)
+        async with asyncio.timeout(WAIT):
+            await gate.started.wait()
+        await other.send(controller_frame(ServerMessageType.TASK_END, status=TaskStatus.FAILED, response_id="batch-1"))
+        await other.send(batch)  # the same response_id, from someone else
+        taken = await recv_json(other)
+        assert taken["type"] == "error" and taken["metadata"]["reason"] == "rejected", taken
+        assert "already in use" in taken["error"]
+        # A round trip through the device: whatever the hub queued for it before has reached it.
+        probe = controller_frame(
+            ServerMessageType.COMMAND,
+            response_id="probe-1",
+            target_id="shared",
+            actions=[Command(tool_name="echo", parameters={"probe": True}, call_id="p-1")],
+            timeout=30,
+        )
+        await owner.send(probe)
+        assert (await recv_json(owner))["prev_response_id"] == "probe-1"
+        assert not gate.cancelled.is_set(), "another controller's task_end stopped the batch"
+        gate.release.set()
+        answer = await recv_json(owner)
+        assert answer["prev_response_id"] == "batch-1" and answer["action_results"][0]["result"] == {"v": 1}
+        # The other controller heard nothing of it: its next frame is its heartbeat's answer.
+        await other.send(controller_frame(ServerMessageType.HEARTBEAT, status=TaskStatus.OK))
+        assert (await recv_json(other))["type"] == "heartbeat"
+
+
+async def test_a_ufo_device_gets_no_cancel_and_its_late_answer_is_dropped_quietly() -> None:
+    async with running_hub() as hub, hand_device(hub, "ufo-late") as device:
+        async with peer(hub, "/controller") as controller:
+            await controller.send(
+                controller_frame(
+                    ServerMessageType.COMMAND,
+                    response_id="late-1",
+                    target_id="ufo-late",
+                    actions=[Command(tool_name="click_input", call_id="c-1")],
+                )
+            )
+            command = await recv_json(device)
+            assert command["response_id"] == "late-1"
+        # The controller left; once the hub has let go of the batch, the device answers it anyway.
+        async with asyncio.timeout(WAIT):
+            while (await list_devices(hub.url, TOKEN, timeout=WAIT))[0]["pending_batches"]:
+                pass
+        late = {"status": "success", "error": None, "result": "done", "namespace": None, "call_id": "c-1"}
+        answer = client_frame(
+            "command_results", "ufo-late", status="continue", prev_response_id="late-1", action_results=[late]
+        )
+        await device.send(answer)
+        await device.send(client_frame("heartbeat", "ufo-late"))
+        # Nothing in between: no task_end (a UFO device cannot stop a batch), no error for the late answer.
+        reply = await recv_json(device)
+        assert (reply["type"], reply["status"]) == ("heartbeat", "ok"), reply
+
+
+async def test_a_silent_device_fails_its_pending_batch_soon_after_the_heartbeat_timeout() -> None:
+    batch_timeout = 30.0
+    async with (
+        running_hub(heartbeat_timeout=0.5) as hub,
+        hand_device(hub, "mute-pc") as mute,
+        dispatcher_for(hub, "mute-pc") as dispatcher,
+    ):
+        started = time.monotonic()
+        commands = echo_batch("mute", 2)
+        batch = asyncio.create_task(dispatcher.execute_commands(commands, timeout=batch_timeout))
+        delivered = await recv_json(mute)  # the batch did reach the device, which then says nothing
+        assert delivered["type"] == "command"
+        async with asyncio.timeout(WAIT * 2):
+            results = await batch
+        elapsed = time.monotonic() - started
+        assert await close_code(mute) == 4001
+    assert elapsed < batch_timeout / 3, f"the failure took {elapsed:.1f}s: it waited for the batch deadline"
+    assert [r.call_id for r in results] == [c.call_id for c in commands]
+    for result in results:
+        assert result.status is ResultStatus.FAILURE
+        assert "mute-pc" in (result.error or ""), result.error
+        assert "TimeoutError" not in (result.error or ""), result.error
+
+
+async def test_a_device_connection_closed_mid_batch_fails_the_batch_at_once() -> None:
+    batch_timeout = 30.0
+    async with (
+        running_hub() as hub,
+        hand_device(hub, "fragile-pc") as fragile,
+        dispatcher_for(hub, "fragile-pc") as dispatcher,
+    ):
+        commands = echo_batch("fragile", 2)
+        started = time.monotonic()
+        batch = asyncio.create_task(dispatcher.execute_commands(commands, timeout=batch_timeout))
+        assert (await recv_json(fragile))["type"] == "command"
+        await fragile.close()
+        async with asyncio.timeout(WAIT):
+            results = await batch
+        elapsed = time.monotonic() - started
+    assert elapsed < batch_timeout / 3
+    assert [r.call_id for r in results] == [c.call_id for c in commands]
+    for result in results:
+        assert result.status is ResultStatus.FAILURE
+        assert "ConnectionLost" in (result.error or "") and "fragile-pc" in (result.error or ""), result.error
+
+
+async def test_a_controller_that_disconnects_mid_batch_has_its_batch_cancelled_on_the_device(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="aip.device")
+    gate = Gate()
+    async with running_hub() as hub, running_device(hub, "worker", tools_with(gate=gate.tool)):
+        async with peer(hub, "/controller") as controller:
+            await controller.send(
+                controller_frame(
+                    ServerMessageType.COMMAND,
+                    response_id="leaving-1",
+                    target_id="worker",
+                    actions=[Command(tool_name="gate", call_id="gated-1")],
+                    timeout=60,
+                )
+            )
+            async with asyncio.timeout(WAIT):
+                await gate.started.wait()
+        # The controller is gone: the hub tells the device, which stops the tool.
+        async with asyncio.timeout(WAIT):
+            await gate.cancelled.wait()
+        assert not gate.release.is_set()
+        # The device is still in service afterwards (two round trips: anything the hub
+        # sent it about its answer to the abandoned batch has reached it by then).
+        async with dispatcher_for(hub, "worker") as dispatcher:
+            for tag in ("after-leave", "after-leave-2"):
+                commands = echo_batch(tag)
+                assert_echoed(commands, await dispatcher.execute_commands(commands, timeout=10))
+    complaints = [r.getMessage() for r in caplog.records if r.name == "aip.device" and "hub reported" in r.getMessage()]
+    assert not complaints, "the answer to an abandoned batch was refused instead of dropped quietly"
+
+
+async def test_the_deadline_travels_and_the_device_stops_the_tool() -> None:
+    cancelled = asyncio.Event()
+
+    async def slow(command: Command) -> str:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "finished"
+
+    async with (
+        running_hub() as hub,
+        running_device(hub, "slowpoke", tools_with(slow=slow)),
+        dispatcher_for(hub, "slowpoke") as dispatcher,
+    ):
+        command = Command(tool_name="slow", call_id="slow-1")
+        started = time.monotonic()
+        [result] = await dispatcher.execute_commands([command], timeout=1)
+        elapsed = time.monotonic() - started
+        # Stopped by the device's own deadline, before the dispatcher gave up and sent a cancel.
+        stopped_by_the_device = cancelled.is_set()
+        async with asyncio.timeout(WAIT):
+            await cancelled.wait()
+    assert stopped_by_the_device, "the tool ran on after the batch's deadline: the deadline did not travel"
+    assert elapsed < 5, f"a 1 s batch took {elapsed:.1f}s"
+    assert result.status is ResultStatus.FAILURE
+    assert result.call_id == "slow-1"
+    assert "TimeoutError" in (result.error or ""), result.error
+
+
+async def test_a_repeated_call_id_is_answered_from_the_device_memory() -> None:
+    runs: list[str | None] = []
+
+    def count(command: Command) -> int:
+        runs.append(command.call_id)
+        return len(runs)
+
+    async with (
+        running_hub() as hub,
+        running_device(hub, "counter", tools_with(count=count)),
+        dispatcher_for(hub, "counter") as dispatcher,
+    ):
+        first = await dispatcher.execute_commands([Command(tool_name="count", call_id="once")], timeout=10)
+        again = await dispatcher.execute_commands([Command(tool_name="count", call_id="once")], timeout=10)
+        fresh = await dispatcher.execute_commands([Command(tool_name="count", call_id="twice")], timeout=10)
+    assert runs == ["once", "twice"]
+    assert first[0].status is ResultStatus.SUCCESS and first[0].result == 1
+    assert again[0].model_dump() == first[0].model_dump()
+    assert fresh[0].result == 2
+
+
+# -- the device list -----------------------------------------------------------------
+
+
+async def test_the_device_list_shows_connected_devices_with_their_tools() -> None:
+    def announce(*names: str) -> Callable[[], list[dict[str, Any]]]:
+        return lambda: [{"name": name, "server": "memory", "description": f"the {name} tool"} for name in names]
+
+    async with running_hub() as hub:
+        assert await list_devices(hub.url, TOKEN, timeout=WAIT) == []
+        alpha = DeviceClient(
+            hub.url, "alpha", InMemoryCommandDispatcher(echo_tools()), token=TOKEN, tools=announce("echo", "sleep")
+        )
+        beta = DeviceClient(hub.url, "beta", InMemoryCommandDispatcher(echo_tools()), token=TOKEN, tools=announce())
+        async with serving(alpha), hand_device(hub, "gamma-ufo"):
+            async with serving(beta):
+                devices = await list_devices(hub.url, TOKEN, timeout=WAIT)
+            after_beta_left = await list_devices(hub.url, TOKEN, timeout=WAIT)
+
+    assert [d["id"] for d in devices] == ["alpha", "beta", "gamma-ufo"]
+    by_id = {d["id"]: d for d in devices}
+    assert [t["name"] for t in by_id["alpha"]["tools"]] == ["echo", "sleep"]
+    assert by_id["alpha"]["tools"][0]["description"] == "the echo tool"
+    assert by_id["beta"]["tools"] == []
+    assert (by_id["alpha"]["kind"], by_id["gamma-ufo"]["kind"]) == ("dispatch", "ufo")
+    assert by_id["gamma-ufo"]["tools"] == [] and by_id["gamma-ufo"]["platform"] == "linux"
+    assert by_id["alpha"]["system_info"]["device_id"] == "alpha"
+    assert all(d["pending_batches"] == 0 and d["connected_at"] and d["last_seen"] for d in devices)
+    assert [d["id"] for d in after_beta_left] == ["alpha", "gamma-ufo"]
+
+
+# -- scale -----------------------------------------------------------------------------
+
+
+async def test_a_hundred_devices_each_run_their_own_batch_at_once() -> None:
+    count = 100
+    async with running_hub() as hub:
+        clients = [
+            DeviceClient(
+                hub.url, f"dev-{i:03d}", InMemoryCommandDispatcher(echo_tools()), token=TOKEN, backoff=QUICK_BACKOFF
+            )
+            for i in range(count)
+        ]
+        stop = asyncio.Event()
+        runs = [asyncio.create_task(client.run(stop)) for client in clients]
+        dispatchers: list[WebSocketCommandDispatcher] = []
+        try:
+            async with asyncio.timeout(15):
+                await asyncio.gather(*(client.registered.wait() for client in clients))
+            listed = await list_devices(hub.url, TOKEN, timeout=WAIT)
+            dispatchers = [WebSocketCommandDispatcher(HubLink(hub.url, TOKEN), c.device_id) for c in clients]
+            batches = {
+                d.device: [
+                    Command(tool_name="echo", parameters={"device": d.device, "n": n}, call_id=f"{d.device}-{n}")
+                    for n in range(3)
+                ]
+                for d in dispatchers
+            }
+            async with asyncio.timeout(20):
+                answers = await asyncio.gather(
+                    *(d.execute_commands(batches[d.device], timeout=15) for d in dispatchers)
+                )
+        finally:
+            await asyncio.gather(*(d.close() for d in dispatchers))
+            stop.set()
+            async with asyncio.timeout(15):
+                await asyncio.gather(*runs)
+    assert len(listed) == count
+    for dispatcher, results in zip(dispatchers, answers, strict=True):
+        assert_echoed(batches[dispatcher.device], results)
+        assert {r.result["device"] for r in results} == {dispatcher.device}
+
+
+# -- TLS -------------------------------------------------------------------------------
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and localhost, and its key, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dispatch test hub")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "hub.pem", directory / "hub.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+async def test_wss_carries_devices_and_batches(tmp_path: Path) -> None:
+    cert, key = self_signed_certificate(tmp_path)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
+    async with Hub(AccessPolicy(TOKEN), HubSettings(port=0), ssl_context=server_context) as hub:
+        assert hub.url.startswith("wss://127.0.0.1:")
+        async with (
+            running_device(hub, "secure-pc", ssl_context=trusting),
+            dispatcher_for(hub, "secure-pc", ssl_context=trusting) as dispatcher,
+        ):
+            commands = echo_batch("tls")
+            assert_echoed(commands, await dispatcher.execute_commands(commands, timeout=10))
+            devices = await list_devices(hub.url, TOKEN, timeout=WAIT, ssl_context=trusting)
+            assert [d["id"] for d in devices] == ["secure-pc"]
+            # A client that does not trust the certificate gets no connection.
+            with pytest.raises(HubUnavailable, match=r"(?i)certificate"):
+                untrusting = ssl.create_default_context()
+                await open_connection(f"{hub.url}/ws", TOKEN, open_timeout=WAIT, ssl_context=untrusting)
+
+
+async def test_a_wss_client_without_an_ssl_context_verifies_with_the_default_trust_store(tmp_path: Path) -> None:
+    """No ssl_context on a wss:// URL means the system's CAs, as for any TLS client, not an error about None."""
+    cert, key = self_signed_certificate(tmp_path)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    async with Hub(AccessPolicy(TOKEN), HubSettings(port=0), ssl_context=server_context) as hub:
+        with pytest.raises(HubUnavailable, match=r"(?i)certificate"):
+            await open_connection(f"{hub.url}/ws", TOKEN, open_timeout=WAIT)
