@@ -38,7 +38,9 @@ class CallMemory:
     def __init__(self, limits: MemoryLimits = MemoryLimits(), clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
         self.clock = clock
-        self._done: OrderedDict[str, tuple[float, Result]] = OrderedDict()
+        # Results are kept as JSON text: 10,000 strings cost the garbage collector
+        # nothing, 10,000 model trees cost every full collection a scan.
+        self._done: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._running: dict[str, asyncio.Future[Result]] = {}
 
     def __len__(self) -> int:
@@ -47,17 +49,16 @@ class CallMemory:
     def recall(self, call_id: str) -> Result | None:
         self._expire()
         entry = self._done.get(call_id)
-        return entry[1] if entry else None
+        return Result.model_validate_json(entry[1]) if entry else None
 
     async def execute(self, commands: Sequence[Command], run: Run, fail: Fail) -> list[Result]:
         """One Result per command: remembered, shared with a run in progress, or from ``run``."""
-        self._expire()
         answers: list[Result | asyncio.Future[Result] | None] = []
         fresh: list[tuple[int, Command]] = []
         mine: dict[str, asyncio.Future[Result]] = {}
         for index, command in enumerate(commands):
             call_id = command.call_id
-            known = (self._done.get(call_id) or (None, None))[1] if call_id else None
+            known = self.recall(call_id) if call_id else None
             running = self._running.get(call_id) if call_id else None
             if known is not None:
                 answers.append(known)
@@ -106,7 +107,7 @@ class CallMemory:
             return fail([command], RuntimeError("the first run of this call_id was cancelled"))[0]
 
     def _remember(self, call_id: str, result: Result) -> None:
-        self._done[call_id] = (self.clock(), result)
+        self._done[call_id] = (self.clock(), result.model_dump_json())
         self._done.move_to_end(call_id)
         while len(self._done) > self.limits.entries:
             self._done.popitem(last=False)

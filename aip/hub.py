@@ -120,6 +120,7 @@ class Hub:
             process_request=self._admit,
             origins=[None, *(Origin(origin) for origin in self.access.origins)],
             max_size=settings.max_message_bytes,
+            compression=None,  # see connect.open_connection: deflate costs more than it saves here
             ping_interval=settings.ping_interval,
             ping_timeout=settings.ping_timeout,
             ssl=self.ssl_context,

@@ -13,9 +13,9 @@ Compatibility rules (see ``shared/aip-wire.md``):
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ResultStatus(StrEnum):
@@ -59,26 +59,25 @@ class ServerMessageType(StrEnum):
     DEVICE_INFO_RESPONSE = "device_info_response"
 
 
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
+def extension(**constraints: Any) -> Any:
+    """An optional field UFO does not know: absent from the JSON (and the repr) while it is None."""
+    return Field(default=None, exclude_if=_is_none, **constraints)
+
+
 class WireModel(BaseModel):
     """Base of every frame model: lenient on input, UFO-shaped on output."""
 
     model_config = ConfigDict(extra="ignore")
 
-    #: Fields that UFO does not know; serialised only when they carry a value.
-    _extensions: ClassVar[frozenset[str]] = frozenset()
-
-    @model_serializer(mode="wrap")
-    def _omit_unset_extensions(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        for name in self._extensions:
-            if data.get(name) is None:
-                data.pop(name, None)
-        return data
-
     def __repr_args__(self) -> Any:
         # Keep str()/repr() UFO-shaped too: error texts embed str(command).
+        fields = type(self).model_fields
         for name, value in super().__repr_args__():
-            if not (name in self._extensions and value is None):
+            if not (value is None and name is not None and fields[name].exclude_if is not None):
                 yield name, value
 
 
@@ -91,14 +90,12 @@ class Command(WireModel):
     ``namespace`` pins the server; ``timeout`` bounds this command in seconds.
     """
 
-    _extensions: ClassVar[frozenset[str]] = frozenset({"namespace", "timeout"})
-
     tool_name: str
     parameters: dict[str, Any] | None = Field(default_factory=dict)
     tool_type: str = ""
     call_id: str | None = None
-    namespace: str | None = None
-    timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    namespace: str | None = extension()
+    timeout: float | None = extension(gt=0, allow_inf_nan=False)
 
 
 class Result(WireModel):
@@ -120,8 +117,6 @@ class ServerMessage(WireModel):
     waits for. Seconds rather than a timestamp: no clock is shared.
     """
 
-    _extensions: ClassVar[frozenset[str]] = frozenset({"target_id", "timeout"})
-
     type: ServerMessageType
     status: TaskStatus
     user_request: str | None = None
@@ -136,8 +131,8 @@ class ServerMessage(WireModel):
     timestamp: str | None = None
     response_id: str | None = None
     result: Any = None
-    target_id: str | None = None
-    timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    target_id: str | None = extension()
+    timeout: float | None = extension(gt=0, allow_inf_nan=False)
 
 
 class ClientMessage(WireModel):

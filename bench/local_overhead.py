@@ -73,10 +73,8 @@ os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -85,8 +83,8 @@ from pathlib import Path
 from typing import Any
 
 from mcp import Client, StdioServerParameters
+from provenance import code_fingerprint, code_version
 
-import dispatchers
 from aip.messages import Command, Result, ResultStatus
 from dispatchers import (
     BatchPolicy,
@@ -100,7 +98,6 @@ from dispatchers.mcp_servers import ServerConnection
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Where the code under test was imported from (``ROOT``, unless ``PYTHONPATH`` points elsewhere).
-SOURCE = Path(dispatchers.__file__).resolve().parent.parent
 CODE_PACKAGES = ("aip", "dispatchers", "flows", "tasks")
 DEMO_SERVER = ROOT / "examples" / "demo_server.py"
 UFO_NOTE = "Microsoft UFO's local path costs 110\u2013180 ms per command on this kind of machine"
@@ -729,35 +726,6 @@ def print_table(figures: dict[str, Any]) -> None:
     print(f"For context: {UFO_NOTE}.")
 
 
-def code_fingerprint() -> str:
-    """A hash of the code under test as it is on disk now, to tell whether it changed during the run."""
-    digest = hashlib.sha256()
-    for package in CODE_PACKAGES:
-        for path in sorted((SOURCE / package).rglob("*.py")):
-            digest.update(str(path.relative_to(SOURCE)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
-def code_version() -> dict[str, Any]:
-    """Where the code under test was imported from, its commit, and whether it had uncommitted changes."""
-    found: dict[str, Any] = {"source": str(SOURCE), "fingerprint": code_fingerprint(), "commit": None, "dirty": None}
-    try:
-        found["commit"] = subprocess.run(
-            ["git", "-C", str(SOURCE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        changes = subprocess.run(
-            ["git", "-C", str(SOURCE), "status", "--porcelain", "--", *CODE_PACKAGES],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        found["dirty"] = bool(changes)
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return found
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="repetitions per figure (default 5)")
@@ -773,13 +741,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "repeats": args.repeats,
         "calls": args.calls,
         "batch": args.batch,
-        "code": code_version(),
+        "code": code_version(CODE_PACKAGES),
     }
     figures.update(asyncio.run(bench_dispatcher(args.calls, args.batch, args.repeats)))
     if not args.skip_flow:
         figures["c"] = run_flow_bench(args.batch, args.repeats)
     figures["elapsed_s"] = round(time.perf_counter() - started, 1)
-    figures["code"]["changed_during_run"] = code_fingerprint() != figures["code"]["fingerprint"]
+    figures["code"]["changed_during_run"] = code_fingerprint(CODE_PACKAGES) != figures["code"]["fingerprint"]
     print_table(figures)
     code = figures["code"]
     state = "uncommitted changes" if code["dirty"] else "clean" if code["dirty"] is False else "not a git checkout"
