@@ -32,7 +32,6 @@ from aip.device import DeviceClient
 from aip.hub import Hub, HubSettings
 from aip.messages import Command, Result, ResultStatus
 from dispatchers import (
-    DEFAULT_TIMEOUT,
     ConfigError,
     ExecutionMode,
     LocalCommandDispatcher,
@@ -41,7 +40,7 @@ from dispatchers import (
     load_config,
     short_id,
 )
-from dispatchers.batch_file import BatchFile, BatchFileError, load_batch
+from dispatchers.batch_file import BatchFile, BatchFileError, load_batch, run_options
 
 app = typer.Typer(
     add_completion=False,
@@ -114,13 +113,14 @@ def run(
         options |= {"backend": "remote", "device": device, "hub": hub}
     else:
         options["config"] = str(resolve_config(config, batch))
-    options |= {
-        "timeout": first_set(timeout, batch.timeout, DEFAULT_TIMEOUT),
-        "mode": first_set(mode, batch.mode, ExecutionMode.SEQUENTIAL),
-        "stop_on_failure": first_set(stop_on_failure, batch.stop_on_failure, False),
-        "retries": first_set(retries, batch.retries, 2),
-        "max_concurrency": first_set(max_concurrency, batch.max_concurrency, 8),
-    }
+    options |= run_options(
+        batch,
+        timeout=timeout,
+        mode=mode,
+        stop_on_failure=stop_on_failure,
+        retries=retries,
+        max_concurrency=max_concurrency,
+    )
     quiet_prefect_defaults()
     from flows.batch import run_batch_flow
 
@@ -345,10 +345,6 @@ def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> Non
         await main(stop)
 
     asyncio.run(supervised())
-
-
-def first_set(*values: Any) -> Any:
-    return next(value for value in values if value is not None)
 
 
 def quiet_prefect_defaults() -> None:

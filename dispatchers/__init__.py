@@ -9,20 +9,23 @@ that only executes commands never pays for it.
 
 from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, error_result, failure_cause, short_id, with_call_id
 from .batch import BatchPolicy, ExecutionMode, run_batch
+from .concurrency import ConcurrencyLimits
 from .local import LocalCommandDispatcher
 from .mcp_config import ConfigError, load_config
 from .mcp_servers import MCPServerManager, close_shared_managers, shared_manager
 from .memory import InMemoryCommandDispatcher
-from .policy import Deadline, RetryPolicy
+from .policy import AttemptObserver, Deadline, RetryPolicy, observing_attempts
 from .remote import WebSocketCommandDispatcher
 from .router import CommandRouter
 from .tool_call import ToolCallDispatcher
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "AttemptObserver",
     "BasicCommandDispatcher",
     "BatchPolicy",
     "CommandRouter",
+    "ConcurrencyLimits",
     "ConfigError",
     "Deadline",
     "ExecutionMode",
@@ -36,6 +39,7 @@ __all__ = [
     "error_result",
     "failure_cause",
     "load_config",
+    "observing_attempts",
     "run_batch",
     "shared_manager",
     "short_id",

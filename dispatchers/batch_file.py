@@ -23,8 +23,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aip.messages import Command
 
+from .base import DEFAULT_TIMEOUT
 from .batch import ExecutionMode
 from .errors import validation_message
+
+#: How a batch runs when neither the caller nor the batch file says.
+RUN_DEFAULTS: dict[str, Any] = {
+    "timeout": DEFAULT_TIMEOUT,
+    "mode": ExecutionMode.SEQUENTIAL,
+    "stop_on_failure": False,
+    "retries": 2,
+    "max_concurrency": 8,
+}
 
 
 class BatchFileError(ValueError):
@@ -41,6 +51,17 @@ class BatchFile(BaseModel):
     stop_on_failure: bool | None = None
     retries: int | None = Field(default=None, ge=0)
     max_concurrency: int | None = Field(default=None, ge=1)
+
+
+def run_options(batch: BatchFile | None, **given: Any) -> dict[str, Any]:
+    """Each of ``RUN_DEFAULTS``: the value given (not None), else the batch file's, else the default."""
+    options = {}
+    for name, default in RUN_DEFAULTS.items():
+        value = given.get(name)
+        if value is None and batch is not None:
+            value = getattr(batch, name)
+        options[name] = default if value is None else value
+    return options
 
 
 def load_batch(path: str | Path) -> BatchFile:

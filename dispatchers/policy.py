@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -61,6 +62,20 @@ class Deadline:
 
 
 T = TypeVar("T")
+
+
+class AttemptObserver(Protocol):
+    """Told of each attempt at a command and of each retry, by whoever runs it (see ``observing_attempts``)."""
+
+    def attempt(self, number: int) -> None: ...
+
+    def retry(self, number: int, error: BaseException, delay: float) -> None: ...
+
+
+#: The observer of the commands run in this context: set by a caller (the
+#: Prefect task, for the dashboard) around one command, so the dispatchers
+#: need no hook of their own and keep nothing per command.
+observing_attempts: ContextVar[AttemptObserver | None] = ContextVar("observing_attempts", default=None)
 
 #: Called before each retry sleep with the attempt number that failed, its
 #: error and the delay before the next attempt.
@@ -130,16 +145,28 @@ class RetryPolicy:
         The first attempt runs outside tenacity: most calls succeed at once,
         and building a retry loop per call is most of the per-call cost.
         """
+        observer = observing_attempts.get()
+        if observer is not None:
+            observer.attempt(1)
         try:
             return await attempt()
         except Exception as error:
             if not should_retry(error):
                 raise
             first_failure: BaseException | None = error
-        async for trial in self.retrying(deadline, should_retry, on_retry):
+
+        def before_retry(number: int, error: BaseException, delay: float) -> None:
+            if on_retry is not None:
+                on_retry(number, error, delay)
+            if observer is not None:
+                observer.retry(number, error, delay)
+
+        async for trial in self.retrying(deadline, should_retry, before_retry):
             with trial:
                 if first_failure is not None:  # tenacity's attempt 1 is the one that already failed
                     failure, first_failure = first_failure, None
                     raise failure
+                if observer is not None:
+                    observer.attempt(trial.retry_state.attempt_number)
                 return await attempt()
         raise AssertionError("tenacity ended without a result or an error")  # pragma: no cover

@@ -1,28 +1,28 @@
 """The batch flow: one flow run per batch, one task run per command.
 
 ``dispatch_batch`` takes only JSON-serialisable parameters, so a deployment
-can run it; ``run_batch_flow`` is the in-process entry that always returns
-one Result per command, whatever happens to the flow run itself.
+can run it (commands inline or a batch file, locally or on a device);
+``run_batch_flow`` is the in-process entry that always returns one Result per
+command, whatever happens to the flow run itself.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
-from prefect import State, flow
-from prefect.artifacts import acreate_table_artifact
+from prefect import State, flow, get_client
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
 from aip.controller import HubLink
 from aip.messages import Command, Result, ResultStatus
 from dispatchers import (
-    DEFAULT_TIMEOUT,
     BasicCommandDispatcher,
     BatchPolicy,
     Deadline,
@@ -35,13 +35,14 @@ from dispatchers import (
     shared_manager,
     with_call_id,
 )
-from tasks import execute_as_task
+from dispatchers.batch_file import load_batch, run_options
+from tasks import BatchContext, CommandReport, execute_as_task
+
+from .reporting import Progress, emit_batch_finished, publish_results
 
 #: How long task runs in flight at the batch deadline get to report their own
 #: timeout (Failed) before they are cancelled (and show as Crashed).
 TASK_REPORT_GRACE = 1.0
-#: Characters of a result or error shown per cell of the results table.
-CELL_LIMIT = 200
 
 
 class Backend(StrEnum):
@@ -50,48 +51,113 @@ class Backend(StrEnum):
 
 
 def flow_run_name() -> str:
+    """``batch-<n>-commands`` or the batch file's name, ``-on-<device>`` when remote, ``-resumed`` for a resume."""
     parameters = flow_run.parameters
-    name = f"batch-{len(parameters['commands'])}-commands"
-    return f"{name}-on-{parameters['device']}" if parameters.get("backend") == Backend.REMOTE else name
+    if parameters.get("batch_file"):
+        name = Path(parameters["batch_file"]).stem
+    else:
+        name = f"batch-{len(parameters.get('commands') or [])}-commands"
+    if parameters.get("backend") == Backend.REMOTE and parameters.get("device"):
+        name += f"-on-{parameters['device']}"
+    return name + ("-resumed" if parameters.get("resume_from") else "")
+
+
+def derived_call_ids(commands: Sequence[Command], namespace: str) -> list[Command]:
+    """Commands without a call_id get one derived from the batch's namespace and their place in it.
+
+    The same on every retry of a flow run (so stored Results are found, and a
+    device recognises a repeat), different for every other run (so a schedule
+    never reuses an earlier run's Results, nor a device's memory of them).
+    """
+    return [
+        command
+        if command.call_id
+        else command.model_copy(update={"call_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"dispatch:{namespace}:{i}"))})
+        for i, command in enumerate(commands)
+    ]
 
 
 @flow(name="dispatch-batch", flow_run_name=flow_run_name, persist_result=False, log_prints=False)
 async def dispatch_batch(
-    commands: list[Command],
-    config: str | dict[str, Any] = "mcp.json",
-    timeout: float = DEFAULT_TIMEOUT,
-    mode: ExecutionMode = ExecutionMode.SEQUENTIAL,
-    stop_on_failure: bool = False,
-    retries: int = 2,
-    max_concurrency: int = 8,
+    commands: list[Command] | None = None,
+    batch_file: str | None = None,
+    config: str | dict[str, Any] | None = None,
+    timeout: float | None = None,
+    mode: ExecutionMode | None = None,
+    stop_on_failure: bool | None = None,
+    retries: int | None = None,
+    max_concurrency: int | None = None,
     backend: Backend = Backend.LOCAL,
     device: str | None = None,
     hub: str | None = None,
+    persist_results: bool = True,
+    resume_from: str | None = None,
 ) -> list[Result] | State:
-    """Run ``commands`` locally on the MCP servers of ``config`` (a path to mcp.json, or its content),
-    or with ``backend="remote"`` on ``device`` through the hub at ``hub`` (default ``$DISPATCH_HUB``).
+    """Run a batch: ``commands``, or those of ``batch_file`` (whose settings apply unless given here).
 
-    Fails (with every Result still attached) when any command failed. Local
-    servers are started once per process and event loop and shared by the
-    batches that follow (see ``dispatchers.shared_manager``). The hub's token
-    comes from ``$DISPATCH_TOKEN`` on the machine that runs the flow, never
-    from a parameter: parameters are shown in the dashboard.
+    Locally on the MCP servers of ``config`` (a path to mcp.json, or its
+    content; default the batch file's, else ./mcp.json), or with
+    ``backend="remote"`` on ``device`` through the hub at ``hub`` (default
+    ``$DISPATCH_HUB``; the token is ``$DISPATCH_TOKEN`` on the machine that runs
+    the flow, never a parameter, since parameters are shown in the dashboard).
+
+    With ``persist_results`` each command's Result is stored, so a retry of
+    this flow run re-executes only the commands that did not succeed;
+    ``resume_from`` names an earlier flow run whose stored Results to reuse
+    (``dispatch resume``). Fails, with every Result still attached, when any
+    command failed.
     """
-    deadline = Deadline.after(timeout)
-    policy = BatchPolicy(mode=mode, stop_on_failure=stop_on_failure, max_concurrency=max_concurrency)
-    retry = RetryPolicy(attempts=retries + 1)
-    async with _dispatcher(backend, config, retry, device, hub) as dispatcher:
+    spec = load_batch(batch_file) if batch_file else None
+    if spec is not None and commands:
+        raise ValueError("give either commands or a batch_file, not both")
+    if spec is None and not commands:
+        raise ValueError("no commands: give commands or a batch_file")
+    options = run_options(
+        spec,
+        timeout=timeout,
+        mode=mode,
+        stop_on_failure=stop_on_failure,
+        retries=retries,
+        max_concurrency=max_concurrency,
+    )
+    run_id = str(flow_run.id)
+    context = BatchContext(namespace=resume_from or run_id, flow_run_id=run_id, device=device)
+    batch = derived_call_ids(spec.commands if spec else commands or [], context.namespace)
+    deadline = Deadline.after(options["timeout"])
+    policy = BatchPolicy(options["mode"], options["stop_on_failure"], options["max_concurrency"])
+    retry = RetryPolicy(attempts=options["retries"] + 1)
+    servers = config or (spec.config if spec else None) or "mcp.json"
+    await _tag(backend, device)
+    reports: list[CommandReport | None] = [None] * len(batch)
+
+    async with _dispatcher(backend, servers, retry, device, hub) as dispatcher, Progress(len(batch)) as progress:
+        index = {command.call_id: i for i, command in enumerate(batch)}
 
         async def run_one(command: Command, command_deadline: Deadline) -> Result:
-            return await execute_as_task(command, dispatcher, command_deadline)
+            result, reports[index[command.call_id]] = await execute_as_task(
+                command, dispatcher, command_deadline, context, resumable=persist_results
+            )
+            return result
 
         # Task runs that end at the deadline report Failed (a state round trip each) before they are cancelled.
-        results = await run_batch(commands, run_one, deadline, policy, settle=TASK_REPORT_GRACE)
-    await _publish(results, commands)
+        results = await run_batch(batch, run_one, deadline, policy, progress.advance, settle=TASK_REPORT_GRACE)
+
+    where = f"device {device}" if backend is Backend.REMOTE else "local MCP servers"
+    await publish_results(flow_run_name(), batch, results, reports, where)
+    emit_batch_finished(context, results, reports)
     failed = sum(result.status is ResultStatus.FAILURE for result in results)
     if failed:
         return Failed(message=f"{failed} of {len(results)} commands failed", data=results)
     return Completed(message=f"{len(results)} commands succeeded", data=results)
+
+
+async def _tag(backend: Backend, device: str | None) -> None:
+    """Tags to filter runs by in the dashboard: the backend, and the device when remote."""
+    tags = {f"backend:{backend.value}"} | ({f"device:{device}"} if device else set())
+    if tags <= set(flow_run.tags):
+        return
+    async with get_client() as client:
+        await client.update_flow_run(flow_run.id, tags=sorted(tags | set(flow_run.tags)))
 
 
 @asynccontextmanager
@@ -110,26 +176,6 @@ async def _dispatcher(
         yield dispatcher
     finally:
         await dispatcher.close()
-
-
-async def _publish(results: Sequence[Result], commands: Sequence[Command]) -> None:
-    rows = [
-        {
-            "call_id": result.call_id,
-            "tool": command.tool_name,
-            "server": result.namespace,
-            "status": result.status.value,
-            "result": _cell(result.result) if result.status is ResultStatus.SUCCESS else "",
-            "error": _cell(result.error),
-        }
-        for command, result in zip(commands, results, strict=True)
-    ]
-    await acreate_table_artifact(table=rows, key="batch-results", description="One row per command, in batch order.")
-
-
-def _cell(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= CELL_LIMIT else text[: CELL_LIMIT - 1] + "…"
 
 
 async def run_batch_flow(commands: Sequence[Command], **options: Any) -> list[Result]:

@@ -1,5 +1,5 @@
 """Prefect tasks: one task run per command, so the dashboard shows each one."""
 
-from .command import execute_as_task, run_command
+from .command import BatchContext, CommandReport, execute_as_task, run_command, run_resumable_command
 
-__all__ = ["execute_as_task", "run_command"]
+__all__ = ["BatchContext", "CommandReport", "execute_as_task", "run_command", "run_resumable_command"]

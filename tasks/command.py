@@ -5,24 +5,42 @@ timeouts): Prefect task retries would cost a state round trip each and could
 not stop at the batch deadline. A failed command returns a ``Failed`` state
 that carries its Result, so the task run shows failed while the flow still
 gets the Result.
+
+Resume: the resumable variant persists each Result under a key made of the
+batch's namespace (the flow run that first ran it) and the command's call_id.
+A retry of the flow run finds the Results of the commands that succeeded and
+does not run them again; a failed command leaves nothing to find. A later run
+has another namespace, so it never gets an earlier run's Results.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from collections.abc import Awaitable
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from prefect import State, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
+from prefect.events import emit_event
 from prefect.logging.handlers import APILogHandler
 from prefect.runtime import task_run
 from prefect.states import Failed
 from prefect.utilities.annotations import quote
 
 from aip.messages import Command, Result, ResultStatus
-from dispatchers import BasicCommandDispatcher, Deadline, error_result, failure_cause, short_id
+from dispatchers import (
+    BasicCommandDispatcher,
+    Deadline,
+    error_result,
+    failure_cause,
+    observing_attempts,
+    short_id,
+)
+from dispatchers.errors import describe
 
 
 class _InRun(logging.Filter):
@@ -46,6 +64,65 @@ def _send_dispatcher_logs_to_prefect() -> None:
 _send_dispatcher_logs_to_prefect()
 
 
+@dataclass(frozen=True)
+class BatchContext:
+    """What every command of one batch shares: where its Results are kept, and where it runs."""
+
+    #: The flow run whose Results this batch reuses and keeps (itself, unless it resumes another).
+    namespace: str
+    #: The flow run executing the batch now.
+    flow_run_id: str
+    device: str | None = None
+
+
+@dataclass
+class CommandReport:
+    """What the dashboard shows of a command beyond its Result: attempts and time taken."""
+
+    call_id: str | None
+    attempts: int = 0
+    seconds: float = 0.0
+    reused: bool = False
+
+
+@dataclass
+class _Observer:
+    """Counts attempts and announces retries (log lines come from the dispatcher itself)."""
+
+    command: Command
+    batch: BatchContext
+    report: CommandReport
+    started: float = field(default_factory=time.perf_counter)
+
+    def attempt(self, number: int) -> None:
+        self.report.attempts = number
+
+    def retry(self, number: int, error: BaseException, delay: float) -> None:
+        emit_command_event(
+            "retrying", self.command, self.batch, {"attempt": number, "error": describe(error), "delay": delay}
+        )
+
+
+def command_resource(command: Command, batch: BatchContext) -> dict[str, str]:
+    """The event resource of a command: its call_id, tool, batch and device, for automations to match on."""
+    resource = {
+        "prefect.resource.id": f"dispatch.command.{command.call_id}",
+        "prefect.resource.name": command.tool_name,
+        "dispatch.call_id": command.call_id or "",
+        "dispatch.tool": command.tool_name,
+        "dispatch.batch": batch.namespace,
+        "dispatch.flow_run": batch.flow_run_id,
+    }
+    if batch.device:
+        resource["dispatch.device"] = batch.device
+    return resource
+
+
+def emit_command_event(what: str, command: Command, batch: BatchContext, payload: dict[str, Any]) -> None:
+    related = [{"prefect.resource.id": f"prefect.flow-run.{batch.flow_run_id}", "prefect.resource.role": "flow-run"}]
+    emit_event(f"dispatch.command.{what}", resource=command_resource(command, batch), related=related, payload=payload)
+
+
 def task_run_name() -> str:
     """``tool_name[short call_id]``: readable, and unique enough to find in the dashboard."""
     command = task_run.parameters["command"]
@@ -54,22 +131,63 @@ def task_run_name() -> str:
     return f"{command.tool_name}[{short_id(command.call_id)}]"
 
 
-@task(name="command", task_run_name=task_run_name, cache_policy=NO_CACHE, persist_result=False)
-async def run_command(command: Command, dispatcher: BasicCommandDispatcher, deadline: Deadline) -> Result | State:
-    result = await dispatcher.execute_command(command, deadline)
+def _unquoted(value: Any) -> Any:
+    return value.unquote() if isinstance(value, quote) else value
+
+
+def result_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """The storage key of a command's Result: its batch namespace and call_id, hashed to a safe file name."""
+    command: Command = _unquoted(parameters["command"])
+    batch: BatchContext = _unquoted(parameters["batch"])
+    return "dispatch-" + hashlib.sha256(f"{batch.namespace}:{command.call_id}".encode()).hexdigest()
+
+
+async def _run_command(
+    command: Command, dispatcher: BasicCommandDispatcher, deadline: Deadline, batch: BatchContext, report: CommandReport
+) -> Result | State:
+    observer = _Observer(command, batch, report)
+    token = observing_attempts.set(observer)
+    try:
+        result = await dispatcher.execute_command(command, deadline)
+    finally:
+        observing_attempts.reset(token)
+        report.seconds = time.perf_counter() - observer.started
+    payload = {"attempts": report.attempts, "seconds": round(report.seconds, 3), "status": result.status.value}
     if result.status is ResultStatus.FAILURE:
-        return Failed(message=failure_cause(command, result), data=result)
+        cause = failure_cause(command, result)
+        emit_command_event("failed", command, batch, payload | {"error": cause})
+        return Failed(message=cause, data=result)
+    emit_command_event("succeeded", command, batch, payload)
     return result
 
 
-async def execute_as_task(command: Command, dispatcher: BasicCommandDispatcher, deadline: Deadline) -> Result:
-    """Run one command as a task run and return its Result, whatever the run's final state.
+run_command = task(name="command", task_run_name=task_run_name, cache_policy=NO_CACHE, persist_result=False)(
+    _run_command
+)
+run_resumable_command = task(name="command", task_run_name=task_run_name, cache_key_fn=result_key, persist_result=True)(
+    _run_command
+)
+
+
+async def execute_as_task(
+    command: Command,
+    dispatcher: BasicCommandDispatcher,
+    deadline: Deadline,
+    batch: BatchContext,
+    *,
+    resumable: bool = True,
+) -> tuple[Result, CommandReport]:
+    """Run one command as a task run; its Result (whatever the run's final state) and its report.
 
     The arguments are quoted: Prefect would otherwise walk them for upstream
-    task results on every call, which none of them can hold.
+    task results on every call, which none of them can hold. A Result found
+    from an earlier run of the batch comes back with ``report.reused`` set.
     """
-    call = run_command(quote(command), quote(dispatcher), quote(deadline), return_state=True)
+    report = CommandReport(command.call_id)
+    variant = run_resumable_command if resumable else run_command
+    call = variant(quote(command), quote(dispatcher), quote(deadline), quote(batch), quote(report), return_state=True)
     # Prefect types an async task's return_state call as a bare State; it is awaitable.
     state = await cast(Awaitable[State[Any]], call)
     result = await state.aresult(raise_on_failure=False)
-    return result if isinstance(result, Result) else error_result(command, result)
+    report.reused = report.attempts == 0 and isinstance(result, Result)
+    return (result if isinstance(result, Result) else error_result(command, result)), report

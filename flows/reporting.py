@@ -1,0 +1,160 @@
+"""What a batch shows in the dashboard besides its runs: artifacts and the batch event.
+
+A progress artifact moves while the batch runs; when it ends, a table with
+one row per command (status, attempts, time, error) and a markdown summary.
+Artifacts are API round trips (~10 ms each), so progress is written in the
+background at most once a second, never once per command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+from prefect.artifacts import (
+    acreate_markdown_artifact,
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
+)
+from prefect.events import emit_event
+
+from aip.messages import Command, Result, ResultStatus
+from dispatchers import failure_cause
+from tasks import BatchContext, CommandReport
+
+#: Characters of a result or error shown per cell of the results table.
+CELL_LIMIT = 200
+#: Seconds between two writes of the progress artifact.
+PROGRESS_INTERVAL = 1.0
+
+
+class Progress:
+    """A progress artifact for a batch of ``total`` commands, written in the background."""
+
+    def __init__(self, total: int, interval: float = PROGRESS_INTERVAL) -> None:
+        self.total = total
+        self.done = 0
+        self.interval = interval
+        self._changed = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._artifact: UUID | None = None
+
+    async def __aenter__(self) -> Progress:
+        self._artifact = await acreate_progress_artifact(0.0, description=f"Commands finished, of {self.total}.")
+        self._writer = asyncio.create_task(self._write())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.done = max(self.done, self.total) if exc[0] is None else self.done
+        self._changed.set()
+        if self._writer is not None:
+            await asyncio.wait({self._writer}, timeout=5)
+            self._writer.cancel()
+        if self._artifact is not None:
+            with contextlib.suppress(Exception):  # the last word; the results table says the rest
+                await aupdate_progress_artifact(self._artifact, self.percent)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.done / self.total if self.total else 100.0
+
+    def advance(self, index: int, result: Result) -> None:
+        """A ``run_batch`` result listener."""
+        self.done += 1
+        self._changed.set()
+
+    async def _write(self) -> None:
+        assert self._artifact is not None
+        while self.done < self.total:
+            await self._changed.wait()
+            self._changed.clear()
+            await aupdate_progress_artifact(self._artifact, self.percent)
+            await asyncio.sleep(self.interval)
+
+
+def _cell(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= CELL_LIMIT else text[: CELL_LIMIT - 1] + "…"
+
+
+def _cause(command: Command, result: Result) -> str:
+    if result.status is ResultStatus.SUCCESS:
+        return ""
+    return _cell(failure_cause(command, result) if result.status is ResultStatus.FAILURE else result.error)
+
+
+async def publish_results(
+    title: str,
+    commands: Sequence[Command],
+    results: Sequence[Result],
+    reports: Sequence[CommandReport | None],
+    where: str,
+) -> None:
+    """The ``batch-results`` table and the ``batch-summary`` markdown of a finished batch."""
+    rows = []
+    for command, result, report in zip(commands, results, reports, strict=True):
+        rows.append(
+            {
+                "call_id": result.call_id,
+                "tool": command.tool_name,
+                "server": result.namespace,
+                "status": result.status.value,
+                "attempts": "reused" if report and report.reused else (report.attempts if report else 0),
+                "seconds": round(report.seconds, 3) if report else None,
+                "result": _cell(result.result) if result.status is ResultStatus.SUCCESS else "",
+                "error": _cause(command, result),
+            }
+        )
+    await acreate_table_artifact(table=rows, key="batch-results", description="One row per command, in batch order.")
+    await acreate_markdown_artifact(summary(title, commands, results, reports, where), key="batch-summary")
+
+
+def summary(
+    title: str,
+    commands: Sequence[Command],
+    results: Sequence[Result],
+    reports: Sequence[CommandReport | None],
+    where: str,
+) -> str:
+    counts = {status: sum(result.status is status for result in results) for status in ResultStatus}
+    reused = sum(bool(report and report.reused) for report in reports)
+    lines = [
+        f"# {title}",
+        "",
+        f"**{counts[ResultStatus.SUCCESS]} of {len(results)} commands succeeded** on {where}"
+        + (f", {reused} of them reused from the run this one resumes" if reused else "")
+        + ".",
+        f"Failed: {counts[ResultStatus.FAILURE]}. Skipped: {counts[ResultStatus.SKIPPED]}.",
+    ]
+    problems = [
+        (command, result)
+        for command, result in zip(commands, results, strict=True)
+        if result.status is not ResultStatus.SUCCESS
+    ]
+    if problems:
+        lines += ["", "| call_id | tool | status | cause |", "|---|---|---|---|"]
+        for command, result in problems:
+            cause = _cause(command, result).replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| `{result.call_id}` | {command.tool_name} | {result.status.value} | {cause} |")
+    return "\n".join(lines) + "\n"
+
+
+def emit_batch_finished(
+    batch: BatchContext, results: Sequence[Result], reports: Sequence[CommandReport | None]
+) -> None:
+    counts = {status.value: sum(result.status is status for result in results) for status in ResultStatus}
+    resource = {
+        "prefect.resource.id": f"dispatch.batch.{batch.flow_run_id}",
+        "dispatch.batch": batch.namespace,
+        "dispatch.flow_run": batch.flow_run_id,
+    }
+    if batch.device:
+        resource["dispatch.device"] = batch.device
+    related = [{"prefect.resource.id": f"prefect.flow-run.{batch.flow_run_id}", "prefect.resource.role": "flow-run"}]
+    payload = {"total": len(results), **counts, "reused": sum(bool(report and report.reused) for report in reports)}
+    emit_event("dispatch.batch.finished", resource=resource, related=related, payload=payload)
