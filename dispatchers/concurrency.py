@@ -1,0 +1,158 @@
+"""How many commands of each kind may run at once: limits as values, slots to hold.
+
+A command is an ``action`` (it may change something) or ``data_collection``
+(it only reads). By default at most one action runs at a time on a server (or,
+with a shared ``Slots``, on a whole device), while reads run in parallel:
+two actions racing on the same screen, file or account is how agents break
+things, and reads are what makes a batch fast.
+
+``ConcurrencyLimits`` is the policy value, printable and comparable like
+``RetryPolicy``. ``Slots`` holds one ``asyncio.Semaphore`` per limited kind;
+``async with slots.slot(kind):`` waits for a free slot and gives it back
+however the block ends (result, error, timeout or cancellation), so no slot
+leaks. A wait for a slot is an ordinary await: it ends at the deadline of
+whatever awaits it, and a waiter that gives up never takes the slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, Literal
+
+from mcp.types import Tool
+
+from aip.messages import Command
+
+Kind = Literal["action", "data_collection"]
+#: The kinds of command that limits count separately.
+KINDS: Final[tuple[Kind, ...]] = ("action", "data_collection")
+
+
+def command_kind(command: Command, tool: Tool) -> Kind:
+    """Which limit ``command``, routed to ``tool``, counts against.
+
+    ``data_collection`` when the command says so (``tool_type``), or when it
+    does not call itself an ``action`` and the tool declares ``readOnlyHint``;
+    otherwise ``action``: a tool whose effects are unknown is taken to have
+    side effects.
+    """
+    if command.tool_type == "data_collection":
+        return "data_collection"
+    if command.tool_type != "action" and tool.annotations is not None and tool.annotations.read_only_hint:
+        return "data_collection"
+    return "action"
+
+
+@dataclass(frozen=True)
+class ConcurrencyLimits:
+    """At most how many commands of each kind run at once; ``None`` means no limit.
+
+    The default lets one ``action`` run at a time and any number of
+    ``data_collection`` commands.
+    """
+
+    action: int | None = 1
+    data_collection: int | None = None
+
+    def __post_init__(self) -> None:
+        for kind in KINDS:
+            value = getattr(self, kind)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{kind} must be a whole number of at least 1, or None for no limit, not {value!r}")
+
+    def limit(self, kind: str) -> int | None:
+        """The limit for ``kind``; ``None`` when unlimited."""
+        if kind not in KINDS:
+            raise ValueError(f"no concurrency limit for kind {kind!r}; kinds: {', '.join(KINDS)}")
+        value: int | None = getattr(self, kind)
+        return value
+
+
+class _Held:
+    """One slot of one kind, held for the length of an ``async with``."""
+
+    __slots__ = ("_kind", "_semaphore", "_slots")
+
+    def __init__(self, slots: Slots, kind: str, semaphore: asyncio.Semaphore) -> None:
+        self._slots, self._kind, self._semaphore = slots, kind, semaphore
+
+    async def __aenter__(self) -> None:
+        waiting = self._slots._waiting
+        waiting[self._kind] += 1
+        try:
+            await self._semaphore.acquire()  # cancelled while waiting: nothing taken (asyncio's guarantee)
+        finally:
+            waiting[self._kind] -= 1
+        self._slots._in_use[self._kind] += 1  # no await between acquire and here: nothing can intervene
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._slots._in_use[self._kind] -= 1
+        self._semaphore.release()
+
+
+class Slots:
+    """The slots for the limits of one server, or of one device: one semaphore per limited kind.
+
+    ``within`` names another ``Slots`` whose limits apply too (a device's,
+    shared by all its servers): a command takes its slot here first, then
+    there, always in that order, so two commands can't each hold what the
+    other waits for.
+
+    The semaphores don't need a running loop to be made; each binds to the
+    event loop of its first wait, so a ``Slots`` (like the ``MCPServerManager``
+    that owns it) serves one event loop.
+    """
+
+    def __init__(self, limits: ConcurrencyLimits | None = None, *, within: Slots | None = None) -> None:
+        self.limits = limits if limits is not None else ConcurrencyLimits()
+        self.within = within
+        self._semaphores: dict[str, asyncio.Semaphore] = {}
+        for kind in KINDS:
+            limit = self.limits.limit(kind)
+            if limit is not None:
+                self._semaphores[kind] = asyncio.Semaphore(limit)
+        self._in_use: dict[str, int] = dict.fromkeys(KINDS, 0)
+        self._waiting: dict[str, int] = dict.fromkeys(KINDS, 0)
+
+    def slot(self, kind: str) -> AbstractAsyncContextManager[None]:
+        """Hold a slot of ``kind`` for an ``async with`` block (no wait at all for an unlimited kind)."""
+        if kind not in self._in_use:
+            raise ValueError(f"no slots for kind {kind!r}; kinds: {', '.join(KINDS)}")
+        semaphore = self._semaphores.get(kind)
+        own: AbstractAsyncContextManager[None] = nullcontext() if semaphore is None else _Held(self, kind, semaphore)
+        if self.within is None:
+            return own
+        return _both(own, self.within.slot(kind))
+
+    def in_use(self, kind: str) -> int:
+        """How many slots of ``kind`` are held right now (here, not counting ``within``)."""
+        return self._in_use[kind]
+
+    def waiting(self, kind: str) -> int:
+        """How many commands wait for a slot of ``kind`` right now (here, not counting ``within``)."""
+        return self._waiting[kind]
+
+    def __repr__(self) -> str:
+        counts = ", ".join(
+            f"{kind} {self._in_use[kind]}/{self.limits.limit(kind) or 'unlimited'}"
+            + (f" (+{self._waiting[kind]} waiting)" if self._waiting[kind] else "")
+            for kind in KINDS
+        )
+        within = f" within {self.within!r}" if self.within is not None else ""
+        return f"<Slots {counts}{within}>"
+
+
+@asynccontextmanager
+async def _both(
+    inner: AbstractAsyncContextManager[None], outer: AbstractAsyncContextManager[None]
+) -> AsyncIterator[None]:
+    async with inner, outer:
+        yield
