@@ -17,6 +17,7 @@ import os
 import signal
 import ssl
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -135,11 +136,70 @@ def run(
     except KeyboardInterrupt:
         stderr.print("interrupted: the MCP servers were stopped", highlight=False)
         raise typer.Exit(130) from None
-    if json_output:
-        sys.stdout.write(json.dumps([result.model_dump(mode="json") for result in results]) + "\n")
-    else:
-        stdout.print(results_table(batch.commands, results))
-    raise typer.Exit(0 if all(result.status is ResultStatus.SUCCESS for result in results) else 1)
+    print_results(batch.commands, results, json_output)
+
+
+@app.command()
+def resume(
+    flow_run_id: Annotated[str, typer.Argument(help="The flow run to resume (its id, as the dashboard shows it)")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print only the JSON array of Results on stdout")] = False,
+) -> None:
+    """Run a batch again, re-executing only the commands that did not succeed in that flow run."""
+    quiet_prefect_defaults()
+    from flows.batch import resume_batch_flow
+
+    async def resume_and_stop_servers() -> tuple[list[Command], list[Result]]:
+        try:
+            return await resume_batch_flow(flow_run_id)
+        finally:
+            await close_shared_managers()
+
+    try:
+        commands, results = asyncio.run(resume_and_stop_servers())
+    except LookupError as error:
+        fail_usage(str(error).strip("'\""))
+    except BatchFileError as error:
+        fail_usage(str(error))
+    print_results(commands, results, json_output)
+
+
+@app.command()
+def up(
+    port: Annotated[int, typer.Option(help="Port of the Prefect server", min=1, max=65535)] = 4200,
+    pool: Annotated[str, typer.Option(help="Name of the process work pool")] = "dispatch",
+    hub_port: Annotated[int, typer.Option(help="Port of the hub", min=1, max=65535)] = 8765,
+    no_hub: Annotated[bool, typer.Option("--no-hub", help="Don't start the hub")] = False,
+    project: Annotated[Path, typer.Option(help="Folder holding prefect.yaml")] = Path("."),
+) -> None:
+    """Prefect server, process work pool and worker, our deployments, and the hub; Ctrl-C stops all."""
+    from cli.up import StackError, running_stack
+
+    project = project.resolve()
+    if not (project / "prefect.yaml").is_file():
+        fail_usage(f"no prefect.yaml in {project}: run this from the repository root, or pass --project")
+
+    def say(message: str) -> None:
+        stderr.print(f"[green]\u2713[/] {message}", highlight=False)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may start us with it ignored
+        signal.signal(signum, interrupt)
+    code = 0
+    try:
+        with running_stack(project, port, pool, None if no_hub else hub_port, say) as stack:
+            stderr.print(f"up: open http://127.0.0.1:{port}; Ctrl-C stops everything", highlight=False)
+            while (dead := stack.died()) is None:
+                time.sleep(0.5)
+            stderr.print(f"[bold red]error:[/] {dead} exited on its own (see .dispatch/logs/{dead}.log)")
+            code = 1
+    except StackError as error:
+        stderr.print(f"[bold red]error:[/] {error}", highlight=False)
+        code = 1
+    except KeyboardInterrupt:
+        stderr.print("stopped", highlight=False)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -303,6 +363,15 @@ def checked_config(path: Path) -> Any:
         return load_config(path)
     except ConfigError as error:
         fail_usage(str(error))
+
+
+def print_results(commands: list[Command], results: list[Result], json_output: bool) -> NoReturn:
+    """The Results as a table (or JSON), then exit 0 if every command succeeded, else 1."""
+    if json_output:
+        sys.stdout.write(json.dumps([result.model_dump(mode="json") for result in results]) + "\n")
+    else:
+        stdout.print(results_table(commands, results))
+    raise typer.Exit(0 if all(result.status is ResultStatus.SUCCESS for result in results) else 1)
 
 
 def read_token(token_file: Path | None) -> str | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import State, flow, get_client
+from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
@@ -93,7 +94,7 @@ async def dispatch_batch(
     persist_results: bool = True,
     resume_from: str | None = None,
 ) -> list[Result] | State:
-    """Run a batch: ``commands``, or those of ``batch_file`` (whose settings apply unless given here).
+    """Run a batch: ``commands``, else those of ``batch_file`` (whose settings apply unless given here).
 
     Locally on the MCP servers of ``config`` (a path to mcp.json, or its
     content; default the batch file's, else ./mcp.json), or with
@@ -108,10 +109,8 @@ async def dispatch_batch(
     command failed.
     """
     spec = load_batch(batch_file) if batch_file else None
-    if spec is not None and commands:
-        raise ValueError("give either commands or a batch_file, not both")
-    if spec is None and not commands:
-        raise ValueError("no commands: give commands or a batch_file")
+    if not commands and spec is None:
+        raise ValueError("no commands: give commands, or a batch_file that has them")
     options = run_options(
         spec,
         timeout=timeout,
@@ -122,7 +121,7 @@ async def dispatch_batch(
     )
     run_id = str(flow_run.id)
     context = BatchContext(namespace=resume_from or run_id, flow_run_id=run_id, device=device)
-    batch = derived_call_ids(spec.commands if spec else commands or [], context.namespace)
+    batch = derived_call_ids(commands or (spec.commands if spec else []), context.namespace)
     deadline = Deadline.after(options["timeout"])
     policy = BatchPolicy(options["mode"], options["stop_on_failure"], options["max_concurrency"])
     retry = RetryPolicy(attempts=options["retries"] + 1)
@@ -176,6 +175,28 @@ async def _dispatcher(
         yield dispatcher
     finally:
         await dispatcher.close()
+
+
+async def resume_batch_flow(flow_run_id: str) -> tuple[list[Command], list[Result]]:
+    """Run the batch of an earlier flow run again, reusing the Results of the commands that succeeded.
+
+    Its commands and their settings; call_ids the same as the first time.
+    Raises ``LookupError`` when there is no such flow run of this flow.
+    """
+    async with get_client() as client:
+        try:
+            run = await client.read_flow_run(uuid.UUID(flow_run_id))
+        except (ValueError, ObjectNotFound):
+            raise LookupError(f"no flow run {flow_run_id!r} on the Prefect API at {client.api_url}") from None
+    parameters = dict(run.parameters)
+    if "commands" not in parameters and "batch_file" not in parameters:
+        raise LookupError(f"flow run {flow_run_id} is not a run of dispatch-batch")
+    namespace = parameters["resume_from"] = parameters.get("resume_from") or str(run.id)
+    listed = [Command.model_validate(command) for command in parameters.pop("commands", None) or []]
+    if not listed and parameters.get("batch_file"):
+        listed = load_batch(parameters["batch_file"]).commands
+    commands = derived_call_ids(listed, namespace)
+    return commands, await run_batch_flow(commands, **parameters)
 
 
 async def run_batch_flow(commands: Sequence[Command], **options: Any) -> list[Result]:

@@ -1,0 +1,174 @@
+"""``dispatch up``: the whole local stack in one command, stopped cleanly with Ctrl-C.
+
+Each step is a plain Prefect (or dispatch) command run as a child process,
+the same ones the README lists for people who run Prefect their own way:
+
+1. ``prefect server start`` on 127.0.0.1 (SQLite), awaited until healthy;
+2. ``prefect work-pool create <pool> --type process`` (kept if it exists);
+3. ``prefect --no-prompt deploy --all`` from the folder holding prefect.yaml;
+4. ``prefect worker start --pool <pool>``;
+5. ``dispatch serve``, the hub for remote devices.
+
+Every child runs in its own process group, so stopping it stops whatever it
+started; a child that ignores SIGTERM is killed after a grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Server-side settings from ``prefect-notes.md``: batch the recorders' writes
+#: (a tenth of the server's CPU per task run, no "database is locked" under load).
+SERVER_TUNING = {
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "0.5",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_READ_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.5",
+}
+#: Seconds a child gets to stop after SIGTERM before it is killed.
+STOP_GRACE = 10.0
+
+
+class StackError(RuntimeError):
+    """A step of ``dispatch up`` failed; the message says which and why."""
+
+
+@dataclass
+class Stack:
+    """The children started so far, stopped in reverse order."""
+
+    log_dir: Path
+    say: Callable[[str], None]
+    children: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+        log = (self.log_dir / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            list(argv), env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        self.children.append((name, process))
+        return process
+
+    def died(self) -> str | None:
+        """The name of a child that exited on its own, if any."""
+        return next((name for name, process in self.children if process.poll() is not None), None)
+
+    def stop(self) -> None:
+        for name, process in reversed(self.children):
+            _stop_group(process)
+            self.say(f"stopped {name}")
+        self.children.clear()
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the child's process group, then SIGKILL it if it is still there after the grace."""
+    for signum, wait in ((signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is gone; its group may still hold children it started.
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        break
+
+
+def run_step(argv: Sequence[str], env: dict[str, str], cwd: Path, what: str, timeout: float = 180) -> None:
+    done = subprocess.run(list(argv), env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
+        raise StackError(f"{what} failed ({' '.join(argv[:3])} ...):\n" + "\n".join(tail))
+
+
+def wait_healthy(api_url: str, server: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise StackError("the Prefect server exited at start (see its log)")
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise StackError(f"the Prefect server was not healthy within {timeout:g}s")
+
+
+def hub_token(project: Path) -> tuple[str, str]:
+    """``$DISPATCH_TOKEN``, else a token kept in ``.dispatch/token`` (created, mode 0600): (token, where)."""
+    token = os.environ.get("DISPATCH_TOKEN")
+    if token:
+        return token, "$DISPATCH_TOKEN"
+    path = project / ".dispatch" / "token"
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32) + "\n")
+    return path.read_text().strip(), str(path)
+
+
+@contextmanager
+def running_stack(
+    project: Path, port: int, pool: str, hub_port: int | None, say: Callable[[str], None]
+) -> Iterator[Stack]:
+    """Start everything; yield the stack; stop everything, whatever happens."""
+    bin_dir = Path(sys.executable).parent
+    prefect = str(bin_dir / "prefect") if (bin_dir / "prefect").exists() else "prefect"
+    api_url = f"http://127.0.0.1:{port}/api"
+    log_dir = project / ".dispatch" / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api_url,
+        "DO_NOT_TRACK": os.environ.get("DO_NOT_TRACK", "1"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+        "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "2"),
+        **{name: os.environ.get(name, value) for name, value in SERVER_TUNING.items()},
+    }
+    stack = Stack(log_dir, say)
+    try:
+        started = time.monotonic()
+        server = stack.start(
+            "server", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, project
+        )
+        wait_healthy(api_url, server, timeout=120)
+        say(f"Prefect server at http://127.0.0.1:{port} ({time.monotonic() - started:.1f} s)")
+        run_step(
+            [prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"],
+            env,
+            project,
+            "creating the work pool",
+        )
+        say(f"work pool {pool!r} (process)")
+        run_step([prefect, "--no-prompt", "deploy", "--all"], env, project, "deploying prefect.yaml")
+        say("deployments from prefect.yaml")
+        if hub_port is not None:
+            token, where = hub_token(project)
+            env["DISPATCH_TOKEN"] = token
+            env.setdefault("DISPATCH_HUB", f"ws://127.0.0.1:{hub_port}")
+            dispatch = [sys.executable, "-m", "cli.main"]
+            stack.start("hub", [*dispatch, "serve", "--port", str(hub_port)], env, project)
+            say(f"hub at ws://127.0.0.1:{hub_port} (token: {where})")
+        stack.start("worker", [prefect, "worker", "start", "--pool", pool], env, project)
+        say(f"worker on pool {pool!r}; logs in {log_dir}")
+        yield stack
+    finally:
+        stack.stop()
