@@ -15,6 +15,7 @@ import logging
 import ssl
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -24,7 +25,7 @@ from websockets.typing import Origin
 
 from .access import AccessPolicy
 from .connect import CONTROLLER_PATH, DEFAULT_MAX_MESSAGE_BYTES, DEVICE_PATH
-from .switchboard import Action, Close, CloseCode, Send, Switchboard, error_frame
+from .switchboard import Action, Close, CloseCode, Device, Send, Switchboard, error_frame
 
 logger = logging.getLogger("aip.hub")
 # websockets logs request paths (``?token=``) and headers at DEBUG: its logger
@@ -50,6 +51,14 @@ class HubSettings:
     heartbeat_timeout: float = 60.0
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
+
+
+class HubObserver(Protocol):
+    """Told when devices come and go (``dispatch serve`` turns these into Prefect events)."""
+
+    def device_connected(self, device: Device) -> None: ...
+
+    def device_lost(self, device: Device, why: str, failed_batches: int) -> None: ...
 
 
 class _Outbox:
@@ -91,8 +100,10 @@ class Hub:
         access: AccessPolicy,
         settings: HubSettings = HubSettings(),
         ssl_context: ssl.SSLContext | None = None,
+        observer: HubObserver | None = None,
     ) -> None:
         self.access = access
+        self.observer = observer
         self.settings = settings
         self.ssl_context = ssl_context
         self.switchboard = Switchboard()
@@ -187,6 +198,8 @@ class Hub:
         if device is None:
             return
         logger.info("device %r connected from %s", device.id, _address(connection))
+        if self.observer is not None:
+            self.observer.device_connected(device)
         why = "connection closed"
         try:
             while True:
@@ -200,8 +213,10 @@ class Hub:
             why = f"connection closed ({closed.rcvd.code if closed.rcvd else 'no close frame'})"
         finally:
             lost = self.switchboard.device_gone(connection, why)
-            if lost or device.id not in self.switchboard.devices:
+            if self.switchboard.devices.get(device.id) is None:  # not replaced by a newer connection
                 logger.info("device %r disconnected: %s; %d batches failed", device.id, why, len(lost))
+                if self.observer is not None:
+                    self.observer.device_lost(device, why, len(lost))
             self._apply(lost)
 
     async def _serve_controller(self, connection: ServerConnection) -> None:

@@ -101,7 +101,7 @@ class Device:
             "kind": "dispatch" if self.speaks_dispatch else "ufo",
             "platform": self.metadata.get("platform") or (system or {}).get("platform"),
             "system_info": system,
-            "tools": dispatch.get("tools", []) if isinstance(dispatch, dict) else [],
+            "tools": tools if isinstance(dispatch, dict) and isinstance(tools := dispatch.get("tools"), list) else [],
             "connected_at": self.connected_at,
             "last_seen": self.last_seen,
             "pending_batches": len(self.pending),

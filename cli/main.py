@@ -240,9 +240,14 @@ def serve(
         host=host, port=port, max_message_bytes=int(max_message_mib * 2**20), heartbeat_timeout=heartbeat_timeout
     )
     log_to_stderr()
+    observer = None
+    if os.environ.get("PREFECT_API_URL"):  # a Prefect server to tell: devices coming and going become events
+        from cli.hub_events import PrefectHubEvents
+
+        observer = PrefectHubEvents()
 
     async def serve_until(stop: asyncio.Event) -> None:
-        async with Hub(access, settings, context):
+        async with Hub(access, settings, context, observer):
             await stop.wait()
 
     try:
