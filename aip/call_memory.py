@@ -3,11 +3,13 @@
 A controller that lost its connection mid-batch sends the same commands again
 with the same call_ids (invariant 2). Whatever state each one is in on the
 device, the repeat gets the first run's answer: a finished call its stored
-Result, a call still running the Result it is about to produce. Failures are
-remembered too: a call_id is an idempotency key, and its answer does not
-change (a command that should run afresh needs a new call_id). A run that was
-cancelled is not remembered, since it has no answer. The memory is bounded in
-entries and in age, so a device that runs for months stays small.
+Result, a call still running the Result it is about to produce.
+
+Only successes are remembered. A failure may not have reached the tool at all
+(a server restarting, a timeout), and a retry of a failed command (a resumed
+batch) is meant to run it again. A run that was cancelled has no answer to
+remember. The memory is bounded in entries, bytes and age, so a device that
+runs for months stays small.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from .messages import Command, Result
+from .messages import Command, Result, ResultStatus
 
 #: Runs the commands not seen before; returns one Result each, in order.
 Run = Callable[[list[Command]], Awaitable[list[Result]]]
@@ -28,7 +30,10 @@ Fail = Callable[[list[Command], BaseException], list[Result]]
 
 @dataclass(frozen=True)
 class MemoryLimits:
+    """At most ``entries`` Results, ``bytes`` of their JSON in all, none older than ``seconds``."""
+
     entries: int = 10_000
+    bytes: int = 64 * 2**20
     seconds: float = 3600.0
 
 
@@ -41,6 +46,7 @@ class CallMemory:
         # Results are kept as JSON text: 10,000 strings cost the garbage collector
         # nothing, 10,000 model trees cost every full collection a scan.
         self._done: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._bytes = 0
         self._running: dict[str, asyncio.Future[Result]] = {}
 
     def __len__(self) -> int:
@@ -86,8 +92,9 @@ class CallMemory:
             answers[index] = result
             if command.call_id and command.call_id in mine:
                 del self._running[command.call_id]
-                self._remember(command.call_id, result)
-                mine[command.call_id].set_result(result)
+                mine.pop(command.call_id).set_result(result)
+                if result.status is ResultStatus.SUCCESS:
+                    self._remember(command.call_id, result)
         return [await self._settle(command, answer, fail) for command, answer in zip(commands, answers, strict=True)]
 
     @staticmethod
@@ -107,15 +114,27 @@ class CallMemory:
             return fail([command], RuntimeError("the first run of this call_id was cancelled"))[0]
 
     def _remember(self, call_id: str, result: Result) -> None:
-        self._done[call_id] = (self.clock(), result.model_dump_json())
-        self._done.move_to_end(call_id)
-        while len(self._done) > self.limits.entries:
-            self._done.popitem(last=False)
+        try:
+            text = result.model_dump_json()
+        except ValueError:
+            return  # a result that cannot travel is not worth replaying; the reply will say so
+        if len(text) > self.limits.bytes:
+            return
+        self._forget(call_id)
+        self._done[call_id] = (self.clock(), text)
+        self._bytes += len(text)
+        while len(self._done) > self.limits.entries or self._bytes > self.limits.bytes:
+            self._forget(next(iter(self._done)))
+
+    def _forget(self, call_id: str) -> None:
+        entry = self._done.pop(call_id, None)
+        if entry is not None:
+            self._bytes -= len(entry[1])
 
     def _expire(self) -> None:
         oldest_kept = self.clock() - self.limits.seconds
         while self._done:
-            stamp, _ = next(iter(self._done.values()))
+            call_id, (stamp, _) = next(iter(self._done.items()))
             if stamp >= oldest_kept:
                 break
-            self._done.popitem(last=False)
+            self._forget(call_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
@@ -47,10 +47,17 @@ async def open_connection(
     ssl_context: ssl.SSLContext | None = None,
     ping_interval: float | None = 20.0,
     ping_timeout: float | None = 20.0,
+    token_in_query: bool = False,
 ) -> ClientConnection:
-    """Connect with ``Authorization: Bearer <token>``; a failure is a ``HubUnavailable`` that says why."""
+    """Connect with ``Authorization: Bearer <token>``; a failure is a ``HubUnavailable`` that says why.
+
+    With ``token_in_query`` the token also goes as ``?token=``, as a UFO
+    server wants it (added here, so it never sits in a command line).
+    """
     if token:
         check_token(token)
+        if token_in_query:
+            url += ("&" if urlsplit(url).query else "?") + urlencode({"token": token})
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         return await connect(

@@ -61,6 +61,11 @@ class HubLink:
     def __repr__(self) -> str:
         return f"HubLink({safe_url(self.url)!r}, token=<hidden>)"
 
+    @property
+    def latency(self) -> float:
+        """Seconds of the last ping round trip to the hub (0 before the first)."""
+        return self._connection.latency if self._connection is not None else 0.0
+
     def attach(self, on_frame: FrameListener, on_lost: LossListener) -> None:
         """Name the one listener for what the hub sends and for the connection's end."""
         if self._attached:

@@ -52,12 +52,19 @@ from .messages import (
     ServerMessageType,
     TaskStatus,
 )
-from .switchboard import DISPATCH_METADATA, now_iso
+from .switchboard import DISPATCH_METADATA, CloseCode, now_iso
 
 logger = logging.getLogger("aip.device")
 
 #: UFO's default batch timeout, used when a batch does not say how long it is waited for.
 UNBOUNDED_BATCH_SECONDS = 6000.0
+#: Replies longer than this go out in fragments of this size, so heartbeats and
+#: pongs still get through while a screenshot crawls up a slow link.
+FRAGMENT_CHARS = 2**18
+
+
+class DeviceReplaced(HubUnavailable):
+    """The hub took this id for a newer connection: another device may be using the same id."""
 
 
 class Executor(Protocol):
@@ -120,6 +127,7 @@ class DeviceClient:
         memory: CallMemory | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         ssl_context: ssl.SSLContext | None = None,
+        token_in_query: bool = False,
     ) -> None:
         if not device_id:
             raise ValueError("a device needs an id")
@@ -133,6 +141,7 @@ class DeviceClient:
         self.memory = memory if memory is not None else CallMemory()
         self.max_message_bytes = max_message_bytes
         self.ssl_context = ssl_context
+        self.token_in_query = token_in_query
         #: Set while registered with the hub; cleared when the connection ends.
         self.registered = asyncio.Event()
         self.registrations = 0
@@ -156,14 +165,17 @@ class DeviceClient:
                     await asyncio.wait({session})
                     break
                 error = session.exception()
-                level = logging.ERROR if isinstance(error, HubRefused) else logging.WARNING
+                if isinstance(error, ValueError):  # a token or URL that can never work: retrying won't help
+                    raise error
+                level = logging.ERROR if isinstance(error, HubRefused | DeviceReplaced) else logging.WARNING
                 logger.log(level, "device %r: %s", self.device_id, error)
-                # A connection that got as far as registering was a success: back off from scratch.
+                # A connection that got as far as registering was a success: back off from scratch;
+                # unless another device took our id, which would make two devices evict each other forever.
                 failures = 0 if self.registrations > registrations else failures + 1
                 registrations = self.registrations
                 if stop.is_set():
                     break
-                delay = self.backoff.delay(failures)
+                delay = self.backoff.maximum if isinstance(error, DeviceReplaced) else self.backoff.delay(failures)
                 logger.info("device %r reconnecting in %.1fs", self.device_id, delay)
                 await asyncio.wait({stopping}, timeout=delay)
         finally:
@@ -172,7 +184,11 @@ class DeviceClient:
 
     async def _connect_and_serve(self) -> None:
         connection = await open_connection(
-            self.url, self.token, max_message_bytes=self.max_message_bytes, ssl_context=self.ssl_context
+            self.url,
+            self.token,
+            max_message_bytes=self.max_message_bytes,
+            ssl_context=self.ssl_context,
+            token_in_query=self.token_in_query,
         )
         try:
             await self._register(connection)
@@ -183,6 +199,11 @@ class DeviceClient:
             finally:
                 heartbeat.cancel()
         except ConnectionClosed as closed:
+            if closed.rcvd is not None and closed.rcvd.code == CloseCode.REPLACED:
+                raise DeviceReplaced(
+                    f"another connection registered as {self.device_id!r} and replaced this one; "
+                    "if two machines use the same --id, give each its own"
+                ) from None
             raise HubUnavailable(f"the connection to the hub closed: {closed}") from None
         finally:
             self.registered.clear()
@@ -309,7 +330,20 @@ class DeviceClient:
             timestamp=now_iso(),
         )
         try:
-            await connection.send(reply.model_dump_json())
+            text = reply.model_dump_json()
+        except ValueError as error:  # a tool's result that JSON can't carry: say so rather than stay silent
+            cause = f"ProtocolError: the result could not be sent as JSON ({error})"
+            failed = executor.generate_error_results(commands, cause)
+            text = reply.model_copy(update={"action_results": failed}).model_dump_json()
+        try:
+            await connection.send(_fragments(text))
         except ConnectionClosed:
             # The results stay in memory: a controller that sends the batch again gets them.
             logger.info("device %r: the connection closed before batch %s was answered", self.device_id, response_id)
+
+
+def _fragments(text: str) -> str | list[str]:
+    """The text whole, or in fragments of ``FRAGMENT_CHARS`` (one message all the same)."""
+    if len(text) <= FRAGMENT_CHARS:
+        return text
+    return [text[start : start + FRAGMENT_CHARS] for start in range(0, len(text), FRAGMENT_CHARS)]

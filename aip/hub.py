@@ -15,7 +15,7 @@ import logging
 import ssl
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -26,6 +26,9 @@ from websockets.typing import Origin
 from .access import AccessPolicy
 from .connect import CONTROLLER_PATH, DEFAULT_MAX_MESSAGE_BYTES, DEVICE_PATH
 from .switchboard import Action, Close, CloseCode, Device, Send, Switchboard, error_frame
+
+#: Frames queued for one connection before the hub gives up on it as not reading.
+MAX_QUEUED_FRAMES = 256
 
 logger = logging.getLogger("aip.hub")
 # websockets logs request paths (``?token=``) and headers at DEBUG: its logger
@@ -62,15 +65,41 @@ class HubObserver(Protocol):
 
 
 class _Outbox:
-    """Frames for one connection, written in order by one writer task; a Close (or None) ends it."""
+    """Frames for one connection, written in order by one writer task; a Close (or None) ends it.
 
-    def __init__(self, connection: ServerConnection) -> None:
+    Bounded: a peer that stops reading while frames pile up for it (more than
+    ``MAX_QUEUED_FRAMES``, or ``limit`` characters) is closed, instead of
+    growing the hub until it dies and takes every other connection with it.
+    """
+
+    def __init__(self, connection: ServerConnection, limit: int) -> None:
         self.connection = connection
+        self.limit = limit
+        self.queued = 0
+        self.abandoned = False
+        self.closer: asyncio.Future[None] | None = None
         self.queue: asyncio.Queue[str | Close | None] = asyncio.Queue()
         self.writer = asyncio.create_task(self._write())
 
     def put(self, item: str | Close) -> None:
+        if self.abandoned:
+            return
+        if isinstance(item, str):
+            if self.queued and (self.queue.qsize() >= MAX_QUEUED_FRAMES or self.queued + len(item) > self.limit):
+                self._abandon()
+                return
+            self.queued += len(item)
         self.queue.put_nowait(item)
+
+    def _abandon(self) -> None:
+        """Drop what is queued and close the connection now, even with a send stuck on it."""
+        logger.warning("closing %s: it does not read what it is sent", _address(self.connection))
+        self.abandoned = True
+        self.writer.cancel()
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queued = 0
+        self.closer = asyncio.ensure_future(self.connection.close(CloseCode.TOO_SLOW, "too many frames queued"))
 
     async def _write(self) -> None:
         try:
@@ -82,6 +111,7 @@ class _Outbox:
                     await self.connection.close(item.code, item.reason)
                     return
                 await self.connection.send(item)
+                self.queued -= len(item)
         except ConnectionClosed:
             pass
 
@@ -172,7 +202,8 @@ class Hub:
                 outbox.put(action.text if isinstance(action, Send) else action)
 
     async def _serve(self, connection: ServerConnection) -> None:
-        outbox = self._outboxes[connection] = _Outbox(connection)
+        # Room for the largest frame and then some, so one big result never trips it.
+        outbox = self._outboxes[connection] = _Outbox(connection, self.settings.max_message_bytes + 2**24)
         try:
             if urlsplit(connection.request.path if connection.request else "").path == DEVICE_PATH:
                 await self._serve_device(connection, outbox)
@@ -203,8 +234,7 @@ class Hub:
         why = "connection closed"
         try:
             while True:
-                async with asyncio.timeout(settings.heartbeat_timeout):
-                    data = await connection.recv()
+                data = await _receive(connection, settings.heartbeat_timeout)
                 self._apply(self.switchboard.device_text(connection, data))
         except TimeoutError:
             why = f"silent for {settings.heartbeat_timeout:g}s"
@@ -227,6 +257,21 @@ class Hub:
             pass
         finally:
             self._apply(self.switchboard.controller_gone(connection))
+
+
+async def _receive(connection: ServerConnection, patience: float) -> str | bytes:
+    """The next message, fragment by fragment: a large result still arriving is a sign of life."""
+    fragments: list[Any] = []
+    stream = connection.recv_streaming()
+    while True:
+        async with asyncio.timeout(patience):
+            fragment = await anext(stream, None)
+        if fragment is None:
+            break
+        fragments.append(fragment)
+    if len(fragments) == 1:
+        return fragments[0]  # type: ignore[no-any-return]
+    return "".join(fragments) if fragments and isinstance(fragments[0], str) else b"".join(fragments)
 
 
 def _address(connection: ServerConnection) -> str:

@@ -52,6 +52,7 @@ class CloseCode:
     POLICY = 1008
     REPLACED = 4000
     SILENT = 4001
+    TOO_SLOW = 4002
 
 
 class Reason(StrEnum):
@@ -101,7 +102,9 @@ class Device:
             "kind": "dispatch" if self.speaks_dispatch else "ufo",
             "platform": self.metadata.get("platform") or (system or {}).get("platform"),
             "system_info": system,
-            "tools": tools if isinstance(dispatch, dict) and isinstance(tools := dispatch.get("tools"), list) else [],
+            "tools": [tool for tool in tools if isinstance(tool, dict)]
+            if isinstance(dispatch, dict) and isinstance(tools := dispatch.get("tools"), list)
+            else [],
             "connected_at": self.connected_at,
             "last_seen": self.last_seen,
             "pending_batches": len(self.pending),

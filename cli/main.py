@@ -26,7 +26,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from aip.access import AccessPolicy
+from aip.access import AccessPolicy, check_token
 from aip.connect import HubUnavailable
 from aip.controller import list_devices
 from aip.device import DeviceClient
@@ -97,6 +97,7 @@ def run(
         str | None, typer.Option("--device", help="Run on this device, connected to --hub, instead of locally")
     ] = None,
     token_file: TokenFileOption = None,
+    cafile: CaFileOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print only the JSON array of Results on stdout")] = False,
 ) -> None:
     """Run a batch of commands as a Prefect flow and print one Result per command."""
@@ -111,6 +112,9 @@ def run(
         token = read_token(token_file)
         if token is not None:
             os.environ["DISPATCH_TOKEN"] = token  # read by the flow run, in this process
+        if cafile is not None:
+            client_ssl(cafile)  # checked now, used by the flow run
+            os.environ["DISPATCH_CAFILE"] = str(cafile.resolve())
         options |= {"backend": "remote", "device": device, "hub": hub}
     else:
         options["config"] = str(resolve_config(config, batch))
@@ -266,6 +270,9 @@ def device(
     token_file: TokenFileOption = None,
     heartbeat: Annotated[float, typer.Option(help="Seconds between heartbeats", min=0.1)] = 10.0,
     cafile: CaFileOption = None,
+    token_in_query: Annotated[
+        bool, typer.Option("--token-in-query", help="Send the token as ?token= too, as a UFO server wants it")
+    ] = False,
 ) -> None:
     """Connect this machine to a hub and execute the commands it sends, until stopped."""
     if not hub:
@@ -289,7 +296,14 @@ def device(
 
             executor = LocalCommandDispatcher(servers, session=device_id)
             client = DeviceClient(
-                hub, device_id, executor, token=token, tools=tools, heartbeat_interval=heartbeat, ssl_context=context
+                hub,
+                device_id,
+                executor,
+                token=token,
+                tools=tools,
+                heartbeat_interval=heartbeat,
+                ssl_context=context,
+                token_in_query=token_in_query,
             )
             await client.run(stop)
 
@@ -382,13 +396,22 @@ def print_results(commands: list[Command], results: list[Result], json_output: b
 def read_token(token_file: Path | None) -> str | None:
     """--token-file, else $DISPATCH_TOKEN; never echoed anywhere."""
     if token_file is None:
-        return os.environ.get("DISPATCH_TOKEN") or None
+        token = os.environ.get("DISPATCH_TOKEN")
+        return checked_token(token) if token else None
     try:
         token = token_file.read_text(encoding="utf-8").strip()
     except OSError as error:
         fail_usage(f"can't read the token file: {error}")
     if not token:
         fail_usage(f"{token_file} is empty")
+    return checked_token(token)
+
+
+def checked_token(token: str) -> str:
+    try:
+        check_token(token)
+    except ValueError as error:
+        fail_usage(f"unusable token: {error}")
     return token
 
 

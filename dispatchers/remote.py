@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import uuid
@@ -28,9 +29,14 @@ from .policy import Deadline, RetryPolicy
 
 logger = logging.getLogger("dispatchers.remote")
 
-#: How long past the deadline the device's own answer is still awaited: it
-#: stops at the deadline too and reports its timeouts, which beats guessing.
+#: How long past the deadline the device's own answer is still awaited.
 REPLY_GRACE = 0.5
+#: The device is told to stop this much before our deadline (plus twice the
+#: measured latency to the hub, at most a fifth of the time left), so that
+#: its answer, with the Results of the commands that did finish, arrives in time.
+REPLY_MARGIN = 0.3
+#: Attempts at delivering a batch: in effect, as many as the deadline allows.
+DELIVERY_ATTEMPTS = 1_000_000
 
 
 class AccessDenied(CommandError):
@@ -48,7 +54,8 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
     Session context (``session_id``, ``agent_name``, ``process_name``,
     ``root_name``) travels on every batch, as UFO's agents send it. A batch
     that could not be delivered (the device is not connected, the hub is
-    restarting) is sent again with backoff while time remains. One that was
+    restarting) is sent again with backoff (capped at the retry policy's
+    ``max_delay``) until the deadline, whatever its ``attempts``. One that was
     delivered and then lost with its device fails at once and is not sent
     again: the device that comes back may be a new process that has forgotten
     what ran. (A later batch with the same call_ids, sent to the same device
@@ -82,6 +89,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
             "root_name": root_name,
         }
         self.retry = retry
+        self.delivery = dataclasses.replace(retry, attempts=DELIVERY_ATTEMPTS)
         self.pending: dict[str, asyncio.Future[ClientMessage]] = {}
         self._cancels: set[asyncio.Task[None]] = set()
         protocol.attach(self._on_frame, self.connection_lost)
@@ -148,7 +156,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
             )
 
         try:
-            return await self.retry.call(
+            return await self.delivery.call(
                 lambda: self._exchange(batch, deadline), deadline, self._should_retry, log_retry
             )
         except Exception as error:
@@ -172,7 +180,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
             response_id=response_id,
             timestamp=now_iso(),
             target_id=self.device,
-            timeout=max(deadline.remaining(), 1e-3),
+            timeout=self._device_budget(deadline),
             **self.context,
         )
         try:
@@ -188,6 +196,12 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
         finally:
             del self.pending[response_id]
         return self._checked(batch, reply)
+
+    def _device_budget(self, deadline: Deadline) -> float:
+        """The seconds the device gets: ours, less the time its answer needs to come back."""
+        remaining = deadline.remaining()
+        margin = min(remaining / 5, REPLY_MARGIN + 2 * self.protocol.latency)
+        return max(remaining - margin, 1e-3)
 
     async def _send(self, message: ServerMessage) -> None:
         try:

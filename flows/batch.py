@@ -9,6 +9,7 @@ command, whatever happens to the flow run itself.
 from __future__ import annotations
 
 import os
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -169,7 +170,9 @@ async def _dispatcher(
     hub = hub or os.environ.get("DISPATCH_HUB")
     if not hub or not device:
         raise ValueError("the remote backend needs a device and a hub (the hub parameter or $DISPATCH_HUB)")
-    link = HubLink(hub, os.environ.get("DISPATCH_TOKEN"))
+    cafile = os.environ.get("DISPATCH_CAFILE")  # a private CA for a wss:// hub (dispatch run --cafile)
+    context = ssl.create_default_context(cafile=cafile) if cafile else None
+    link = HubLink(hub, os.environ.get("DISPATCH_TOKEN"), ssl_context=context)
     dispatcher = WebSocketCommandDispatcher(link, device, session_id=str(flow_run.id), retry=retry)
     try:
         yield dispatcher

@@ -1020,15 +1020,37 @@ async def test_a_repeat_is_answered_from_memory_without_running_again() -> None:
     assert len(memory) == 3
 
 
-async def test_a_remembered_failure_result_is_returned_as_is() -> None:
+async def test_a_failure_is_not_remembered_so_a_retry_runs_the_command_again() -> None:
     memory = CallMemory()
 
     async def run(commands: list[Command]) -> list[Result]:
         return fail(commands, RuntimeError("tool said no"))
 
     first = await memory.execute([cmd("a")], run, fail)
+    assert first[0].status is ResultStatus.FAILURE and len(memory) == 0
     rerun = Recorder()
-    assert await memory.execute([cmd("a")], rerun, fail) == first and rerun.calls == []
+    assert await memory.execute([cmd("a")], rerun, fail) == [ok(cmd("a"))] and rerun.calls == [["a"]]
+
+
+async def test_memory_is_bounded_in_bytes_and_forgets_the_oldest_first() -> None:
+    memory, run = CallMemory(MemoryLimits(bytes=200)), Recorder()  # about 80 bytes each
+    for call_id in ("a", "b", "c", "d"):
+        await memory.execute([cmd(call_id)], run, fail)
+    kept = [call_id for call_id in "abcd" if memory.recall(call_id) is not None]
+    assert kept and kept == list("abcd")[-len(kept) :] and len(kept) < 4
+
+
+async def test_a_result_that_cannot_be_serialised_is_answered_but_not_remembered() -> None:
+    memory = CallMemory()
+
+    async def run(commands: list[Command]) -> list[Result]:
+        return [Result(status=ResultStatus.SUCCESS, result=b"\xff\xfe", call_id=c.call_id) for c in commands]
+
+    [result] = await memory.execute([cmd("raw")], run, fail)
+    assert result.result == b"\xff\xfe" and len(memory) == 0
+    again = Recorder()
+    await memory.execute([cmd("raw")], again, fail)
+    assert again.calls == [["raw"]]
 
 
 @pytest.mark.parametrize("call_id", [None, ""])
