@@ -33,6 +33,7 @@ from aip.device import DeviceClient
 from aip.hub import Hub, HubSettings
 from aip.messages import Command, Result, ResultStatus
 from dispatchers import (
+    ConcurrencyLimits,
     ConfigError,
     ExecutionMode,
     LocalCommandDispatcher,
@@ -273,6 +274,10 @@ def device(
     token_in_query: Annotated[
         bool, typer.Option("--token-in-query", help="Send the token as ?token= too, as a UFO server wants it")
     ] = False,
+    max_actions: Annotated[int, typer.Option(help="Action commands at once on this device", min=1)] = 1,
+    max_data_collection: Annotated[
+        int | None, typer.Option(help="data_collection commands at once on this device (default: no limit)", min=1)
+    ] = None,
 ) -> None:
     """Connect this machine to a hub and execute the commands it sends, until stopped."""
     if not hub:
@@ -285,7 +290,8 @@ def device(
     log_to_stderr()
 
     async def serve_commands(stop: asyncio.Event) -> None:
-        async with MCPServerManager(specs) as servers:
+        limits = ConcurrencyLimits(action=max_actions, data_collection=max_data_collection)
+        async with MCPServerManager(specs, limits=limits, per_manager=True) as servers:  # limits per device
 
             def tools() -> list[dict[str, Any]]:
                 return [

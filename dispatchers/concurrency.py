@@ -2,9 +2,8 @@
 
 A command is an ``action`` (it may change something) or ``data_collection``
 (it only reads). By default at most one action runs at a time on a server (or,
-with a shared ``Slots``, on a whole device), while reads run in parallel:
-two actions racing on the same screen, file or account is how agents break
-things, and reads are what makes a batch fast.
+with a shared ``Slots``, on a whole device), so two actions never race on the
+same screen, file or account, while reads run in parallel.
 
 ``ConcurrencyLimits`` is the policy value, printable and comparable like
 ``RetryPolicy``. ``Slots`` holds one ``asyncio.Semaphore`` per limited kind;
@@ -133,7 +132,7 @@ class Slots:
         return _both(own, self.within.slot(kind))
 
     def in_use(self, kind: str) -> int:
-        """How many slots of ``kind`` are held right now (here, not counting ``within``)."""
+        """How many slots of ``kind`` are held right now (here, not in ``within``; 0 for an unlimited kind)."""
         return self._in_use[kind]
 
     def waiting(self, kind: str) -> int:

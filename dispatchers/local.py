@@ -8,6 +8,7 @@ from typing import Any
 
 from aip.messages import Command, Result, ResultStatus
 
+from .concurrency import command_kind
 from .errors import CommandError, ToolReportedError
 from .mcp_results import tool_error, tool_output
 from .mcp_servers import MCPServerManager
@@ -23,7 +24,10 @@ class LocalCommandDispatcher(ToolCallDispatcher):
 
     ``session`` names the agent session this dispatcher serves, for the logs.
     Retry, batch and timeout policies are keyword arguments (see
-    ``ToolCallDispatcher``).
+    ``ToolCallDispatcher``). Each call holds a slot of its server's
+    concurrency limits (``ServerConnection.slots``, shared by every dispatcher
+    on the same manager) while the tool runs; waiting for it counts against
+    the attempt's time like the call itself.
     """
 
     def __init__(self, mcp_server_manager: MCPServerManager, session: str | None = None, **policies: Any) -> None:
@@ -57,8 +61,20 @@ class LocalCommandDispatcher(ToolCallDispatcher):
         route = await self._route(command)
         parameters = command.parameters or {}
         check_parameters(route.tool.input_schema, parameters)
-        logger.debug("session %s: %s[%s] -> %s", self.session, command.tool_name, command.call_id, route.server)
-        answer = await self.servers.connections[route.server].call_tool(route.tool.name, parameters)
+        connection = self.servers.connections[route.server]
+        kind = command_kind(command, route.tool)
+        logger.debug(
+            "session %s: %s[%s] -> %s (%s, %r)",
+            self.session,
+            command.tool_name,
+            command.call_id,
+            route.server,
+            kind,
+            connection.slots,
+        )
+        # Only the call holds a slot: a command that can't be routed or has bad parameters never waits for one.
+        async with connection.slots.slot(kind):
+            answer = await connection.call_tool(route.tool.name, parameters)
         if answer.is_error:
             raise ToolReportedError(tool_error(answer))
         return Result(

@@ -1,6 +1,17 @@
-"""Reading ``mcp.json``: the Claude Desktop convention, plus a category per server.
+"""Reading ``mcp.json``: the Claude Desktop convention, plus our extensions per server.
 
 ``{"mcpServers": {"name": {"command", "args", "env", "cwd"} | {"url", "headers"}}}``.
+Our extensions, which other MCP clients ignore:
+
+- ``"category"``: ``"data_collection"`` (read-only) or ``"action"`` (has side
+  effects), or a list of both; the ``tool_type`` categories the server serves
+  (all when absent).
+- ``"max_actions"``: at most how many ``action`` commands run on the server at
+  once (default 1); ``null`` for no limit.
+- ``"max_data_collection"``: the same for ``data_collection`` commands
+  (default: no limit).
+- ``"disabled": true`` leaves a server out.
+
 Strings may use ``${VAR}`` (or ``${VAR:-default}``) from the environment;
 ``${DISPATCH_PYTHON}`` is the interpreter running the dispatcher, so a config
 can start Python servers in the same environment without knowing its path.
@@ -18,7 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import validation_message
 
@@ -38,6 +49,10 @@ class _ServerBase(BaseModel):
     #: The categories this server serves; empty means every category.
     category: tuple[Literal["data_collection", "action"], ...] = ()
     disabled: bool = False
+    #: At most how many ``action`` commands run at once on this server; ``null`` for no limit.
+    max_actions: int | None = Field(default=None, ge=1)
+    #: At most how many ``data_collection`` commands run at once on this server; ``null`` for no limit.
+    max_data_collection: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -45,6 +60,21 @@ class _ServerBase(BaseModel):
         if isinstance(data, dict) and isinstance(data.get("category"), str):
             return {**data, "category": (data["category"],)}
         return data
+
+    @field_validator("max_actions", "max_data_collection", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # pydantic would read true as 1
+            raise ValueError("expected a whole number of at least 1, or null for no limit")
+        return value
+
+    def concurrency_limits(self) -> dict[str, int | None]:
+        """The limits this entry sets, by kind (``action``, ``data_collection``): only those it names.
+
+        A key that is absent leaves the limit to the manager; ``null`` means no limit.
+        """
+        keys = {"action": "max_actions", "data_collection": "max_data_collection"}
+        return {kind: getattr(self, key) for kind, key in keys.items() if key in self.model_fields_set}
 
 
 class StdioServer(_ServerBase):

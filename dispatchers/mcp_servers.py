@@ -7,6 +7,10 @@ old run winding down can never touch the next one. A stdio server's stderr
 goes through a pipe we read: its last lines explain a failure, and its end
 tells us that the process exited even while no call was in flight, so the
 next command starts a fresh process instead of failing on a dead one.
+
+A connection also holds the ``Slots`` that bound how many commands of each
+kind run on it at once (see ``concurrency``). They live with the server, not
+with a dispatcher, so every dispatcher that uses the manager shares them.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -31,6 +35,7 @@ from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CONNECTION_CLOSED, INTERNAL_ERROR, REQUEST_TIMEOUT, CallToolResult, Tool
 
+from .concurrency import ConcurrencyLimits, Slots
 from .errors import ConnectionLost, ProtocolError, ServerStopped, ServerUnavailable, describe
 from .mcp_config import HttpServer, ServerSpec, StdioServer, load_config
 
@@ -128,7 +133,11 @@ class _Run:
 
 
 class ServerConnection:
-    """One configured MCP server and its session."""
+    """One configured MCP server and its session.
+
+    ``slots`` bound the commands running on it at once; by default, the
+    limits its ``mcp.json`` entry sets, else ``ConcurrencyLimits()``.
+    """
 
     def __init__(
         self,
@@ -138,9 +147,11 @@ class ServerConnection:
         start_timeout: float = 30.0,
         restart_delay: float = 0.5,
         max_restart_delay: float = 30.0,
+        slots: Slots | None = None,
     ) -> None:
         self.name = name
         self.spec = spec
+        self.slots = slots if slots is not None else Slots(replace(ConcurrencyLimits(), **spec.concurrency_limits()))
         self.start_timeout = start_timeout
         self.restart_delay = restart_delay
         self.max_restart_delay = max_restart_delay
@@ -258,7 +269,10 @@ class ServerConnection:
         return run
 
     async def session(self) -> Client:
-        """The live ``mcp.Client``, for what commands don't cover (resources, prompts, raw calls)."""
+        """The live ``mcp.Client``, for what commands don't cover (resources, prompts, raw calls).
+
+        Calls made through it hold no slot: ``slots`` bound commands, not raw calls.
+        """
         run = await self._live_run()
         assert run.client is not None
         return run.client
@@ -330,11 +344,41 @@ class MCPServerManager:
     Entering starts every server at once and waits for each to be up or to
     have failed; a server that fails is reported in ``connections[name].error``
     and does not stop the others.
+
+    Concurrency limits (see ``concurrency``) hold per server by default: each
+    server's ``max_actions``/``max_data_collection`` from its ``mcp.json``
+    entry, else those of ``limits``, else ``ConcurrencyLimits()`` (one action
+    at a time, reads unlimited). With ``per_manager``, ``limits`` bound all
+    the servers together (``slots``: at most one action on the whole device,
+    by default), and a server's own ``mcp.json`` limits still apply within.
     """
 
-    def __init__(self, servers: Mapping[str, ServerSpec], *, start_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        servers: Mapping[str, ServerSpec],
+        *,
+        start_timeout: float = 30.0,
+        limits: ConcurrencyLimits | None = None,
+        per_manager: bool = False,
+    ) -> None:
+        limits = limits if limits is not None else ConcurrencyLimits()
+        #: The slots all servers share, with ``per_manager``; else None.
+        self.slots = Slots(limits) if per_manager else None
+
+        def slots_of(spec: ServerSpec) -> Slots:
+            own = spec.concurrency_limits()
+            if self.slots is None:
+                return Slots(replace(limits, **own))
+            if not own:
+                return self.slots
+            return Slots(
+                ConcurrencyLimits(action=own.get("action"), data_collection=own.get("data_collection")),
+                within=self.slots,
+            )
+
         self.connections = {
-            name: ServerConnection(name, spec, start_timeout=start_timeout) for name, spec in servers.items()
+            name: ServerConnection(name, spec, start_timeout=start_timeout, slots=slots_of(spec))
+            for name, spec in servers.items()
         }
 
     @classmethod
@@ -382,7 +426,10 @@ def shared_manager(source: str | Path | Mapping[str, Any]) -> MCPServerManager:
     loop ends (its tasks are cancelled), or at ``close_shared_managers()``.
     """
     specs = load_config(source)
-    key = json.dumps({name: spec.model_dump(mode="json") for name, spec in specs.items()}, sort_keys=True)
+    # exclude_unset: an entry's "max_actions": null (no limit) is not the same config as no "max_actions" at all.
+    key = json.dumps(
+        {name: spec.model_dump(mode="json", exclude_unset=True) for name, spec in specs.items()}, sort_keys=True
+    )
     for closed in [loop for loop in _shared if loop.is_closed()]:
         del _shared[closed]
     managers = _shared.setdefault(asyncio.get_running_loop(), {})

@@ -4,8 +4,9 @@ Run it as ``python examples/demo_server.py`` (stdio) or
 ``python examples/demo_server.py --http PORT`` (streamable HTTP on 127.0.0.1).
 Its tools cover the cases a dispatcher must handle: plain and structured
 output, falsy output, slow tools, tools that report an error, a flaky tool that
-fails a set number of times before it succeeds, and a counter that proves how
-often a tool really ran.
+fails a set number of times before it succeeds, a counter that proves how
+often a tool really ran, and slow tools that report when they ran and what ran
+alongside them, to measure concurrency.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import time
 from collections import Counter
 from typing import Any
 
@@ -24,6 +26,7 @@ from mcp.types import INTERNAL_ERROR, ToolAnnotations
 server = MCPServer("demo", log_level="WARNING")
 _flaky_attempts: Counter[str] = Counter()
 _calls: Counter[str] = Counter()
+_running: Counter[str] = Counter()
 
 _READ_ONLY = ToolAnnotations(readOnlyHint=True, idempotentHint=True)
 
@@ -83,10 +86,63 @@ def count(key: str = "default") -> int:
     return _calls[key]
 
 
+async def _timed(seconds: float, key: str) -> dict[str, float | int]:
+    _running[key] += 1
+    started, alongside = time.time(), _running[key] - 1
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        _running[key] -= 1
+    return {"started": started, "ended": time.time(), "alongside": alongside}
+
+
+@server.tool()
+async def timed_action(seconds: float, key: str = "default") -> dict[str, float | int]:
+    """Take ``seconds``, like a slow tool with side effects (it declares no hints).
+
+    Returns when it ``started`` and ``ended`` (wall clock, comparable across
+    servers on one machine) and how many other timed calls for ``key`` were
+    running in this server when it started (``alongside``).
+    """
+    return await _timed(seconds, key)
+
+
+@server.tool(annotations=_READ_ONLY)
+async def timed_read(seconds: float, key: str = "default") -> dict[str, float | int]:
+    """Like ``timed_action``, but declared read-only (``readOnlyHint``)."""
+    return await _timed(seconds, key)
+
+
 @server.tool()
 def crash(exit_code: int = 3) -> str:
     """Kill this server process at once, mid-call."""
     os._exit(exit_code)
+
+
+@server.tool()
+def count_to_file(path: str) -> int:
+    """Append a line to the file at ``path`` and return how many lines it holds.
+
+    A counter that outlives the server process: proves how often a tool ran
+    across flow runs, each of which starts its own server.
+    """
+    with open(path, "a", encoding="utf-8") as file:
+        file.write("ran\n")
+    with open(path, encoding="utf-8") as file:
+        return sum(1 for _ in file)
+
+
+@server.tool()
+def file_gate(path: str) -> str:
+    """Report an error unless the file at ``path`` exists; else return its text.
+
+    A command that fails until someone fixes its condition (creates the file).
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except FileNotFoundError:
+        raise ToolError(f"{path} does not exist") from None
 
 
 def main() -> None:

@@ -164,6 +164,7 @@ async def test_a_server_killed_mid_call_fails_only_that_command_promptly(demo_co
         Command(tool_name="crash", call_id="killer"),
         Command(tool_name="echo", parameters={"value": "after"}, call_id="after-restart"),
     ]
+    demo_config["mcpServers"]["demo"]["max_actions"] = 2  # both actions in flight when the server dies
     started = time.monotonic()
 
     state = await run_flow(commands, config=demo_config, timeout=60, mode="parallel", max_concurrency=2)
