@@ -300,7 +300,9 @@ class DeviceClient:
 
     async def _run_batch(self, connection: ClientConnection, message: ServerMessage, response_id: str) -> None:
         commands = list(message.actions or [])
+        # The sender stops waiting after ``timeout``; our answer needs the way back to the hub too.
         timeout = message.timeout or UNBOUNDED_BATCH_SECONDS
+        timeout = max(timeout - 2 * connection.latency, timeout / 2)
         executor = self.executor
 
         async def run(fresh: list[Command]) -> list[Result]:
@@ -331,15 +333,24 @@ class DeviceClient:
         )
         try:
             text = reply.model_dump_json()
-        except ValueError as error:  # a tool's result that JSON can't carry: say so rather than stay silent
-            cause = f"ProtocolError: the result could not be sent as JSON ({error})"
-            failed = executor.generate_error_results(commands, cause)
-            text = reply.model_copy(update={"action_results": failed}).model_dump_json()
+        except ValueError:  # a tool's result that JSON can't carry: that command fails, the others stand
+            sendable = [_sendable(command, result, executor) for command, result in zip(commands, results, strict=True)]
+            text = reply.model_copy(update={"action_results": sendable}).model_dump_json()
         try:
             await connection.send(_fragments(text))
         except ConnectionClosed:
             # The results stay in memory: a controller that sends the batch again gets them.
             logger.info("device %r: the connection closed before batch %s was answered", self.device_id, response_id)
+
+
+def _sendable(command: Command, result: Result, executor: Executor) -> Result:
+    """``result`` if it serialises, else a failure Result that says why."""
+    try:
+        result.model_dump_json()
+    except ValueError as error:
+        cause = f"ProtocolError: the result could not be sent as JSON ({error})"
+        return executor.generate_error_results([command], cause)[0]
+    return result
 
 
 def _fragments(text: str) -> str | list[str]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import ipaddress
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from aip.access import AccessPolicy
@@ -51,14 +54,53 @@ async def running_device(
     """A registered in-process device whose tools are Python functions; stopped cleanly on exit."""
     executor = InMemoryCommandDispatcher(tools if tools is not None else echo_tools())
     options.setdefault("backoff", QUICK_BACKOFF)
-    client = DeviceClient(hub.url, device_id, executor, token=token, **options)
+    async with serving(DeviceClient(hub.url, device_id, executor, token=token, **options)) as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def serving(client: DeviceClient, patience: float = 10) -> AsyncIterator[DeviceClient]:
+    """Run a DeviceClient until the block ends; entered once it is registered."""
     stop = asyncio.Event()
     task = asyncio.create_task(client.run(stop))
     try:
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(patience):
             await client.registered.wait()
         yield client
     finally:
         stop.set()
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(patience):
             await task
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and localhost, and its key, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dispatch test hub")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "hub.pem", directory / "hub.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path

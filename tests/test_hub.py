@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import ipaddress
 import json
 import logging
 import ssl
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hub_support import QUICK_BACKOFF, TOKEN, echo_tools, running_device, running_hub
+from hub_support import QUICK_BACKOFF, TOKEN, echo_tools, running_device, running_hub, self_signed_certificate, serving
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
@@ -190,21 +189,6 @@ async def dispatcher_for(hub: Hub, device: str, **options: Any) -> AsyncIterator
     link = HubLink(hub.url, TOKEN, open_timeout=WAIT, ssl_context=options.pop("ssl_context", None))
     async with WebSocketCommandDispatcher(link, device, **options) as dispatcher:
         yield dispatcher
-
-
-@contextlib.asynccontextmanager
-async def serving(client: DeviceClient) -> AsyncIterator[DeviceClient]:
-    """Run a DeviceClient until the block ends; entered once it is registered."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(client.run(stop))
-    try:
-        async with asyncio.timeout(WAIT):
-            await client.registered.wait()
-        yield client
-    finally:
-        stop.set()
-        async with asyncio.timeout(WAIT * 2):
-            await task
 
 
 class Gate:
@@ -1027,39 +1011,6 @@ async def test_a_hundred_devices_each_run_their_own_batch_at_once() -> None:
 
 
 # -- TLS -------------------------------------------------------------------------------
-
-
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and localhost, and its key, as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dispatch test hub")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "hub.pem", directory / "hub.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
 
 
 async def test_wss_carries_devices_and_batches(tmp_path: Path) -> None:
