@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -112,6 +113,20 @@ def wait_healthy(api_url: str, server: subprocess.Popen[bytes], timeout: float) 
     raise StackError(f"the Prefect server was not healthy within {timeout:g}s")
 
 
+def wait_listening(port: int, process: subprocess.Popen[bytes], what: str, timeout: float) -> None:
+    """Until something accepts connections on 127.0.0.1:``port``; a ``StackError`` if ``process`` dies first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise StackError(f"{what} exited at start (is port {port} taken? see its log)")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise StackError(f"{what} was not listening on port {port} within {timeout:g}s")
+
+
 def hub_token(project: Path) -> tuple[str, str]:
     """``$DISPATCH_TOKEN``, else a token kept in ``.dispatch/token`` (created, mode 0600): (token, where)."""
     token = os.environ.get("DISPATCH_TOKEN")
@@ -165,7 +180,8 @@ def running_stack(
             env["DISPATCH_TOKEN"] = token
             env.setdefault("DISPATCH_HUB", f"ws://127.0.0.1:{hub_port}")
             dispatch = [sys.executable, "-m", "cli.main"]
-            stack.start("hub", [*dispatch, "serve", "--port", str(hub_port)], env, project)
+            hub = stack.start("hub", [*dispatch, "serve", "--port", str(hub_port)], env, project)
+            wait_listening(hub_port, hub, "the hub", timeout=30)
             say(f"hub at ws://127.0.0.1:{hub_port} (token: {where})")
         stack.start("worker", [prefect, "worker", "start", "--pool", pool], env, project)
         say(f"worker on pool {pool!r}; logs in {log_dir}")

@@ -55,10 +55,10 @@ class Backend(StrEnum):
 def flow_run_name() -> str:
     """``batch-<n>-commands`` or the batch file's name, ``-on-<device>`` when remote, ``-resumed`` for a resume."""
     parameters = flow_run.parameters
-    if parameters.get("batch_file"):
-        name = Path(parameters["batch_file"]).stem
-    else:
+    if parameters.get("commands") or not parameters.get("batch_file"):
         name = f"batch-{len(parameters.get('commands') or [])}-commands"
+    else:
+        name = Path(parameters["batch_file"]).stem
     if parameters.get("backend") == Backend.REMOTE and parameters.get("device"):
         name += f"-on-{parameters['device']}"
     return name + ("-resumed" if parameters.get("resume_from") else "")

@@ -85,7 +85,7 @@ def test_run_reads_options_and_config_from_the_batch_file(tmp_path: Path, config
         tmp_path,
         {
             "config": "mcp.json",
-            "timeout": 2,
+            "timeout": 8,
             "mode": "parallel",
             "commands": [
                 {"tool_name": "sleep", "parameters": {"seconds": 20}, "call_id": "slow"},
@@ -98,7 +98,7 @@ def test_run_reads_options_and_config_from_the_batch_file(tmp_path: Path, config
 
     assert done.returncode == 1, done.stderr
     slow, fast = json.loads(done.stdout)
-    assert slow["error"].endswith("TimeoutError: no result within 2.0s")
+    assert slow["error"].endswith("TimeoutError: no result within 8.0s")
     assert fast["status"] == "success" and fast["result"] == {"result": 0}
 
 

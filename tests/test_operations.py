@@ -1,0 +1,686 @@
+"""Operations against a real Prefect server: deploy, run on a worker, retry, resume, ``dispatch up``, device events.
+
+One ``prefect server start`` on a free loopback port serves the whole module,
+with its own temporary ``PREFECT_HOME`` (database, stored Results, profiles):
+the user's ``~/.prefect`` is never used. Every child process runs in its own
+process group and is stopped in a ``finally`` (SIGTERM, then SIGKILL); every
+wait is a bounded poll.
+
+Resume is proved with two demo tools whose effects outlive the MCP server
+(each flow run starts its own): ``count_to_file`` appends a line per call, so a
+file's line count is how often the command really ran, across runs;
+``file_gate`` fails until its file exists, a failure the test can fix between
+two runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from conftest import DEMO_SERVER, ROOT, _free_port
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterDeploymentId,
+    FlowRunFilterExpectedStartTime,
+    FlowRunFilterId,
+)
+from prefect.client.schemas.objects import Artifact, FlowRun, StateType, TaskRun
+from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+from prefect.events.schemas.events import Event, ResourceSpecification
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+from prefect.types._datetime import now
+
+from cli.up import SERVER_TUNING
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+CLI = (sys.executable, "-m", "cli.main")
+TOKEN = "ops-test-token-0123456789abcdef"
+#: How long a fresh Prefect server may take to answer /health.
+SERVER_STARTUP = 60.0
+#: How long a deployment run may take from trigger to a final state (worker poll, flow subprocess, MCP server).
+RUN_TIMEOUT = 60.0
+#: How long the API may take to show what a run recorded (task runs and events are written in batches).
+RECORDED = 20.0
+
+T = TypeVar("T")
+
+
+# -- processes and waits ---------------------------------------------------------
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout: float, interval: float = 0.2) -> T:
+    """Poll ``check`` until it returns something truthy; fail saying ``what`` was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout:g} s (last: {value!r})")
+        time.sleep(interval)
+
+
+def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """A child in its own process group, its output in ``log`` (a pipe nobody reads could fill up)."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop_group(process: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+    """SIGTERM the child's process group, SIGKILL it after ``grace``; then kill whatever the group still holds."""
+    for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signum)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=wait)
+            break
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
+
+
+def processes_mentioning(*needles: str) -> list[str]:
+    """Running processes (not zombies) whose command line or environment holds one of ``needles``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (entry / "environ").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if any(needle in cmdline or needle in environ for needle in needles):
+                found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+def listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
+
+
+def lines(path: Path) -> int:
+    """How often ``count_to_file`` ran for ``path``."""
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+# -- the Prefect server ----------------------------------------------------------
+
+
+@dataclass
+class Server:
+    api_url: str
+    home: Path
+    env: dict[str, str]
+    logs: Path
+
+    @contextlib.contextmanager
+    def client(self) -> Iterator[SyncPrefectClient]:
+        """A client of this server, from this process, with this module's PREFECT_HOME (never the user's)."""
+        with (
+            temporary_settings(updates={PREFECT_API_URL: self.api_url, PREFECT_HOME: str(self.home)}),
+            get_client(sync_client=True) as client,
+        ):
+            yield client
+
+    def run(self, *argv: str, timeout: float = 90, **extra_env: str) -> subprocess.CompletedProcess[str]:
+        """A CLI command against this server, from the repository root."""
+        return subprocess.run(
+            list(argv), cwd=ROOT, env=self.env | extra_env, capture_output=True, text=True, timeout=timeout
+        )
+
+
+def operator_env(home: Path, **extra: str) -> dict[str, str]:
+    """This environment without Prefect or hub settings, plus a PREFECT_HOME of its own and quiet, quick defaults.
+
+    Every ``PREFECT_*`` variable of the caller goes (a database URL, a storage
+    path or a profile could point at the user's own), except the log level.
+    """
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if (not key.startswith("PREFECT_") or key == "PREFECT_LOGGING_LEVEL")
+        and key not in ("DISPATCH_TOKEN", "DISPATCH_HUB")
+    }
+    return env | {
+        "PREFECT_HOME": str(home),
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        **SERVER_TUNING,
+        **extra,
+    }
+
+
+def wait_healthy(api_url: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    def healthy() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"the Prefect server exited with {process.returncode}:\n{tail(log)}")
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    wait_for("healthy Prefect server", healthy, timeout, interval=0.25)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    base = tmp_path_factory.mktemp("ops")
+    home, logs = base / "prefect-home", base / "logs"
+    home.mkdir()
+    logs.mkdir()
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    # No dashboard: this server only answers the API (the UI build is copied on first start otherwise).
+    env = operator_env(home, PREFECT_API_URL=api_url, PREFECT_UI_ENABLED="false")
+    log = logs / "server.log"
+    process = start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log)
+    try:
+        wait_healthy(api_url, process, log, SERVER_STARTUP)
+        yield Server(api_url, home, env, logs)
+    finally:
+        stop_group(process)
+
+
+@pytest.fixture(scope="module")
+def deployed(server: Server) -> dict[str, subprocess.CompletedProcess[str]]:
+    """The work pool and prefect.yaml's deployments, created as the README says."""
+    pool = server.run(PREFECT, "work-pool", "create", "dispatch", "--type", "process", "--overwrite")
+    deploy = server.run(PREFECT, "--no-prompt", "deploy", "--all")
+    if deploy.returncode == 0:
+        # Its schedule is due at once (the anchor is now): pause it, so that no example batch runs
+        # alongside this module's own (and drop the runs the scheduler may have put on it already).
+        with server.client() as client:
+            scheduled = client.read_deployment_by_name("dispatch-batch/example-every-5-min")
+            client.pause_deployment(scheduled.id)
+            for run in client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[scheduled.id]))
+            ):
+                if run.state_type is StateType.SCHEDULED:
+                    client.delete_flow_run(run.id)
+    return {"pool": pool, "deploy": deploy}
+
+
+@pytest.fixture(scope="module")
+def worker(server: Server, deployed: dict[str, subprocess.CompletedProcess[str]]) -> Iterator[subprocess.Popen[bytes]]:
+    assert all(done.returncode == 0 for done in deployed.values()), deployed
+    log = server.logs / "worker.log"
+    process = start([PREFECT, "worker", "start", "--pool", "dispatch"], server.env, log)
+    try:
+        yield process
+    finally:
+        stop_group(process)
+        # The worker's log is where a flow run's crash is explained.
+        print(f"worker log:\n{tail(log, 6000)}")
+
+
+def demo_config() -> dict[str, Any]:
+    """An mcp.json (as a flow parameter) with the demo server by absolute path."""
+    return {"mcpServers": {"demo": {"command": sys.executable, "args": [str(DEMO_SERVER)]}}}
+
+
+# -- reading back through the API -----------------------------------------------
+
+
+def trigger(server: Server, parameters: dict[str, Any], deployment: str = "dispatch-batch/on-demand") -> str:
+    with server.client() as client:
+        found = client.read_deployment_by_name(deployment)
+        return str(client.create_flow_run_from_deployment(found.id, parameters=parameters).id)
+
+
+def finished(server: Server, flow_run_id: str, timeout: float = RUN_TIMEOUT) -> FlowRun:
+    """The flow run once it is in a final state."""
+
+    def final() -> FlowRun | None:
+        with server.client() as client:
+            run = client.read_flow_run(uuid.UUID(flow_run_id))
+        return run if run.state is not None and run.state.is_final() else None
+
+    try:
+        return wait_for(f"final state of flow run {flow_run_id}", final, timeout, interval=0.3)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\nworker log:\n{tail(server.logs / 'worker.log')}") from None
+
+
+def task_runs(server: Server, flow_run_id: str, count: int) -> list[TaskRun]:
+    """The flow run's task runs, once ``count`` of them are recorded in a final state."""
+
+    def recorded() -> list[TaskRun] | None:
+        with server.client() as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(flow_run_id)]))
+            )
+        done = [run for run in runs if run.state is not None and run.state.is_final()]
+        return runs if len(done) >= count else None
+
+    return wait_for(f"{count} final task runs of {flow_run_id}", recorded, RECORDED)
+
+
+def artifacts(server: Server, flow_run_id: str) -> list[Artifact]:
+    with server.client() as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(flow_run_id)]))
+        )
+
+
+def latest(found: list[Artifact], key: str) -> Artifact:
+    keyed = sorted((artifact for artifact in found if artifact.key == key), key=lambda artifact: str(artifact.created))
+    assert keyed, f"no {key!r} artifact among {[artifact.key for artifact in found]}"
+    return keyed[-1]
+
+
+def table_rows(artifact: Artifact) -> list[dict[str, Any]]:
+    data = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    assert isinstance(data, list), data
+    return data
+
+
+def events(server: Server, labels: dict[str, str], expected: Callable[[list[Event]], bool]) -> list[Event]:
+    """The dispatch.* events whose resource has ``labels``, once ``expected`` holds for them."""
+
+    def read() -> list[Event] | None:
+        event_filter = EventFilter(  # occurred: the last 180 days, until now
+            event=EventNameFilter(prefix=["dispatch."]),
+            resource=EventResourceFilter(labels=ResourceSpecification(labels)),
+        )
+        with server.client() as client:
+            found = client.read_events(event_filter, limit=50).events
+        return found if expected(found) else None
+
+    return wait_for(f"dispatch events for {labels}", read, RECORDED, interval=0.3)
+
+
+def names(found: list[Event]) -> list[str]:
+    return sorted(event.event for event in found)
+
+
+# -- 1. deployments from prefect.yaml ---------------------------------------------
+
+
+def test_prefect_yaml_deploys_both_deployments_on_the_process_pool(
+    server: Server, deployed: dict[str, subprocess.CompletedProcess[str]]
+) -> None:
+    for step, done in deployed.items():
+        assert done.returncode == 0, f"{step}: {done.stdout}\n{done.stderr}"
+    with server.client() as client:
+        pool = client.read_work_pool("dispatch")
+        on_demand = client.read_deployment_by_name("dispatch-batch/on-demand")
+        scheduled = client.read_deployment_by_name("dispatch-batch/example-every-5-min")
+        assert pool.type == "process"
+        for deployment in (on_demand, scheduled):
+            assert deployment.work_pool_name == "dispatch"
+            assert deployment.entrypoint == "flows/batch.py:dispatch_batch"
+            # The pull step runs flows from this checkout.
+            assert deployment.pull_steps == [
+                {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
+            ]
+        assert on_demand.schedules == [] and on_demand.parameters == {}  # a batch comes with each run
+        assert scheduled.parameters == {"batch_file": "examples/batch.yaml"}
+        assert [getattr(schedule.schedule, "interval", None) for schedule in scheduled.schedules] == [
+            timedelta(seconds=300)
+        ]
+        assert all(schedule.active for schedule in scheduled.schedules)
+        assert scheduled.global_concurrency_limit is not None
+        assert scheduled.global_concurrency_limit.limit == 1
+        assert set(scheduled.tags) == {"dispatch", "scheduled"}
+
+
+# -- 2. a deployment run, read back through the API --------------------------------
+
+
+def test_a_deployment_run_shows_commands_as_task_runs_with_artifacts_and_events(
+    server: Server, worker: subprocess.Popen[bytes]
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    call_ids = [f"ok-{tag}", f"zero-{tag}", f"bad-{tag}"]
+    commands = [
+        {"tool_name": "count", "parameters": {"key": tag}, "call_id": call_ids[0]},
+        {"tool_name": "echo", "parameters": {"value": 0}, "call_id": call_ids[1]},
+        {"tool_name": "fail", "parameters": {"message": "broken on purpose"}, "call_id": call_ids[2]},
+    ]
+    flow_run_id = trigger(server, {"commands": commands, "config": demo_config(), "timeout": 60})
+    run = finished(server, flow_run_id)
+
+    assert run.state is not None
+    assert run.state.type is StateType.FAILED, run.state
+    assert run.state.message == "1 of 3 commands failed"
+    assert {"backend:local", "dispatch"} <= set(run.tags)
+
+    tasks = {task.name: task for task in task_runs(server, flow_run_id, 3)}
+    assert set(tasks) == {f"count[{call_ids[0]}]", f"echo[{call_ids[1]}]", f"fail[{call_ids[2]}]"}
+    assert tasks[f"fail[{call_ids[2]}]"].state_type is StateType.FAILED
+    assert tasks[f"count[{call_ids[0]}]"].state_type is StateType.COMPLETED
+    assert tasks[f"echo[{call_ids[1]}]"].state_type is StateType.COMPLETED
+
+    found = artifacts(server, flow_run_id)
+    rows = {row["call_id"]: row for row in table_rows(latest(found, "batch-results"))}
+    assert [rows[call_id]["status"] for call_id in call_ids] == ["success", "success", "failure"]
+    assert "broken on purpose" in rows[call_ids[2]]["error"]
+    assert "**2 of 3 commands succeeded**" in str(latest(found, "batch-summary").data)
+    progress = [artifact for artifact in found if artifact.type == "progress"]
+    assert [artifact.data for artifact in progress] == [100.0]
+
+    def complete(found: list[Event]) -> bool:
+        return names(found) == [
+            "dispatch.batch.finished",
+            "dispatch.command.failed",
+            "dispatch.command.succeeded",
+            "dispatch.command.succeeded",
+        ]
+
+    found_events = events(server, {"dispatch.flow_run": flow_run_id}, complete)
+    by_call = {
+        event.resource.get("dispatch.call_id"): event
+        for event in found_events
+        if event.event.startswith("dispatch.command.")
+    }
+    assert by_call[call_ids[2]].event == "dispatch.command.failed"
+    assert by_call[call_ids[2]].resource.id == f"dispatch.command.{call_ids[2]}"
+    assert "broken on purpose" in by_call[call_ids[2]].payload["error"]
+    assert {by_call[call_ids[0]].event, by_call[call_ids[1]].event} == {"dispatch.command.succeeded"}
+    assert by_call[call_ids[0]].resource["dispatch.tool"] == "count"
+    batch_event = next(event for event in found_events if event.event == "dispatch.batch.finished")
+    assert batch_event.payload["total"] == 3
+    assert batch_event.payload["success"] == 2
+    assert batch_event.payload["failure"] == 1
+    # Named after what it runs: the commands given.
+    assert run.name == "batch-3-commands"
+
+
+# -- 3 and 4. retrying a failed deployment run; a later run ------------------------
+
+
+@dataclass
+class RetriedRun:
+    flow_run_id: str
+    parameters: dict[str, Any]
+    counters: tuple[Path, Path]
+    gate: Path
+    first: FlowRun
+    counts_after_first: tuple[int, int]
+    retry: subprocess.CompletedProcess[str]
+    second: FlowRun | None
+
+
+@pytest.fixture(scope="module")
+def retried_run(
+    server: Server, worker: subprocess.Popen[bytes], tmp_path_factory: pytest.TempPathFactory
+) -> RetriedRun:
+    """A deployment run of 3 commands that fails on its gate; the gate is opened; ``prefect flow-run retry``."""
+    work = tmp_path_factory.mktemp("retry")
+    counters, gate = (work / "a.count", work / "b.count"), work / "gate"
+    parameters = {
+        # No call_ids: each run derives its own, the same again on a retry of that run.
+        "commands": [
+            {"tool_name": "count_to_file", "parameters": {"path": str(counters[0])}},
+            {"tool_name": "count_to_file", "parameters": {"path": str(counters[1])}},
+            {"tool_name": "file_gate", "parameters": {"path": str(gate)}},
+        ],
+        "config": demo_config(),
+        "timeout": 60,
+    }
+    flow_run_id = trigger(server, parameters)
+    first = finished(server, flow_run_id)
+    counts = (lines(counters[0]), lines(counters[1]))
+    gate.write_text("open")
+    retry = server.run(PREFECT, "flow-run", "retry", flow_run_id, timeout=60)
+    second = finished(server, flow_run_id) if retry.returncode == 0 else None
+    return RetriedRun(flow_run_id, parameters, counters, gate, first, counts, retry, second)
+
+
+def test_retrying_a_failed_deployment_run_reruns_only_the_failed_command(
+    server: Server, retried_run: RetriedRun
+) -> None:
+    run = retried_run
+    assert run.first.state is not None
+    assert run.first.state.type is StateType.FAILED, run.first.state
+    assert run.first.state.message == "1 of 3 commands failed"
+    assert run.counts_after_first == (1, 1)
+
+    assert run.retry.returncode == 0, run.retry.stdout + run.retry.stderr
+    assert run.second is not None
+    assert run.second.state is not None
+    assert run.second.state.type is StateType.COMPLETED, run.second.state
+    assert run.second.state.message == "3 commands succeeded"
+    assert run.second.run_count >= 2
+    # The commands that had succeeded ran exactly once in all; the fixed one ran again and succeeded.
+    assert (lines(run.counters[0]), lines(run.counters[1])) == (1, 1)
+
+    # In the dashboard: each counter ran once and was then served from its stored Result; the gate ran twice.
+    states: dict[str, list[str]] = {}
+    for task in task_runs(server, run.flow_run_id, 6):
+        states.setdefault(task.name.split("[")[0], []).append(task.state_name or "")
+    assert sorted(states["count_to_file"]) == ["Cached", "Cached", "Completed", "Completed"], states
+    assert sorted(states["file_gate"]) == ["Completed", "Failed"], states
+
+    # The retried run's Results hold all three: two reused from the first attempt, the gate's new one.
+    rows = table_rows(latest(artifacts(server, run.flow_run_id), "batch-results"))
+    assert [row["tool"] for row in rows] == ["count_to_file", "count_to_file", "file_gate"]
+    assert [row["status"] for row in rows] == ["success"] * 3
+    assert [row["attempts"] for row in rows] == ["reused", "reused", 1]
+    assert [json.loads(row["result"]) for row in rows] == [
+        {"result": 1},
+        {"result": 1},
+        {"result": "open"},
+    ]
+
+    def both_attempts(found: list[Event]) -> bool:
+        return names(found).count("dispatch.batch.finished") == 2
+
+    batches = events(server, {"dispatch.flow_run": run.flow_run_id}, both_attempts)
+    payloads = sorted(
+        (event.payload for event in batches if event.event == "dispatch.batch.finished"), key=lambda p: p["success"]
+    )
+    assert payloads[0] == {"total": 3, "success": 2, "failure": 1, "skipped": 0, "none": 0, "reused": 0}
+    assert payloads[1] == {"total": 3, "success": 3, "failure": 0, "skipped": 0, "none": 0, "reused": 2}
+    # The gate's call_id failed once and succeeded once; the counters' succeeded once each, never again.
+    commands = [event for event in batches if event.event.startswith("dispatch.command.")]
+    per_call: dict[str, list[str]] = {}
+    for event in sorted(commands, key=lambda event: event.occurred):
+        per_call.setdefault(event.resource["dispatch.call_id"], []).append(event.event.rsplit(".", 1)[1])
+    assert sorted(per_call.values()) == [["failed", "succeeded"], ["succeeded"], ["succeeded"]]
+
+
+def test_a_later_deployment_run_never_reuses_an_earlier_runs_results(server: Server, retried_run: RetriedRun) -> None:
+    assert retried_run.second is not None  # the retry itself is checked above
+    later = finished(server, trigger(server, retried_run.parameters))
+    assert later.id != retried_run.first.id
+    assert later.state is not None
+    assert later.state.type is StateType.COMPLETED, later.state
+    # Same parameters, a new run: every command ran again.
+    assert (lines(retried_run.counters[0]), lines(retried_run.counters[1])) == (2, 2)
+    rows = table_rows(latest(artifacts(server, str(later.id)), "batch-results"))
+    assert [row["attempts"] for row in rows] == [1, 1, 1]
+
+
+# -- 5. dispatch resume of an in-process run ------------------------------------------
+
+
+def test_dispatch_resume_reruns_only_the_failed_command_of_an_in_process_run(server: Server, tmp_path: Path) -> None:
+    counters, gate = (tmp_path / "a.count", tmp_path / "b.count"), tmp_path / "gate"
+    (tmp_path / "mcp.json").write_text(json.dumps(demo_config()))
+    batch = {
+        "config": "mcp.json",
+        "timeout": 60,
+        "commands": [
+            {"tool_name": "count_to_file", "parameters": {"path": str(counters[0])}},
+            {"tool_name": "count_to_file", "parameters": {"path": str(counters[1])}},
+            {"tool_name": "file_gate", "parameters": {"path": str(gate)}},
+        ],
+    }
+    (tmp_path / "batch.json").write_text(json.dumps(batch))
+
+    def in_process_runs(since: Any) -> list[FlowRun]:
+        with server.client() as client:
+            return client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    deployment_id=FlowRunFilterDeploymentId(is_null_=True),
+                    expected_start_time=FlowRunFilterExpectedStartTime(after_=since),
+                )
+            )
+
+    before = now("UTC")
+    done = server.run(*CLI, "run", str(tmp_path / "batch.json"), "--json", timeout=90)
+    assert done.returncode == 1, done.stdout + done.stderr
+    results = json.loads(done.stdout)
+    assert [result["status"] for result in results] == ["success", "success", "failure"]
+    assert (lines(counters[0]), lines(counters[1])) == (1, 1)
+    [first] = in_process_runs(before)
+    assert first.state is not None
+    assert first.state.message == "1 of 3 commands failed"
+
+    gate.write_text("open")
+    before_resume = now("UTC")
+    done = server.run(*CLI, "resume", str(first.id), "--json", timeout=90)
+    assert done.returncode == 0, done.stdout + done.stderr
+    resumed_results = json.loads(done.stdout)
+    assert [result["status"] for result in resumed_results] == ["success"] * 3
+    assert [result["call_id"] for result in resumed_results] == [result["call_id"] for result in results]
+    # The counters' Results are the first run's (1 each), and they did not run again.
+    assert [result["result"] for result in resumed_results] == [{"result": 1}, {"result": 1}, {"result": "open"}]
+    assert (lines(counters[0]), lines(counters[1])) == (1, 1)
+    [resumed] = in_process_runs(before_resume)
+    assert resumed.id != first.id
+    assert resumed.name.endswith("-resumed"), resumed.name
+    assert resumed.state is not None
+    assert resumed.state.type is StateType.COMPLETED, resumed.state
+
+
+# -- 6. dispatch up ----------------------------------------------------------------
+
+
+def test_dispatch_up_starts_the_stack_and_ctrl_c_stops_all_of_it(tmp_path: Path) -> None:
+    port, hub_port = _free_port(), _free_port()
+    while hub_port == port:
+        hub_port = _free_port()
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    env = operator_env(home, DISPATCH_TOKEN=TOKEN, PREFECT_UI_ENABLED="false")
+    log = tmp_path / "up.log"
+    up = start([*CLI, "up", "--port", str(port), "--hub-port", str(hub_port)], env, log)
+    try:
+        began = time.monotonic()
+        wait_for("'Ctrl-C stops everything'", lambda: "Ctrl-C stops everything" in tail(log, 100_000), 90, 0.25)
+        print(f"dispatch up ready in {time.monotonic() - began:.1f} s")
+        assert up.poll() is None, tail(log)
+        hub_ready_when_announced = listening(hub_port)
+        api = Server(
+            f"http://127.0.0.1:{port}/api", home, env | {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}, tmp_path
+        )
+        with api.client() as client:
+            assert client.read_deployment_by_name("dispatch-batch/on-demand").work_pool_name == "dispatch"
+            assert client.read_deployment_by_name("dispatch-batch/example-every-5-min").work_pool_name == "dispatch"
+            # Keep the example schedule from starting a batch while this test winds down.
+            client.pause_deployment(client.read_deployment_by_name("dispatch-batch/example-every-5-min").id)
+            # Its worker polls the pool.
+            wait_for("a worker on the pool", lambda: client.read_workers_for_work_pool("dispatch"), 30, 0.25)
+        wait_for(f"hub listening on {hub_port}", lambda: listening(hub_port), 20, 0.1)
+        devices = subprocess.run(
+            [*CLI, "devices", "--hub", f"ws://127.0.0.1:{hub_port}", "--json"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert devices.returncode == 0, devices.stdout + devices.stderr
+        assert json.loads(devices.stdout) == []
+
+        started = time.monotonic()
+        up.send_signal(signal.SIGINT)
+        try:
+            code = up.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"dispatch up still running 30 s after SIGINT:\n{tail(log)}") from None
+        print(f"dispatch up stopped in {time.monotonic() - started:.1f} s")
+        assert code == 0, tail(log)
+        assert "stopped" in tail(log)
+        left = processes_mentioning(
+            f"127.0.0.1:{port}", f"--port {port}", f"--port {hub_port}", f"127.0.0.1:{hub_port}"
+        )
+        assert left == [], left
+        # Checked last, so that the rest is tested either way: once up says it is up, so is the hub.
+        assert hub_ready_when_announced, "'Ctrl-C stops everything' came before the hub listened"
+    finally:
+        stop_group(up)
+
+
+# -- 7. device events from the hub -------------------------------------------------
+
+
+def test_the_hub_reports_devices_connecting_and_lost_as_prefect_events(server: Server, tmp_path: Path) -> None:
+    hub_port = _free_port()
+    device_id = f"ops-{uuid.uuid4().hex[:6]}"
+    (tmp_path / "mcp.json").write_text(json.dumps(demo_config()))
+    env = server.env | {"DISPATCH_TOKEN": TOKEN}
+    hub = start([*CLI, "serve", "--port", str(hub_port)], env, tmp_path / "hub.log")
+    device = None
+    try:
+        device = start(
+            [
+                *CLI,
+                "device",
+                "--hub",
+                f"ws://127.0.0.1:{hub_port}/ws",
+                "--id",
+                device_id,
+                "--config",
+                str(tmp_path / "mcp.json"),
+            ],
+            env,
+            tmp_path / "device.log",
+        )
+        labels = {"dispatch.device": device_id}
+        try:
+            connected = events(server, labels, lambda found: "dispatch.device.connected" in names(found))
+        except AssertionError as error:
+            raise AssertionError(
+                f"{error}\nhub:\n{tail(tmp_path / 'hub.log')}\ndevice:\n{tail(tmp_path / 'device.log')}"
+            ) from None
+        [event] = [event for event in connected if event.event == "dispatch.device.connected"]
+        assert event.resource.id == f"dispatch.device.{device_id}"
+        assert "count_to_file" in event.payload["tools"]
+
+        device.send_signal(signal.SIGTERM)
+        assert device.wait(timeout=20) == 0, tail(tmp_path / "device.log")
+        gone = events(server, labels, lambda found: "dispatch.device.lost" in names(found))
+        [lost] = [event for event in gone if event.event == "dispatch.device.lost"]
+        assert lost.resource.id == f"dispatch.device.{device_id}"
+        assert lost.payload["failed_batches"] == 0
+    finally:
+        if device is not None:
+            stop_group(device)
+        stop_group(hub)
