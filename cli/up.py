@@ -33,7 +33,8 @@ from pathlib import Path
 SERVER_TUNING = {
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "100",
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "0.5",
+    # A whole number: Prefect 3.9.1 truncates it to int, and 0 makes the recorder a busy loop.
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "100",
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_READ_BATCH_SIZE": "100",
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.5",
@@ -152,6 +153,7 @@ def running_stack(
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
+        "PWD": str(project),  # prefect.yaml's {{ $PWD }}: where the worker runs flows from
         "PREFECT_API_URL": api_url,
         "DO_NOT_TRACK": os.environ.get("DO_NOT_TRACK", "1"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),

@@ -41,6 +41,7 @@ class Progress:
         self.done = 0
         self.interval = interval
         self._changed = asyncio.Event()
+        self._closing = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._artifact: UUID | None = None
 
@@ -51,10 +52,10 @@ class Progress:
 
     async def __aexit__(self, *exc: object) -> None:
         self.done = max(self.done, self.total) if exc[0] is None else self.done
-        self._changed.set()
+        self._closing.set()
         if self._writer is not None:
-            await asyncio.wait({self._writer}, timeout=5)
             self._writer.cancel()
+            await asyncio.wait({self._writer}, timeout=5)
         if self._artifact is not None:
             with contextlib.suppress(Exception):  # the last word; the results table says the rest
                 await aupdate_progress_artifact(self._artifact, self.percent)
@@ -70,11 +71,12 @@ class Progress:
 
     async def _write(self) -> None:
         assert self._artifact is not None
-        while self.done < self.total:
+        while not self._closing.is_set():
             await self._changed.wait()
             self._changed.clear()
             await aupdate_progress_artifact(self._artifact, self.percent)
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):  # at most one write per interval; the last one is __aexit__'s
+                await asyncio.wait_for(self._closing.wait(), self.interval)
 
 
 def _cell(value: Any) -> str:

@@ -1,0 +1,856 @@
+"""What a deployment run costs against the same batch in-process, and what persisting Results costs.
+
+Run it from the project root::
+
+    python bench/deployment.py           # about 4 minutes on 2 cores
+    python bench/deployment.py --quick   # smoke run, about 2 minutes
+    python bench/deployment.py --server-env NAME=VALUE ...   # a server setting over SERVER_TUNING
+
+Everything runs against a real ``prefect server start`` on 127.0.0.1 that this
+script starts with a temporary ``PREFECT_HOME`` (its own SQLite database and
+result storage; ``~/.prefect`` is not touched), the server settings of
+``cli.up.SERVER_TUNING``, ``DO_NOT_TRACK=1`` and
+``PREFECT_SERVER_ANALYTICS_ENABLED=false``. As ``dispatch up`` does, it creates
+the process pool ``dispatch`` and deploys ``on-demand`` from ``prefect.yaml``
+(``prefect --no-prompt deploy --name on-demand``; not the scheduled deployment,
+whose runs would land in the middle of the measurements). Two process workers
+serve the pool: ``prefect worker start --pool dispatch --work-queue default``
+with ``PREFECT_WORKER_QUERY_SECONDS=1``, and one on a second queue, ``slow``,
+with the default poll interval (10 s). Every child runs in a process group of
+its own; at the end (or on an error or Ctrl-C) each group gets SIGTERM, then
+SIGKILL after a grace, and any process they started that is still alive is
+killed too.
+
+(1) Trigger to completion of one 10-command batch (5 ``add`` and 5 ``echo``
+    on the demo server of ``examples/mcp.json``, the flow's default settings,
+    ``persist_results`` on as by default), per repetition, in a rotating order:
+
+    - *deployment, poll 1 s*: ``run_deployment("dispatch-batch/on-demand",
+      parameters=..., timeout=0)`` (the client call that ``prefect deployment
+      run`` makes), then ``read_flow_run`` every 0.2 s until the run is final.
+      The ``default`` queue, so the 1 s worker runs it in a fresh subprocess
+      that starts the MCP servers of ``examples/mcp.json`` (``demo`` and
+      ``time``).
+    - *deployment, poll 10 s*: the same on the ``slow`` queue (fewer
+      repetitions: each costs up to 10 s more; the wait for the poll is
+      uniform between 0 and 10 s, so two or three runs only show its range).
+    - *in-process, MCP servers cold*: ``await dispatch_batch(...)`` in this
+      process, against the same API, after ``close_shared_managers()``
+      (untimed), so the run starts its MCP servers, as the subprocess does.
+    - *in-process, servers warm*: the same with the servers of this event loop
+      already running (``dispatchers.shared_manager``), as every batch after
+      the first in a long-lived process; and again as an A/A pair.
+
+    The breakdown comes from the flow run's state timestamps and its task
+    runs: trigger to Pending (the worker picked the run up: the API call
+    creating it, then the wait for the worker's next poll), Pending to Running
+    (the worker starts ``python -m prefect.engine``, which imports Prefect and
+    our packages and loads the flow), Running to the first command's task run
+    (the flow's own set-up), first command start to last command end, last
+    command to Completed (results table, events, the flow's end). For
+    in-process runs the first phase is the call to Running (creating the flow
+    run). Also: when ``run_deployment`` returned, when polling saw the final
+    state, and how long after Completed the flow's process (and the MCP
+    servers it started) had exited. Each figure is a median over the
+    repetitions; the phases are medians of their own, so they need not add up
+    to the median total. The client side of the deployment path is measured as
+    ``prefect deployment run`` itself too (the CLI, a Python process of its
+    own): the wall time of the command, and its run's trigger to Completed.
+
+(2) The cost of persisting Results: the same in-process batch of 100
+    commands, servers warm, with ``persist_results=True`` and ``False``
+    (and ``False`` again, the A/A pair), interleaved. The difference per
+    command, and the ratio, of the time from the first command's start to
+    the last one's end (the flow runs commands one after the other by
+    default, so that is the sum of the commands' times), and of the median
+    task run (start to end, over each run's 100; the result is written
+    before the task run ends); the flow call's wall
+    time too, but the end of a flow waits for the progress artifact's writer,
+    which adds between 0 and 1 s depending on when the last write was, so its
+    A/A moves by tenths. The script checks that each persisted run wrote
+    100 result files into the temporary storage (so none was a cache hit) and
+    that the others wrote none.
+
+After each run the script waits, untimed, until the API server's CPU is back
+to its idle rate (the recorders write task runs and events after the fact),
+and records this process's CPU (with its MCP servers), the server's and the
+workers' (each worker with its flow subprocesses and their MCP servers) for
+the run, less each process's idle rate (measured once, after the warm-up
+runs) over the same time. The script warns when the idle API server uses more
+than a tenth of a core: then it competes with everything measured. The machine
+is shared and noisy: read the ratios against the A/A rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from provenance import code_fingerprint, code_version
+
+ROOT = Path(__file__).resolve().parent.parent
+CODE_PACKAGES = ("aip", "dispatchers", "flows", "tasks", "cli")
+POOL = "dispatch"
+DEPLOYMENT = "dispatch-batch/on-demand"
+#: Queues of the pool and the poll interval (PREFECT_WORKER_QUERY_SECONDS) of the worker serving each.
+QUEUES = {"default": 1, "slow": 10}
+CONFIG = "examples/mcp.json"  # as a deployment gets it: relative to the worker's working directory (ROOT)
+POLL = 0.2  # seconds between two reads of a deployment run's state
+STOP_GRACE = 5.0  # seconds a child gets after SIGTERM
+RUN_LIMIT = 120.0  # seconds a deployment run may take, trigger to exit, before the benchmark gives up
+SETTLE_LIMIT = 10.0  # seconds the wait for an idle API server may take after a run
+#: Above this idle CPU rate (cores) of the API server, the figures are suspect and the script says so.
+IDLE_WARNING = 0.1
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def batch(count: int) -> list[dict[str, Any]]:
+    """``count`` commands without call_ids (each run derives its own), alternately ``add`` and ``echo``."""
+    return [
+        {"tool_name": "add", "parameters": {"a": i, "b": 1}}
+        if i % 2 == 0
+        else {"tool_name": "echo", "parameters": {"value": i}}
+        for i in range(count)
+    ]
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def proc_table() -> dict[int, tuple[int, float]]:
+    """Every process: pid -> (parent pid, CPU seconds: its own plus that of its reaped children)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    table: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        table[int(entry)] = (int(fields[1]), sum(int(f) for f in fields[11:15]) / tick)
+    return table
+
+
+def subtree(root: int, table: dict[int, tuple[int, float]]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid in table and pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, []))
+    return found
+
+
+@dataclass
+class Children:
+    """The processes this script starts, each in a session (process group) of its own."""
+
+    log_dir: Path
+    started: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with (self.log_dir / f"{name}.log").open("ab") as log:
+            process = subprocess.Popen(
+                list(argv), env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.started[name] = process
+        return process
+
+    def died(self) -> str | None:
+        return next((name for name, process in self.started.items() if process.poll() is not None), None)
+
+    def stop(self, names: Sequence[str] | None = None) -> float:
+        """SIGTERM the groups, SIGKILL them after the grace, then kill any descendant left; the seconds it took."""
+        begin = time.monotonic()
+        chosen = {name: self.started.pop(name) for name in list(names or self.started) if name in self.started}
+        table = proc_table()
+        descendants = set().union(*(subtree(p.pid, table) for p in chosen.values())) if chosen else set()
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            for process in chosen.values():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signum)
+            until = time.monotonic() + (STOP_GRACE if signum == signal.SIGTERM else 5.0)
+            for process in chosen.values():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=max(0.0, until - time.monotonic()))
+            if all(process.poll() is not None for process in chosen.values()):
+                break
+        for process in chosen.values():  # the leader is gone; its group may still hold what it started
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+        alive = set(proc_table())
+        for pid in descendants & alive:  # e.g. flow processes a worker started in sessions of their own
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        return time.monotonic() - begin
+
+
+class Meter:
+    """CPU seconds so far of this process (with its MCP servers), of the API server and of each worker."""
+
+    def __init__(self, roots: dict[str, int]) -> None:
+        self.roots = roots
+
+    def read(self) -> dict[str, float]:
+        table = proc_table()
+        trees = {name: subtree(pid, table) for name, pid in self.roots.items()}
+        ours = subtree(os.getpid(), table) - set().union(*trees.values())
+        cpu = {name: sum(table[pid][1] for pid in pids) for name, pids in trees.items()}
+        cpu["client"] = sum(table[pid][1] for pid in ours)
+        return cpu
+
+    def busy_workers(self, worker: str) -> bool:
+        table = proc_table()
+        return len(subtree(self.roots[worker], table)) > 1
+
+
+class Settle:
+    """Waits, untimed, until the API server's CPU rate is back near its idle rate; CPU per run since last time."""
+
+    def __init__(self, meter: Meter, window: float = 0.25) -> None:
+        self.meter, self.window = meter, window
+        self.idle: dict[str, float] = {}
+        self.mark, self.mark_at = meter.read(), time.perf_counter()
+
+    async def calibrate(self, seconds: float = 3.0) -> None:
+        """The idle CPU rate of each process (cores), over ``seconds`` of doing nothing."""
+        before, begin = self.meter.read(), time.perf_counter()
+        await asyncio.sleep(seconds)
+        now, elapsed = self.meter.read(), time.perf_counter() - begin
+        self.idle = {name: (now[name] - before[name]) / elapsed for name in now}
+        self.mark, self.mark_at = now, time.perf_counter()
+
+    async def __call__(self) -> dict[str, float]:
+        """Wait; then each process's CPU since the last call, less its idle rate over that time."""
+        started = time.perf_counter()
+        quiet_rate = self.idle.get("server", 0.0) * 1.5 + 0.04
+        calm, before = 0, self.meter.read()["server"]
+        while calm < 2 and time.perf_counter() - started < SETTLE_LIMIT:
+            await asyncio.sleep(self.window)
+            now = self.meter.read()["server"]
+            calm = calm + 1 if (now - before) / self.window <= quiet_rate else 0
+            before = now
+        now_all, at = self.meter.read(), time.perf_counter()
+        elapsed = at - self.mark_at
+        figures = {
+            f"{name}_cpu": now_all[name] - self.mark[name] - self.idle.get(name, 0.0) * elapsed for name in now_all
+        }
+        figures["settle"] = at - started
+        figures["settle_limit_hit"] = float(calm < 2)
+        self.mark, self.mark_at = now_all, at
+        return figures
+
+
+# -- one run of each kind ------------------------------------------------------------------------
+
+Run = dict[str, float]
+
+
+async def phases(client: Any, flow_run_id: UUID, t0: float, count: int) -> Run:
+    """Times (seconds) from ``t0`` (epoch) to each state of the flow run and to its first/last task run.
+
+    The server records task runs after the fact: they are read again until all ``count`` are there.
+    """
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    states = await client.read_flow_run_states(flow_run_id)
+    first: dict[str, float] = {}
+    for state in sorted(states, key=lambda s: s.timestamp):
+        first.setdefault(state.type.value, state.timestamp.timestamp() - t0)
+    begin = time.perf_counter()
+    while True:
+        tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        ends = [t.end_time.timestamp() - t0 for t in tasks if t.end_time]
+        if len(ends) >= count or time.perf_counter() - begin > SETTLE_LIMIT:
+            break
+        await asyncio.sleep(0.25)
+    starts = [t.start_time.timestamp() - t0 for t in tasks if t.start_time]
+    found = {key.lower(): value for key, value in first.items()}
+    found["tasks"] = len(tasks)
+    if starts and ends:
+        found["first_task"], found["last_task"] = min(starts), max(ends)
+    durations = [(t.end_time - t.start_time).total_seconds() for t in tasks if t.start_time and t.end_time]
+    if durations:
+        found["task_median"] = median(durations)
+    return found
+
+
+def split(times: Run, since: str) -> Run:
+    """Phase durations from the times of ``phases``: ``since`` (pending or t0) to running, and so on."""
+    begin = times.get(since, 0.0) if since != "t0" else 0.0
+    out = {
+        "to_running": times["running"] - begin,
+        "setup": times["first_task"] - times["running"],
+        "commands": times["last_task"] - times["first_task"],
+        "finish": times["completed"] - times["last_task"],
+        "total": times["completed"],
+        "task": times.get("task_median", 0.0),
+    }
+    if since == "pending":
+        out["pickup"] = times["pending"]
+    return out
+
+
+@dataclass
+class Bench:
+    client: Any
+    meter: Meter
+    settle: Settle
+    storage: Path
+    size: int
+    runs: dict[str, list[Run]] = field(default_factory=dict)
+
+    def record(self, label: str, run: Run) -> None:
+        self.runs.setdefault(label, []).append(run)
+
+    def stored_files(self) -> int:
+        return sum(1 for path in self.storage.rglob("*") if path.is_file()) if self.storage.exists() else 0
+
+    async def wait_final(self, flow_run_id: UUID, begin: float, worker: str) -> tuple[Any, float, float]:
+        """Poll until the run is final; then until the worker's flow process exited. (run, seen, exited) in s."""
+        while True:
+            run = await self.client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                break
+            if time.perf_counter() - begin > RUN_LIMIT:
+                raise SystemExit(f"benchmark broken: flow run {flow_run_id} not final after {RUN_LIMIT:g} s")
+            await asyncio.sleep(POLL)
+        seen = time.perf_counter() - begin
+        if not run.state.is_completed():
+            raise SystemExit(f"benchmark broken: deployment run ended {run.state.name}: {run.state.message}")
+        while self.meter.busy_workers(worker):
+            if time.perf_counter() - begin > RUN_LIMIT:
+                raise SystemExit(f"benchmark broken: the flow process of {flow_run_id} did not exit")
+            await asyncio.sleep(0.05)
+        return run, seen, time.time()
+
+    async def deployment(self, queue: str, label: str) -> None:
+        from prefect.deployments import arun_deployment
+
+        parameters = {"commands": batch(self.size), "batch_file": None, "config": CONFIG}
+        files = self.stored_files()
+        t0, begin = time.time(), time.perf_counter()
+        created = await arun_deployment(
+            DEPLOYMENT, parameters=parameters, timeout=0, work_queue_name=queue, as_subflow=False, client=self.client
+        )
+        returned = time.perf_counter() - begin
+        run, seen, exited = await self.wait_final(created.id, begin, f"worker_{queue}")
+        cpu = await self.settle()
+        times = await phases(self.client, run.id, t0, self.size)
+        self.check(run.state.message, times, files + self.size, label)
+        self.record(
+            label,
+            {
+                **split(times, "pending"),
+                "returned": returned,
+                "seen": seen,
+                "exit": exited - t0 - times["completed"],
+                **cpu,
+            },
+        )
+
+    async def cli(self, label: str) -> None:
+        """``prefect deployment run`` (the CLI, no --watch) on the default queue, then the same polling."""
+        prefect = str(Path(sys.executable).parent / "prefect")
+        parameters = json.dumps({"commands": batch(self.size), "batch_file": None, "config": CONFIG})
+        files = self.stored_files()
+        t0, begin = time.time(), time.perf_counter()
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [prefect, "deployment", "run", DEPLOYMENT, "--params", parameters],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        returned = time.perf_counter() - begin
+        ids = [word for word in done.stdout.split() if len(word) == 36 and word.count("-") == 4]
+        if done.returncode != 0 or not ids:
+            raise SystemExit(f"benchmark broken: prefect deployment run failed:\n{done.stdout}\n{done.stderr}")
+        run, seen, exited = await self.wait_final(UUID(ids[0]), begin, "worker_default")
+        cpu = await self.settle()
+        times = await phases(self.client, run.id, t0, self.size)
+        self.check(run.state.message, times, files + self.size, label)
+        self.record(
+            label,
+            {
+                **split(times, "pending"),
+                "returned": returned,
+                "seen": seen,
+                "exit": exited - t0 - times["completed"],
+                **cpu,
+            },
+        )
+
+    async def in_process(self, label: str, count: int, cold: bool, persist: bool = True) -> None:
+        from dispatchers import close_shared_managers, shared_manager
+        from flows.batch import dispatch_batch
+
+        config = str(ROOT / CONFIG)
+        if cold:
+            await close_shared_managers()
+            manager = None
+        else:  # the servers of this loop, started (untimed) if need be: the run must find them warm
+            manager = shared_manager(config)
+            for connection in manager.connections.values():
+                await connection.session()
+        files = self.stored_files()
+        t0, begin = time.time(), time.perf_counter()
+        state = await dispatch_batch(commands=batch(count), config=config, persist_results=persist, return_state=True)
+        wall = time.perf_counter() - begin
+        if manager is not None and shared_manager(config) is not manager:
+            raise SystemExit("benchmark broken: a warm in-process run did not use the warm MCP servers")
+        results = await state.aresult(raise_on_failure=False)
+        if not state.is_completed() or not isinstance(results, list) or len(results) != count:
+            raise SystemExit(f"benchmark broken: dispatch_batch ended {state.name}: {state.message}")
+        cpu = await self.settle()
+        if state.state_details.flow_run_id is None:
+            raise SystemExit("benchmark broken: the flow's final state names no flow run")
+        times = await phases(self.client, state.state_details.flow_run_id, t0, count)
+        self.check(state.message, times, files + (count if persist else 0), label, count)
+        self.record(label, {**split(times, "t0"), "wall": wall, "returned": wall - times["completed"], **cpu})
+
+    def check(self, message: str | None, times: Run, files: int, label: str, count: int | None = None) -> None:
+        count = count or self.size
+        if message != f"{count} commands succeeded":
+            raise SystemExit(f"benchmark broken: {label}: {message}")
+        missing = [key for key in ("running", "completed", "first_task", "last_task") if key not in times]
+        if missing or times.get("tasks") != count:
+            raise SystemExit(
+                f"benchmark broken: {label}: no {missing} in the run's history, {times.get('tasks')} tasks"
+            )
+        if self.stored_files() != files:
+            raise SystemExit(f"benchmark broken: {label}: {self.stored_files()} result files, expected {files}")
+
+
+async def rotate(subjects: dict[str, Callable[[], Awaitable[None]]], repeats: dict[str, int]) -> None:
+    """Each subject once per repetition (up to its own count), the order rotating by repetition."""
+    labels = list(subjects)
+    for rep in range(max(repeats.values())):
+        shift = rep % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            if rep < repeats[label]:
+                await subjects[label]()
+
+
+# -- the whole run -------------------------------------------------------------------------------
+
+
+def child_env(home: Path, api_url: str, overrides: dict[str, str]) -> dict[str, str]:
+    """The environment of the server, the workers, the CLI calls and (for Prefect) this process."""
+    from cli.up import SERVER_TUNING
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(SERVER_TUNING)
+    env.update(overrides)
+    env.update(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_URL": api_url,
+            "DO_NOT_TRACK": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # The code measured is the code beside this script, in every process.
+            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+            # prefect.yaml's pull step is `set_working_directory: {{ $PWD }}`: the worker runs flows here.
+            "PWD": str(ROOT),
+        }
+    )
+    return env
+
+
+async def mcp_cold_starts(repeats: int) -> dict[str, float]:
+    """Seconds to start each server of the config alone, and all of them together (medians; context)."""
+    from dispatchers import MCPServerManager
+    from dispatchers.mcp_config import load_config
+
+    specs = load_config(ROOT / CONFIG)
+    groups = {**{name: {name: spec} for name, spec in specs.items()}, "all": specs}
+    times: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for label, group in groups.items():
+            manager = MCPServerManager(group)
+            begin = time.perf_counter()
+            await manager.start()
+            times.setdefault(label, []).append(time.perf_counter() - begin)
+            down = [name for name, connection in manager.connections.items() if not connection.available]
+            await manager.close()
+            if down:
+                raise SystemExit(f"benchmark broken: MCP server(s) {down} did not start")
+    return {label: median(values) for label, values in times.items()}
+
+
+async def measure(args: argparse.Namespace, children: Children, home: Path, env: dict[str, str]) -> dict[str, Any]:
+    from prefect import get_client
+
+    from cli.up import run_step
+    from dispatchers import close_shared_managers
+
+    prefect = str(Path(sys.executable).parent / "prefect")
+    queues = {queue: seconds for queue, seconds in QUEUES.items() if queue == "default" or not args.skip_slow}
+    figures: dict[str, Any] = {}
+    async with get_client() as client:
+        begin = time.perf_counter()
+        for queue, seconds in queues.items():
+            if queue != "default":
+                await client.create_work_queue(name=queue, work_pool_name=POOL)
+            await asyncio.to_thread(
+                children.start,
+                f"worker_{queue}",
+                [prefect, "worker", "start", "--pool", POOL, "--work-queue", queue],
+                {**env, "PREFECT_WORKER_QUERY_SECONDS": str(seconds)},
+            )
+        deploy = asyncio.create_task(
+            asyncio.to_thread(
+                run_step, [prefect, "--no-prompt", "deploy", "--name", "on-demand"], env, ROOT, "deploying on-demand"
+            )
+        )
+        while True:  # the workers register with the pool once they poll
+            workers = await client.read_workers_for_work_pool(POOL)
+            if len([w for w in workers if w.status.value == "ONLINE"]) >= len(queues):
+                break
+            if (dead := children.died()) is not None:
+                raise SystemExit(f"benchmark broken: {dead} exited at start (see {children.log_dir})")
+            if time.perf_counter() - begin > 90:
+                raise SystemExit("benchmark broken: the workers did not come online within 90 s")
+            await asyncio.sleep(0.25)
+        figures["workers_online_s"] = round(time.perf_counter() - begin, 1)
+        await asyncio.wait_for(deploy, timeout=200)
+        figures["deploy_s"] = round(time.perf_counter() - begin, 1)
+        deployment = await client.read_deployment_by_name(DEPLOYMENT)
+        figures["pull_steps"] = deployment.pull_steps
+
+        roots = {name: process.pid for name, process in children.started.items()}
+        meter = Meter(roots)
+        settle = Settle(meter)
+        bench = Bench(client, meter, settle, home / "storage", args.batch)
+
+        # Untimed: the first in-process run (imports, API client, MCP servers), the first deployment run
+        # (the worker's first subprocess, the OS file cache) and a first batch of the size of (2).
+        await bench.in_process("warmup", args.batch, cold=False)
+        await bench.deployment("default", "warmup")
+        await bench.in_process("warmup", args.persist_batch, cold=False, persist=False)
+        await settle.calibrate()
+        figures["idle_cpu_ms_per_s"] = {name: ms(rate) for name, rate in settle.idle.items()}
+
+        subjects: dict[str, Callable[[], Awaitable[None]]] = {
+            "deploy_1": lambda: bench.deployment("default", "deploy_1"),
+            "inproc_cold": lambda: bench.in_process("inproc_cold", args.batch, cold=True),
+            "inproc_warm": lambda: bench.in_process("inproc_warm", args.batch, cold=False),
+            "inproc_warm_aa": lambda: bench.in_process("inproc_warm_aa", args.batch, cold=False),
+        }
+        counts = dict.fromkeys(subjects, args.repeats)
+        if "slow" in queues:
+            subjects["deploy_10"] = lambda: bench.deployment("slow", "deploy_10")
+            counts["deploy_10"] = args.slow_repeats
+        if args.cli_runs:
+            subjects["cli_1"] = lambda: bench.cli("cli_1")
+            counts["cli_1"] = args.cli_runs
+        await rotate(subjects, counts)
+
+        n = args.persist_batch
+        persist: dict[str, Callable[[], Awaitable[None]]] = {
+            "persist_on": lambda: bench.in_process("persist_on", n, cold=False, persist=True),
+            "persist_off": lambda: bench.in_process("persist_off", n, cold=False, persist=False),
+            "persist_off_aa": lambda: bench.in_process("persist_off_aa", n, cold=False, persist=False),
+        }
+        await rotate(persist, dict.fromkeys(persist, args.persist_repeats))
+        await close_shared_managers()
+        figures["mcp_cold_start_ms"] = {k: ms(v) for k, v in (await mcp_cold_starts(1)).items()}
+    figures["runs"] = {label: runs for label, runs in bench.runs.items() if label != "warmup"}
+    return figures
+
+
+def summarise(runs: dict[str, list[Run]], persist_size: int) -> dict[str, Any]:
+    """Medians (ms) of every figure of every subject, and the headline ratios."""
+    out: dict[str, Any] = {}
+    for label, items in runs.items():
+        keys = sorted(set().union(*(item.keys() for item in items)) - {"settle_limit_hit"})
+        out[label] = {key: ms(median([item[key] for item in items if key in item])) for key in keys}
+        out[label]["n"] = len(items)
+        out[label]["settle_limit_hits"] = int(sum(item.get("settle_limit_hit", 0) for item in items))
+    warm = out["inproc_warm"]["total"]
+    ratios: dict[str, float] = {
+        "deploy_1_vs_inproc_warm": round(out["deploy_1"]["total"] / warm, 2),
+        "deploy_1_vs_inproc_cold": round(out["deploy_1"]["total"] / out["inproc_cold"]["total"], 2),
+        "inproc_warm_aa": round(out["inproc_warm_aa"]["total"] / warm, 3),
+    }
+    if "deploy_10" in out:
+        ratios["deploy_10_vs_inproc_warm"] = round(out["deploy_10"]["total"] / warm, 2)
+    on, off, aa = (out[k] for k in ("persist_on", "persist_off", "persist_off_aa"))
+    ratios.update(
+        {
+            "persist_ratio": round(on["commands"] / off["commands"], 3),
+            "persist_aa": round(aa["commands"] / off["commands"], 3),
+            "persist_ms_per_command": round((on["commands"] - off["commands"]) / persist_size, 2),
+            "persist_task_ratio": round(on["task"] / off["task"], 3),
+            "persist_task_aa": round(aa["task"] / off["task"], 3),
+            "persist_task_ms": round(on["task"] - off["task"], 2),
+            "persist_wall_ratio": round(on["wall"] / off["wall"], 3),
+            "persist_wall_aa": round(aa["wall"] / off["wall"], 3),
+            "persist_wall_ms_per_command": round((on["wall"] - off["wall"]) / persist_size, 2),
+            "persist_client_cpu_ms_per_command": round((on["client_cpu"] - off["client_cpu"]) / persist_size, 2),
+            "persist_server_cpu_ms_per_command": round((on["server_cpu"] - off["server_cpu"]) / persist_size, 2),
+        }
+    )
+    out["ratios"] = ratios
+    return out
+
+
+def aligned(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [row[0].ljust(widths[0]), *(v.rjust(w) for v, w in zip(row[1:], widths[1:], strict=True))]
+        print("  ".join(cells).rstrip())
+
+
+def quotient(a: float, b: float) -> str:
+    """``a / b`` to two places; blank unless both are positive (CPU above idle can be negative)."""
+    return f"{a / b:.2f}" if a > 0 and b > 0 else ""
+
+
+def print_table(s: dict[str, Any], figures: dict[str, Any]) -> None:
+    names = {
+        "deploy_1": "deploy, poll 1s",
+        "deploy_10": "deploy, poll 10s",
+        "cli_1": "CLI, poll 1s",
+        "inproc_cold": "in-proc, cold",
+        "inproc_warm": "in-proc, warm",
+    }
+    columns = [c for c in names if c in s]
+
+    def cell(label: str, key: str) -> str:
+        value = s[label].get(key)
+        return "" if value is None else f"{value:,.0f} ms"
+
+    def row(title: str, key: str) -> list[str]:
+        return [title, *(cell(c, key) for c in columns)]
+
+    print(f"(1) one batch of {figures['batch']} commands, trigger to completion (medians)")
+    rows = [
+        ["", *(names[c] for c in columns)],
+        ["runs", *(str(s[c]["n"]) for c in columns)],
+        row("trigger -> Pending (worker picks it up)", "pickup"),
+        row("-> Running (deploy: flow process start)", "to_running"),
+        row("Running -> 1st command starts (flow set-up)", "setup"),
+        row("1st command starts -> last one ends", "commands"),
+        row("last command ends -> Completed", "finish"),
+        row("* total: trigger -> Completed", "total"),
+        row("trigger call returned", "returned"),
+        row("final state seen (poll 0.2 s)", "seen"),
+        row("Completed -> flow process exited", "exit"),
+        row("CPU above idle: this process + MCP", "client_cpu"),
+        row("CPU above idle: API server", "server_cpu"),
+    ]
+    for worker, title in (("worker_default", "worker poll 1s"), ("worker_slow", "worker poll 10s")):
+        if any(f"{worker}_cpu" in s[c] for c in columns):
+            rows.append(row(f"CPU above idle: {title} + flow proc.", f"{worker}_cpu"))
+    aligned(rows)
+    r = s["ratios"]
+    line = (
+        f"total, deployment (poll 1s) / in-process warm: {r['deploy_1_vs_inproc_warm']:.1f}x, "
+        f"/ in-process cold: {r['deploy_1_vs_inproc_cold']:.1f}x"
+    )
+    if "deploy_10_vs_inproc_warm" in r:
+        line += f"; poll 10s / in-process warm: {r['deploy_10_vs_inproc_warm']:.1f}x"
+    print(line + f"; A/A in-process warm again: {s['inproc_warm_aa']['total']:,.0f} ms ({r['inproc_warm_aa']:.2f})")
+
+    n = figures["persist_batch"]
+    on, off, aa = s["persist_on"], s["persist_off"], s["persist_off_aa"]
+    print()
+    print(f"(2) {n} commands in-process, MCP servers warm, persist_results on/off ({on['n']} runs each, medians)")
+    aligned(
+        [
+            ["", "off", "on", "on/off", "per command"],
+            [
+                "* 1st command starts -> last one ends",
+                f"{off['commands']:,.0f} ms",
+                f"{on['commands']:,.0f} ms",
+                f"{r['persist_ratio']:.2f}",
+                f"{r['persist_ms_per_command']:+.2f} ms",
+            ],
+            [
+                "  A/A: off again",
+                f"{off['commands']:,.0f} ms",
+                f"{aa['commands']:,.0f} ms",
+                f"{r['persist_aa']:.2f}",
+                "",
+            ],
+            [
+                "  one task run, start to end",
+                f"{off['task']:,.1f} ms",
+                f"{on['task']:,.1f} ms",
+                f"{r['persist_task_ratio']:.2f}",
+                f"{r['persist_task_ms']:+.2f} ms",
+            ],
+            ["  A/A: off again", f"{off['task']:,.1f} ms", f"{aa['task']:,.1f} ms", f"{r['persist_task_aa']:.2f}", "-"],
+            [
+                "  flow call, wall",
+                f"{off['wall']:,.0f} ms",
+                f"{on['wall']:,.0f} ms",
+                f"{r['persist_wall_ratio']:.2f}",
+                f"{r['persist_wall_ms_per_command']:+.2f} ms",
+            ],
+            ["  A/A: off again", f"{off['wall']:,.0f} ms", f"{aa['wall']:,.0f} ms", f"{r['persist_wall_aa']:.2f}", "-"],
+            [
+                "  CPU above idle, this process + MCP",
+                f"{off['client_cpu']:,.0f} ms",
+                f"{on['client_cpu']:,.0f} ms",
+                quotient(on["client_cpu"], off["client_cpu"]),
+                f"{r['persist_client_cpu_ms_per_command']:+.2f} ms",
+            ],
+            [
+                "  CPU above idle, API server",
+                f"{off['server_cpu']:,.0f} ms",
+                f"{on['server_cpu']:,.0f} ms",
+                quotient(on["server_cpu"], off["server_cpu"]),
+                f"{r['persist_server_cpu_ms_per_command']:+.2f} ms",
+            ],
+        ]
+    )
+    idle = figures["idle_cpu_ms_per_s"]
+    cold = figures["mcp_cold_start_ms"]
+    print()
+    print(
+        "Trigger: run_deployment(..., timeout=0), then read_flow_run every 0.2 s; the CLI column is "
+        "`prefect deployment run` (its 'trigger call' is the command's process, start to exit)."
+    )
+    print(
+        "MCP cold start of examples/mcp.json, alone: "
+        + ", ".join(f"{name} {value:,.0f} ms" for name, value in cold.items() if name != "all")
+        + f"; together {cold['all']:,.0f} ms (a command routed by name waits for every server)."
+    )
+    print(
+        f"Idle CPU, ms per s: API server {idle.get('server', 0):.0f}, worker poll 1s "
+        f"{idle.get('worker_default', 0):.0f}"
+        + (f", worker poll 10s {idle['worker_slow']:.0f}" if "worker_slow" in idle else "")
+        + f". Server healthy after {figures['server_start_s']} s; pool {figures['pool_s']} s; workers online "
+        f"{figures['workers_online_s']} s and deploy {figures['deploy_s']} s after that; stop {figures['stop_s']} s."
+    )
+    hits = sum(s[label]["settle_limit_hits"] for label in s if label != "ratios")
+    if hits:
+        print(f"Note: {hits} waits for an idle API server gave up after {SETTLE_LIMIT:g} s.")
+    if idle.get("server", 0) > IDLE_WARNING * 1000:
+        print(
+            f"WARNING: the idle API server used {idle['server']:.0f} ms of CPU per second: it competes with "
+            "everything measured here (see the server settings in the JSON line)."
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, no 10 s worker, small (2)")
+    parser.add_argument("--repeats", type=int, default=5, help="repetitions of each subject in (1) (default 5)")
+    parser.add_argument("--slow-repeats", type=int, default=2, help="runs through the 10 s worker (default 2)")
+    parser.add_argument("--cli-runs", type=int, default=1, help="runs triggered with the CLI (default 1)")
+    parser.add_argument("--skip-slow", action="store_true", help="no worker with the default 10 s poll")
+    parser.add_argument("--batch", type=int, default=10, help="commands per batch in (1) (default 10)")
+    parser.add_argument("--persist-batch", type=int, default=100, help="commands per batch in (2) (default 100)")
+    parser.add_argument("--persist-repeats", type=int, default=5, help="repetitions in (2) (default 5)")
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the server, workers and flows, over cli.up.SERVER_TUNING (repeatable)",
+    )
+    parser.add_argument("--keep-home", action="store_true", help="keep the temporary PREFECT_HOME (logs, database)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.skip_slow, args.cli_runs = 1, True, 1
+        args.persist_batch, args.persist_repeats = 20, 1
+    if min(args.repeats, args.slow_repeats, args.persist_repeats, args.batch, args.persist_batch) < 1:
+        parser.error("counts must be at least 1")
+    if any("=" not in item for item in args.server_env):
+        parser.error("--server-env takes NAME=VALUE")
+    overrides = dict(item.split("=", 1) for item in args.server_env)
+
+    started = time.perf_counter()
+    figures: dict[str, Any] = {
+        "date": date.today().isoformat(),
+        "repeats": args.repeats,
+        "batch": args.batch,
+        "persist_batch": args.persist_batch,
+        "code": code_version(CODE_PACKAGES),
+    }
+    home = Path(tempfile.mkdtemp(prefix="bench-deployment-"))
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = child_env(home, api_url, overrides)
+    figures["server_settings"] = {k: v for k, v in env.items() if k.startswith("PREFECT_SERVER_SERVICES_")}
+    # This process too, before Prefect is imported: the same API and home; no console logs below WARNING
+    # (flow and task runs still send theirs to the API, as they do in the deployment runs).
+    for key in [key for key in os.environ if key.startswith("PREFECT_")]:
+        del os.environ[key]
+    os.environ.update(env)
+    os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the finally below stops the children
+
+    from cli.up import StackError, run_step, wait_healthy
+
+    children = Children(home)
+    prefect = str(Path(sys.executable).parent / "prefect")
+    try:
+        begin = time.perf_counter()
+        server = children.start("server", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
+        wait_healthy(api_url, server, timeout=120)
+        figures["server_start_s"] = round(time.perf_counter() - begin, 1)
+        begin = time.perf_counter()
+        run_step([prefect, "work-pool", "create", POOL, "--type", "process"], env, ROOT, "creating the pool")
+        figures["pool_s"] = round(time.perf_counter() - begin, 1)
+        figures.update(asyncio.run(measure(args, children, home, env)))
+    except StackError as error:
+        raise SystemExit(f"benchmark broken: {error} (logs in {home}; --keep-home keeps them)") from None
+    finally:
+        figures["stop_s"] = round(children.stop(), 1)
+        if not args.keep_home:
+            shutil.rmtree(home, ignore_errors=True)
+    figures["summary"] = summarise(figures["runs"], args.persist_batch)
+    figures["elapsed_s"] = round(time.perf_counter() - started, 1)
+    figures["code"]["changed_during_run"] = code_fingerprint(CODE_PACKAGES) != figures["code"]["fingerprint"]
+    print_table(figures["summary"], figures)
+    code = figures["code"]
+    state = "uncommitted changes" if code["dirty"] else "clean" if code["dirty"] is False else "not a git checkout"
+    print(f"Code under test: {code['source']}, commit {code['commit']} ({state}), fingerprint {code['fingerprint']}.")
+    if code["changed_during_run"]:
+        print("WARNING: the code under test changed on disk during the run; the figures may mix two versions.")
+    print(f"Elapsed {figures['elapsed_s']} s.")
+    print(json.dumps({k: v for k, v in figures.items() if k != "runs"}, sort_keys=True, default=str))
+
+
+if __name__ == "__main__":
+    main()
