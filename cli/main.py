@@ -110,15 +110,10 @@ def run(
     if device is not None:
         if not hub:
             fail_usage("--device needs --hub ws://HOST:PORT (or $DISPATCH_HUB)")
-        token = read_token(token_file)
-        if token is not None:
-            os.environ["DISPATCH_TOKEN"] = token  # read by the flow run, in this process
-        if cafile is not None:
-            client_ssl(cafile)  # checked now, used by the flow run
-            os.environ["DISPATCH_CAFILE"] = str(cafile.resolve())
+        hub_credentials_for_the_flow(token_file, cafile)
         options |= {"backend": "remote", "device": device, "hub": hub}
     else:
-        options["config"] = str(resolve_config(config, batch))
+        options["config"] = str(resolve_config(config, batch).resolve())  # a resume may run from elsewhere
     options |= run_options(
         batch,
         timeout=timeout,
@@ -147,9 +142,12 @@ def run(
 @app.command()
 def resume(
     flow_run_id: Annotated[str, typer.Argument(help="The flow run to resume (its id, as the dashboard shows it)")],
+    token_file: TokenFileOption = None,
+    cafile: CaFileOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print only the JSON array of Results on stdout")] = False,
 ) -> None:
     """Run a batch again, re-executing only the commands that did not succeed in that flow run."""
+    hub_credentials_for_the_flow(token_file, cafile)  # for a batch that ran on a device
     quiet_prefect_defaults()
     from flows.batch import resume_batch_flow
 
@@ -397,6 +395,16 @@ def print_results(commands: list[Command], results: list[Result], json_output: b
     else:
         stdout.print(results_table(commands, results))
     raise typer.Exit(0 if all(result.status is ResultStatus.SUCCESS for result in results) else 1)
+
+
+def hub_credentials_for_the_flow(token_file: Path | None, cafile: Path | None) -> None:
+    """The flow run (in this process) reads the hub's token and CA from the environment."""
+    token = read_token(token_file)
+    if token is not None:
+        os.environ["DISPATCH_TOKEN"] = token
+    if cafile is not None:
+        client_ssl(cafile)  # checked now, used by the flow run
+        os.environ["DISPATCH_CAFILE"] = str(cafile.resolve())
 
 
 def read_token(token_file: Path | None) -> str | None:

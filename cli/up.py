@@ -68,28 +68,73 @@ class Stack:
         """The name of a child that exited on its own, if any."""
         return next((name for name, process in self.children if process.poll() is not None), None)
 
-    def stop(self) -> None:
-        for name, process in reversed(self.children):
-            _stop_group(process)
-            self.say(f"stopped {name}")
-        self.children.clear()
+    def stop(self, before_server: Callable[[], None] | None = None) -> None:
+        """Stop every child: the worker and hub first, then ``before_server()``, then the server.
+
+        Ctrl-C and SIGTERM are ignored meanwhile: a second one must not leave
+        half the stack running.
+        """
+        previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            servers = [child for child in self.children if child[0] == "server"]
+            _stop_groups([child for child in reversed(self.children) if child not in servers], self.say)
+            if before_server is not None and any(process.poll() is None for _, process in servers):
+                try:
+                    before_server()
+                except Exception as error:  # the server may be gone already; nothing more to tidy then
+                    self.say(f"could not tidy up the runs left behind: {error}")
+            _stop_groups(servers, self.say)
+            self.children.clear()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
-def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the child's process group, then SIGKILL it if it is still there after the grace."""
-    for signum, wait in ((signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(process.pid, signum)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        # The leader is gone; its group may still hold children it started.
+def _stop_groups(children: Sequence[tuple[str, subprocess.Popen[bytes]]], say: Callable[[str], None]) -> None:
+    """SIGTERM each child's process group, SIGKILL what is still there after the grace, and reap them."""
+    for _, process in children:
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE
+    for name, process in children:
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        # Whatever is left of the group (the leader, or children it started) goes now.
         with suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        break
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5)
+        say(f"stopped {name}")
+
+
+def crash_unfinished_runs(api_url: str, pool: str) -> int:
+    """Mark Crashed the runs of ``pool`` that the stopped worker left unfinished.
+
+    Nothing else would: they would show Running for ever and keep holding
+    their deployment's concurrency slot, so a deployment with a limit (the
+    scheduled example) would never run again.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Crashed
+
+    unfinished = [StateType.RUNNING, StateType.PENDING, StateType.CANCELLING]
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=unfinished))),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+        )
+        for run in runs:
+            client.set_flow_run_state(run.id, Crashed(message="dispatch up stopped its worker while it ran"))
+    return len(runs)
 
 
 def run_step(argv: Sequence[str], env: dict[str, str], cwd: Path, what: str, timeout: float = 180) -> None:
@@ -112,6 +157,15 @@ def wait_healthy(api_url: str, server: subprocess.Popen[bytes], timeout: float) 
             pass
         time.sleep(0.25)
     raise StackError(f"the Prefect server was not healthy within {timeout:g}s")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def wait_listening(port: int, process: subprocess.Popen[bytes], what: str, timeout: float) -> None:
@@ -160,6 +214,9 @@ def running_stack(
         "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "2"),
         **{name: os.environ.get(name, value) for name, value in SERVER_TUNING.items()},
     }
+    for what, taken in (("Prefect server", port), ("hub", hub_port)):
+        if taken is not None and not port_is_free(taken):
+            raise StackError(f"port {taken} (for the {what}) is in use: is another stack up? pick another port")
     stack = Stack(log_dir, say)
     try:
         started = time.monotonic()
@@ -189,4 +246,9 @@ def running_stack(
         say(f"worker on pool {pool!r}; logs in {log_dir}")
         yield stack
     finally:
-        stack.stop()
+
+        def tidy_up() -> None:
+            if crashed := crash_unfinished_runs(api_url, pool):
+                say(f"marked {crashed} unfinished flow runs Crashed")
+
+        stack.stop(before_server=tidy_up)

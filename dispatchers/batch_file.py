@@ -82,6 +82,10 @@ def load_batch(path: str | Path) -> BatchFile:
         batch = BatchFile.model_validate(data)
     except ValidationError as error:
         raise BatchFileError(f"{path}: {validation_message(error)}") from None
+    ids = [command.call_id for command in batch.commands if command.call_id]
+    if len(set(ids)) < len(ids):
+        repeated = sorted({call_id for call_id in ids if ids.count(call_id) > 1})
+        raise BatchFileError(f"{path}: call_ids must be unique within a batch; repeated: {', '.join(repeated)}")
     if batch.config is not None:
         batch.config = str((path.parent / batch.config).resolve())
     return batch

@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from prefect import State, flow, get_client
+from prefect import State, flow, get_client, get_run_logger
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
@@ -127,7 +127,9 @@ async def dispatch_batch(
     policy = BatchPolicy(options["mode"], options["stop_on_failure"], options["max_concurrency"])
     retry = RetryPolicy(attempts=options["retries"] + 1)
     servers = config or (spec.config if spec else None) or "mcp.json"
-    await _tag(backend, device)
+    if len({command.call_id for command in batch}) < len(batch):
+        raise ValueError("two commands share a call_id: each command of a batch needs its own (or none)")
+    await _best_effort(_tag(backend, device), "tagging the flow run")
     reports: list[CommandReport | None] = [None] * len(batch)
 
     async with _dispatcher(backend, servers, retry, device, hub) as dispatcher, Progress(len(batch)) as progress:
@@ -143,12 +145,20 @@ async def dispatch_batch(
         results = await run_batch(batch, run_one, deadline, policy, progress.advance, settle=TASK_REPORT_GRACE)
 
     where = f"device {device}" if backend is Backend.REMOTE else "local MCP servers"
-    await publish_results(flow_run_name(), batch, results, reports, where)
+    await _best_effort(publish_results(flow_run_name(), batch, results, reports, where), "publishing the results")
     emit_batch_finished(context, results, reports)
     failed = sum(result.status is ResultStatus.FAILURE for result in results)
     if failed:
         return Failed(message=f"{failed} of {len(results)} commands failed", data=results)
     return Completed(message=f"{len(results)} commands succeeded", data=results)
+
+
+async def _best_effort(work: Awaitable[None], what: str) -> None:
+    """The dashboard's extras must never cost a batch its Results: the commands have run by now."""
+    try:
+        await work
+    except Exception as error:  # an API hiccup (a 503, a locked SQLite database)
+        get_run_logger().warning("%s failed: %s", what, error)
 
 
 async def _tag(backend: Backend, device: str | None) -> None:

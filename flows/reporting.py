@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
+from prefect import get_run_logger
 from prefect.artifacts import (
     acreate_markdown_artifact,
     acreate_progress_artifact,
@@ -46,7 +47,11 @@ class Progress:
         self._artifact: UUID | None = None
 
     async def __aenter__(self) -> Progress:
-        self._artifact = await acreate_progress_artifact(0.0, description=f"Commands finished, of {self.total}.")
+        try:
+            self._artifact = await acreate_progress_artifact(0.0, description=f"Commands finished, of {self.total}.")
+        except Exception as error:  # no progress bar is no reason not to run the batch
+            get_run_logger().warning("no progress artifact: %s", error)
+            return self
         self._writer = asyncio.create_task(self._write())
         return self
 
@@ -74,7 +79,8 @@ class Progress:
         while not self._closing.is_set():
             await self._changed.wait()
             self._changed.clear()
-            await aupdate_progress_artifact(self._artifact, self.percent)
+            with contextlib.suppress(Exception):  # a missed update is made good by the next one
+                await aupdate_progress_artifact(self._artifact, self.percent)
             with contextlib.suppress(TimeoutError):  # at most one write per interval; the last one is __aexit__'s
                 await asyncio.wait_for(self._closing.wait(), self.interval)
 

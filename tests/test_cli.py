@@ -119,6 +119,11 @@ def test_the_human_output_is_a_table_on_stdout(tmp_path: Path, config_file: Path
         ("commands: []", "batch.yaml", "commands: List should have at least 1 item"),
         ('{"commands": [{"tool_name": "x"}], "mode": "sideways"}', "batch.json", "mode:"),
         ("commands: [tool_name: x", "batch.yaml", "batch.yaml: line"),
+        (
+            '[{"tool_name": "a", "call_id": "x"}, {"tool_name": "b", "call_id": "x"}]',
+            "batch.json",
+            "call_ids must be unique within a batch; repeated: x",
+        ),
     ],
 )
 def test_a_bad_batch_file_exits_2_with_one_clear_line(

@@ -186,3 +186,26 @@ async def test_batches_in_one_event_loop_share_their_servers(demo_config: dict[s
 
     # The same server process counted both calls: it was started once, not per flow run.
     assert (first[0].result, second[0].result) == ({"result": 1}, {"result": 2})
+
+
+async def test_a_prefect_api_failure_after_the_commands_ran_keeps_their_results(
+    demo_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Injected fault: the results table cannot be written (a 503, a locked database)."""
+    import flows.reporting
+
+    async def unavailable(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("503 Service Unavailable")
+
+    monkeypatch.setattr(flows.reporting, "acreate_table_artifact", unavailable)
+    state = await run_flow([Command(tool_name="add", parameters={"a": 1, "b": 2}, call_id="ran")], config=demo_config)
+
+    [result] = await state.aresult(raise_on_failure=False)
+    assert (result.call_id, result.status, result.result) == ("ran", ResultStatus.SUCCESS, {"result": 3.0})
+
+
+async def test_two_commands_with_one_call_id_are_refused_before_anything_runs(demo_config: dict[str, Any]) -> None:
+    twins = [Command(tool_name="count", parameters={"key": "twins"}, call_id="same")] * 2
+    results = await run_batch_flow(twins, config=demo_config)
+    assert [r.status for r in results] == [ResultStatus.FAILURE, ResultStatus.FAILURE]
+    assert all("two commands share a call_id" in (r.error or "") for r in results)
