@@ -113,38 +113,22 @@ async def close_code(connection: ClientConnection, seconds: float = WAIT) -> int
 
 def register_frame(device_id: str | None, **overrides: Any) -> str:
     """A ``register`` as a UFO device sends it: every field, unset ones as null."""
-    frame: dict[str, Any] = {
-        "type": "register",
-        "status": "ok",
-        "client_type": "device",
-        "session_id": None,
-        "task_name": None,
-        "client_id": device_id,
-        "target_id": None,
-        "request": None,
-        "action_results": None,
-        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(),
-        "request_id": None,
-        "prev_response_id": None,
-        "error": None,
-        "metadata": {
-            "system_info": {
-                "device_id": device_id,
-                "platform": "linux",
-                "os_version": "test",
-                "cpu_count": 2,
-                "hostname": "vm",
-                "supported_features": ["gui", "cli"],
-                "platform_type": "computer",
-                "schema_version": "1.0",
-                "custom_metadata": {},
-            },
-            "registration_time": datetime.datetime.now(datetime.UTC).isoformat(),
+    metadata = {
+        "system_info": {
+            "device_id": device_id,
             "platform": "linux",
+            "os_version": "test",
+            "cpu_count": 2,
+            "hostname": "vm",
+            "supported_features": ["gui", "cli"],
+            "platform_type": "computer",
+            "schema_version": "1.0",
+            "custom_metadata": {},
         },
+        "registration_time": datetime.datetime.now(datetime.UTC).isoformat(),
+        "platform": "linux",
     }
-    frame.update(overrides)
-    return json.dumps(frame)
+    return client_frame("register", device_id, **{"metadata": metadata, **overrides})
 
 
 def client_frame(kind: str, device_id: str | None = None, **fields: Any) -> str:
