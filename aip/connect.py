@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from .access import check_token
 
@@ -84,6 +85,20 @@ async def open_connection(
         raise ValueError(str(error)) from None
     except (OSError, TimeoutError, InvalidHandshake) as error:
         raise HubUnavailable(f"cannot reach the hub at {safe_url(url)}: {error or type(error).__name__}") from None
+
+
+async def first_latency(connection: ClientConnection, timeout: float = 5.0) -> float:
+    """One ping round trip now, in seconds (0.0 if it can't be had).
+
+    websockets measures latency only with its keepalive pings, the first of
+    which comes 20 s after connecting; deadlines need an estimate from the start.
+    """
+    try:
+        pong = await connection.ping()
+        async with asyncio.timeout(timeout):
+            return float(await pong)
+    except (ConnectionClosed, TimeoutError):
+        return 0.0
 
 
 def safe_url(url: str) -> str:

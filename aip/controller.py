@@ -19,7 +19,15 @@ from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from .connect import CONTROLLER_PATH, DEFAULT_MAX_MESSAGE_BYTES, HubUnavailable, endpoint, open_connection, safe_url
+from .connect import (
+    CONTROLLER_PATH,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    HubUnavailable,
+    endpoint,
+    first_latency,
+    open_connection,
+    safe_url,
+)
 from .messages import ClientMessage, ClientMessageType, ServerMessage, ServerMessageType, TaskStatus
 from .switchboard import now_iso
 
@@ -54,6 +62,7 @@ class HubLink:
         self._on_lost: LossListener = _ignore
         self._attached = False
         self._connection: ClientConnection | None = None
+        self._first_latency = 0.0
         self._reader: asyncio.Task[None] | None = None
         self._opening = asyncio.Lock()
         self._closed = False
@@ -64,7 +73,9 @@ class HubLink:
     @property
     def latency(self) -> float:
         """Seconds of the last ping round trip to the hub (0 before the first)."""
-        return self._connection.latency if self._connection is not None else 0.0
+        if self._connection is None:
+            return 0.0
+        return self._connection.latency or self._first_latency
 
     def attach(self, on_frame: FrameListener, on_lost: LossListener) -> None:
         """Name the one listener for what the hub sends and for the connection's end."""
@@ -86,6 +97,7 @@ class HubLink:
                 max_message_bytes=self.max_message_bytes,
                 ssl_context=self.ssl_context,
             )
+            self._first_latency = await first_latency(connection, self.open_timeout)
             self._connection = connection
             self._reader = asyncio.create_task(self._read(connection))
 

@@ -40,6 +40,7 @@ from .connect import (
     HubRefused,
     HubUnavailable,
     endpoint,
+    first_latency,
     open_connection,
     safe_url,
 )
@@ -148,6 +149,7 @@ class DeviceClient:
         self._batches: dict[str, asyncio.Task[None]] = {}
         self._cancelled: dict[str, str] = {}
         self._chores: set[asyncio.Future[None]] = set()
+        self._first_latency = 0.0
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Stay connected (reconnecting as needed) until ``stop`` is set; answer every batch before leaving."""
@@ -228,6 +230,7 @@ class DeviceClient:
             answer = ServerMessage.model_validate_json(await connection.recv())
         if answer.type is ServerMessageType.ERROR:
             raise HubRefused(f"the hub refused the registration: {answer.error}")
+        self._first_latency = await first_latency(connection)
         self.registrations += 1
         self.registered.set()
         logger.info("device %r registered with %s", self.device_id, safe_url(self.url))
@@ -302,7 +305,7 @@ class DeviceClient:
         commands = list(message.actions or [])
         # The sender stops waiting after ``timeout``; our answer needs the way back to the hub too.
         timeout = message.timeout or UNBOUNDED_BATCH_SECONDS
-        timeout = max(timeout - 2 * connection.latency, timeout / 2)
+        timeout = max(timeout - 2 * (connection.latency or self._first_latency), timeout / 2)
         executor = self.executor
 
         async def run(fresh: list[Command]) -> list[Result]:
