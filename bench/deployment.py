@@ -370,19 +370,7 @@ class Bench:
         )
         returned = time.perf_counter() - begin
         run, seen, exited = await self.wait_final(created.id, begin, f"worker_{queue}")
-        cpu = await self.settle()
-        times = await phases(self.client, run.id, t0, self.size)
-        self.check(run.state.message, times, files + self.size, label)
-        self.record(
-            label,
-            {
-                **split(times, "pending"),
-                "returned": returned,
-                "seen": seen,
-                "exit": exited - t0 - times["completed"],
-                **cpu,
-            },
-        )
+        await self.record_deployment_run(label, run, t0, files, returned, seen, exited)
 
     async def cli(self, label: str) -> None:
         """``prefect deployment run`` (the CLI, no --watch) on the default queue, then the same polling."""
@@ -403,6 +391,12 @@ class Bench:
         if done.returncode != 0 or not ids:
             raise SystemExit(f"benchmark broken: prefect deployment run failed:\n{done.stdout}\n{done.stderr}")
         run, seen, exited = await self.wait_final(UUID(ids[0]), begin, "worker_default")
+        await self.record_deployment_run(label, run, t0, files, returned, seen, exited)
+
+    async def record_deployment_run(
+        self, label: str, run: Any, t0: float, files: int, returned: float, seen: float, exited: float
+    ) -> None:
+        """Phases, CPU and checks of one finished deployment run, however it was triggered."""
         cpu = await self.settle()
         times = await phases(self.client, run.id, t0, self.size)
         self.check(run.state.message, times, files + self.size, label)

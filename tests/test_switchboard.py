@@ -1004,9 +1004,11 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: list[list[str | None]] = []
+        self.ran = asyncio.Event()
 
     async def __call__(self, commands: list[Command]) -> list[Result]:
         self.calls.append([c.call_id for c in commands])
+        self.ran.set()
         return [ok(c) for c in commands]
 
 
@@ -1119,14 +1121,9 @@ async def test_a_run_that_raises_is_not_remembered_and_a_waiting_repeat_gets_a_f
     first = asyncio.create_task(memory.execute([cmd("shared")], broken, fail))
     await broken.entered.wait()
 
-    other_ran = asyncio.Event()
-
-    async def second_run(commands: list[Command]) -> list[Result]:
-        other_ran.set()
-        return [ok(c) for c in commands]
-
+    second_run = Recorder()
     second = asyncio.create_task(memory.execute([cmd("shared"), cmd("own")], second_run, fail))
-    await other_ran.wait()
+    await second_run.ran.wait()
     broken.release.set()
 
     with pytest.raises(RuntimeError, match="executor exploded"):
@@ -1147,14 +1144,9 @@ async def test_a_cancelled_first_run_gives_a_waiting_repeat_a_failure() -> None:
     slow = Gate()
     first = asyncio.create_task(memory.execute([cmd("shared")], slow, fail))
     await slow.entered.wait()
-    other_ran = asyncio.Event()
-
-    async def second_run(commands: list[Command]) -> list[Result]:
-        other_ran.set()
-        return [ok(c) for c in commands]
-
+    second_run = Recorder()
     second = asyncio.create_task(memory.execute([cmd("shared"), cmd("own")], second_run, fail))
-    await other_ran.wait()
+    await second_run.ran.wait()
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
