@@ -1,18 +1,26 @@
-"""Who may open a connection to the hub: token, Host and Origin rules, free of I/O.
+"""Who may open a connection to the hub: credential, endpoint, Host and Origin rules, free of I/O.
 
 The token travels as ``Authorization: Bearer ...`` or, for UFO clients,
-as ``?token=...``; it is compared in constant time and never logged. The
-Host header must name this hub (a web page cannot reach it by rebinding a
-DNS name to 127.0.0.1), and a browser's Origin must be one the operator allowed.
+as ``?token=...``; it is looked up by digest in the hub's ``CredentialStore``
+and never logged. Each credential opens one endpoint: a device's ``/ws``, a
+controller's ``/controller``. The Host header must name this hub (a web page
+cannot reach it by rebinding a DNS name to 127.0.0.1), and a browser's Origin
+must be one the operator allowed. A malformed request is a 400, never a crash.
 """
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
+from .credentials import CredentialStore, Identity, Role
+
+#: Where devices connect (as UFO's devices do) and where controllers connect.
+DEVICE_PATH = "/ws"
+CONTROLLER_PATH = "/controller"
+#: Which role each endpoint is for.
+ENDPOINTS = {DEVICE_PATH: Role.DEVICE, CONTROLLER_PATH: Role.CONTROLLER}
 #: Host names every hub answers to: the loopback names.
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -32,48 +40,67 @@ def host_name(host_header: str) -> str:
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """An HTTP answer instead of a WebSocket: the status and a reason that names no secret."""
+
+    status: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class AccessPolicy:
-    """The hub's door: a token, the host names it answers to, the browser origins it accepts.
+    """The hub's door: the credentials it accepts, the host names it answers to, the origins it allows."""
 
-    ``repr`` never shows the token.
-    """
-
-    token: str
+    credentials: CredentialStore
     hosts: frozenset[str] = LOOPBACK_NAMES
     origins: tuple[str, ...] = ()
 
-    def __post_init__(self) -> None:
-        if not self.token:
-            raise ValueError("the hub needs a token: set DISPATCH_TOKEN or pass --token-file")
-        check_token(self.token)
-
     def __repr__(self) -> str:
-        return f"AccessPolicy(token=<hidden>, hosts={sorted(self.hosts)}, origins={list(self.origins)})"
+        hosts, origins = sorted(self.hosts), list(self.origins)
+        return f"AccessPolicy({len(self.credentials)} credentials, hosts={hosts}, origins={origins})"
 
     @classmethod
     def for_host(
-        cls, token: str, bind_host: str, extra_hosts: Iterable[str] = (), origins: Iterable[str] = ()
+        cls, credentials: CredentialStore, bind_host: str, extra_hosts: Iterable[str] = (), origins: Iterable[str] = ()
     ) -> AccessPolicy:
         """The loopback names, the bound address (unless it is a wildcard) and ``extra_hosts``."""
         hosts = set(LOOPBACK_NAMES) | {name.lower() for name in extra_hosts}
         if bind_host not in ("", "0.0.0.0", "::"):
             hosts.add(host_name(bind_host))
-        return cls(token=token, hosts=frozenset(hosts), origins=tuple(origins))
+        return cls(credentials=credentials, hosts=frozenset(hosts), origins=tuple(origins))
 
-    def refusal(self, path: str, host: str | None, authorization: str | None) -> tuple[int, str] | None:
-        """``(status, reason)`` when a request for ``path`` with these headers must be refused, else None."""
-        if host is None or host_name(host) not in self.hosts:
-            return 403, "Host not allowed"
-        if not self.token_matches(path, authorization):
-            return 401, "missing or wrong token"
-        return None
+    def admit(
+        self, target: str, hosts: Sequence[str], authorizations: Sequence[str], origins: Sequence[str] = ()
+    ) -> Identity | Refusal:
+        """Who a request for ``target`` (path and query) is, given all its Host, Authorization and Origin headers.
 
-    def token_matches(self, path: str, authorization: str | None) -> bool:
-        offered: str | None = None
-        if authorization is not None:
-            scheme, _, credentials = authorization.partition(" ")
-            if scheme.lower() == "bearer":
-                offered = credentials.strip()
-        if offered is None:
-            offered = next(iter(parse_qs(urlsplit(path).query).get("token", [])), None)
-        return offered is not None and hmac.compare_digest(offered.encode(), self.token.encode())
+        No Origin is a client that is not a browser; a browser page must come from an allowed origin.
+        """
+        try:
+            parts = urlsplit(target)
+            query = parse_qs(parts.query)
+        except ValueError:
+            return Refusal(400, "malformed request path")
+        role = ENDPOINTS.get(parts.path)
+        if role is None:
+            return Refusal(404, f"not found: devices connect at {DEVICE_PATH}, controllers at {CONTROLLER_PATH}")
+        if len(hosts) != 1 or len(authorizations) > 1 or len(origins) > 1 or len(query.get("token", [])) > 1:
+            return Refusal(400, "exactly one Host header, and at most one credential and one Origin, please")
+        if host_name(hosts[0]) not in self.hosts:
+            return Refusal(403, "Host not allowed")
+        if origins and origins[0] not in self.origins:
+            return Refusal(403, "Origin not allowed")
+        offered = _offered_token(authorizations, query)
+        identity = self.credentials.identify(offered) if offered else None
+        if identity is None:
+            return Refusal(401, "missing or unknown credential")
+        if identity.role is not role:
+            return Refusal(403, f"a {identity.role.value} credential does not open {parts.path}")
+        return identity
+
+
+def _offered_token(authorizations: Sequence[str], query: dict[str, list[str]]) -> str | None:
+    if authorizations:
+        scheme, _, credentials = authorizations[0].partition(" ")
+        return credentials.strip() if scheme.lower() == "bearer" else None
+    return next(iter(query.get("token", [])), None)

@@ -5,6 +5,13 @@ with the same call_ids (invariant 2). Whatever state each one is in on the
 device, the repeat gets the first run's answer: a finished call its stored
 Result, a call still running the Result it is about to produce.
 
+The memory is kept per controller (the hub names the sender of each batch
+from its credential): one controller can neither read another's Results by
+replaying its call_ids nor plant a Result for a call_id another will use. And
+each call_id is remembered with the command it belongs to: the same call_id
+with another tool, parameters or tool_type is refused (``CallIdConflict``),
+neither run nor answered from memory.
+
 Only successes are remembered. A failure may not have reached the tool at all
 (a server restarting, a timeout), and a retry of a failed command (a resumed
 batch) is meant to run it again. A run that was cancelled has no answer to
@@ -15,6 +22,8 @@ runs for months stays small.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,6 +35,19 @@ from .messages import Command, Result, ResultStatus
 Run = Callable[[list[Command]], Awaitable[list[Result]]]
 #: One failure Result per command, naming ``error``: how a shared run's failure reaches a repeat.
 Fail = Callable[[list[Command], BaseException], list[Result]]
+#: (controller, call_id): whose call it is, and which.
+Key = tuple[str, str]
+
+
+class CallIdConflict(ValueError):
+    """A call_id this device already knows, for another command: neither run nor replayed."""
+
+
+def fingerprint(command: Command) -> str:
+    """What makes two commands the same call: tool, parameters, tool_type and server (not the timeout)."""
+    identity = [command.tool_name, command.parameters or {}, command.tool_type, command.namespace]
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -38,50 +60,60 @@ class MemoryLimits:
 
 
 class CallMemory:
-    """Results by call_id, and the calls still running, shared by every batch on one device."""
+    """Results by (controller, call_id), and the calls still running, shared by every batch on one device."""
 
     def __init__(self, limits: MemoryLimits = MemoryLimits(), clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
         self.clock = clock
         # Results are kept as JSON text: 10,000 strings cost the garbage collector
         # nothing, 10,000 model trees cost every full collection a scan.
-        self._done: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._done: OrderedDict[Key, tuple[float, str, str]] = OrderedDict()
         self._bytes = 0
-        self._running: dict[str, asyncio.Future[Result]] = {}
+        self._running: dict[Key, tuple[str, asyncio.Future[Result]]] = {}
 
     def __len__(self) -> int:
         return len(self._done)
 
-    def recall(self, call_id: str) -> Result | None:
+    def recall(self, call_id: str, controller: str = "") -> Result | None:
         self._expire()
-        entry = self._done.get(call_id)
-        return Result.model_validate_json(entry[1]) if entry else None
+        entry = self._done.get((controller, call_id))
+        return Result.model_validate_json(entry[2]) if entry else None
 
-    async def execute(self, commands: Sequence[Command], run: Run, fail: Fail) -> list[Result]:
-        """One Result per command: remembered, shared with a run in progress, or from ``run``."""
-        answers: list[Result | asyncio.Future[Result] | None] = []
+    async def execute(self, commands: Sequence[Command], run: Run, fail: Fail, controller: str = "") -> list[Result]:
+        """One Result per command: remembered, shared with a run in progress, refused, or from ``run``.
+
+        ``controller`` is whose batch this is (the hub's word for it; empty
+        when the hub does not say, as a UFO server does not).
+        """
+        self._expire()
+        answers: list[Result | asyncio.Future[Result] | BaseException | None] = []
         fresh: list[tuple[int, Command]] = []
-        mine: dict[str, asyncio.Future[Result]] = {}
+        mine: dict[Key, asyncio.Future[Result]] = {}
         for index, command in enumerate(commands):
-            call_id = command.call_id
-            known = self.recall(call_id) if call_id else None
-            running = self._running.get(call_id) if call_id else None
-            if known is not None:
-                answers.append(known)
+            key = (controller, command.call_id) if command.call_id else None
+            known = self._done.get(key) if key else None
+            running = self._running.get(key) if key else None
+            if key is None:
+                answers.append(None)
+                fresh.append((index, command))
+            elif known is not None:
+                same = known[1] == fingerprint(command)
+                answers.append(Result.model_validate_json(known[2]) if same else _conflict(command))
             elif running is not None:
-                answers.append(running)
+                answers.append(running[1] if running[0] == fingerprint(command) else _conflict(command))
             else:
                 answers.append(None)
                 fresh.append((index, command))
-                if call_id:
-                    mine[call_id] = self._running[call_id] = asyncio.get_running_loop().create_future()
+                future = asyncio.get_running_loop().create_future()
+                self._running[key] = (fingerprint(command), future)
+                mine[key] = future
         try:
             results = await run([command for _, command in fresh]) if fresh else []
             if len(results) != len(fresh):
                 raise RuntimeError(f"the executor returned {len(results)} results for {len(fresh)} commands")
         except BaseException as error:
-            for call_id, future in mine.items():
-                del self._running[call_id]
+            for key, future in mine.items():
+                del self._running[key]
                 if isinstance(error, Exception):
                     future.set_exception(error)
                     future.exception()  # marked retrieved: a repeat may never come to look
@@ -90,17 +122,22 @@ class CallMemory:
             raise
         for (index, command), result in zip(fresh, results, strict=True):
             answers[index] = result
-            if command.call_id and command.call_id in mine:
-                del self._running[command.call_id]
-                mine.pop(command.call_id).set_result(result)
+            key = (controller, command.call_id or "")
+            if key in mine:
+                fingerprint_of_command, _ = self._running.pop(key)
+                mine.pop(key).set_result(result)
                 if result.status is ResultStatus.SUCCESS:
-                    self._remember(command.call_id, result)
+                    self._remember(key, fingerprint_of_command, result)
         return [await self._settle(command, answer, fail) for command, answer in zip(commands, answers, strict=True)]
 
     @staticmethod
-    async def _settle(command: Command, answer: Result | asyncio.Future[Result] | None, fail: Fail) -> Result:
+    async def _settle(
+        command: Command, answer: Result | asyncio.Future[Result] | BaseException | None, fail: Fail
+    ) -> Result:
         if isinstance(answer, Result):
             return answer
+        if isinstance(answer, BaseException):
+            return fail([command], answer)[0]
         assert answer is not None
         try:
             # Shielded: a repeat that stops waiting must not cancel the first run's call.
@@ -113,28 +150,36 @@ class CallMemory:
                 raise
             return fail([command], RuntimeError("the first run of this call_id was cancelled"))[0]
 
-    def _remember(self, call_id: str, result: Result) -> None:
+    def _remember(self, key: Key, command_fingerprint: str, result: Result) -> None:
         try:
             text = result.model_dump_json()
-        except ValueError:
+        except (ValueError, RecursionError):
             return  # a result that cannot travel is not worth replaying; the reply will say so
         if len(text) > self.limits.bytes:
             return
-        self._forget(call_id)
-        self._done[call_id] = (self.clock(), text)
+        self._forget(key)
+        self._done[key] = (self.clock(), command_fingerprint, text)
         self._bytes += len(text)
         while len(self._done) > self.limits.entries or self._bytes > self.limits.bytes:
             self._forget(next(iter(self._done)))
 
-    def _forget(self, call_id: str) -> None:
-        entry = self._done.pop(call_id, None)
+    def _forget(self, key: Key) -> None:
+        entry = self._done.pop(key, None)
         if entry is not None:
-            self._bytes -= len(entry[1])
+            self._bytes -= len(entry[2])
 
     def _expire(self) -> None:
         oldest_kept = self.clock() - self.limits.seconds
         while self._done:
-            call_id, (stamp, _) = next(iter(self._done.items()))
+            key, (stamp, _, _) = next(iter(self._done.items()))
             if stamp >= oldest_kept:
                 break
-            self._forget(call_id)
+            self._forget(key)
+
+
+def _conflict(command: Command) -> CallIdConflict:
+    return CallIdConflict(
+        f"call_id {command.call_id!r} was already used on this device for a different command "
+        "(another tool, parameters or tool_type): it is neither run nor answered from memory; "
+        "give each command its own call_id"
+    )

@@ -5,16 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from .access import check_token
 
-#: Where devices connect (as UFO's devices do) and where controllers connect.
-DEVICE_PATH = "/ws"
-CONTROLLER_PATH = "/controller"
 #: UFO's own frame limit: screenshots travel as base64 inside results.
 DEFAULT_MAX_MESSAGE_BYTES = 100 * 2**20
 
@@ -32,10 +29,25 @@ class HubRefused(HubUnavailable):
 
 
 def endpoint(hub_url: str, path: str) -> str:
-    """``ws://host:port`` (or the same with any path) -> ``ws://host:port/<path>``, query kept."""
-    parts = urlsplit(hub_url)
-    if parts.scheme not in ("ws", "wss") or not parts.netloc:
-        raise ValueError(f"a hub URL looks like ws://HOST:PORT or wss://HOST:PORT, not {hub_url!r}")
+    """``ws://host:port`` (or the same with any path) -> ``ws://host:port/<path>``.
+
+    A credential in the URL (``?token=``, ``user:password@``) is refused: URLs
+    end up in flow-run parameters, logs and process lists. The credential goes
+    in ``$DISPATCH_TOKEN`` or a token file; ``token_in_query`` puts it in the
+    query on the wire for a UFO server, without it ever being part of the URL.
+    """
+    try:
+        parts = urlsplit(hub_url)
+        query = parse_qs(parts.query, keep_blank_values=True)
+    except ValueError:
+        raise ValueError("a hub URL looks like ws://HOST:PORT or wss://HOST:PORT") from None
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"a hub URL looks like ws://HOST:PORT or wss://HOST:PORT, not {safe_url(hub_url)!r}")
+    if "token" in query or parts.username is not None or parts.password is not None:
+        raise ValueError(
+            "the hub URL carries a credential: remove it, and pass the token in $DISPATCH_TOKEN or --token-file "
+            "(a URL is shown in logs, process lists and the Prefect dashboard)"
+        )
     return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
 
@@ -102,6 +114,10 @@ async def first_latency(connection: ClientConnection, timeout: float = 5.0) -> f
 
 
 def safe_url(url: str) -> str:
-    """The URL without its query, where a UFO-style ``?token=`` would be."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    """The URL without its query (where a UFO-style ``?token=`` would be) and without user info."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc.rpartition("@")[2]
+    except ValueError:
+        return "<malformed URL>"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))

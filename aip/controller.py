@@ -19,8 +19,8 @@ from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from .access import CONTROLLER_PATH
 from .connect import (
-    CONTROLLER_PATH,
     DEFAULT_MAX_MESSAGE_BYTES,
     HubUnavailable,
     endpoint,

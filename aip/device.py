@@ -22,6 +22,7 @@ import logging
 import os
 import platform
 import random
+import re
 import socket
 import ssl
 import sys
@@ -33,10 +34,10 @@ from typing import Any, Protocol
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from .access import DEVICE_PATH
 from .call_memory import CallMemory
 from .connect import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    DEVICE_PATH,
     HubRefused,
     HubUnavailable,
     endpoint,
@@ -53,7 +54,8 @@ from .messages import (
     ServerMessageType,
     TaskStatus,
 )
-from .switchboard import DISPATCH_METADATA, CloseCode, now_iso
+from .registration import DISPATCH_METADATA
+from .switchboard import CloseCode, now_iso
 
 logger = logging.getLogger("aip.device")
 
@@ -62,10 +64,12 @@ UNBOUNDED_BATCH_SECONDS = 6000.0
 #: Replies longer than this go out in fragments of this size, so heartbeats and
 #: pongs still get through while a screenshot crawls up a slow link.
 FRAGMENT_CHARS = 2**18
+#: Where a frame too odd to parse (nested thousands deep) still names its batch.
+_RESPONSE_ID = re.compile(r'"response_id"\s*:\s*"([^"\\]{1,200})"')
 
 
 class DeviceReplaced(HubUnavailable):
-    """The hub took this id for a newer connection: another device may be using the same id."""
+    """Another connection holds this id, or took it: another machine may be using the same credential."""
 
 
 class Executor(Protocol):
@@ -229,6 +233,11 @@ class DeviceClient:
         async with asyncio.timeout(30):
             answer = ServerMessage.model_validate_json(await connection.recv())
         if answer.type is ServerMessageType.ERROR:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await connection.wait_closed()
+            if connection.close_code == CloseCode.DUPLICATE:
+                raise DeviceReplaced(f"the hub refused the registration: {answer.error}")
             raise HubRefused(f"the hub refused the registration: {answer.error}")
         self._first_latency = await first_latency(connection)
         self.registrations += 1
@@ -268,8 +277,9 @@ class DeviceClient:
         """Answer a frame we could not read with an error, so a batch in it fails now rather than at its deadline."""
         try:
             response_id = json.loads(frame).get("response_id")
-        except (ValueError, AttributeError):
-            response_id = None
+        except (ValueError, AttributeError, RecursionError):
+            found = _RESPONSE_ID.search(frame if isinstance(frame, str) else frame.decode(errors="replace"))
+            response_id = found.group(1) if found else None
         if not isinstance(response_id, str):
             return  # nothing anyone waits on can be named
         reply = ClientMessage(
@@ -312,7 +322,9 @@ class DeviceClient:
             return await executor.execute_commands(fresh, timeout)
 
         try:
-            results = await self.memory.execute(commands, run, executor.generate_error_results)
+            results = await self.memory.execute(
+                commands, run, executor.generate_error_results, controller=message.controller_id or ""
+            )
         except asyncio.CancelledError:
             why = self._cancelled.pop(response_id, None)
             if why is None:
@@ -336,7 +348,10 @@ class DeviceClient:
         )
         try:
             text = reply.model_dump_json()
-        except ValueError:  # a tool's result that JSON can't carry: that command fails, the others stand
+        except (
+            ValueError,
+            RecursionError,
+        ):  # a tool's result that JSON can't carry: that command fails, the others stand
             sendable = [_sendable(command, result, executor) for command, result in zip(commands, results, strict=True)]
             text = reply.model_copy(update={"action_results": sendable}).model_dump_json()
         try:
@@ -350,7 +365,7 @@ def _sendable(command: Command, result: Result, executor: Executor) -> Result:
     """``result`` if it serialises, else a failure Result that says why."""
     try:
         result.model_dump_json()
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         cause = f"ProtocolError: the result could not be sent as JSON ({error})"
         return executor.generate_error_results([command], cause)[0]
     return result

@@ -1,31 +1,34 @@
 """The hub: a WebSocket server that routes batches between controllers and devices.
 
 Devices connect at ``/ws`` exactly as a UFO device does; controllers (the
-dispatchers inside flow runs) connect at ``/controller``. Both must present
-the token. All routing decisions are the ``Switchboard``'s; this module only
-moves frames: it reads each connection, feeds the switchboard, and carries out
-the sends and closes it returns. Each connection has an outbox drained by its
-own writer, so a slow reader never holds up the connection that wrote to it.
+dispatchers inside flow runs) connect at ``/controller``. Each presents a
+credential of its own (``AccessPolicy`` says who it is). All routing
+decisions are the ``Switchboard``'s; this module only moves frames: it reads
+each connection, feeds the switchboard, and carries out the sends, closes and
+liveness probes it returns. Each connection has an outbox drained by its own
+writer, so a slow reader never holds up the connection that wrote to it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import ssl
+import weakref
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.typing import Origin
 
-from .access import AccessPolicy
-from .connect import CONTROLLER_PATH, DEFAULT_MAX_MESSAGE_BYTES, DEVICE_PATH
-from .switchboard import Action, Close, CloseCode, Device, Send, Switchboard, error_frame
+from .access import CONTROLLER_PATH, DEVICE_PATH, AccessPolicy, Refusal
+from .connect import DEFAULT_MAX_MESSAGE_BYTES
+from .credential_file import CredentialFile
+from .credentials import CredentialError, Identity, Role
+from .switchboard import Action, Close, CloseCode, Device, Probe, Send, Switchboard, error_frame
 
 #: Frames queued for one connection before the hub gives up on it as not reading.
 MAX_QUEUED_FRAMES = 256
@@ -35,6 +38,26 @@ logger = logging.getLogger("aip.hub")
 # stays at WARNING whatever the root level, so a token never reaches a log.
 _wire_logger = logging.getLogger("aip.hub.wire")
 _wire_logger.setLevel(logging.WARNING)
+
+
+class _QuietHandshakeFailures(logging.Filter):
+    """A connection that never finished its handshake (a port scan, a bare TCP connect) is one INFO line.
+
+    websockets logs it as an ERROR with a traceback: 2.5 KB of log per
+    connect, which anyone who can reach the port could use to fill a disk.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() != "opening handshake failed":
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        connection = getattr(record, "websocket", None)
+        where = _address(connection) if isinstance(connection, ServerConnection) else "a client"
+        logger.info("%s did not complete a WebSocket handshake (%s)", where, type(error).__name__ if error else "?")
+        return False
+
+
+_wire_logger.addFilter(_QuietHandshakeFailures())
 
 
 @dataclass(frozen=True)
@@ -54,6 +77,10 @@ class HubSettings:
     heartbeat_timeout: float = 60.0
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
+    #: How long a connection holding a device id has to answer the ping that decides a contested registration.
+    probe_timeout: float = 3.0
+    #: How often the credentials file is checked for changes (revocations close connections).
+    credentials_check_interval: float = 1.0
 
 
 class HubObserver(Protocol):
@@ -131,14 +158,18 @@ class Hub:
         settings: HubSettings = HubSettings(),
         ssl_context: ssl.SSLContext | None = None,
         observer: HubObserver | None = None,
+        credential_file: CredentialFile | None = None,
     ) -> None:
         self.access = access
         self.observer = observer
         self.settings = settings
         self.ssl_context = ssl_context
+        self.credential_file = credential_file
         self.switchboard = Switchboard()
         self._outboxes: dict[Hashable, _Outbox] = {}
         self._server: Server | None = None
+        self._admitted: weakref.WeakKeyDictionary[ServerConnection, Identity] = weakref.WeakKeyDictionary()
+        self._watcher: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -158,8 +189,7 @@ class Hub:
             self._serve,
             settings.host,
             settings.port,
-            process_request=self._admit,
-            origins=[None, *(Origin(origin) for origin in self.access.origins)],
+            process_request=self._admit,  # Origin included: every rule of the door is the AccessPolicy's
             max_size=settings.max_message_bytes,
             compression=None,  # see connect.open_connection: deflate costs more than it saves here
             ping_interval=settings.ping_interval,
@@ -168,9 +198,13 @@ class Hub:
             logger=_wire_logger,
         )
         logger.info("hub listening on %s (devices at %s, controllers at %s)", self.url, DEVICE_PATH, CONTROLLER_PATH)
+        if self.credential_file is not None:
+            self._watcher = asyncio.create_task(self._watch_credentials(self.credential_file))
         return self
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -186,26 +220,46 @@ class Hub:
         await self._server.serve_forever()
 
     def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
-        if urlsplit(request.path).path not in (DEVICE_PATH, CONTROLLER_PATH):
-            return connection.respond(404, f"not found: devices connect at {DEVICE_PATH}\n")
-        refusal = self.access.refusal(request.path, request.headers.get("Host"), request.headers.get("Authorization"))
-        if refusal is not None:
-            status, reason = refusal
-            logger.warning("refused a connection from %s: %s", _address(connection), reason)
-            return connection.respond(status, reason + "\n")
+        headers = request.headers
+        verdict = self.access.admit(
+            request.path, headers.get_all("Host"), headers.get_all("Authorization"), headers.get_all("Origin")
+        )
+        if isinstance(verdict, Refusal):
+            logger.warning("refused a connection from %s: %s", _address(connection), verdict.reason)
+            return connection.respond(verdict.status, verdict.reason + "\n")
+        self._admitted[connection] = verdict
         return None
+
+    async def _watch_credentials(self, credential_file: CredentialFile) -> None:
+        """Apply changes to the credentials file: new ones work at once, revoked ones are cut off."""
+        while True:
+            await asyncio.sleep(self.settings.credentials_check_interval)
+            try:
+                changed = credential_file.refresh()
+            except CredentialError as error:
+                logger.error("kept the previous credentials: %s", error)
+                continue
+            if changed:
+                self.access = dataclasses.replace(self.access, credentials=credential_file.store)
+                closes = self.switchboard.revoke(self.access.credentials.is_current)
+                logger.info(
+                    "credentials reloaded (%d); %d connections closed", len(self.access.credentials), len(closes)
+                )
+                self._apply(closes)
 
     def _apply(self, actions: Iterable[Action]) -> None:
         for action in actions:
             outbox = self._outboxes.get(action.peer)
-            if outbox is not None:
+            if outbox is not None and not isinstance(action, Probe):
                 outbox.put(action.text if isinstance(action, Send) else action)
 
     async def _serve(self, connection: ServerConnection) -> None:
         # Room for the largest frame and then some, so one big result never trips it.
         outbox = self._outboxes[connection] = _Outbox(connection, self.settings.max_message_bytes + 2**24)
+        identity = self._admitted.pop(connection)
+        self.switchboard.admit(connection, identity)
         try:
-            if urlsplit(connection.request.path if connection.request else "").path == DEVICE_PATH:
+            if identity.role is Role.DEVICE:
                 await self._serve_device(connection, outbox)
             else:
                 await self._serve_controller(connection)
@@ -221,12 +275,19 @@ class Hub:
         except TimeoutError:
             error = f"no register message within {settings.register_timeout:g}s"
             self._apply([Send(connection, error_frame(error)), Close(connection, CloseCode.POLICY, error)])
+            self.switchboard.device_gone(connection, error)
             return
         except ConnectionClosed:
+            self.switchboard.device_gone(connection, "closed before registering")
             return
         device, actions = self.switchboard.device_registers(connection, first)
+        probe = next((action for action in actions if isinstance(action, Probe)), None)
+        if probe is not None:
+            alive = await self._answers_ping(probe.peer)
+            device, actions = self.switchboard.probe_answered(connection, alive)
         self._apply(actions)
         if device is None:
+            self.switchboard.device_gone(connection, "registration refused")
             return
         logger.info("device %r connected from %s", device.id, _address(connection))
         if self.observer is not None:
@@ -248,6 +309,18 @@ class Hub:
                 if self.observer is not None:
                     self.observer.device_lost(device, why, len(lost))
             self._apply(lost)
+
+    async def _answers_ping(self, peer: Hashable) -> bool:
+        """Whether the connection ``peer`` answers a WebSocket ping within ``probe_timeout``."""
+        if not isinstance(peer, ServerConnection):
+            return False
+        try:
+            pong = await peer.ping()
+            async with asyncio.timeout(self.settings.probe_timeout):
+                await pong
+        except (ConnectionClosed, TimeoutError):
+            return False
+        return True
 
     async def _serve_controller(self, connection: ServerConnection) -> None:
         try:

@@ -4,8 +4,8 @@ Compatibility rules (see ``shared/aip-wire.md``):
 
 * unknown keys are ignored and missing optional keys allowed, as UFO parses;
 * every UFO field is serialised, unset ones as ``null``, as UFO sends;
-* our extensions (``namespace`` and ``timeout`` on a command, ``target_id``
-  and ``timeout`` on a server message) are optional and left out of the JSON
+* our extensions (``namespace`` and ``timeout`` on a command, ``target_id``,
+  ``timeout`` and ``controller_id`` on a server message) are optional and left out of the JSON
   while unset, so a frame we parse re-serialises to an equal object and a UFO
   peer never sees a key it did not send.
 """
@@ -114,7 +114,10 @@ class ServerMessage(WireModel):
     Extensions: ``target_id`` addresses a controller's frame to a device (the
     hub removes it before forwarding); ``timeout`` is how many seconds the
     sender still waits for this batch, so the device can stop work nobody
-    waits for. Seconds rather than a timestamp: no clock is shared.
+    waits for (seconds rather than a timestamp: no clock is shared);
+    ``controller_id`` is set by the hub, from the sender's credential, on the
+    batches it forwards to our own devices, so each controller has a call
+    memory of its own.
     """
 
     type: ServerMessageType
@@ -133,6 +136,7 @@ class ServerMessage(WireModel):
     result: Any = None
     target_id: str | None = extension()
     timeout: float | None = extension(gt=0, allow_inf_nan=False)
+    controller_id: str | None = extension()
 
 
 class ClientMessage(WireModel):

@@ -16,12 +16,20 @@ Two kinds of peer talk to the hub:
   device's frames about that batch back unchanged. A controller's question
   for the device list is a ``device_info_request``.
 
+Every peer arrives with the ``Identity`` its credential proved (``admit``).
+A device may register only as the id its credential is bound to, and a live
+id is never taken: a second connection with the same credential replaces the
+first only once the hub has seen the first fail a liveness ping (``Probe``).
+A controller reaches, and hears of, only the devices its credential allows.
+
 The hub keeps no futures: a route maps a batch's ``response_id`` to the
 device it went to and the controller waiting for it, nothing more.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -32,16 +40,20 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .credentials import Identity, Role
 from .messages import ClientMessage, ClientMessageType, ServerMessage, ServerMessageType, TaskStatus
+from .registration import MAX_REGISTRATION_BYTES, Profile
 
 #: The tool_types a UFO device accepts; others are sent to it as ``action``.
 UFO_TOOL_TYPES = frozenset({"action", "data_collection"})
 #: Batches whose controller left, remembered so the device's late answer is
 #: dropped quietly instead of being refused as unknown.
 ABANDONED_LIMIT = 10_000
-#: The registration metadata key under which our own device client describes
-#: itself (its tools); its presence says the device understands cancels.
-DISPATCH_METADATA = "dispatch"
+#: A device listing stops growing at this many characters (and says how many it left out),
+#: well inside any client's frame limit.
+MAX_LISTING_CHARS = 8 * 2**20
+#: How many devices an error about an unknown device names.
+NAMED_DEVICES = 5
 
 
 class CloseCode:
@@ -53,6 +65,8 @@ class CloseCode:
     REPLACED = 4000
     SILENT = 4001
     TOO_SLOW = 4002
+    REVOKED = 4003
+    DUPLICATE = 4004
 
 
 class Reason(StrEnum):
@@ -61,6 +75,7 @@ class Reason(StrEnum):
     DEVICE_UNAVAILABLE = "device_unavailable"  # nothing was sent
     DEVICE_LOST = "device_lost"  # sent, and the device went away before answering
     REJECTED = "rejected"  # the hub refused the frame itself
+    FORBIDDEN = "forbidden"  # this controller's credential does not cover that device
 
 
 @dataclass(frozen=True)
@@ -76,39 +91,48 @@ class Close:
     reason: str
 
 
-Action = Send | Close
+@dataclass(frozen=True)
+class Probe:
+    """Ping ``peer`` (a device's live connection, contested by ``contender``) and report with ``probe_answered``."""
+
+    peer: Hashable
+    contender: Hashable
+
+
+Action = Send | Close | Probe
 
 
 @dataclass
 class Device:
     id: str
     peer: Hashable
-    metadata: dict[str, Any]
+    identity: Identity
+    profile: Profile
     connected_at: str
     last_seen: str
     pending: set[str] = field(default_factory=set)
 
     @property
     def speaks_dispatch(self) -> bool:
-        """Our own device client: it understands cancels."""
-        return isinstance(self.metadata.get(DISPATCH_METADATA), dict)
+        """Our own device client: it understands cancels and keeps call memory per controller."""
+        return self.profile.speaks_dispatch
 
     def describe(self) -> dict[str, Any]:
-        system = self.metadata.get("system_info")
-        system = system if isinstance(system, dict) else None  # whatever a device sent, the listing must work
-        dispatch = self.metadata.get(DISPATCH_METADATA)
         return {
             "id": self.id,
-            "kind": "dispatch" if self.speaks_dispatch else "ufo",
-            "platform": self.metadata.get("platform") or (system or {}).get("platform"),
-            "system_info": system,
-            "tools": [tool for tool in tools if isinstance(tool, dict)]
-            if isinstance(dispatch, dict) and isinstance(tools := dispatch.get("tools"), list)
-            else [],
+            **self.profile.describe(),
             "connected_at": self.connected_at,
             "last_seen": self.last_seen,
             "pending_batches": len(self.pending),
         }
+
+
+@dataclass(frozen=True)
+class _Contest:
+    """A registration waiting for the probe of the live connection that holds its id."""
+
+    message: ClientMessage
+    stale: Device
 
 
 @dataclass
@@ -166,13 +190,38 @@ class Switchboard:
         self.routes: dict[str, Route] = {}
         self.routes_by_controller: dict[Hashable, set[str]] = {}
         self.abandoned: OrderedDict[str, Hashable] = OrderedDict()
+        self.identities: dict[Hashable, Identity] = {}
+        self._contests: dict[Hashable, _Contest] = {}
+
+    def admit(self, peer: Hashable, identity: Identity) -> None:
+        """A connection opened with this identity's credential; nothing it sends is accepted before this."""
+        self.identities[peer] = identity
+
+    def revoke(self, is_current: Callable[[Identity], bool]) -> list[Action]:
+        """Close every connection whose credential no longer holds (revoked, or its rights changed)."""
+        return [
+            Close(peer, CloseCode.REVOKED, "credential revoked")
+            for peer, identity in self.identities.items()
+            if not is_current(identity)
+        ]
 
     # -- devices -------------------------------------------------------------
 
     def device_registers(self, peer: Hashable, text: str | bytes) -> tuple[Device | None, list[Action]]:
-        """The first frame of a device connection: a valid ``register`` or a refusal and a close."""
+        """The first frame of a device connection: a valid ``register``, a refusal and a close, or a ``Probe``.
+
+        A ``Probe`` means the id is held by a live-looking connection with the
+        same credential: the hub pings it and calls ``probe_answered``.
+        """
+        identity = self.identities.get(peer)
+        if identity is None or identity.role is not Role.DEVICE:
+            return None, self._refuse(peer, "this connection holds no device credential")
         if isinstance(text, bytes):
             return None, self._refuse(peer, "the first frame must be a register message in a text frame, not binary")
+        if len(text) > MAX_REGISTRATION_BYTES:
+            return None, self._refuse(
+                peer, f"the register message is {len(text)} bytes; at most {MAX_REGISTRATION_BYTES} are accepted"
+            )
         try:
             message = ClientMessage.model_validate_json(text)
         except ValidationError as error:
@@ -181,20 +230,51 @@ class Switchboard:
             return None, self._refuse(peer, f"the first frame must be a register message, not {message.type.value!r}")
         if not message.client_id:
             return None, self._refuse(peer, "register needs a client_id")
-        actions: list[Action] = []
+        if message.client_id != identity.name:
+            return None, self._refuse(
+                peer, f"this credential is for device {identity.name!r}: it cannot register as another id"
+            )
         stale = self.devices.get(message.client_id)
-        if stale is not None:  # a reconnect: the new connection wins, the old one is dead or dying
-            actions += self._drop_device(stale, f"device {stale.id!r} reconnected")
-            actions.append(Close(stale.peer, CloseCode.REPLACED, "replaced by a new connection with the same id"))
+        if stale is not None:
+            if stale.identity.credential != identity.credential:  # its credential was replaced since
+                return None, self._refuse(peer, f"device {stale.id!r} is connected with another credential")
+            self._contests[peer] = _Contest(message, stale)
+            return None, [Probe(stale.peer, peer)]
+        return self._register(peer, identity, message)
+
+    def probe_answered(self, contender: Hashable, alive: bool) -> tuple[Device | None, list[Action]]:
+        """The live connection ``contender`` contested answered its ping (``alive``) or did not."""
+        contest = self._contests.pop(contender, None)
+        identity = self.identities.get(contender)
+        if contest is None or identity is None:
+            return None, []  # the contender left meanwhile
+        holder = self.devices.get(identity.name)
+        actions: list[Action] = []
+        if holder is not None and (alive or holder is not contest.stale):
+            return None, self._refuse(
+                contender,
+                f"device {holder.id!r} is already connected and answering: "
+                "if two machines use the same credential, give each its own",
+                CloseCode.DUPLICATE,
+            )
+        if holder is not None:  # the old connection is dead: the new one takes its place
+            actions += self._drop_device(holder, f"device {holder.id!r} reconnected")
+            actions.append(Close(holder.peer, CloseCode.REPLACED, "replaced: this connection did not answer a ping"))
+        device, registered = self._register(contender, identity, contest.message)
+        return device, actions + registered
+
+    def _register(
+        self, peer: Hashable, identity: Identity, message: ClientMessage
+    ) -> tuple[Device | None, list[Action]]:
         stamp = self.clock()
-        device = Device(message.client_id, peer, message.metadata or {}, connected_at=stamp, last_seen=stamp)
+        profile = Profile.from_metadata(message.metadata)
+        device = Device(identity.name, peer, identity, profile, connected_at=stamp, last_seen=stamp)
         self.devices[device.id] = device
         self.device_by_peer[peer] = device
-        actions.append(Send(peer, _heartbeat()))  # the acknowledgement: nothing may precede it
-        return device, actions
+        return device, [Send(peer, _heartbeat())]  # the acknowledgement: nothing may precede it
 
-    def _refuse(self, peer: Hashable, error: str) -> list[Action]:
-        return [Send(peer, error_frame(error)), Close(peer, CloseCode.POLICY, error[:120])]
+    def _refuse(self, peer: Hashable, error: str, code: int = CloseCode.POLICY) -> list[Action]:
+        return [Send(peer, error_frame(error)), Close(peer, code, error[:120])]
 
     def device_text(self, peer: Hashable, text: str | bytes) -> list[Action]:
         """A frame from a registered device."""
@@ -239,6 +319,8 @@ class Switchboard:
 
     def device_gone(self, peer: Hashable, why: str) -> list[Action]:
         """A device connection ended (closed, broken, silent): its batches fail now."""
+        self.identities.pop(peer, None)
+        self._contests.pop(peer, None)
         device = self.device_by_peer.get(peer)
         if device is None:
             return []
@@ -261,6 +343,9 @@ class Switchboard:
 
     def controller_text(self, peer: Hashable, text: str | bytes) -> list[Action]:
         """A frame from a controller: a batch for a device, a cancel, or a question."""
+        identity = self.identities.get(peer)
+        if identity is None or identity.role is not Role.CONTROLLER:
+            return [Close(peer, CloseCode.POLICY, "this connection holds no controller credential")]
         if isinstance(text, bytes):
             return [Send(peer, failure_frame(None, "binary frames are not AIP: send JSON text", Reason.REJECTED))]
         try:
@@ -269,11 +354,11 @@ class Switchboard:
             return [Send(peer, failure_frame(None, f"malformed frame: {_first_problem(error)}", Reason.REJECTED))]
         match message.type:
             case ServerMessageType.COMMAND:
-                return self._route_batch(peer, message)
+                return self._route_batch(peer, identity, message)
             case ServerMessageType.TASK_END:
                 return self._cancel(peer, message.response_id)
             case ServerMessageType.DEVICE_INFO_REQUEST:
-                return [Send(peer, self._device_list(message.response_id))]
+                return [Send(peer, self._device_list(identity, message.response_id))]
             case ServerMessageType.HEARTBEAT:
                 return [Send(peer, self._controller_heartbeat())]
             case _:
@@ -286,7 +371,7 @@ class Switchboard:
                     )
                 ]
 
-    def _route_batch(self, peer: Hashable, message: ServerMessage) -> list[Action]:
+    def _route_batch(self, peer: Hashable, identity: Identity, message: ServerMessage) -> list[Action]:
         response_id = message.response_id
         if not response_id:
             return [Send(peer, failure_frame(None, "a command needs a response_id", Reason.REJECTED))]
@@ -296,22 +381,44 @@ class Switchboard:
                     peer, failure_frame(response_id, f"response_id {response_id!r} is already in use", Reason.REJECTED)
                 )
             ]
-        device = self.devices.get(message.target_id or "")
+        target = message.target_id or ""
+        if not identity.may_use(target):  # the same answer whether or not such a device exists
+            error = f"this controller's credential ({identity.name!r}) does not cover device {target[:128]!r}"
+            return [Send(peer, failure_frame(response_id, error, Reason.FORBIDDEN))]
+        device = self.devices.get(target)
         if device is None:
-            connected = ", ".join(sorted(self.devices)) or "none"
-            error = f"device {message.target_id!r} is not connected (connected: {connected})"
+            error = f"device {target!r} is not connected{self._which_devices(identity, target)}"
             return [Send(peer, failure_frame(response_id, error, Reason.DEVICE_UNAVAILABLE))]
         route = Route(response_id, device, peer)
         self.routes[response_id] = route
         self.routes_by_controller.setdefault(peer, set()).add(response_id)
         device.pending.add(response_id)
-        return [Send(device.peer, self._for_device(device, message))]
+        return [Send(device.peer, self._for_device(device, identity, message))]
+
+    def _which_devices(self, identity: Identity, target: str) -> str:
+        """A few of the devices this controller may use, the likeliest first: never a list of thousands."""
+        usable = [device_id for device_id in self.devices if identity.may_use(device_id)]
+        if not usable:
+            return " (no device this controller may use is connected)"
+        close = difflib.get_close_matches(target, usable, n=NAMED_DEVICES) if len(usable) <= 10_000 else []
+        if close:
+            return f"; did you mean {', '.join(map(repr, close))}?"
+        named = ", ".join(sorted(usable)[:NAMED_DEVICES])
+        more = f" and {len(usable) - NAMED_DEVICES} more" if len(usable) > NAMED_DEVICES else ""
+        return f" (connected: {named}{more})"
 
     @staticmethod
-    def _for_device(device: Device, message: ServerMessage) -> str:
-        """The frame as the device should see it: no routing field, tool_types a UFO device accepts."""
-        update: dict[str, Any] = {"target_id": None}
-        if not device.speaks_dispatch and message.actions:
+    def _for_device(device: Device, identity: Identity, message: ServerMessage) -> str:
+        """The frame as the device should see it: no routing field, tool_types a UFO device accepts.
+
+        Our own devices also learn which controller sent the batch (from its
+        credential, whatever the frame claimed), to keep each controller's
+        call memory apart.
+        """
+        update: dict[str, Any] = {"target_id": None, "controller_id": None}
+        if device.speaks_dispatch:
+            update["controller_id"] = identity.name
+        elif message.actions:
             update["actions"] = [
                 action if action.tool_type in UFO_TOOL_TYPES else action.model_copy(update={"tool_type": "action"})
                 for action in message.actions
@@ -326,6 +433,7 @@ class Switchboard:
 
     def controller_gone(self, peer: Hashable) -> list[Action]:
         """A controller left: nobody waits for its batches, so the devices may stop them."""
+        self.identities.pop(peer, None)
         actions: list[Action] = []
         for response_id in sorted(self.routes_by_controller.pop(peer, set())):
             actions += self._abandon(self.routes[response_id], "the controller that sent this batch disconnected")
@@ -356,12 +464,27 @@ class Switchboard:
             if not mine:
                 del self.routes_by_controller[route.controller]
 
-    def _device_list(self, request_id: str | None) -> str:
+    def _device_list(self, identity: Identity, request_id: str | None) -> str:
+        """The devices this controller may use (and only those), within ``MAX_LISTING_CHARS``."""
+        listed: list[dict[str, Any]] = []
+        size = omitted = 0
+        for device_id, device in sorted(self.devices.items()):
+            if not identity.may_use(device_id):
+                continue
+            described = device.describe()
+            size += len(json.dumps(described))
+            if size > MAX_LISTING_CHARS:
+                omitted += 1
+                continue
+            listed.append(described)
+        metadata: dict[str, Any] = {"devices": listed}
+        if omitted:
+            metadata["omitted"] = omitted
         return ClientMessage(
             type=ClientMessageType.DEVICE_INFO_RESPONSE,
             status=TaskStatus.OK,
             prev_response_id=request_id,
-            metadata={"devices": [device.describe() for _, device in sorted(self.devices.items())]},
+            metadata=metadata,
             timestamp=now_iso(),
         ).model_dump_json()
 
