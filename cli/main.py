@@ -25,10 +25,13 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from aip.access import AccessPolicy, check_token
-from aip.connect import HubUnavailable
+from aip.access import CONTROLLER_PATH, LOOPBACK_NAMES, AccessPolicy, check_token
+from aip.connect import HubUnavailable, endpoint
 from aip.controller import list_devices
+from aip.credential_file import DEFAULT_PATH, CredentialFile, read_store, write_store
+from aip.credentials import CredentialError, Role
 from aip.device import DeviceClient
 from aip.hub import Hub, HubSettings
 from aip.messages import Command, Result, ResultStatus
@@ -44,6 +47,8 @@ from dispatchers import (
 )
 from dispatchers.batch_file import BatchFile, BatchFileError, load_batch, run_options
 
+from .inert import inert
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -51,6 +56,11 @@ app = typer.Typer(
 )
 stdout = Console()
 stderr = Console(stderr=True)
+credentials_app = typer.Typer(
+    no_args_is_help=True,
+    help="Issue, list and revoke the credentials a hub accepts (one per device, one per controller).",
+)
+app.add_typer(credentials_app, name="credentials")
 
 ConfigOption = Annotated[
     Path | None,
@@ -61,7 +71,14 @@ ConfigOption = Annotated[
 
 
 TokenFileOption = Annotated[
-    Path | None, typer.Option("--token-file", help="File holding the hub token (default: $DISPATCH_TOKEN)")
+    Path | None,
+    typer.Option("--token-file", help="File holding this machine's credential for the hub (default: $DISPATCH_TOKEN)"),
+]
+CredentialsOption = Annotated[
+    Path,
+    typer.Option(
+        "--credentials", help="The hub's credentials file (hashes only; mode 0600)", envvar="DISPATCH_CREDENTIALS"
+    ),
 ]
 HubOption = Annotated[
     str | None, typer.Option("--hub", help="Hub URL, ws://HOST:PORT (default: $DISPATCH_HUB)", envvar="DISPATCH_HUB")
@@ -71,8 +88,13 @@ CaFileOption = Annotated[
 ]
 
 
+def say_error(message: str) -> None:
+    """One line on stderr; ``message`` may quote a batch file or a device, so it is printed inert."""
+    stderr.print(Text.assemble(("error:", "bold red"), " ", inert(message)), highlight=False, soft_wrap=True)
+
+
 def fail_usage(message: str) -> NoReturn:
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    say_error(message)
     raise typer.Exit(2)
 
 
@@ -110,6 +132,7 @@ def run(
     if device is not None:
         if not hub:
             fail_usage("--device needs --hub ws://HOST:PORT (or $DISPATCH_HUB)")
+        checked_hub(hub)
         hub_credentials_for_the_flow(token_file, cafile)
         options |= {"backend": "remote", "device": device, "hub": hub}
     else:
@@ -192,13 +215,20 @@ def up(
     code = 0
     try:
         with running_stack(project, port, pool, None if no_hub else hub_port, say) as stack:
-            stderr.print(f"up: open http://127.0.0.1:{port}; Ctrl-C stops everything", highlight=False)
+            stderr.print(
+                f"up: open http://127.0.0.1:{port} (it asks for the contents of .dispatch/prefect-auth); "
+                "Ctrl-C stops everything. For prefect and dispatch commands in another shell:\n"
+                f"  export PREFECT_API_URL=http://127.0.0.1:{port}/api "
+                'PREFECT_API_AUTH_STRING="$(cat .dispatch/prefect-auth)"',
+                highlight=False,
+                soft_wrap=True,
+            )
             while (dead := stack.died()) is None:
                 time.sleep(0.5)
-            stderr.print(f"[bold red]error:[/] {dead} exited on its own (see .dispatch/logs/{dead}.log)")
+            say_error(f"{dead} exited on its own (see .dispatch/logs/{dead}.log)")
             code = 1
     except StackError as error:
-        stderr.print(f"[bold red]error:[/] {error}", highlight=False)
+        say_error(str(error))
         code = 1
     except KeyboardInterrupt:
         stderr.print("stopped", highlight=False)
@@ -211,7 +241,7 @@ def serve(
         "127.0.0.1"
     ),
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port)", min=0, max=65535)] = 8765,
-    token_file: TokenFileOption = None,
+    credentials: CredentialsOption = DEFAULT_PATH,
     allow_host: Annotated[
         list[str] | None, typer.Option("--allow-host", help="Another host name clients may use (repeatable)")
     ] = None,
@@ -225,10 +255,16 @@ def serve(
     certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM): serve wss://")] = None,
     keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM) for --certfile")] = None,
 ) -> None:
-    """Run the hub: devices connect at /ws, flow runs (controllers) at /controller."""
-    token = read_token(token_file)
-    if token is None:
-        fail_usage("the hub needs a token: set DISPATCH_TOKEN or pass --token-file")
+    """Run the hub: devices connect at /ws, flow runs (controllers) at /controller, each with its own credential."""
+    if not credentials.is_file():
+        fail_usage(
+            f"no credentials file at {credentials}: issue some with `dispatch credentials add-device ID` "
+            "and `dispatch credentials add-controller NAME` (or pass --credentials)"
+        )
+    try:
+        credential_file = CredentialFile(credentials)
+    except CredentialError as error:
+        fail_usage(str(error))
     if (certfile is None) != (keyfile is None):
         fail_usage("--certfile and --keyfile go together")
     context = None
@@ -238,11 +274,17 @@ def serve(
             context.load_cert_chain(certfile, keyfile)
         except (OSError, ssl.SSLError) as error:
             fail_usage(f"can't load the certificate: {error}")
-    access = AccessPolicy.for_host(token, host, allow_host or (), allow_origin or ())
+    access = AccessPolicy.for_host(credential_file.store, host, allow_host or (), allow_origin or ())
     settings = HubSettings(
         host=host, port=port, max_message_bytes=int(max_message_mib * 2**20), heartbeat_timeout=heartbeat_timeout
     )
     log_to_stderr()
+    if context is None and host not in LOOPBACK_NAMES:
+        logging.getLogger("aip.hub").warning(
+            "listening on %s WITHOUT TLS: every credential and batch crosses the network in clear text; "
+            "serve wss:// with --certfile/--keyfile unless this network is yours alone",
+            host,
+        )
     observer = None
     if os.environ.get("PREFECT_API_URL"):  # a Prefect server to tell: devices coming and going become events
         from cli.hub_events import PrefectHubEvents
@@ -250,7 +292,7 @@ def serve(
         observer = PrefectHubEvents()
 
     async def serve_until(stop: asyncio.Event) -> None:
-        async with Hub(access, settings, context, observer):
+        async with Hub(access, settings, context, observer, credential_file):
             await stop.wait()
 
     try:
@@ -332,7 +374,7 @@ def devices(
     except ValueError as error:
         fail_usage(str(error))
     except (HubUnavailable, TimeoutError) as error:
-        stderr.print(f"[bold red]error:[/] {error or 'the hub did not answer in time'}", highlight=False)
+        say_error(str(error) or "the hub did not answer in time")
         raise typer.Exit(1) from None
     if json_output:
         sys.stdout.write(json.dumps(connected) + "\n")
@@ -372,6 +414,129 @@ def tools(
     raise typer.Exit(0 if all(server["up"] for server in servers) else 1)
 
 
+ReplaceOption = Annotated[
+    bool, typer.Option("--replace", help="Issue a new credential in place of the existing one (which stops working)")
+]
+TokenOutOption = Annotated[
+    Path | None, typer.Option("--token-file", help="Write the token to this file (mode 0600) instead of stdout")
+]
+
+
+@credentials_app.command("add-device")
+def add_device(
+    device_id: Annotated[str, typer.Argument(help="The device's id (dispatch device --id, or a UFO client_id)")],
+    credentials: CredentialsOption = DEFAULT_PATH,
+    replace: ReplaceOption = False,
+    token_file: TokenOutOption = None,
+) -> None:
+    """Issue a device's credential: it opens /ws and registers as this id only."""
+    issue_credential(credentials, Role.DEVICE, device_id, ("*",), replace, token_file)
+
+
+@credentials_app.command("add-controller")
+def add_controller(
+    name: Annotated[str, typer.Argument(help="A name for who holds it (a worker, an operator, an agent)")],
+    device: Annotated[
+        list[str] | None,
+        typer.Option("--device", help="A device id or pattern (lab-*) it may use and list; repeatable (default: all)"),
+    ] = None,
+    credentials: CredentialsOption = DEFAULT_PATH,
+    replace: ReplaceOption = False,
+    token_file: TokenOutOption = None,
+) -> None:
+    """Issue a controller's credential: it opens /controller, for the devices it names only."""
+    issue_credential(credentials, Role.CONTROLLER, name, tuple(device or ("*",)), replace, token_file)
+
+
+@credentials_app.command("list")
+def list_credentials(
+    credentials: CredentialsOption = DEFAULT_PATH,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the credentials as JSON (no secrets)")] = False,
+) -> None:
+    """The credentials a hub with this file accepts: role, name, the devices a controller may use."""
+    entries = [entry.to_json() for entry in checked_store(credentials).entries()]
+    for entry in entries:
+        entry["sha256"] = entry["sha256"][:12]  # enough to tell two apart; no use to anyone else
+    if json_output:
+        sys.stdout.write(json.dumps(entries) + "\n")
+        return
+    table = Table(title=f"{plural(len(entries), 'credential')} in {credentials}", title_justify="left")
+    for column in ("role", "name", "may use", "issued", "sha256"):
+        table.add_column(column, overflow="fold")
+    for entry in entries:
+        may_use = ", ".join(entry.get("devices", [])) if entry["role"] == Role.CONTROLLER else "itself"
+        table.add_row(
+            *(inert(value) for value in (entry["role"], entry["name"], may_use, entry["created"], entry["sha256"]))
+        )
+    stdout.print(table)
+
+
+@credentials_app.command("revoke-device")
+def revoke_device(
+    device_id: Annotated[str, typer.Argument(help="The device whose credential stops working")],
+    credentials: CredentialsOption = DEFAULT_PATH,
+) -> None:
+    """Revoke a device's credential; a running hub closes its connection within a second."""
+    revoke_credential(credentials, Role.DEVICE, device_id)
+
+
+@credentials_app.command("revoke-controller")
+def revoke_controller(
+    name: Annotated[str, typer.Argument(help="The controller whose credential stops working")],
+    credentials: CredentialsOption = DEFAULT_PATH,
+) -> None:
+    """Revoke a controller's credential; a running hub closes its connections within a second."""
+    revoke_credential(credentials, Role.CONTROLLER, name)
+
+
+def checked_store(path: Path) -> Any:
+    try:
+        return read_store(path)
+    except CredentialError as error:
+        fail_usage(str(error))
+
+
+def issue_credential(
+    path: Path, role: Role, name: str, devices: tuple[str, ...], replace: bool, token_file: Path | None
+) -> None:
+    """Add the credential to the file; the token goes to stdout (or ``token_file``), once, and is kept nowhere."""
+    store = checked_store(path)
+    try:
+        token = store.issue(role, name, devices=devices, replace_old=replace)
+    except CredentialError as error:
+        fail_usage(str(error))
+    if token_file is not None:
+        write_secret(token_file, token)
+    write_store(path, store)
+    where = str(token_file) if token_file is not None else "stdout"
+    stderr.print(
+        Text.assemble(f"issued a {role.value} credential for ", inert(repr(name)), f" in {path}; its token: {where}"),
+        highlight=False,
+    )
+    if token_file is None:
+        sys.stdout.write(token + "\n")
+
+
+def revoke_credential(path: Path, role: Role, name: str) -> None:
+    store = checked_store(path)
+    try:
+        store.revoke(role, name)
+    except CredentialError as error:
+        fail_usage(str(error))
+    write_store(path, store)
+    stderr.print(Text.assemble(f"revoked the {role.value} credential of ", inert(repr(name))), highlight=False)
+
+
+def write_secret(path: Path, secret: str) -> None:
+    """``secret`` into a new file only its owner can read (an existing file is refused, never overwritten)."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as error:
+        fail_usage(f"can't create {path}: {error.strerror}")
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(secret + "\n")
+
+
 def resolve_config(option: Path | None, batch: BatchFile) -> Path:
     """--config, else the batch file's ``config``, else ./mcp.json; checked before any flow starts."""
     path = option or (Path(batch.config) if batch.config else Path("mcp.json"))
@@ -395,6 +560,14 @@ def print_results(commands: list[Command], results: list[Result], json_output: b
     else:
         stdout.print(results_table(commands, results))
     raise typer.Exit(0 if all(result.status is ResultStatus.SUCCESS for result in results) else 1)
+
+
+def checked_hub(hub: str) -> None:
+    """A usable hub URL, with no credential in it (it would be stored with the flow run's parameters)."""
+    try:
+        endpoint(hub, CONTROLLER_PATH)
+    except ValueError as error:
+        fail_usage(f"--hub: {error}")
 
 
 def hub_credentials_for_the_flow(token_file: Path | None, cafile: Path | None) -> None:
@@ -464,6 +637,9 @@ def quiet_prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+# Every cell below is ``inert``: ids, tool names, results and errors come from devices, tools and batch files.
+
+
 def results_table(commands: list[Command], results: list[Result]) -> Table:
     table = Table(title=f"{len(results)} results", show_lines=False)
     for column in ("#", "call_id", "tool", "server", "status", "result / error"):
@@ -473,46 +649,61 @@ def results_table(commands: list[Command], results: list[Result]) -> Table:
         shown = result.result if result.status is ResultStatus.SUCCESS else result.error
         table.add_row(
             str(index),
-            short_id(result.call_id),
-            command.tool_name,
-            result.namespace or "",
-            f"[{styles.get(result.status, 'white')}]{result.status.value}[/]",
-            shown if isinstance(shown, str) else json.dumps(shown),
+            inert(short_id(result.call_id)),
+            inert(command.tool_name),
+            inert(result.namespace or ""),
+            inert(result.status.value, styles.get(result.status, "white")),
+            inert(shown),
         )
     return table
 
 
-def devices_table(connected: list[dict[str, Any]]) -> Table:
-    table = Table(title=f"{len(connected)} devices connected", title_justify="left")
+def devices_table(connected: list[Any]) -> Table:
+    """The hub's listing, whatever a hub (ours, an older one, anyone's) put in it."""
+    table = Table(title=plural(len(connected), "device") + " connected", title_justify="left")
     for column in ("device", "kind", "platform", "tools", "connected", "last seen", "batches"):
         table.add_column(column, overflow="fold")
     for entry in connected:
-        names = [tool.get("name", "?") for tool in entry.get("tools", [])]
+        entry = entry if isinstance(entry, dict) else {"id": entry}
+        tools = entry.get("tools")
+        names = (
+            [str(tool.get("name", "?")) for tool in tools if isinstance(tool, dict)] if isinstance(tools, list) else []
+        )
         table.add_row(
-            entry["id"],
-            entry.get("kind", ""),
-            entry.get("platform") or "",
-            ", ".join(names) or "-",
-            entry.get("connected_at", ""),
-            entry.get("last_seen", ""),
-            str(entry.get("pending_batches", 0)),
+            *(
+                inert(value if value is not None else "")
+                for value in (
+                    entry.get("id"),
+                    entry.get("kind"),
+                    entry.get("platform"),
+                    ", ".join(names) or "-",
+                    entry.get("connected_at"),
+                    entry.get("last_seen"),
+                    entry.get("pending_batches", 0),
+                )
+            )
         )
     return table
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def tools_table(server: dict[str, Any]) -> Table:
-    state = "[green]up[/]" if server["up"] else f"[red]down[/]: {server['error']}"
-    table = Table(title=f"{server['server']} ({state})", title_justify="left")
+    state = Text("up", "green") if server["up"] else Text.assemble(("down", "red"), ": ", inert(server["error"] or ""))
+    table = Table(title=Text.assemble(inert(server["server"]), " (", state, ")"), title_justify="left")
     for column in ("tool", "parameters", "description"):
         table.add_column(column, overflow="fold")
     for tool in server["tools"]:
         schema = tool["input_schema"] or {}
         required = set(schema.get("required", []))
         parameters = ", ".join(
-            f"{name}{'' if name in required else '?'}: {spec.get('type', 'any')}"
-            for name, spec in schema.get("properties", {}).items()
+            f"{name}{'' if name in required else '?'}: {spec.get('type', 'any') if isinstance(spec, dict) else 'any'}"
+            for name, spec in (schema.get("properties") or {}).items()
         )
-        table.add_row(tool["name"], parameters, (tool["description"] or "").strip().split("\n")[0])
+        description = (tool["description"] or "").strip().split("\n")[0]
+        table.add_row(inert(tool["name"]), inert(parameters), inert(description))
     return table
 
 

@@ -9,6 +9,14 @@ the same ones the README lists for people who run Prefect their own way:
 4. ``prefect worker start --pool <pool>``;
 5. ``dispatch serve``, the hub for remote devices.
 
+Closed by default: the Prefect API requires the basic-auth secret kept in
+``.dispatch/prefect-auth`` (made on first start, mode 0600, handed to every
+child), allows cross-origin requests only from its own dashboard, and checks
+the Host header (``cli.prefect_server``: a browser page can't reach it by DNS
+rebinding). The worker reaches the hub with a controller credential of its
+own (``.dispatch/worker.token``); devices get theirs from ``dispatch
+credentials add-device``, in the same ``.dispatch/credentials.json``.
+
 Every child runs in its own process group, so stopping it stops whatever it
 started; a child that ignores SIGTERM is killed after a grace period.
 """
@@ -27,6 +35,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from aip.credential_file import DEFAULT_PATH, read_store, write_store
+from aip.credentials import Role
+
+#: The controller credential ``dispatch up`` issues for its worker.
+WORKER_CONTROLLER = "dispatch-up-worker"
 
 #: Server-side settings from ``prefect-notes.md``: batch the recorders' writes
 #: (a tenth of the server's CPU per task run, no "database is locked" under load).
@@ -107,7 +121,7 @@ def _stop_groups(children: Sequence[tuple[str, subprocess.Popen[bytes]]], say: C
         say(f"stopped {name}")
 
 
-def crash_unfinished_runs(api_url: str, pool: str) -> int:
+def crash_unfinished_runs(api_url: str, auth: str, pool: str) -> int:
     """Mark Crashed the runs of ``pool`` that the stopped worker left unfinished.
 
     Nothing else would: they would show Running for ever and keep holding
@@ -123,11 +137,12 @@ def crash_unfinished_runs(api_url: str, pool: str) -> int:
         WorkPoolFilterName,
     )
     from prefect.client.schemas.objects import StateType
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
     from prefect.states import Crashed
 
     unfinished = [StateType.RUNNING, StateType.PENDING, StateType.CANCELLING]
-    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+    settings = {PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: auth}
+    with temporary_settings(settings), get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=unfinished))),
             work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
@@ -182,17 +197,37 @@ def wait_listening(port: int, process: subprocess.Popen[bytes], what: str, timeo
     raise StackError(f"{what} was not listening on port {port} within {timeout:g}s")
 
 
-def hub_token(project: Path) -> tuple[str, str]:
-    """``$DISPATCH_TOKEN``, else a token kept in ``.dispatch/token`` (created, mode 0600): (token, where)."""
-    token = os.environ.get("DISPATCH_TOKEN")
-    if token:
-        return token, "$DISPATCH_TOKEN"
-    path = project / ".dispatch" / "token"
+def kept_secret(path: Path, make: Callable[[], str]) -> str:
+    """The secret in ``path``, made with ``make()`` and written there (mode 0600, never wider) if there is none."""
     if not path.exists():
-        path.parent.mkdir(exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_hex(32) + "\n")
-    return path.read_text().strip(), str(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(make() + "\n")
+    os.chmod(path, 0o600)
+    return path.read_text(encoding="utf-8").strip()
+
+
+def prefect_auth(project: Path) -> str:
+    """The Prefect API's basic-auth string (``user:secret``), kept in ``.dispatch/prefect-auth``."""
+    return kept_secret(project / ".dispatch" / "prefect-auth", lambda: f"dispatch:{secrets.token_urlsafe(32)}")
+
+
+def worker_credential(project: Path) -> str:
+    """The worker's controller token for the hub, issued into the project's credentials file once.
+
+    Kept in ``.dispatch/worker.token``; issued again if the file or the credential was removed.
+    """
+    credentials, token_path = project / DEFAULT_PATH, project / ".dispatch" / "worker.token"
+    store = read_store(credentials)
+    entry = store.find(Role.CONTROLLER, WORKER_CONTROLLER)
+    if token_path.exists() and entry is not None and store.identify(token_path.read_text().strip()) is not None:
+        return token_path.read_text().strip()
+    token_path.unlink(missing_ok=True)
+    token = store.issue(Role.CONTROLLER, WORKER_CONTROLLER, replace_old=True)
+    kept_secret(token_path, lambda: token)
+    write_store(credentials, store)
+    return token
 
 
 @contextmanager
@@ -205,10 +240,15 @@ def running_stack(
     api_url = f"http://127.0.0.1:{port}/api"
     log_dir = project / ".dispatch" / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    auth = prefect_auth(project)
+    dashboard = [f"http://127.0.0.1:{port}", f"http://localhost:{port}"]
     env = {
         **os.environ,
         "PWD": str(project),  # prefect.yaml's {{ $PWD }}: where the worker runs flows from
         "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_API_AUTH_STRING": auth,
+        "PREFECT_API_AUTH_STRING": auth,
+        "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": ",".join(dashboard),
         "DO_NOT_TRACK": os.environ.get("DO_NOT_TRACK", "1"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
         "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "2"),
@@ -220,9 +260,8 @@ def running_stack(
     stack = Stack(log_dir, say)
     try:
         started = time.monotonic()
-        server = stack.start(
-            "server", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, project
-        )
+        server_command = [sys.executable, "-m", "cli.prefect_server", "--host", "127.0.0.1", "--port", str(port)]
+        server = stack.start("server", server_command, env, project)
         wait_healthy(api_url, server, timeout=120)
         say(f"Prefect server at http://127.0.0.1:{port} ({time.monotonic() - started:.1f} s)")
         run_step(
@@ -235,20 +274,20 @@ def running_stack(
         run_step([prefect, "--no-prompt", "deploy", "--all"], env, project, "deploying prefect.yaml")
         say("deployments from prefect.yaml")
         if hub_port is not None:
-            token, where = hub_token(project)
-            env["DISPATCH_TOKEN"] = token
-            env.setdefault("DISPATCH_HUB", f"ws://127.0.0.1:{hub_port}")
+            env["DISPATCH_TOKEN"] = worker_credential(project)  # the worker's: no other process gets it
+            env["DISPATCH_HUB"] = f"ws://127.0.0.1:{hub_port}"
             dispatch = [sys.executable, "-m", "cli.main"]
-            hub = stack.start("hub", [*dispatch, "serve", "--port", str(hub_port)], env, project)
+            hub_command = [*dispatch, "serve", "--port", str(hub_port), "--credentials", str(project / DEFAULT_PATH)]
+            hub = stack.start("hub", hub_command, env, project)
             wait_listening(hub_port, hub, "the hub", timeout=30)
-            say(f"hub at ws://127.0.0.1:{hub_port} (token: {where})")
+            say(f"hub at ws://127.0.0.1:{hub_port} (credentials: {project / DEFAULT_PATH})")
         stack.start("worker", [prefect, "worker", "start", "--pool", pool], env, project)
         say(f"worker on pool {pool!r}; logs in {log_dir}")
         yield stack
     finally:
 
         def tidy_up() -> None:
-            if crashed := crash_unfinished_runs(api_url, pool):
+            if crashed := crash_unfinished_runs(api_url, auth, pool):
                 say(f"marked {crashed} unfinished flow runs Crashed")
 
         stack.stop(before_server=tidy_up)

@@ -1,7 +1,7 @@
 """Batch files: a list of commands, or an object with the commands and how to run them.
 
 ```yaml
-config: mcp.json          # optional, relative to this file
+config: mcp.json          # optional, relative to this file, and inside its folder
 timeout: 30               # seconds for the whole batch
 mode: parallel            # or sequential (the default)
 stop_on_failure: false
@@ -65,7 +65,11 @@ def run_options(batch: BatchFile | None, **given: Any) -> dict[str, Any]:
 
 
 def load_batch(path: str | Path) -> BatchFile:
-    """Read a JSON or YAML batch file; a relative ``config`` is resolved against its folder."""
+    """Read a JSON or YAML batch file; its ``config`` is resolved against its folder, and must stay in it.
+
+    A batch file is data (it may come from an agent or a parameter); the
+    config it names starts programs, so it can only be one kept beside it.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -87,7 +91,14 @@ def load_batch(path: str | Path) -> BatchFile:
         repeated = sorted({call_id for call_id in ids if ids.count(call_id) > 1})
         raise BatchFileError(f"{path}: call_ids must be unique within a batch; repeated: {', '.join(repeated)}")
     if batch.config is not None:
-        batch.config = str((path.parent / batch.config).resolve())
+        folder = path.parent.resolve()
+        config = (folder / batch.config).resolve()
+        if not config.is_relative_to(folder):
+            raise BatchFileError(
+                f"{path}: config {batch.config!r} is outside the batch file's folder: "
+                "name an mcp.json beside the batch file, or pass --config"
+            )
+        batch.config = str(config)
     return batch
 
 

@@ -40,7 +40,8 @@ DELIVERY_ATTEMPTS = 1_000_000
 
 
 class AccessDenied(CommandError):
-    """The hub refused our connection (a wrong token, a Host it does not accept)."""
+    """The hub refused our connection (an unknown credential, a Host it does not accept),
+    or this controller's credential does not cover the device."""
 
     kind = "AccessDenied"
 
@@ -254,5 +255,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
                 return ConnectionLost(error)
             case Reason.REJECTED:
                 return ProtocolError(f"the hub rejected the batch: {error}", transient=False)
+            case Reason.FORBIDDEN:
+                return AccessDenied(error)
             case _:
                 return ProtocolError(f"the device reported: {error}", transient=False)

@@ -22,6 +22,8 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
+from aip.access import CONTROLLER_PATH
+from aip.connect import endpoint
 from aip.controller import HubLink
 from aip.messages import Command, Result, ResultStatus
 from dispatchers import (
@@ -41,6 +43,7 @@ from dispatchers.batch_file import load_batch, run_options
 from tasks import BatchContext, CommandReport, execute_as_task
 
 from .reporting import Progress, emit_batch_finished, publish_results
+from .trust import check_deployment_parameters
 
 #: How long task runs in flight at the batch deadline get to report their own
 #: timeout (Failed) before they are cancelled (and show as Crashed).
@@ -108,7 +111,18 @@ async def dispatch_batch(
     ``resume_from`` names an earlier flow run whose stored Results to reuse
     (``dispatch resume``). Fails, with every Result still attached, when any
     command failed.
+
+    In a deployment run the parameters are data (``flows.trust``): ``config``
+    and ``batch_file`` name files inside the project, ``hub`` is the worker's own.
     """
+    if flow_run.deployment_id is not None:
+        check_deployment_parameters(
+            config=config,
+            batch_file=batch_file,
+            hub=hub,
+            project=Path.cwd(),
+            worker_hub=os.environ.get("DISPATCH_HUB"),
+        )
     spec = load_batch(batch_file) if batch_file else None
     if not commands and spec is None:
         raise ValueError("no commands: give commands, or a batch_file that has them")
@@ -219,6 +233,11 @@ async def run_batch_flow(commands: Sequence[Command], **options: Any) -> list[Re
     every command gets a failure Result naming the cause.
     """
     batch = [with_call_id(command) for command in commands]
+    try:
+        if options.get("hub"):  # refused before it could be stored with the flow run's parameters
+            endpoint(options["hub"], CONTROLLER_PATH)
+    except ValueError as error:
+        return [error_result(command, error) for command in batch]
     try:
         state = await dispatch_batch(batch, return_state=True, **options)
         data = await state.aresult(raise_on_failure=False)
