@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import State, flow, get_client, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
@@ -115,7 +116,7 @@ async def dispatch_batch(
     In a deployment run the parameters are data (``flows.trust``): ``config``
     and ``batch_file`` name files inside the project, ``hub`` is the worker's own.
     """
-    if flow_run.deployment_id is not None:
+    if _deployment_run():
         check_deployment_parameters(
             config=config,
             batch_file=batch_file,
@@ -165,6 +166,12 @@ async def dispatch_batch(
     if failed:
         return Failed(message=f"{failed} of {len(results)} commands failed", data=results)
     return Completed(message=f"{len(results)} commands succeeded", data=results)
+
+
+def _deployment_run() -> bool:
+    """Whether this run came from a deployment (its parameters chosen by whoever could create it)."""
+    context = FlowRunContext.get()
+    return context is not None and context.flow_run is not None and context.flow_run.deployment_id is not None
 
 
 async def _best_effort(work: Awaitable[None], what: str) -> None:

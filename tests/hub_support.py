@@ -1,4 +1,10 @@
-"""Real hubs and devices for tests: in-process, over real sockets on 127.0.0.1."""
+"""Real hubs and devices for tests: in-process, over real sockets on 127.0.0.1.
+
+Credentials are real too: every hub here holds a ``CredentialStore`` with the
+controller credential ``TOKEN`` (every device), and each device gets its own
+credential, bound to its id, from ``device_token`` (issued into the hub's store
+on first use; the token is derived from the id so a test can name it).
+"""
 
 from __future__ import annotations
 
@@ -6,25 +12,59 @@ import asyncio
 import contextlib
 import datetime
 import ipaddress
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from aip.access import AccessPolicy
+from aip.credential_file import write_store
+from aip.credentials import CredentialStore, Role
 from aip.device import Backoff, DeviceClient
 from aip.hub import Hub, HubSettings
 from dispatchers import InMemoryCommandDispatcher
 from dispatchers.memory import Tool
 
-TOKEN = "test-token-0123456789abcdef"
+#: The controller credential every test hub accepts, for every device.
+TOKEN = "test-controller-token-0123456789abcdef"
+#: The name the hub knows that controller by.
+CONTROLLER = "tests"
 #: Fast reconnects, so tests that break connections wait milliseconds, not seconds.
 QUICK_BACKOFF = Backoff(initial=0.05, maximum=0.2)
 
 
+def token_for_device(device_id: str) -> str:
+    """The token ``device_token`` issues for ``device_id`` (visible ASCII, derived from the id)."""
+    return f"test-device-token-{device_id}-0123456789"
+
+
+def credentials_with(devices: Iterable[str] = ()) -> CredentialStore:
+    """A store with the controller ``TOKEN`` and a credential for each of ``devices``."""
+    store = CredentialStore()
+    store.issue(Role.CONTROLLER, CONTROLLER, token=TOKEN)
+    for device_id in devices:
+        store.issue(Role.DEVICE, device_id, token=token_for_device(device_id))
+    return store
+
+
+def write_credentials_with(path: Path, devices: Iterable[str] = ()) -> Path:
+    """``credentials_with(devices)`` as a credentials file, for a hub in another process."""
+    write_store(path, credentials_with(devices))
+    return path
+
+
+def device_token(hub: Hub, device_id: str) -> str:
+    """The credential of ``device_id`` on ``hub``, issued now if it has none yet."""
+    store = hub.access.credentials
+    if store.find(Role.DEVICE, device_id) is None:
+        store.issue(Role.DEVICE, device_id, token=token_for_device(device_id))
+    return token_for_device(device_id)
+
+
 @contextlib.asynccontextmanager
-async def running_hub(token: str = TOKEN, **settings: Any) -> AsyncIterator[Hub]:
+async def running_hub(credentials: CredentialStore | None = None, **settings: Any) -> AsyncIterator[Hub]:
     """A hub on a free loopback port; ``settings`` override ``HubSettings`` fields."""
-    async with Hub(AccessPolicy(token), HubSettings(port=0, **settings)) as hub:
+    access = AccessPolicy(credentials if credentials is not None else credentials_with())
+    async with Hub(access, HubSettings(port=0, **settings)) as hub:
         yield hub
 
 
@@ -48,12 +88,16 @@ async def running_device(
     device_id: str = "lab-pc",
     tools: Mapping[str, Tool] | None = None,
     *,
-    token: str = TOKEN,
+    token: str | None = None,
     **options: Any,
 ) -> AsyncIterator[DeviceClient]:
-    """A registered in-process device whose tools are Python functions; stopped cleanly on exit."""
+    """A registered in-process device whose tools are Python functions; stopped cleanly on exit.
+
+    Its credential is its own (``device_token``) unless ``token`` says otherwise.
+    """
     executor = InMemoryCommandDispatcher(tools if tools is not None else echo_tools())
     options.setdefault("backoff", QUICK_BACKOFF)
+    token = token if token is not None else device_token(hub, device_id)
     async with serving(DeviceClient(hub.url, device_id, executor, token=token, **options)) as client:
         yield client
 

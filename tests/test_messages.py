@@ -21,7 +21,7 @@ from aip.messages import (
     TaskStatus,
 )
 
-VECTORS = Path("/work/shared/vectors/ufo-aip-frames.jsonl")
+VECTORS = Path(__file__).parent / "fixtures" / "ufo-aip-frames.jsonl"
 
 
 def _frames() -> list[dict[str, Any]]:

@@ -35,7 +35,7 @@ from aip.messages import (
 )
 from aip.switchboard import Action, Close, CloseCode, Send, Switchboard
 
-VECTORS = Path("/work/shared/vectors/ufo-aip-frames.jsonl")
+VECTORS = Path(__file__).parent / "fixtures" / "ufo-aip-frames.jsonl"
 FRAMES: list[dict[str, Any]] = [
     json.loads(line) for line in VECTORS.read_text(encoding="utf-8").splitlines() if line.strip()
 ]
