@@ -46,7 +46,7 @@ def credentials_with(devices: Iterable[str] = ()) -> CredentialStore:
     return store
 
 
-def write_credentials_with(path: Path, devices: Iterable[str] = ()) -> Path:
+def write_credentials(path: Path, devices: Iterable[str] = ()) -> Path:
     """``credentials_with(devices)`` as a credentials file, for a hub in another process."""
     write_store(path, credentials_with(devices))
     return path

@@ -40,7 +40,7 @@ async def test_our_device_works_against_a_ufo_style_server_written_from_the_wire
         return json.dumps({key: fields.get(key) for key in keys})
 
     async def ufo_server(connection: ServerConnection) -> None:
-        assert connection.request is not None and "token=ufo-key" in connection.request.path
+        assert connection.request is not None and "token=ufo-key-0123456789" in connection.request.path
         frames.append(json.loads(await connection.recv()))
         await connection.send(server_frame(type="heartbeat", status="ok", response_id="ack"))
         action = {"tool_name": "echo", "parameters": {"text": "hi"}, "tool_type": "action", "call_id": "c-1"}
@@ -56,7 +56,9 @@ async def test_our_device_works_against_a_ufo_style_server_written_from_the_wire
     async with serve(ufo_server, "127.0.0.1", 0) as server:
         port = server.sockets[0].getsockname()[1]
         executor = InMemoryCommandDispatcher({"echo": lambda command: command.parameters})
-        client = DeviceClient(f"ws://127.0.0.1:{port}/ws?token=ufo-key", "ufo-style-device", executor)
+        client = DeviceClient(
+            f"ws://127.0.0.1:{port}/ws", "ufo-style-device", executor, token="ufo-key-0123456789", token_in_query=True
+        )
         stop = asyncio.Event()
         running = asyncio.create_task(client.run(stop))
         async with asyncio.timeout(10):
