@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from aip.access import CONTROLLER_PATH, LOOPBACK_NAMES, AccessPolicy, check_token
+from aip.access import CONTROLLER_PATH, AccessPolicy, check_token
 from aip.connect import HubUnavailable, endpoint
 from aip.controller import list_devices
 from aip.credential_file import DEFAULT_PATH, CredentialFile, read_store, write_store
@@ -279,7 +280,7 @@ def serve(
         host=host, port=port, max_message_bytes=int(max_message_mib * 2**20), heartbeat_timeout=heartbeat_timeout
     )
     log_to_stderr()
-    if context is None and host not in LOOPBACK_NAMES:
+    if listens_in_clear(host, tls=context is not None):
         logging.getLogger("aip.hub").warning(
             "listening on %s WITHOUT TLS: every credential and batch crosses the network in clear text; "
             "serve wss:// with --certfile/--keyfile unless this network is yours alone",
@@ -560,6 +561,16 @@ def print_results(commands: list[Command], results: list[Result], json_output: b
     else:
         stdout.print(results_table(commands, results))
     raise typer.Exit(0 if all(result.status is ResultStatus.SUCCESS for result in results) else 1)
+
+
+def listens_in_clear(host: str, tls: bool) -> bool:
+    """Whether a server on ``host`` is reachable beyond this machine without TLS (a name may resolve anywhere)."""
+    if tls or host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
 
 
 def checked_hub(hub: str) -> None:
