@@ -231,6 +231,35 @@ async def test_a_controller_neither_sees_nor_reaches_a_device_its_credential_doe
     assert errors[0] == errors[1]
 
 
+async def test_a_credential_added_or_revoked_while_the_hub_runs_takes_effect_at_once(site: Site) -> None:
+    credentials, token_file = str(site.folder / "credentials.json"), site.folder / "late.token"
+    added = run_cli(
+        "credentials", "add-device", "late-pc", "--credentials", credentials, "--token-file", str(token_file)
+    )
+    assert added.returncode == 0 and added.stdout == "", added.stderr
+    token = (await asyncio.to_thread(token_file.read_text)).strip()
+    stored = await asyncio.to_thread(Path(credentials).read_text)
+    assert token.startswith("dsp_dev_") and token not in added.stderr and token not in stored
+
+    async def registered() -> ClientConnection:
+        while True:  # the hub reads the file again within about a second
+            with contextlib.suppress(InvalidStatus):
+                peer = await raw(site, "/ws", token)
+                await peer.send(register("late-pc"))
+                assert (await recv_json(peer))["status"] == "ok"
+                return peer
+            await asyncio.sleep(0.1)
+
+    async with asyncio.timeout(WAIT):
+        peer = await registered()
+    revoked = run_cli("credentials", "revoke-device", "late-pc", "--credentials", credentials)
+    assert revoked.returncode == 0, revoked.stderr
+    assert await close_code(peer) == 4003
+    with pytest.raises(InvalidStatus) as refused:
+        await (await raw(site, "/ws", token)).close()
+    assert refused.value.response.status_code == 401
+
+
 # -- 3. and 4. parameters are data (the dispatch up part is at the end) -------------------
 
 
