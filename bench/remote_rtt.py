@@ -5,8 +5,11 @@ Run it from the project root::
     python bench/remote_rtt.py            # about 1 minute on 2 cores
     python bench/remote_rtt.py --quick    # a smoke run, about 10 s
 
-Everything runs on 127.0.0.1 with the token from ``$DISPATCH_TOKEN``
-(``bench-token`` when unset). The device's executor is an
+Everything runs on 127.0.0.1 with credentials as a hub has them: a
+``CredentialStore`` holding one controller credential and one credential per
+device id used, each device connecting with its own (tokens derived from a
+secret made for the run; a hub in a subprocess reads them from a credentials
+file, as ``dispatch serve --credentials`` does). The device's executor is an
 ``InMemoryCommandDispatcher`` with one tool, ``echo`` (returns its parameters),
 so what is measured is the path, not a tool.
 
@@ -51,7 +54,8 @@ so what is measured is the path, not a tool.
     (``aip.hub.Hub`` with default settings, what ``dispatch serve`` runs);
     its ``VmRSS`` from ``/proc/<pid>/status`` before and after ``--devices``
     (1,000) minimal raw ``websockets`` clients connect and register as UFO
-    devices do (``?token=``, a register frame, the acknowledgement read).
+    devices do (``?token=`` with the device's own credential, a register
+    frame, the acknowledgement read).
     Twenty devices connect first, untimed, so that lazy imports and
     first-use caches are not counted. Then the same with our own
     ``DeviceClient`` objects, all in one more subprocess: that process's RSS
@@ -72,16 +76,19 @@ import asyncio
 import base64
 import contextlib
 import cProfile
+import hashlib
 import json
 import os
 import pstats
 import resource
+import secrets
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,6 +97,9 @@ from provenance import code_fingerprint, code_version
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, serve
 
+from aip.credential_file import CredentialFile, write_store
+from aip.credentials import CredentialStore
+from aip.credentials import Role as CredentialRole
 from aip.messages import (
     ClientMessage,
     ClientMessageType,
@@ -100,7 +110,8 @@ from aip.messages import (
     ServerMessageType,
     TaskStatus,
 )
-from aip.switchboard import DISPATCH_METADATA, now_iso
+from aip.registration import DISPATCH_METADATA
+from aip.switchboard import now_iso
 
 if TYPE_CHECKING:
     from aip.device import DeviceClient
@@ -110,7 +121,11 @@ SCRIPT = Path(__file__).resolve()
 #: Where the code under test was imported from (the checkout, unless ``PYTHONPATH`` points elsewhere).
 CODE_PACKAGES = ("aip", "dispatchers")
 HOST = "127.0.0.1"
-TOKEN = os.environ.get("DISPATCH_TOKEN") or "bench-token"
+#: The secret every credential of this run is derived from; the role subprocesses get it from the environment.
+SECRET_VARIABLE = "DISPATCH_BENCH_SECRET"
+RUN_SECRET = os.environ.get(SECRET_VARIABLE) or secrets.token_hex(16)
+#: The controller (this process's dispatchers and raw controllers; it may use every device).
+CONTROLLER = "bench"
 DEVICE_ID = "bench-device"
 RAW_DEVICE_ID = "raw-device"
 
@@ -161,6 +176,31 @@ def check_results(results: Sequence[Result], commands: Sequence[Command]) -> Non
     if not ok:
         bad = [r for r in results if r.status is not ResultStatus.SUCCESS]
         raise SystemExit(f"benchmark broken: {len(results)} results for {len(commands)} commands, e.g. {bad[:1]}")
+
+
+# -- credentials ---------------------------------------------------------------------------------
+
+
+def controller_token() -> str:
+    return f"bench-controller-{RUN_SECRET}"
+
+
+def device_token(device_id: str) -> str:
+    """The credential of ``device_id``: its own, derived from the run's secret (visible ASCII, unguessable)."""
+    return "bench-device-" + hashlib.sha256(f"{RUN_SECRET}:{device_id}".encode()).hexdigest()
+
+
+def bench_credentials(device_ids: Iterable[str]) -> CredentialStore:
+    """A hub's credentials: the controller (every device) and one credential per device id, bound to it."""
+    store = CredentialStore()
+    store.issue(CredentialRole.CONTROLLER, CONTROLLER, token=controller_token())
+    for device_id in device_ids:
+        store.issue(CredentialRole.DEVICE, device_id, token=device_token(device_id))
+    return store
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 # -- /proc ---------------------------------------------------------------------------------------
@@ -366,7 +406,9 @@ async def running_devices(
     stop = asyncio.Event()
     try:
         for start in range(0, len(ids), group):
-            batch = [DeviceClient(hub_url, name, executor, token=TOKEN) for name in ids[start : start + group]]
+            batch = [
+                DeviceClient(hub_url, name, executor, token=device_token(name)) for name in ids[start : start + group]
+            ]
             clients += batch
             tasks += [asyncio.create_task(client.run(stop)) for client in batch]
             async with asyncio.timeout(START_TIMEOUT):
@@ -380,10 +422,6 @@ async def running_devices(
             task.cancel()
 
 
-def bearer() -> dict[str, str]:
-    return {"Authorization": f"Bearer {TOKEN}"}
-
-
 @contextlib.asynccontextmanager
 async def raw_device(hub_url: str, device_id: str) -> AsyncIterator[None]:
     """A raw device on the hub: answers each command frame as the raw echo server does, heartbeats every 10 s.
@@ -391,7 +429,8 @@ async def raw_device(hub_url: str, device_id: str) -> AsyncIterator[None]:
     It registers with the ``dispatch`` metadata our DeviceClient sends, so the
     hub forwards frames to it exactly as it does to a DeviceClient.
     """
-    async with connect(f"{hub_url}/ws", additional_headers=bearer(), open_timeout=START_TIMEOUT) as connection:
+    headers = bearer(device_token(device_id))
+    async with connect(f"{hub_url}/ws", additional_headers=headers, open_timeout=START_TIMEOUT) as connection:
         await connection.send(register_frame(device_id, dispatch=True))
         async with asyncio.timeout(START_TIMEOUT):
             ack = ServerMessage.model_validate_json(await connection.recv())
@@ -432,12 +471,13 @@ async def in_process_path(with_raw_device: bool = False) -> AsyncIterator[InProc
     from aip.hub import Hub, HubSettings
     from dispatchers import WebSocketCommandDispatcher
 
+    credentials = bench_credentials([DEVICE_ID, RAW_DEVICE_ID] if with_raw_device else [DEVICE_ID])
     async with (
-        Hub(AccessPolicy(TOKEN), HubSettings(host=HOST, port=0)) as hub,
+        Hub(AccessPolicy(credentials), HubSettings(host=HOST, port=0)) as hub,
         running_devices(hub.url, [DEVICE_ID], echo_executor()),
         raw_device(hub.url, RAW_DEVICE_ID) if with_raw_device else contextlib.nullcontext(),
     ):
-        dispatcher = await WebSocketCommandDispatcher.connect(hub.url, DEVICE_ID, token=TOKEN)
+        dispatcher = await WebSocketCommandDispatcher.connect(hub.url, DEVICE_ID, token=controller_token())
         try:
             yield InProcess(hub.url, dispatcher)
         finally:
@@ -486,7 +526,7 @@ async def role(*args: str) -> AsyncIterator[Role]:
         *args,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        env={**os.environ, "DISPATCH_TOKEN": TOKEN},
+        env={**os.environ, SECRET_VARIABLE: RUN_SECRET},
     )
     started = Role(process, "")
     try:
@@ -505,6 +545,21 @@ async def role(*args: str) -> AsyncIterator[Role]:
         except TimeoutError:
             process.kill()
             await process.wait()
+
+
+def fleet_ids(prefix: str, count: int) -> list[str]:
+    """The ids of a ``device`` role subprocess's DeviceClients."""
+    return [f"{prefix}-{i}" for i in range(count)]
+
+
+@contextlib.asynccontextmanager
+async def hub_role(device_ids: Iterable[str]) -> AsyncIterator[Role]:
+    """A hub subprocess with a credentials file of ``bench_credentials(device_ids)``; the file goes with it."""
+    with tempfile.TemporaryDirectory(prefix="bench-hub-") as folder:
+        path = Path(folder) / "credentials.json"
+        write_store(path, bench_credentials(device_ids))
+        async with role("hub", "--credentials", str(path)) as hub:
+            yield hub
 
 
 async def stdin_reader() -> asyncio.StreamReader:
@@ -527,7 +582,10 @@ async def role_main(args: argparse.Namespace) -> None:
             from aip.access import AccessPolicy
             from aip.hub import Hub, HubSettings
 
-            async with Hub(AccessPolicy(TOKEN), HubSettings(host=HOST, port=0)) as hub:
+            # As ``dispatch serve --credentials FILE`` runs it: the file watched for changes.
+            credential_file = CredentialFile(Path(args.credentials))
+            access = AccessPolicy(credential_file.store)
+            async with Hub(access, HubSettings(host=HOST, port=0), credential_file=credential_file) as hub:
                 say(f"READY {hub.port}")
                 await stdin.read()
         elif args.role == "echo":
@@ -538,7 +596,7 @@ async def role_main(args: argparse.Namespace) -> None:
             await server.wait_closed()
         elif args.role == "device":
             executor = echo_executor()
-            ids = [f"{args.prefix}-{i}" for i in range(args.count)]
+            ids = fleet_ids(args.prefix, args.count)
             async with running_devices(args.hub, ids[: args.warm], executor):
                 if args.warm < args.count:
                     say(f"WARM {args.warm}")
@@ -713,12 +771,12 @@ def register_frame(device_id: str, dispatch: bool = False) -> str:
 
 async def connect_ufo_devices(port: int, ids: Sequence[str], concurrency: int = 50) -> list[ClientConnection]:
     """Raw clients that register as UFO devices do: ``?token=``, a register frame, the acknowledgement read."""
-    url = f"ws://{HOST}:{port}/ws?token={TOKEN}"
     slots = asyncio.Semaphore(concurrency)
     connections: list[ClientConnection] = []
 
     async def one(device_id: str) -> None:
         async with slots:
+            url = f"ws://{HOST}:{port}/ws?token={device_token(device_id)}"
             connection = await connect(url, open_timeout=START_TIMEOUT)
             connections.append(connection)
             await connection.send(register_frame(device_id))
@@ -749,7 +807,7 @@ async def settled_memory(pid: int, pause: float = 1.0) -> dict[str, int]:
 async def count_devices(port: int, prefix: str) -> int:
     from aip.controller import list_devices
 
-    devices = await list_devices(f"ws://{HOST}:{port}", TOKEN, timeout=START_TIMEOUT)
+    devices = await list_devices(f"ws://{HOST}:{port}", controller_token(), timeout=START_TIMEOUT)
     return sum(1 for device in devices if str(device.get("id", "")).startswith(prefix))
 
 
@@ -765,12 +823,13 @@ def per_connection(before: dict[str, int], after: dict[str, int], count: int) ->
 async def bench_memory(count: int, warm: int) -> dict[str, Any]:
     figures: dict[str, Any] = {"devices": count}
     # 1. raw UFO-style clients in this process, the hub in a subprocess.
-    async with role("hub") as hub:
-        warm_connections = await connect_ufo_devices(hub.port, [f"warm-{i}" for i in range(warm)])
+    warm_ids, ufo_ids = [f"warm-{i}" for i in range(warm)], [f"ufo-{i}" for i in range(count)]
+    async with hub_role(warm_ids + ufo_ids) as hub:
+        warm_connections = await connect_ufo_devices(hub.port, warm_ids)
         try:
             before = await settled_memory(hub.pid)
             started = time.perf_counter()
-            connections = await connect_ufo_devices(hub.port, [f"ufo-{i}" for i in range(count)])
+            connections = await connect_ufo_devices(hub.port, ufo_ids)
             connect_s = time.perf_counter() - started
             try:
                 after = await settled_memory(hub.pid)
@@ -783,7 +842,7 @@ async def bench_memory(count: int, warm: int) -> dict[str, Any]:
         raise SystemExit(f"benchmark broken: {connected} of {count} raw devices were connected at the measurement")
     figures["hub_ufo"] = {**per_connection(before, after, count), "connect_s": round(connect_s, 2)}
     # 2. our DeviceClient, all in one subprocess; a fresh hub in another.
-    async with role("hub") as hub:
+    async with hub_role(fleet_ids("ours", count + warm)) as hub:
         hub_url = f"ws://{HOST}:{hub.port}"
         args = ("device", "--hub", hub_url, "--count", str(count + warm), "--warm", str(warm), "--prefix", "ours")
         async with role(*args) as fleet:
@@ -858,10 +917,14 @@ async def bench_all(args: argparse.Namespace) -> dict[str, Any]:
         path = await stack.enter_async_context(in_process_path(with_raw_device=True))
         dispatcher = path.dispatcher
         controller_a = await stack.enter_async_context(
-            connect(f"{path.hub_url}/controller", additional_headers=bearer(), open_timeout=START_TIMEOUT)
+            connect(
+                f"{path.hub_url}/controller", additional_headers=bearer(controller_token()), open_timeout=START_TIMEOUT
+            )
         )
         controller_b = await stack.enter_async_context(
-            connect(f"{path.hub_url}/controller", additional_headers=bearer(), open_timeout=START_TIMEOUT)
+            connect(
+                f"{path.hub_url}/controller", additional_headers=bearer(controller_token()), open_timeout=START_TIMEOUT
+            )
         )
         echo_a, echo_b = await start_echo_server(), await start_echo_server()
         relay = await relay_to(server_url(echo_a))
@@ -872,7 +935,7 @@ async def bench_all(args: argparse.Namespace) -> dict[str, Any]:
         raw_b = await stack.enter_async_context(connect(server_url(echo_b)))
         relayed = await stack.enter_async_context(connect(server_url(relay)))
         # Three processes: a hub and a device of their own, an echo server (two, for the A/A pair).
-        hub = await stack.enter_async_context(role("hub"))
+        hub = await stack.enter_async_context(hub_role(fleet_ids(DEVICE_ID, 1)))
         hub_url = f"ws://{HOST}:{hub.port}"
         device = await stack.enter_async_context(
             role("device", "--hub", hub_url, "--count", "1", "--warm", "1", "--prefix", DEVICE_ID)
@@ -881,7 +944,7 @@ async def bench_all(args: argparse.Namespace) -> dict[str, Any]:
         far_echo_b = await stack.enter_async_context(role("echo"))
         from dispatchers import WebSocketCommandDispatcher
 
-        far = await WebSocketCommandDispatcher.connect(hub_url, f"{DEVICE_ID}-0", token=TOKEN)
+        far = await WebSocketCommandDispatcher.connect(hub_url, f"{DEVICE_ID}-0", token=controller_token())
         stack.push_async_callback(far.close)
         far_raw_a = await stack.enter_async_context(connect(f"ws://{HOST}:{far_echo_a.port}"))
         far_raw_b = await stack.enter_async_context(connect(f"ws://{HOST}:{far_echo_b.port}"))
@@ -1142,6 +1205,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N in-process round trips")
     parser.add_argument("--role", choices=("hub", "echo", "device"), help=argparse.SUPPRESS)
     parser.add_argument("--hub", help=argparse.SUPPRESS)
+    parser.add_argument("--credentials", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--prefix", default="device", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -6,6 +6,10 @@ the user's ``~/.prefect`` is never used. Every child process runs in its own
 process group and is stopped in a ``finally`` (SIGTERM, then SIGKILL); every
 wait is a bounded poll.
 
+A deployment run's parameters are data (``flows.trust``): its ``config`` is
+``examples/mcp.json``, a file in the project the worker runs from, never
+servers given inline.
+
 Resume is proved with two demo tools whose effects outlive the MCP server
 (each flow run starts its own): ``count_to_file`` appends a line per call, so a
 file's line count is how often the command really ran, across runs;
@@ -23,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,6 +38,7 @@ from typing import Any, TypeVar
 
 import pytest
 from conftest import DEMO_SERVER, ROOT, _free_port
+from hub_support import token_for_device, write_credentials
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -45,14 +51,15 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import Artifact, FlowRun, StateType, TaskRun
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.events.schemas.events import Event, ResourceSpecification
-from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, PREFECT_HOME, temporary_settings
 from prefect.types._datetime import now
 
 from cli.up import SERVER_TUNING
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 CLI = (sys.executable, "-m", "cli.main")
-TOKEN = "ops-test-token-0123456789abcdef"
+#: The MCP servers of a deployment run: a file in the project (the worker's working directory), as the trust rules want.
+PROJECT_CONFIG = "examples/mcp.json"
 #: How long a fresh Prefect server may take to answer /health.
 SERVER_STARTUP = 60.0
 #: How long a deployment run may take from trigger to a final state (worker poll, flow subprocess, MCP server).
@@ -144,14 +151,16 @@ class Server:
     home: Path
     env: dict[str, str]
     logs: Path
+    #: The basic-auth string the server requires (``dispatch up``'s ``.dispatch/prefect-auth``); None: no auth.
+    auth: str | None = None
 
     @contextlib.contextmanager
     def client(self) -> Iterator[SyncPrefectClient]:
         """A client of this server, from this process, with this module's PREFECT_HOME (never the user's)."""
-        with (
-            temporary_settings(updates={PREFECT_API_URL: self.api_url, PREFECT_HOME: str(self.home)}),
-            get_client(sync_client=True) as client,
-        ):
+        settings: dict[Any, Any] = {PREFECT_API_URL: self.api_url, PREFECT_HOME: str(self.home)}
+        if self.auth is not None:
+            settings[PREFECT_API_AUTH_STRING] = self.auth
+        with temporary_settings(updates=settings), get_client(sync_client=True) as client:
             yield client
 
     def run(self, *argv: str, timeout: float = 90, **extra_env: str) -> subprocess.CompletedProcess[str]:
@@ -248,7 +257,7 @@ def worker(server: Server, deployed: dict[str, subprocess.CompletedProcess[str]]
 
 
 def demo_config() -> dict[str, Any]:
-    """An mcp.json (as a flow parameter) with the demo server by absolute path."""
+    """An mcp.json with the demo server by absolute path (in-process runs and devices; not a deployment run's)."""
     return {"mcpServers": {"demo": {"command": sys.executable, "args": [str(DEMO_SERVER)]}}}
 
 
@@ -371,7 +380,7 @@ def test_a_deployment_run_shows_commands_as_task_runs_with_artifacts_and_events(
         {"tool_name": "echo", "parameters": {"value": 0}, "call_id": call_ids[1]},
         {"tool_name": "fail", "parameters": {"message": "broken on purpose"}, "call_id": call_ids[2]},
     ]
-    flow_run_id = trigger(server, {"commands": commands, "config": demo_config(), "timeout": 60})
+    flow_run_id = trigger(server, {"commands": commands, "config": PROJECT_CONFIG, "timeout": 60})
     run = finished(server, flow_run_id)
 
     assert run.state is not None
@@ -449,7 +458,7 @@ def retried_run(
             {"tool_name": "count_to_file", "parameters": {"path": str(counters[1])}},
             {"tool_name": "file_gate", "parameters": {"path": str(gate)}},
         ],
-        "config": demo_config(),
+        "config": PROJECT_CONFIG,
         "timeout": 60,
     }
     flow_run_id = trigger(server, parameters)
@@ -582,60 +591,97 @@ def test_dispatch_resume_reruns_only_the_failed_command_of_an_in_process_run(ser
 # -- 6. dispatch up ----------------------------------------------------------------
 
 
+def dispatch(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """A dispatch CLI command, from the repository root."""
+    return subprocess.run([*CLI, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def unauthenticated_status(api_url: str) -> int:
+    """What the API answers a request that carries no credential (a read of the deployments)."""
+    request = urllib.request.Request(
+        f"{api_url}/deployments/filter", data=b"{}", headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
 def test_dispatch_up_starts_the_stack_and_ctrl_c_stops_all_of_it(tmp_path: Path) -> None:
     port, hub_port = _free_port(), _free_port()
     while hub_port == port:
         hub_port = _free_port()
     home = tmp_path / "prefect-home"
     home.mkdir()
-    env = operator_env(home, DISPATCH_TOKEN=TOKEN, PREFECT_UI_ENABLED="false")
+    env = operator_env(home, PREFECT_UI_ENABLED="false")
+    # dispatch up runs from the repository root: its secrets and the hub's credentials are in .dispatch there.
+    state = ROOT / ".dispatch"
+    credentials = str(state / "credentials.json")
+    # An operator's own controller credential, for `dispatch devices` from another shell; revoked at the end.
+    controller, token_file = f"ops-test-{uuid.uuid4().hex[:8]}", tmp_path / "controller.token"
+    issued = dispatch(
+        "credentials",
+        "add-controller",
+        controller,
+        "--credentials",
+        credentials,
+        "--token-file",
+        str(token_file),
+        env=env,
+    )
+    assert issued.returncode == 0, issued.stdout + issued.stderr
     log = tmp_path / "up.log"
-    up = start([*CLI, "up", "--port", str(port), "--hub-port", str(hub_port)], env, log)
     try:
-        began = time.monotonic()
-        wait_for("'Ctrl-C stops everything'", lambda: "Ctrl-C stops everything" in tail(log, 100_000), 90, 0.25)
-        print(f"dispatch up ready in {time.monotonic() - began:.1f} s")
-        assert up.poll() is None, tail(log)
-        hub_ready_when_announced = listening(hub_port)
-        api = Server(
-            f"http://127.0.0.1:{port}/api", home, env | {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}, tmp_path
-        )
-        with api.client() as client:
-            assert client.read_deployment_by_name("dispatch-batch/on-demand").work_pool_name == "dispatch"
-            assert client.read_deployment_by_name("dispatch-batch/example-every-5-min").work_pool_name == "dispatch"
-            # Keep the example schedule from starting a batch while this test winds down.
-            client.pause_deployment(client.read_deployment_by_name("dispatch-batch/example-every-5-min").id)
-            # Its worker polls the pool.
-            wait_for("a worker on the pool", lambda: client.read_workers_for_work_pool("dispatch"), 30, 0.25)
-        wait_for(f"hub listening on {hub_port}", lambda: listening(hub_port), 20, 0.1)
-        devices = subprocess.run(
-            [*CLI, "devices", "--hub", f"ws://127.0.0.1:{hub_port}", "--json"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert devices.returncode == 0, devices.stdout + devices.stderr
-        assert json.loads(devices.stdout) == []
-
-        started = time.monotonic()
-        up.send_signal(signal.SIGINT)
+        up = start([*CLI, "up", "--port", str(port), "--hub-port", str(hub_port)], env, log)
         try:
-            code = up.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"dispatch up still running 30 s after SIGINT:\n{tail(log)}") from None
-        print(f"dispatch up stopped in {time.monotonic() - started:.1f} s")
-        assert code == 0, tail(log)
-        assert "stopped" in tail(log)
-        left = processes_mentioning(
-            f"127.0.0.1:{port}", f"--port {port}", f"--port {hub_port}", f"127.0.0.1:{hub_port}"
-        )
-        assert left == [], left
-        # Checked last, so that the rest is tested either way: once up says it is up, so is the hub.
-        assert hub_ready_when_announced, "'Ctrl-C stops everything' came before the hub listened"
+            began = time.monotonic()
+            wait_for("'Ctrl-C stops everything'", lambda: "Ctrl-C stops everything" in tail(log, 100_000), 90, 0.25)
+            print(f"dispatch up ready in {time.monotonic() - began:.1f} s")
+            assert up.poll() is None, tail(log)
+            hub_ready_when_announced = listening(hub_port)
+            api_url = f"http://127.0.0.1:{port}/api"
+            # Closed by default: a client without the secret of .dispatch/prefect-auth is refused.
+            assert unauthenticated_status(api_url) == 401
+            auth = (state / "prefect-auth").read_text().strip()
+            api = Server(
+                api_url, home, env | {"PREFECT_API_URL": api_url, "PREFECT_API_AUTH_STRING": auth}, tmp_path, auth
+            )
+            with api.client() as client:
+                assert client.read_deployment_by_name("dispatch-batch/on-demand").work_pool_name == "dispatch"
+                assert client.read_deployment_by_name("dispatch-batch/example-every-5-min").work_pool_name == "dispatch"
+                # Keep the example schedule from starting a batch while this test winds down.
+                client.pause_deployment(client.read_deployment_by_name("dispatch-batch/example-every-5-min").id)
+                # Its worker polls the pool.
+                wait_for("a worker on the pool", lambda: client.read_workers_for_work_pool("dispatch"), 30, 0.25)
+            wait_for(f"hub listening on {hub_port}", lambda: listening(hub_port), 20, 0.1)
+            # The hub reads .dispatch/credentials.json: the operator's controller credential opens it.
+            devices = dispatch(
+                "devices", "--hub", f"ws://127.0.0.1:{hub_port}", "--token-file", str(token_file), "--json", env=env
+            )
+            assert devices.returncode == 0, devices.stdout + devices.stderr
+            assert json.loads(devices.stdout) == []
+
+            started = time.monotonic()
+            up.send_signal(signal.SIGINT)
+            try:
+                code = up.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"dispatch up still running 30 s after SIGINT:\n{tail(log)}") from None
+            print(f"dispatch up stopped in {time.monotonic() - started:.1f} s")
+            assert code == 0, tail(log)
+            assert "stopped" in tail(log)
+            left = processes_mentioning(
+                f"127.0.0.1:{port}", f"--port {port}", f"--port {hub_port}", f"127.0.0.1:{hub_port}"
+            )
+            assert left == [], left
+            # Checked last, so that the rest is tested either way: once up says it is up, so is the hub.
+            assert hub_ready_when_announced, "'Ctrl-C stops everything' came before the hub listened"
+        finally:
+            stop_group(up)
     finally:
-        stop_group(up)
+        revoked = dispatch("credentials", "revoke-controller", controller, "--credentials", credentials, env=env)
+    assert revoked.returncode == 0, revoked.stdout + revoked.stderr
 
 
 # -- 7. device events from the hub -------------------------------------------------
@@ -645,8 +691,11 @@ def test_the_hub_reports_devices_connecting_and_lost_as_prefect_events(server: S
     hub_port = _free_port()
     device_id = f"ops-{uuid.uuid4().hex[:6]}"
     (tmp_path / "mcp.json").write_text(json.dumps(demo_config()))
-    env = server.env | {"DISPATCH_TOKEN": TOKEN}
-    hub = start([*CLI, "serve", "--port", str(hub_port)], env, tmp_path / "hub.log")
+    # The hub knows the device by its own credential; the device presents it.
+    credentials = write_credentials(tmp_path / "credentials.json", [device_id])
+    hub = start(
+        [*CLI, "serve", "--port", str(hub_port), "--credentials", str(credentials)], server.env, tmp_path / "hub.log"
+    )
     device = None
     try:
         device = start(
@@ -660,7 +709,7 @@ def test_the_hub_reports_devices_connecting_and_lost_as_prefect_events(server: S
                 "--config",
                 str(tmp_path / "mcp.json"),
             ],
-            env,
+            server.env | {"DISPATCH_TOKEN": token_for_device(device_id)},
             tmp_path / "device.log",
         )
         labels = {"dispatch.device": device_id}
