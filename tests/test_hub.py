@@ -2,6 +2,8 @@
 
 Where a test plays a peer by hand it uses plain ``websockets`` and the JSON of
 ``shared/aip-wire.md``, so what is checked is the wire, not our own client.
+Each peer presents its own credential: a controller the ``TOKEN`` of
+``hub_support``, a device the ``device_token`` bound to its id.
 Every wait is bounded with ``asyncio.timeout``.
 """
 
@@ -20,11 +22,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hub_support import QUICK_BACKOFF, TOKEN, echo_tools, running_device, running_hub, self_signed_certificate, serving
+from hub_support import (
+    QUICK_BACKOFF,
+    TOKEN,
+    credentials_with,
+    device_token,
+    echo_tools,
+    running_device,
+    running_hub,
+    self_signed_certificate,
+    serving,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Close
 from websockets.typing import Origin
 
 from aip.access import AccessPolicy
@@ -42,6 +55,7 @@ from aip.messages import (
     ServerMessageType,
     TaskStatus,
 )
+from aip.switchboard import CloseCode
 from dispatchers import InMemoryCommandDispatcher, WebSocketCommandDispatcher
 from dispatchers.memory import Tool
 
@@ -63,7 +77,11 @@ def hub_address(hub: Hub, path: str = "/ws", query: str = "") -> str:
 async def raw_connect(
     hub: Hub, path: str = "/ws", *, token: str | None = TOKEN, query: str = "", url: str | None = None, **options: Any
 ) -> ClientConnection:
-    """A plain websockets connection, the token (if any) as a bearer header."""
+    """A plain websockets connection, the token (if any) as a bearer header.
+
+    ``TOKEN`` by default, the controller's credential (it opens ``/controller`` only);
+    a device at ``/ws`` presents its own, ``device_token(hub, device_id)``.
+    """
     headers = {"Authorization": f"Bearer {token}"} if token else None
     async with asyncio.timeout(WAIT):
         return await connect(
@@ -85,12 +103,19 @@ async def peer(hub: Hub, path: str = "/ws", **options: Any) -> AsyncIterator[Cli
         await connection.close()
 
 
-async def refusal_status(hub: Hub, path: str = "/ws", **options: Any) -> int:
-    """The HTTP status the hub answers this connection attempt with (it must refuse it)."""
+async def refusal(hub: Hub, path: str = "/ws", **options: Any) -> tuple[int, str]:
+    """The HTTP status and body the hub answers this connection attempt with (it must refuse it)."""
     with pytest.raises(InvalidStatus) as refused:
         connection = await raw_connect(hub, path, **options)
         await connection.close()
-    return refused.value.response.status_code
+    response = refused.value.response
+    return response.status_code, response.body.decode(errors="replace").strip() if response.body else ""
+
+
+async def refusal_status(hub: Hub, path: str = "/ws", **options: Any) -> int:
+    """The HTTP status the hub answers this connection attempt with (it must refuse it)."""
+    status, _ = await refusal(hub, path, **options)
+    return status
 
 
 async def recv_json(connection: ClientConnection, seconds: float = WAIT) -> dict[str, Any]:
@@ -101,14 +126,19 @@ async def recv_json(connection: ClientConnection, seconds: float = WAIT) -> dict
     return message
 
 
-async def close_code(connection: ClientConnection, seconds: float = WAIT) -> int:
-    """The close code the hub sends next; fails if any other frame comes first."""
+async def close_frame(connection: ClientConnection, seconds: float = WAIT) -> Close:
+    """The close frame the hub sends next; fails if any other frame comes first."""
     with pytest.raises(ConnectionClosed) as closed:
         async with asyncio.timeout(seconds):
             frame = await connection.recv()
             pytest.fail(f"expected the connection to close, got a frame: {frame!r}")
     assert closed.value.rcvd is not None, "the hub closed without a close frame"
-    return closed.value.rcvd.code
+    return closed.value.rcvd
+
+
+async def close_code(connection: ClientConnection, seconds: float = WAIT) -> int:
+    """The close code the hub sends next; fails if any other frame comes first."""
+    return (await close_frame(connection, seconds)).code
 
 
 def register_frame(device_id: str | None, **overrides: Any) -> str:
@@ -155,7 +185,8 @@ def client_frame(kind: str, device_id: str | None = None, **fields: Any) -> str:
 
 @contextlib.asynccontextmanager
 async def hand_device(hub: Hub, device_id: str, **options: Any) -> AsyncIterator[ClientConnection]:
-    """A device played by hand: connected, registered, acknowledged; nothing more."""
+    """A device played by hand, with its own credential: connected, registered, acknowledged; nothing more."""
+    options.setdefault("token", device_token(hub, device_id))
     async with peer(hub, "/ws", **options) as connection:
         await connection.send(register_frame(device_id))
         ack = await recv_json(connection)
@@ -229,7 +260,10 @@ async def test_a_wrong_token_is_refused_with_401() -> None:
 
 
 async def test_a_token_in_the_query_is_accepted_as_a_ufo_client_sends_it() -> None:
-    async with running_hub() as hub, hand_device(hub, "ufo-query", token=None, query=f"?token={TOKEN}") as device:
+    async with (
+        running_hub() as hub,
+        hand_device(hub, "ufo-query", token=None, query=f"?token={device_token(hub, 'ufo-query')}") as device,
+    ):
         await device.send(client_frame("heartbeat", "ufo-query"))
         assert (await recv_json(device))["type"] == "heartbeat"
         devices = await list_devices(hub.url, TOKEN, timeout=WAIT)
@@ -237,21 +271,30 @@ async def test_a_token_in_the_query_is_accepted_as_a_ufo_client_sends_it() -> No
 
 
 async def test_an_origin_not_allowed_is_refused_with_403_and_an_allowed_one_admitted() -> None:
-    policy = AccessPolicy(TOKEN, origins=("https://console.example",))
+    policy = AccessPolicy(credentials_with(["from-console"]), origins=("https://console.example",))
     async with Hub(policy, HubSettings(port=0)) as hub:
-        assert await refusal_status(hub, "/ws", origin=Origin("https://evil.example")) == 403
-        assert await refusal_status(hub, "/controller", origin=Origin("null")) == 403
+        # Valid credentials each time: what is refused is the Origin, by the AccessPolicy.
+        device = device_token(hub, "from-console")
+        evil = await refusal(hub, "/ws", token=device, origin=Origin("https://evil.example"))
+        assert evil == (403, "Origin not allowed")
+        assert await refusal(hub, "/controller", origin=Origin("null")) == (403, "Origin not allowed")
         async with hand_device(hub, "from-console", origin=Origin("https://console.example")):
             pass
+        async with peer(hub, "/controller", origin=Origin("https://console.example")) as controller:
+            await controller.send(controller_frame(ServerMessageType.HEARTBEAT, status=TaskStatus.OK))
+            assert (await recv_json(controller))["type"] == "heartbeat"
 
 
 async def test_a_host_header_the_hub_does_not_answer_to_is_refused_with_403() -> None:
     async with running_hub() as hub:
         evil = f"ws://evil.example:{hub.port}/ws"
+        token = device_token(hub, "via-localhost")
         # The TCP connection goes to 127.0.0.1; only the Host header says evil.example (DNS rebinding).
-        assert await refusal_status(hub, url=evil, host="127.0.0.1", port=hub.port) == 403
+        refused = await refusal(hub, url=evil, token=token, host="127.0.0.1", port=hub.port)
+        assert refused == (403, "Host not allowed")
         # ... while the loopback names are fine.
-        async with peer(hub, url=f"ws://localhost:{hub.port}/ws", host="127.0.0.1", port=hub.port) as ok:
+        localhost = f"ws://localhost:{hub.port}/ws"
+        async with peer(hub, url=localhost, token=token, host="127.0.0.1", port=hub.port) as ok:
             await ok.send(register_frame("via-localhost"))
             assert (await recv_json(ok))["type"] == "heartbeat"
 
@@ -267,45 +310,67 @@ async def test_the_token_never_reaches_the_logs(caplog: pytest.LogCaptureFixture
     caplog.set_level(logging.DEBUG)
     wrong = "wrong-token-9f8e7d6c5b4a"
     async with running_hub() as hub:
-        # Refused: a wrong bearer token, and the right token (header and query) on a wrong path.
+        device_secret, ufo_secret = device_token(hub, "logged"), device_token(hub, "logged-ufo")
+        # Refused: a wrong bearer token, and a right token (header and query) on a wrong path.
         with pytest.raises(HubRefused) as wrong_token:
             await open_connection(hub_address(hub, "/ws"), wrong, open_timeout=WAIT)
         with pytest.raises(HubRefused) as wrong_path:
             await open_connection(hub_address(hub, "/nope", f"?token={TOKEN}"), TOKEN, open_timeout=WAIT)
-        # Accepted: a device (bearer), a raw UFO-style connection (query) and a batch.
+        # Accepted: a device (bearer), a raw UFO-style connection (query) and a batch (the controller's token).
         async with running_device(hub, "logged"), dispatcher_for(hub, "logged") as dispatcher:
-            connection = await open_connection(hub_address(hub, "/ws", f"?token={TOKEN}"), None, open_timeout=WAIT)
+            ufo = hub_address(hub, "/ws", f"?token={ufo_secret}")
+            connection = await open_connection(ufo, None, open_timeout=WAIT)
             await connection.send(register_frame("logged-ufo"))
             assert json.loads(await connection.recv())["type"] == "heartbeat"
             await connection.close()
             commands = echo_batch("log")
             assert_echoed(commands, await dispatcher.execute_commands(commands, timeout=10))
     assert "401" in str(wrong_token.value) and "404" in str(wrong_path.value)
+    secrets = {"the controller token": TOKEN, "the offered token": wrong}
+    secrets |= {"a device token": device_secret, "a UFO device token": ufo_secret}
     for error in (wrong_token.value, wrong_path.value):
-        assert TOKEN not in str(error) and wrong not in str(error)
+        assert not [what for what, secret in secrets.items() if secret in str(error)], str(error)
     assert caplog.records, "nothing was logged at all: the capture is not working"
     assert any("refused" in r.getMessage() for r in caplog.records)
     for record in caplog.records:
         text = record.getMessage()
-        assert TOKEN not in text, f"{record.name} logged the token: {text}"
-        assert wrong not in text, f"{record.name} logged the offered token: {text}"
-    assert TOKEN not in caplog.text and wrong not in caplog.text
+        for what, secret in secrets.items():
+            assert secret not in text, f"{record.name} logged {what}: {text}"
+    assert not [what for what, secret in secrets.items() if secret in caplog.text]
 
 
-async def test_a_device_given_a_ufo_style_token_url_never_logs_it(caplog: pytest.LogCaptureFixture) -> None:
-    """A UFO-style ``?token=`` hub URL works for our device client too, and the token stays out of the logs."""
+async def test_a_device_told_to_send_its_token_in_the_query_never_logs_it(caplog: pytest.LogCaptureFixture) -> None:
+    """``token_in_query`` (the ``?token=`` a UFO server wants) works for our device client too, and the token
+    stays out of the logs; a hub URL that carries ``?token=`` itself is refused before anything connects."""
     caplog.set_level(logging.DEBUG)
     async with running_hub() as hub:
+        secret = device_token(hub, "query-token")
+        with pytest.raises(ValueError, match="carries a credential") as in_device_url:
+            DeviceClient(f"{hub.url}?token={secret}", "query-token", InMemoryCommandDispatcher(echo_tools()))
+        with pytest.raises(ValueError, match="carries a credential") as in_controller_url:
+            HubLink(f"{hub.url}?token={TOKEN}", open_timeout=WAIT)
         client = DeviceClient(
-            f"{hub.url}?token={TOKEN}", "query-token", InMemoryCommandDispatcher(echo_tools()), backoff=QUICK_BACKOFF
+            hub.url,
+            "query-token",
+            InMemoryCommandDispatcher(echo_tools()),
+            token=secret,
+            token_in_query=True,
+            backoff=QUICK_BACKOFF,
         )
-        link = HubLink(f"{hub.url}?token={TOKEN}", open_timeout=WAIT)
+        link = HubLink(hub.url, TOKEN, open_timeout=WAIT)
         async with serving(client), WebSocketCommandDispatcher(link, "query-token") as dispatcher:
             commands = echo_batch("q")
             assert_echoed(commands, await dispatcher.execute_commands(commands, timeout=10))
-            shown = {"repr(HubLink)": repr(link), "repr(WebSocketCommandDispatcher)": repr(dispatcher)}
+            shown = {
+                "repr(HubLink)": repr(link),
+                "repr(WebSocketCommandDispatcher)": repr(dispatcher),
+                "DeviceClient.url": client.url,
+                "the refused device URL": str(in_device_url.value),
+                "the refused controller URL": str(in_controller_url.value),
+            }
     leaks = [f"log {r.name}: {r.getMessage()}" for r in caplog.records if TOKEN in r.getMessage()]
-    leaks += [f"{where}: {text}" for where, text in shown.items() if TOKEN in text]
+    leaks += [f"log {r.name}: {r.getMessage()}" for r in caplog.records if secret in r.getMessage()]
+    leaks += [f"{where}: {text}" for where, text in shown.items() if TOKEN in text or secret in text]
     assert not leaks, leaks
 
 
@@ -324,7 +389,10 @@ async def test_a_device_given_a_ufo_style_token_url_never_logs_it(caplog: pytest
     ids=["garbage", "binary", "heartbeat-first", "no-client-id", "bad-enum"],
 )
 async def test_a_first_frame_that_is_not_a_valid_register_gets_an_error_then_1008(first: str | bytes) -> None:
-    async with running_hub(register_timeout=2.0) as hub, peer(hub) as connection:
+    async with (
+        running_hub(register_timeout=2.0) as hub,
+        peer(hub, token=device_token(hub, "newcomer")) as connection,
+    ):
         await connection.send(first)
         refusal = await recv_json(connection)
         assert (refusal["type"], refusal["status"]) == ("error", "error")
@@ -334,7 +402,10 @@ async def test_a_first_frame_that_is_not_a_valid_register_gets_an_error_then_100
 
 
 async def test_a_device_that_says_nothing_is_dropped_after_the_register_timeout() -> None:
-    async with running_hub(register_timeout=0.3) as hub, peer(hub) as connection:
+    async with (
+        running_hub(register_timeout=0.3) as hub,
+        peer(hub, token=device_token(hub, "taciturn")) as connection,
+    ):
         started = time.monotonic()
         refusal = await recv_json(connection)
         assert (refusal["type"], refusal["status"]) == ("error", "error")
@@ -613,7 +684,7 @@ async def test_a_ufo_style_device_runs_a_batch_from_the_dispatcher() -> None:
     # Silence for 0.4 s would drop the device; it answers after 0.8 s, kept alive by its heartbeats.
     async with (
         running_hub(heartbeat_timeout=0.4) as hub,
-        peer(hub, "/ws", token=None, query=f"?token={TOKEN}") as connection,
+        peer(hub, "/ws", token=None, query=f"?token={device_token(hub, 'ufo-pc')}") as connection,
     ):
         await connection.send(register_frame("ufo-pc"))
         ack = await recv_json(connection)
@@ -661,18 +732,27 @@ async def test_a_ufo_style_device_runs_a_batch_from_the_dispatcher() -> None:
 # -- reconnects, silence, drops --------------------------------------------------------
 
 
-async def test_a_reconnecting_device_replaces_its_stale_connection() -> None:
-    async with running_hub() as hub, hand_device(hub, "twin") as stale, dispatcher_for(hub, "twin") as dispatcher:
+async def test_a_reconnecting_device_replaces_its_stale_connection_once_it_is_found_dead() -> None:
+    async with (
+        running_hub(probe_timeout=0.5) as hub,
+        hand_device(hub, "twin") as stale,
+        dispatcher_for(hub, "twin") as dispatcher,
+    ):
         stranded = echo_batch("stranded", 1)
         started = time.monotonic()
         pending = asyncio.create_task(dispatcher.execute_commands(stranded, timeout=30))
         assert (await recv_json(stale))["type"] == "command"
+        # The old connection hangs (a machine asleep, a dead NAT entry): it reads nothing, so it answers no ping.
+        stale.transport.pause_reading()
         async with running_device(hub, "twin"):
-            assert await close_code(stale) == 4000
             # The batch the stale connection held fails now, not at its deadline.
             async with asyncio.timeout(WAIT):
                 [lost] = await pending
             elapsed = time.monotonic() - started
+            # Reading again, the stale connection finds the hub closed it as replaced, for not answering.
+            stale.transport.resume_reading()
+            replaced = await close_frame(stale)
+            assert replaced.code == CloseCode.REPLACED and "ping" in replaced.reason, replaced
             commands = echo_batch("twin")
             assert_echoed(commands, await dispatcher.execute_commands(commands, timeout=10))
             devices = await list_devices(hub.url, TOKEN, timeout=WAIT)
@@ -682,16 +762,88 @@ async def test_a_reconnecting_device_replaces_its_stale_connection() -> None:
     assert elapsed < 10
 
 
-async def test_a_device_client_whose_connection_is_taken_comes_back_by_itself() -> None:
-    async with running_hub() as hub, running_device(hub, "phoenix") as client:
+async def test_a_live_connection_keeps_its_id_and_a_newcomer_with_the_same_credential_gets_4004() -> None:
+    async with (
+        running_hub() as hub,
+        hand_device(hub, "twin") as original,
+        dispatcher_for(hub, "twin") as dispatcher,
+    ):
+        # The original answers the hub's ping (websockets does, even while nobody calls recv): it is not replaced.
+        async with peer(hub, "/ws", token=device_token(hub, "twin")) as newcomer:
+            await newcomer.send(register_frame("twin"))
+            refusal = await recv_json(newcomer)
+            assert (refusal["type"], refusal["status"]) == ("error", "error"), refusal
+            assert "already connected" in refusal["error"], refusal
+            assert await close_code(newcomer) == CloseCode.DUPLICATE
+        # The original heard nothing of it: the next frame it gets is its own heartbeat's answer...
+        await original.send(client_frame("heartbeat", "twin"))
+        assert (await recv_json(original))["type"] == "heartbeat"
+        # ... and it still serves: a batch reaches it and its answer comes back.
+        commands = echo_batch("kept", 1)
+        batch = asyncio.create_task(dispatcher.execute_commands(commands, timeout=20))
+        command = await recv_json(original)
+        assert command["type"] == "command", command
+        [action] = command["actions"]
+        result = {
+            "status": "success",
+            "error": None,
+            "result": action["parameters"],
+            "namespace": None,
+            "call_id": action["call_id"],
+        }
+        await original.send(
+            client_frame(
+                "command_results",
+                "twin",
+                status="continue",
+                prev_response_id=command["response_id"],
+                action_results=[result],
+            )
+        )
+        async with asyncio.timeout(WAIT):
+            assert_echoed(commands, await batch)
+        devices = await list_devices(hub.url, TOKEN, timeout=WAIT)
+    assert [(d["id"], d["kind"]) for d in devices] == [("twin", "ufo")]
+
+
+async def test_a_device_client_whose_connection_is_taken_comes_back_by_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client's connection hangs and another with its credential takes the id; once it is free, it is back."""
+    opened: asyncio.Queue[ClientConnection] = asyncio.Queue()
+
+    async def recording(*args: Any, **kwargs: Any) -> ClientConnection:
+        connection = await open_connection(*args, **kwargs)
+        opened.put_nowait(connection)
+        return connection
+
+    monkeypatch.setattr("aip.device.open_connection", recording)
+    async with running_hub(probe_timeout=0.5) as hub, running_device(hub, "phoenix") as client:
         assert client.registrations == 1
-        async with hand_device(hub, "phoenix") as usurper:
-            # The real client lost its connection (4000), dialled in again and took its id back.
-            assert await close_code(usurper) == 4000
+        first = opened.get_nowait()
+        first.transport.pause_reading()  # the client's connection hangs: it answers no ping
+        async with hand_device(hub, "phoenix") as usurper:  # registered: the hung connection was replaced
+            first.transport.resume_reading()
+            async with asyncio.timeout(WAIT):
+                await first.wait_closed()
+            assert first.close_code == CloseCode.REPLACED
+            # The client dials in again by itself; while the usurper holds the id and answers, it is refused.
+            async with asyncio.timeout(WAIT):
+                retry = await opened.get()
+                await retry.wait_closed()
+            assert retry.close_code == CloseCode.DUPLICATE
+            assert client.registrations == 1 and not client.registered.is_set()
+            await usurper.send(client_frame("heartbeat", "phoenix"))
+            assert (await recv_json(usurper))["type"] == "heartbeat"
+            [held] = await list_devices(hub.url, TOKEN, timeout=WAIT)
+            assert (held["id"], held["kind"]) == ("phoenix", "ufo")
+        # The usurper left: the client's next try takes its id back.
+        async with asyncio.timeout(WAIT):
+            await client.registered.wait()
+        assert client.registrations == 2
         async with dispatcher_for(hub, "phoenix") as dispatcher:
             commands = echo_batch("phoenix")
             assert_echoed(commands, await dispatcher.execute_commands(commands, timeout=10))
-        assert client.registrations == 2
+        [back] = await list_devices(hub.url, TOKEN, timeout=WAIT)
+        assert (back["id"], back["kind"]) == ("phoenix", "dispatch")
 
 
 async def test_a_device_cannot_answer_a_batch_sent_to_another_device() -> None:
@@ -932,9 +1084,15 @@ async def test_the_device_list_shows_connected_devices_with_their_tools() -> Non
     async with running_hub() as hub:
         assert await list_devices(hub.url, TOKEN, timeout=WAIT) == []
         alpha = DeviceClient(
-            hub.url, "alpha", InMemoryCommandDispatcher(echo_tools()), token=TOKEN, tools=announce("echo", "sleep")
+            hub.url,
+            "alpha",
+            InMemoryCommandDispatcher(echo_tools()),
+            token=device_token(hub, "alpha"),
+            tools=announce("echo", "sleep"),
         )
-        beta = DeviceClient(hub.url, "beta", InMemoryCommandDispatcher(echo_tools()), token=TOKEN, tools=announce())
+        beta = DeviceClient(
+            hub.url, "beta", InMemoryCommandDispatcher(echo_tools()), token=device_token(hub, "beta"), tools=announce()
+        )
         async with serving(alpha), hand_device(hub, "gamma-ufo"):
             async with serving(beta):
                 devices = await list_devices(hub.url, TOKEN, timeout=WAIT)
@@ -960,9 +1118,13 @@ async def test_a_hundred_devices_each_run_their_own_batch_at_once() -> None:
     async with running_hub() as hub:
         clients = [
             DeviceClient(
-                hub.url, f"dev-{i:03d}", InMemoryCommandDispatcher(echo_tools()), token=TOKEN, backoff=QUICK_BACKOFF
+                hub.url,
+                device_id,
+                InMemoryCommandDispatcher(echo_tools()),
+                token=device_token(hub, device_id),
+                backoff=QUICK_BACKOFF,
             )
-            for i in range(count)
+            for device_id in (f"dev-{i:03d}" for i in range(count))
         ]
         stop = asyncio.Event()
         runs = [asyncio.create_task(client.run(stop)) for client in clients]
@@ -1002,7 +1164,7 @@ async def test_wss_carries_devices_and_batches(tmp_path: Path) -> None:
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert, key)
     trusting = ssl.create_default_context(cafile=str(cert))
-    async with Hub(AccessPolicy(TOKEN), HubSettings(port=0), ssl_context=server_context) as hub:
+    async with Hub(AccessPolicy(credentials_with()), HubSettings(port=0), ssl_context=server_context) as hub:
         assert hub.url.startswith("wss://127.0.0.1:")
         async with (
             running_device(hub, "secure-pc", ssl_context=trusting),
@@ -1015,7 +1177,7 @@ async def test_wss_carries_devices_and_batches(tmp_path: Path) -> None:
             # A client that does not trust the certificate gets no connection.
             with pytest.raises(HubUnavailable, match=r"(?i)certificate"):
                 untrusting = ssl.create_default_context()
-                await open_connection(f"{hub.url}/ws", TOKEN, open_timeout=WAIT, ssl_context=untrusting)
+                await open_connection(f"{hub.url}/controller", TOKEN, open_timeout=WAIT, ssl_context=untrusting)
 
 
 async def test_a_wss_client_without_an_ssl_context_verifies_with_the_default_trust_store(tmp_path: Path) -> None:
@@ -1023,6 +1185,6 @@ async def test_a_wss_client_without_an_ssl_context_verifies_with_the_default_tru
     cert, key = self_signed_certificate(tmp_path)
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert, key)
-    async with Hub(AccessPolicy(TOKEN), HubSettings(port=0), ssl_context=server_context) as hub:
+    async with Hub(AccessPolicy(credentials_with()), HubSettings(port=0), ssl_context=server_context) as hub:
         with pytest.raises(HubUnavailable, match=r"(?i)certificate"):
-            await open_connection(f"{hub.url}/ws", TOKEN, open_timeout=WAIT)
+            await open_connection(f"{hub.url}/controller", TOKEN, open_timeout=WAIT)
