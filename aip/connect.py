@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from .access import check_token
+from .credentials import check_token
 
 #: UFO's own frame limit: screenshots travel as base64 inside results.
 DEFAULT_MAX_MESSAGE_BYTES = 100 * 2**20

@@ -52,6 +52,12 @@ def check_name(name: str, what: str = "a device id") -> str:
     return name
 
 
+def check_token(token: str) -> None:
+    """A token must fit in an HTTP header as a bearer credential: visible ASCII, no spaces."""
+    if not all("!" <= character <= "~" for character in token):
+        raise ValueError("a token may hold only visible ASCII characters (no spaces); try `openssl rand -hex 32`")
+
+
 def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -159,6 +165,10 @@ class CredentialStore:
         if role is Role.CONTROLLER and not patterns:
             raise CredentialError("a controller needs at least one device pattern (* for all)")
         token = token if token is not None else new_token(role)
+        try:
+            check_token(token)
+        except ValueError as error:
+            raise CredentialError(str(error)) from None
         if len(token) < 24:
             raise CredentialError("a token must be at least 24 characters long")
         key = digest(token)

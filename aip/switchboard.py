@@ -218,9 +218,10 @@ class Switchboard:
             return None, self._refuse(peer, "this connection holds no device credential")
         if isinstance(text, bytes):
             return None, self._refuse(peer, "the first frame must be a register message in a text frame, not binary")
-        if len(text) > MAX_REGISTRATION_BYTES:
+        size = len(text) if text.isascii() else len(text.encode())
+        if size > MAX_REGISTRATION_BYTES:
             return None, self._refuse(
-                peer, f"the register message is {len(text)} bytes; at most {MAX_REGISTRATION_BYTES} are accepted"
+                peer, f"the register message is {size} bytes; at most {MAX_REGISTRATION_BYTES} are accepted"
             )
         try:
             message = ClientMessage.model_validate_json(text)

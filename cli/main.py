@@ -28,11 +28,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from aip.access import CONTROLLER_PATH, AccessPolicy, check_token
+from aip.access import CONTROLLER_PATH, AccessPolicy
 from aip.connect import HubUnavailable, endpoint
 from aip.controller import list_devices
 from aip.credential_file import DEFAULT_PATH, CredentialFile, read_store, write_store
-from aip.credentials import CredentialError, Role
+from aip.credentials import CredentialError, Role, check_token
 from aip.device import DeviceClient
 from aip.hub import Hub, HubSettings
 from aip.messages import Command, Result, ResultStatus

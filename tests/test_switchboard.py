@@ -3,7 +3,8 @@
 ``Switchboard`` (the hub's routing rules), ``AccessPolicy`` (who may connect),
 ``CallMemory`` (a device's memory of call_ids) and ``Backoff`` (reconnect
 delays) are plain values and functions: every rule is checked here with plain
-calls, frames in and actions out.
+calls, frames in and actions out. As the hub does when a connection opens,
+every peer is first admitted with the ``Identity`` its credential proved.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import aip.device
-from aip.access import AccessPolicy, host_name
+from aip.access import CONTROLLER_PATH, DEVICE_PATH, AccessPolicy, Refusal, host_name
 from aip.call_memory import CallMemory, MemoryLimits
+from aip.credentials import CredentialError, CredentialStore, Identity, Role, check_token, digest
 from aip.device import Backoff
 from aip.messages import (
     ClientMessage,
@@ -33,7 +36,8 @@ from aip.messages import (
     ServerMessageType,
     TaskStatus,
 )
-from aip.switchboard import Action, Close, CloseCode, Send, Switchboard
+from aip.registration import MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, MAX_REGISTRATION_BYTES, MAX_TOOLS
+from aip.switchboard import NAMED_DEVICES, Action, Close, CloseCode, Device, Probe, Reason, Send, Switchboard
 
 VECTORS = Path(__file__).parent / "fixtures" / "ufo-aip-frames.jsonl"
 FRAMES: list[dict[str, Any]] = [
@@ -42,12 +46,32 @@ FRAMES: list[dict[str, Any]] = [
 FRAME_IDS = [f"{i}-{f['dir']}-{json.loads(f['raw'])['type']}" for i, f in enumerate(FRAMES)]
 
 # Peers are any hashable value; plain strings keep the tests readable.
-DEV_A, DEV_B, DEV_A2 = "peer-device-a", "peer-device-b", "peer-device-a-again"
-CTL_1, CTL_2 = "peer-controller-1", "peer-controller-2"
+DEV_A, DEV_B, DEV_A2, DEV_A3 = "peer-device-a", "peer-device-b", "peer-device-a-again", "peer-device-a-third"
+CTL_1, CTL_2, CTL_LAB = "peer-controller-1", "peer-controller-2", "peer-controller-lab"
+#: The credential names of the controllers every ``new_board`` admits (both may use every device).
+CONTROLLER_NAMES = {CTL_1: "ctl-1", CTL_2: "ctl-2"}
 OUR_TOOLS = [{"name": "echo", "server": "demo", "description": "echoes"}]
+DEVICE_INFO_REQUEST = json.dumps({"type": "device_info_request", "status": "ok", "response_id": "q1"})
 
 
 # -- helpers -------------------------------------------------------------------
+
+
+def device_identity(device_id: str, token: str | None = None) -> Identity:
+    """What the hub knows of a connection holding ``device_id``'s credential (``token`` names another one)."""
+    return Identity(Role.DEVICE, device_id, credential=digest(token or f"device-token-{device_id}"))
+
+
+def controller_identity(name: str, devices: tuple[str, ...] = ("*",)) -> Identity:
+    return Identity(Role.CONTROLLER, name, credential=digest(f"controller-token-{name}"), devices=devices)
+
+
+def new_board(clock: Any = None) -> Switchboard:
+    """A switchboard with the controllers ``CTL_1`` and ``CTL_2`` admitted."""
+    board = Switchboard() if clock is None else Switchboard(clock=clock)
+    for peer, name in CONTROLLER_NAMES.items():
+        board.admit(peer, controller_identity(name))
+    return board
 
 
 def register_frame(client_id: str | None, *, ours: bool = False, metadata: dict[str, Any] | None = None) -> str:
@@ -58,6 +82,23 @@ def register_frame(client_id: str | None, *, ours: bool = False, metadata: dict[
     if metadata is not None:
         meta = metadata
     return json.dumps({"type": "register", "status": "ok", "client_id": client_id, "metadata": meta})
+
+
+def join(
+    board: Switchboard,
+    peer: Hashable,
+    client_id: str | None,
+    frame: str | bytes | None = None,
+    *,
+    ours: bool = False,
+    metadata: dict[str, Any] | None = None,
+    identity: Identity | None = None,
+) -> tuple[Device | None, list[Action]]:
+    """``peer`` connects with ``client_id``'s credential (or ``identity``) and sends its register frame."""
+    board.admit(peer, identity or device_identity(client_id or "alpha"))
+    if frame is None:
+        frame = register_frame(client_id, ours=ours, metadata=metadata)
+    return board.device_registers(peer, frame)
 
 
 def command_frame(response_id: str | None, target: str | None, actions: list[dict[str, Any]] | None = None) -> str:
@@ -100,26 +141,44 @@ def closes(actions: Sequence[Action]) -> list[Close]:
 
 
 def registered(*devices: tuple[Hashable, str, bool]) -> Switchboard:
-    """A switchboard with ``(peer, client_id, ours)`` devices registered."""
-    board = Switchboard()
+    """A switchboard with ``(peer, client_id, ours)`` devices registered (and ``CTL_1``, ``CTL_2`` admitted)."""
+    board = new_board()
     for peer, client_id, ours in devices:
-        device, actions = board.device_registers(peer, register_frame(client_id, ours=ours))
+        device, actions = join(board, peer, client_id, ours=ours)
         assert device is not None, actions
     return board
+
+
+def reconnect(board: Switchboard, peer: Hashable, client_id: str, *, alive: bool) -> tuple[Device | None, list[Action]]:
+    """``peer`` registers as ``client_id`` while another connection holds it; the probe finds that one ``alive``."""
+    holder = board.devices[client_id]
+    device, actions = join(board, peer, client_id)
+    assert device is None and actions == [Probe(holder.peer, peer)]
+    return board.probe_answered(peer, alive)
 
 
 def is_error_frame(frame: dict[str, Any]) -> bool:
     return frame["type"] == "error" and frame["status"] == "error" and bool(frame["error"])
 
 
+def assert_refused(actions: Sequence[Action], peer: Hashable, needle: str, code: int = CloseCode.POLICY) -> None:
+    """``actions`` are exactly an error frame naming ``needle`` to ``peer`` and a close with ``code``."""
+    assert [type(a) for a in actions] == [Send, Close] and all(a.peer == peer for a in actions)
+    (refusal,) = sends(actions)
+    assert is_error_frame(refusal) and needle in refusal["error"], refusal["error"]
+    (close,) = closes(actions)
+    assert close.code == code and len(close.reason.encode()) <= 123
+
+
 # -- Switchboard: registration -----------------------------------------------------
 
 
 def test_register_is_acknowledged_with_a_heartbeat_first_and_only() -> None:
-    board = Switchboard(clock=lambda: "T0")
-    device, actions = board.device_registers(DEV_A, register_frame("alpha"))
+    board = new_board(clock=lambda: "T0")
+    device, actions = join(board, DEV_A, "alpha")
     assert device is not None
     assert device.id == "alpha" and device.peer == DEV_A and device.connected_at == "T0"
+    assert device.identity == device_identity("alpha")
     assert len(actions) == 1
     assert isinstance(actions[0], Send) and actions[0].peer == DEV_A
     ack = ServerMessage.model_validate_json(actions[0].text)
@@ -155,8 +214,8 @@ def test_register_is_acknowledged_with_a_heartbeat_first_and_only() -> None:
     ],
 )
 def test_a_bad_first_frame_is_refused_with_an_error_then_close_1008(frame: str, needle: str) -> None:
-    board = Switchboard()
-    device, actions = board.device_registers(DEV_A, frame)
+    board = new_board()
+    device, actions = join(board, DEV_A, "alpha", frame)
     assert device is None
     assert len(actions) == 2
     first, second = actions
@@ -171,26 +230,88 @@ def test_a_bad_first_frame_is_refused_with_an_error_then_close_1008(frame: str, 
 
 def test_a_binary_first_frame_is_refused_like_any_other_binary_frame() -> None:
     """AIP is JSON in text frames; after registration a binary frame is refused, so before it too."""
-    board = Switchboard()
-    device, actions = board.device_registers(DEV_A, register_frame("alpha").encode())
+    board = new_board()
+    device, actions = join(board, DEV_A, "alpha", register_frame("alpha").encode())
     assert device is None
     assert [type(a) for a in actions] == [Send, Close]
     assert closes(actions)[0].code == CloseCode.POLICY
 
 
 def test_a_frame_from_an_unregistered_peer_is_closed() -> None:
-    board = Switchboard()
+    board = new_board()
     actions = board.device_text(DEV_A, json.dumps({"type": "heartbeat", "status": "ok"}))
     assert actions == [Close(DEV_A, CloseCode.POLICY, "not registered")]
 
 
-def test_reconnect_with_the_same_id_replaces_the_stale_connection() -> None:
+@pytest.mark.parametrize(
+    "identity", [None, controller_identity("alpha")], ids=["not-admitted", "controller-credential"]
+)
+def test_a_peer_without_a_device_credential_cannot_register(identity: Identity | None) -> None:
+    board = new_board()
+    if identity is not None:
+        board.admit(DEV_A, identity)
+    device, actions = board.device_registers(DEV_A, register_frame("alpha"))
+    assert device is None
+    assert_refused(actions, DEV_A, "no device credential")
+    assert board.devices == {} and board.device_by_peer == {}
+
+
+def test_a_device_registers_only_as_the_id_its_credential_is_for() -> None:
+    board = new_board()
+    device, actions = join(board, DEV_A, "beta", identity=device_identity("alpha"))
+    assert device is None
+    assert_refused(actions, DEV_A, "'alpha'")
+    assert "another id" in sends(actions)[0]["error"]
+    assert board.devices == {}
+    # nor may it take a connected device's id: no probe, the holder keeps it
+    join(board, DEV_B, "beta")
+    device, actions = join(board, DEV_A2, "beta", identity=device_identity("alpha"))
+    assert device is None and not any(isinstance(a, Probe) for a in actions)
+    assert_refused(actions, DEV_A2, "'alpha'")
+    assert board.devices["beta"].peer == DEV_B and set(board.devices) == {"beta"}
+
+
+def test_an_id_held_under_another_credential_is_refused_without_a_probe() -> None:
+    """The credential of ``alpha`` was replaced since its live connection opened: the new one must wait."""
+    board = registered((DEV_A, "alpha", False))
+    device, actions = join(board, DEV_A2, "alpha", identity=device_identity("alpha", token="the-new-alpha-token"))
+    assert device is None
+    assert_refused(actions, DEV_A2, "another credential")
+    assert board.devices["alpha"].peer == DEV_A and DEV_A2 not in board.device_by_peer
+
+
+def test_a_live_connection_keeps_its_id_and_the_newcomer_is_refused_with_4004() -> None:
+    board = registered((DEV_A, "alpha", False))
+    board.controller_text(CTL_1, command_frame("r1", "alpha"))
+
+    device, actions = join(board, DEV_A2, "alpha")
+
+    assert device is None and actions == [Probe(DEV_A, DEV_A2)]
+    # while the hub pings the holder nothing changes, and the newcomer is not a device yet
+    assert board.devices["alpha"].peer == DEV_A and set(board.routes) == {"r1"}
+    assert board.device_text(DEV_A2, results_frame("r1")) == [Close(DEV_A2, CloseCode.POLICY, "not registered")]
+
+    device, actions = board.probe_answered(DEV_A2, alive=True)
+
+    assert device is None
+    assert_refused(actions, DEV_A2, "already connected", CloseCode.DUPLICATE)
+    assert closes(actions)[0].code == 4004
+    # the live connection keeps its id and its batch
+    assert board.devices["alpha"].peer == DEV_A and DEV_A2 not in board.device_by_peer
+    assert board.device_text(DEV_A, results_frame("r1")) == [Send(CTL_1, results_frame("r1"))]
+    # a second answer to the same probe, or the refused connection ending, changes nothing
+    assert board.probe_answered(DEV_A2, alive=False) == (None, [])
+    assert board.device_gone(DEV_A2, "closed") == []
+    assert board.devices["alpha"].peer == DEV_A
+
+
+def test_a_reconnect_replaces_a_dead_stale_connection() -> None:
     board = registered((DEV_A, "alpha", False), (DEV_B, "beta", False))
     board.controller_text(CTL_1, command_frame("r1", "alpha"))
     board.controller_text(CTL_2, command_frame("r2", "alpha"))
     board.controller_text(CTL_1, command_frame("r3", "beta"))
 
-    device, actions = board.device_registers(DEV_A2, register_frame("alpha"))
+    device, actions = reconnect(board, DEV_A2, "alpha", alive=False)
 
     assert device is not None and device.peer == DEV_A2
     assert board.devices["alpha"] is device and board.device_by_peer.get(DEV_A) is None
@@ -219,10 +340,118 @@ def test_reconnect_with_the_same_id_replaces_the_stale_connection() -> None:
 
 def test_after_a_reconnect_new_batches_reach_the_new_connection() -> None:
     board = registered((DEV_A, "alpha", False))
-    board.device_registers(DEV_A2, register_frame("alpha"))
+    reconnect(board, DEV_A2, "alpha", alive=False)
     actions = board.controller_text(CTL_1, command_frame("r1", "alpha"))
     assert [a.peer for a in actions] == [DEV_A2]
     assert board.device_text(DEV_A2, results_frame("r1")) == [Send(CTL_1, results_frame("r1"))]
+
+
+def test_a_probe_answer_after_the_contender_left_is_nothing() -> None:
+    board = registered((DEV_A, "alpha", False))
+    join(board, DEV_A2, "alpha")
+    assert board.device_gone(DEV_A2, "closed") == []
+    assert board.probe_answered(DEV_A2, alive=False) == (None, [])
+    assert board.devices["alpha"].peer == DEV_A and set(board.device_by_peer) == {DEV_A}
+
+
+@pytest.mark.parametrize("alive", [True, False])
+def test_a_holder_that_left_during_the_probe_leaves_the_id_to_the_contender(alive: bool) -> None:
+    board = registered((DEV_A, "alpha", False))
+    join(board, DEV_A2, "alpha")
+    board.device_gone(DEV_A, "closed")
+    device, actions = board.probe_answered(DEV_A2, alive=alive)
+    assert device is not None and device.peer == DEV_A2 and board.devices == {"alpha": device}
+    (ack,) = sends(actions, DEV_A2)
+    assert len(actions) == 1 and ack["type"] == "heartbeat"
+
+
+def test_a_connection_that_took_the_id_during_the_probe_keeps_it() -> None:
+    board = registered((DEV_A, "alpha", False))
+    join(board, DEV_A2, "alpha")
+    board.device_gone(DEV_A, "closed")
+    third, _ = join(board, DEV_A3, "alpha")
+    assert third is not None
+    device, actions = board.probe_answered(DEV_A2, alive=False)  # the probed connection is dead, but not the holder
+    assert device is None
+    assert_refused(actions, DEV_A2, "already connected", CloseCode.DUPLICATE)
+    assert board.devices["alpha"] is third and DEV_A2 not in board.device_by_peer
+
+
+def padded_register_frame(size: int) -> str:
+    """A register frame of exactly ``size`` characters (ASCII, so as many bytes)."""
+    frame = register_frame("alpha", metadata={"padding": ""})
+    return register_frame("alpha", metadata={"padding": "x" * (size - len(frame))})
+
+
+def test_a_register_frame_larger_than_the_limit_is_refused_with_its_size() -> None:
+    at_limit = padded_register_frame(MAX_REGISTRATION_BYTES)
+    assert len(at_limit.encode()) == MAX_REGISTRATION_BYTES
+    device, _ = join(new_board(), DEV_A, "alpha", at_limit)
+    assert device is not None
+
+    board = new_board()
+    over = padded_register_frame(MAX_REGISTRATION_BYTES + 1)
+    device, actions = join(board, DEV_A, "alpha", over)
+    assert device is None
+    assert_refused(actions, DEV_A, f"at most {MAX_REGISTRATION_BYTES}")
+    assert str(len(over)) in sends(actions)[0]["error"]
+    assert board.devices == {}
+
+
+def test_the_registration_limit_counts_bytes_not_characters() -> None:
+    padding = "é" * (MAX_REGISTRATION_BYTES // 2 + 1024)  # two bytes each in UTF-8
+    frame = json.dumps(
+        {"type": "register", "status": "ok", "client_id": "alpha", "metadata": {"padding": padding}},
+        ensure_ascii=False,
+    )
+    assert len(frame) < MAX_REGISTRATION_BYTES < len(frame.encode())
+    device, actions = join(new_board(), DEV_A, "alpha", frame)
+    assert device is None
+    assert_refused(actions, DEV_A, f"at most {MAX_REGISTRATION_BYTES}")
+
+
+def test_the_profile_keeps_at_most_max_tools_and_cuts_every_string() -> None:
+    tools: list[dict[str, Any]] = [{"name": f"t{i}", "server": "demo"} for i in range(MAX_TOOLS + 50)]
+    tools[0] = {"name": "n" * 1000, "server": "s" * 1000, "description": "d" * 5000}
+    system_info = {"platform": "p" * 1000, "hostname": "vm", "not_a_system_field": "kept nowhere"}
+    board = new_board()
+    device, _ = join(board, DEV_A, "alpha", metadata={"dispatch": {"tools": tools}, "system_info": system_info})
+    assert device is not None
+
+    kept = device.profile.tools
+    assert len(kept) == MAX_TOOLS and kept[-1].name == f"t{MAX_TOOLS - 1}"
+    assert kept[0].name == "n" * MAX_NAME_CHARS and kept[0].server == "s" * MAX_NAME_CHARS
+    assert kept[0].description == "d" * MAX_DESCRIPTION_CHARS
+    assert device.profile.platform == "p" * MAX_NAME_CHARS
+
+    (answer,) = sends(board.controller_text(CTL_1, DEVICE_INFO_REQUEST))
+    (listed,) = answer["metadata"]["devices"]
+    assert len(listed["tools"]) == MAX_TOOLS and listed["tools"][0]["name"] == "n" * MAX_NAME_CHARS
+    assert listed["system_info"] == {"platform": "p" * MAX_NAME_CHARS, "hostname": "vm"}
+
+
+def test_odd_tool_names_become_strings_or_are_dropped_and_the_listing_never_fails() -> None:
+    huge = "1" * 4300  # the longest integer Python turns into a string
+    raw_tools = (
+        '[{"name": 5}, {"name": 1.5}, {"name": true}, {"name": null}, {"name": ["x"]}, {"name": {"a": 1}},'
+        f' {{"name": ""}}, {{"name": 0}}, {{"server": "no name"}}, "just text", 7, {{"name": {huge}}},'
+        ' {"name": "ok", "server": 3, "description": ["not", "text"]}]'
+    )
+    frame = (
+        '{"type": "register", "status": "ok", "client_id": "alpha",'
+        f' "metadata": {{"dispatch": {{"tools": {raw_tools}}}, "platform": false}}}}'
+    )
+    board = new_board()
+    device, actions = join(board, DEV_A, "alpha", frame)
+    assert device is not None, actions
+    assert [tool.name for tool in device.profile.tools] == ["5", "1.5", "0", "1" * MAX_NAME_CHARS, "ok"]
+    assert device.profile.tools[-1].describe() == {"name": "ok", "server": "3", "description": ""}
+    assert device.profile.platform is None
+
+    (answer,) = sends(board.controller_text(CTL_1, DEVICE_INFO_REQUEST))
+    (listed,) = answer["metadata"]["devices"]
+    assert all(isinstance(value, str) for tool in listed["tools"] for value in tool.values())
+    assert [tool["name"] for tool in listed["tools"]] == ["5", "1.5", "0", "1" * MAX_NAME_CHARS, "ok"]
 
 
 # -- Switchboard: batches out ----------------------------------------------------------
@@ -235,6 +464,7 @@ def test_a_command_reaches_the_device_without_target_id_and_otherwise_unchanged(
     assert len(actions) == 1 and isinstance(actions[0], Send) and actions[0].peer == DEV_A
     sent = json.loads(actions[0].text)
     assert "target_id" not in sent
+    assert sent["controller_id"] == "ctl-1"  # who sent it, for the device's call memory
     original = json.loads(frame)
     del original["target_id"]
     for key, value in original.items():
@@ -275,8 +505,8 @@ def test_our_own_device_gets_tool_types_unchanged() -> None:
 
 
 def test_a_dispatch_key_that_is_not_an_object_does_not_make_a_device_ours() -> None:
-    board = Switchboard()
-    board.device_registers(DEV_A, register_frame("alpha", metadata={"dispatch": "yes"}))
+    board = new_board()
+    join(board, DEV_A, "alpha", metadata={"dispatch": "yes"})
     (action,) = board.controller_text(CTL_1, command_frame("r1", "alpha", MIXED_ACTIONS))
     assert isinstance(action, Send)
     assert [a["tool_type"] for a in json.loads(action.text)["actions"]][2:] == ["action", "action", "action"]
@@ -291,14 +521,14 @@ def test_a_command_for_an_unknown_device_fails_with_the_connected_list(target: s
     assert failure["type"] == "error" and failure["status"] == "error"
     assert failure["prev_response_id"] == "r1"
     assert failure["metadata"]["reason"] == "device_unavailable"
-    assert "connected: alpha, beta" in failure["error"]
+    assert "(connected: alpha, beta)" in failure["error"]
     assert board.routes == {}
 
 
-def test_with_no_device_connected_the_list_says_none() -> None:
-    (failure,) = sends(Switchboard().controller_text(CTL_1, command_frame("r1", "alpha")))
+def test_with_no_device_connected_the_error_says_so() -> None:
+    (failure,) = sends(new_board().controller_text(CTL_1, command_frame("r1", "alpha")))
     assert failure["metadata"]["reason"] == "device_unavailable"
-    assert "connected: none" in failure["error"]
+    assert "no device this controller may use is connected" in failure["error"]
 
 
 def test_a_duplicate_response_id_is_rejected() -> None:
@@ -327,6 +557,109 @@ def test_a_command_without_response_id_is_rejected(response_id: str | None) -> N
     assert [a.peer for a in actions] == [CTL_1]
     (failure,) = sends(actions)
     assert failure["metadata"]["reason"] == "rejected" and "response_id" in failure["error"]
+
+
+@pytest.mark.parametrize("identity", [None, device_identity("alpha")], ids=["not-admitted", "device-credential"])
+def test_a_peer_without_a_controller_credential_is_closed(identity: Identity | None) -> None:
+    board = registered((DEV_A, "alpha", True))
+    if identity is not None:
+        board.admit("peer-x", identity)
+    for frame in (command_frame("r1", "alpha"), DEVICE_INFO_REQUEST):
+        (close,) = board.controller_text("peer-x", frame)
+        assert isinstance(close, Close) and close.peer == "peer-x" and close.code == CloseCode.POLICY
+    assert board.routes == {} and board.devices["alpha"].pending == set()
+
+
+def test_our_devices_learn_which_controller_sent_a_batch_and_ufo_devices_never_do() -> None:
+    board = registered((DEV_A, "ours", True), (DEV_B, "ufo", False))
+    for controller, response_id, target in ((CTL_1, "r1", "ours"), (CTL_2, "r2", "ours"), (CTL_1, "r3", "ufo")):
+        claimed = {**json.loads(command_frame(response_id, target)), "controller_id": "someone-else"}
+        (out,) = board.controller_text(controller, json.dumps(claimed))
+        assert isinstance(out, Send)
+        sent = json.loads(out.text)
+        if target == "ours":  # from the credential, whatever the frame claimed
+            assert out.peer == DEV_A and sent["controller_id"] == CONTROLLER_NAMES[controller]
+        else:  # a UFO device never sees a key UFO does not send
+            assert out.peer == DEV_B and "controller_id" not in sent and "target_id" not in sent
+
+
+LAB_DEVICES = [f"lab-{i:02d}" for i in range(1, 9)]
+
+
+def lab_board() -> Switchboard:
+    """``CTL_LAB`` may use ``lab-*`` only; the eight lab devices and ``other-pc`` are connected."""
+    board = new_board(clock=lambda: "T0")
+    board.admit(CTL_LAB, controller_identity("lab-runner", ("lab-*",)))
+    for device_id in [*LAB_DEVICES, "other-pc"]:
+        device, actions = join(board, f"peer-{device_id}", device_id)
+        assert device is not None, actions
+    return board
+
+
+def test_a_device_the_controller_credential_does_not_cover_is_forbidden_whether_or_not_it_is_connected() -> None:
+    board = new_board()
+    board.admit(CTL_LAB, controller_identity("lab-runner", ("lab-*",)))
+    join(board, DEV_A, "lab-01")
+    (absent,) = sends(board.controller_text(CTL_LAB, command_frame("r1", "other-pc")))
+    join(board, DEV_B, "other-pc")
+    actions = board.controller_text(CTL_LAB, command_frame("r2", "other-pc"))
+    assert [a.peer for a in actions] == [CTL_LAB]  # nothing reaches other-pc
+    (present,) = sends(actions)
+    for failure, response_id in ((absent, "r1"), (present, "r2")):
+        ClientMessage.model_validate_json(json.dumps(failure))
+        assert failure["type"] == "error" and failure["prev_response_id"] == response_id
+        assert failure["metadata"] == {"reason": Reason.FORBIDDEN.value} == {"reason": "forbidden"}
+    assert absent["error"] == present["error"]  # nothing tells whether other-pc exists
+    assert "'lab-runner'" in present["error"] and "'other-pc'" in present["error"]
+    assert board.routes == {} and board.devices["other-pc"].pending == set()
+    # the devices it covers it reaches, and a controller covering everything reaches other-pc
+    assert [a.peer for a in board.controller_text(CTL_LAB, command_frame("r3", "lab-01"))] == [DEV_A]
+    assert [a.peer for a in board.controller_text(CTL_1, command_frame("r4", "other-pc"))] == [DEV_B]
+
+
+def test_the_device_list_holds_only_the_devices_the_controller_may_use() -> None:
+    board = lab_board()
+    (limited,) = sends(board.controller_text(CTL_LAB, DEVICE_INFO_REQUEST))
+    assert [d["id"] for d in limited["metadata"]["devices"]] == LAB_DEVICES
+    (everything,) = sends(board.controller_text(CTL_1, DEVICE_INFO_REQUEST))
+    assert [d["id"] for d in everything["metadata"]["devices"]] == [*LAB_DEVICES, "other-pc"]
+    assert "omitted" not in limited["metadata"] and "omitted" not in everything["metadata"]
+
+
+def test_a_device_list_larger_than_the_limit_says_how_many_it_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    board = lab_board()
+    one = len(json.dumps(board.devices["lab-01"].describe()))
+    monkeypatch.setattr("aip.switchboard.MAX_LISTING_CHARS", 3 * one + 1)
+    (answer,) = sends(board.controller_text(CTL_LAB, DEVICE_INFO_REQUEST))
+    assert [d["id"] for d in answer["metadata"]["devices"]] == LAB_DEVICES[:3]
+    assert answer["metadata"]["omitted"] == len(LAB_DEVICES) - 3  # other-pc is not counted: it is not listable
+
+
+def named_devices(error: str, target: str) -> set[str]:
+    return set(re.findall(r"lab-\d\d|other-pc", error)) - {target}
+
+
+@pytest.mark.parametrize(
+    ("target", "needle"),
+    [("lab-99", "did you mean"), ("lab-zzzzzzzzzzzzzzzzzzzzzzzzzz", "and 3 more")],
+    ids=["close-names", "no-close-name"],
+)
+def test_the_not_connected_error_names_at_most_five_devices_the_controller_may_use(target: str, needle: str) -> None:
+    (failure,) = sends(lab_board().controller_text(CTL_LAB, command_frame("r1", target)))
+    assert failure["metadata"]["reason"] == "device_unavailable"
+    assert needle in failure["error"]
+    named = named_devices(failure["error"], target)
+    assert named and len(named) <= NAMED_DEVICES == 5 and named <= set(LAB_DEVICES)
+
+
+def test_the_not_connected_error_names_no_device_the_controller_may_not_use() -> None:
+    board = new_board()
+    board.admit(CTL_LAB, controller_identity("lab-runner", ("lab-*",)))
+    join(board, DEV_B, "other-pc")
+    (failure,) = sends(board.controller_text(CTL_LAB, command_frame("r1", "lab-01")))
+    assert failure["metadata"]["reason"] == "device_unavailable"
+    assert "no device this controller may use is connected" in failure["error"]
+    assert "other-pc" not in failure["error"]
 
 
 # -- Switchboard: answers back ------------------------------------------------------
@@ -486,9 +819,9 @@ def test_a_controller_task_end_cancels_its_batch() -> None:
 
 
 def test_device_info_lists_devices_sorted_with_tools_and_pending_count() -> None:
-    board = Switchboard(clock=lambda: "T0")
-    board.device_registers(DEV_B, register_frame("zulu"))
-    board.device_registers(DEV_A, register_frame("alpha", ours=True))
+    board = new_board(clock=lambda: "T0")
+    join(board, DEV_B, "zulu")
+    join(board, DEV_A, "alpha", ours=True)
     board.controller_text(CTL_1, command_frame("r1", "zulu"))
     board.controller_text(CTL_1, command_frame("r2", "zulu"))
     request = json.dumps({"type": "device_info_request", "status": "ok", "response_id": "q1"})
@@ -515,8 +848,8 @@ def test_device_info_lists_devices_sorted_with_tools_and_pending_count() -> None
 )
 def test_device_info_survives_any_registration_metadata(metadata: dict[str, Any]) -> None:
     """A device may register with any JSON object as metadata; listing devices must not raise."""
-    board = Switchboard()
-    device, _ = board.device_registers(DEV_A, register_frame("alpha", metadata=metadata))
+    board = new_board()
+    device, _ = join(board, DEV_A, "alpha", metadata=metadata)
     assert device is not None
     actions = board.controller_text(CTL_1, json.dumps({"type": "device_info_request", "status": "ok"}))
     (answer,) = sends(actions)
@@ -525,8 +858,8 @@ def test_device_info_survives_any_registration_metadata(metadata: dict[str, Any]
 
 def test_last_seen_follows_the_device_frames() -> None:
     ticks = iter(["T0", "T1", "T2"])
-    board = Switchboard(clock=lambda: next(ticks))
-    board.device_registers(DEV_A, register_frame("alpha"))
+    board = new_board(clock=lambda: next(ticks))
+    join(board, DEV_A, "alpha")
     assert board.devices["alpha"].last_seen == "T0"
     board.device_text(DEV_A, json.dumps({"type": "heartbeat", "status": "ok"}))
     assert board.devices["alpha"].last_seen == "T1"
@@ -618,6 +951,45 @@ def test_a_controller_frame_type_the_hub_does_not_take_is_rejected(kind: str) ->
     assert failure["metadata"]["reason"] == "rejected" and failure["prev_response_id"] == "r9"
 
 
+# -- Switchboard: revoked credentials ----------------------------------------------------
+
+
+def test_revoke_closes_exactly_the_connections_whose_credential_no_longer_holds() -> None:
+    store = CredentialStore()
+    tokens = {device_id: store.issue(Role.DEVICE, device_id) for device_id in ("alpha", "beta", "gamma", "delta")}
+    all_token = store.issue(Role.CONTROLLER, "all")
+    lab_token = store.issue(Role.CONTROLLER, "lab", devices=("lab-*",))
+    board = Switchboard()
+    peers = {DEV_A: tokens["alpha"], DEV_B: tokens["beta"], DEV_A2: tokens["gamma"], DEV_A3: tokens["delta"]}
+    for peer, token in [*peers.items(), (CTL_1, all_token), (CTL_2, lab_token)]:
+        identity = store.identify(token)
+        assert identity is not None
+        board.admit(peer, identity)
+    for peer, device_id in ((DEV_A, "alpha"), (DEV_B, "beta"), (DEV_A3, "delta")):  # gamma has not registered yet
+        device, actions = board.device_registers(peer, register_frame(device_id))
+        assert device is not None, actions
+    assert board.revoke(store.is_current) == []
+
+    store.revoke(Role.DEVICE, "alpha")
+    store.revoke(Role.DEVICE, "gamma")
+    store.issue(Role.DEVICE, "beta", replace_old=True)  # a new token: the old one no longer holds
+    store.issue(Role.CONTROLLER, "lab", devices=("lab-1",), token=lab_token, replace_old=True)  # fewer rights
+    actions = board.revoke(store.is_current)
+
+    assert all(isinstance(action, Close) for action in actions)
+    assert sorted(str(close.peer) for close in closes(actions)) == sorted([DEV_A, DEV_B, DEV_A2, CTL_2])
+    assert {(close.code, close.reason) for close in closes(actions)} == {(CloseCode.REVOKED, "credential revoked")}
+    assert CloseCode.REVOKED == 4003
+    # revoking decides nothing else: the hub closes them, and then they are gone
+    assert set(board.devices) == {"alpha", "beta", "delta"}
+    for peer in (DEV_A, DEV_B, DEV_A2):
+        board.device_gone(peer, "credential revoked")
+    board.controller_gone(CTL_2)
+    assert board.revoke(store.is_current) == []
+    assert set(board.devices) == {"delta"}
+    assert store.identify(tokens["alpha"]) is None and store.identify(tokens["beta"]) is None
+
+
 # -- Switchboard: real UFO frames -----------------------------------------------------
 
 
@@ -633,9 +1005,13 @@ def _vector(kind: str, direction: str = "client->server") -> str:
     return str(raw)
 
 
+#: The id the UFO device in the vectors registers as (its credential is bound to it).
+UFO_DEVICE_ID = "device_linux_01"
+
+
 def _ufo_board() -> Switchboard:
-    board = Switchboard()
-    device, actions = board.device_registers(DEV_A, _vector("register"))
+    board = new_board()
+    device, actions = join(board, DEV_A, UFO_DEVICE_ID, _vector("register"))
     assert device is not None and device.id == "device_linux_01" and not device.speaks_dispatch
     assert len(actions) == 1
     return board
@@ -643,10 +1019,10 @@ def _ufo_board() -> Switchboard:
 
 @pytest.mark.parametrize("frame", [f for f in FRAMES if f["dir"] == "client->server"], ids=lambda f: f["raw"][9:30])
 def test_every_ufo_device_frame_is_handled(frame: dict[str, Any]) -> None:
-    board = Switchboard()
+    board = new_board()
     kind = json.loads(frame["raw"])["type"]
     if kind == "register":
-        device, actions = board.device_registers(DEV_A, frame["raw"])
+        device, actions = join(board, DEV_A, UFO_DEVICE_ID, frame["raw"])
         assert device is not None and device.id == "device_linux_01"
         (ack,) = sends(actions, DEV_A)
         assert ack["type"] == "heartbeat" and ack["status"] == "ok"
@@ -669,7 +1045,7 @@ def test_a_ufo_batch_goes_out_and_comes_back_frame_for_frame() -> None:
     command = json.loads(_vector("command", "server->client"))
     (out,) = board.controller_text(CTL_1, json.dumps({**command, "target_id": "device_linux_01"}))
     assert isinstance(out, Send) and out.peer == DEV_A
-    assert json.loads(out.text) == command  # exactly what a UFO server would have sent
+    assert json.loads(out.text) == command  # exactly what a UFO server sends: no target_id, no controller_id
     answer = _vector("command_results")
     assert board.device_text(DEV_A, answer) == [Send(CTL_1, answer)]
     assert board.routes == {}
@@ -695,6 +1071,15 @@ CLIENT_IDS = ["alpha", "beta"]
 RESPONSE_IDS = ["r1", "r2", "r3"]
 DEVICE_PEERS = ["d1", "d2", "d3"]
 CONTROLLER_PEERS = ["c1", "c2"]
+#: The credential each peer connects with: d1 and d3 share alpha's (so they contest its id), c2 may use alpha only.
+PEER_IDENTITIES = {
+    "d1": device_identity("alpha"),
+    "d2": device_identity("beta"),
+    "d3": device_identity("alpha"),
+    "c1": controller_identity("c1"),
+    "c2": controller_identity("c2", ("alpha",)),
+    "c-last": controller_identity("c-last"),
+}
 ALL_TYPES = sorted({t.value for t in ClientMessageType} | {t.value for t in ServerMessageType})
 
 json_scalars = (
@@ -764,7 +1149,8 @@ good_controller_frames = st.builds(
     lambda kind, status, rid, target, actions: json.dumps(
         {"type": kind, "status": status, "response_id": rid, "target_id": target, "actions": actions}
     ),
-    st.sampled_from([t.value for t in ServerMessageType]),
+    st.sampled_from(["command", "command", "command", "task_end"])
+    | st.sampled_from([t.value for t in ServerMessageType]),
     st.sampled_from([s.value for s in TaskStatus]),
     st.sampled_from(RESPONSE_IDS),
     st.sampled_from(CLIENT_IDS),
@@ -778,9 +1164,25 @@ good_device_frames = st.builds(
     st.sampled_from([*RESPONSE_IDS, None]),
     st.lists(st.fixed_dictionaries({"status": st.just("success"), "result": json_values}), max_size=2),
 )
+#: A device registering as the id its credential is for (it may still have to contest it).
+own_registrations = st.sampled_from(DEVICE_PEERS).flatmap(
+    lambda peer: st.tuples(
+        st.just("register"),
+        st.just(peer),
+        metadata.map(
+            lambda meta: json.dumps(
+                {"type": "register", "status": "ok", "client_id": PEER_IDENTITIES[peer].name, "metadata": meta}
+            )
+        ),
+    )
+)
 events = st.one_of(
+    own_registrations,
+    own_registrations,
     st.tuples(st.just("device"), st.sampled_from(DEVICE_PEERS), good_device_frames),
     st.tuples(st.just("controller"), st.sampled_from(CONTROLLER_PEERS), good_controller_frames),
+    st.tuples(st.just("controller"), st.sampled_from(CONTROLLER_PEERS), good_controller_frames),
+    st.tuples(st.just("device"), st.sampled_from(DEVICE_PEERS), good_device_frames),
     st.tuples(st.just("register"), st.sampled_from(DEVICE_PEERS), frames),
     st.tuples(
         st.just("register"),
@@ -795,16 +1197,25 @@ events = st.one_of(
     st.tuples(st.just("controller"), st.sampled_from(CONTROLLER_PEERS), frames),
     st.tuples(st.just("device_gone"), st.sampled_from(DEVICE_PEERS), st.just("")),
     st.tuples(st.just("controller_gone"), st.sampled_from(CONTROLLER_PEERS), st.just("")),
+    st.tuples(st.just("probe"), st.just(""), st.booleans()),  # the oldest probe out is answered, alive or not
+    st.tuples(
+        st.just("exchange"),
+        st.sampled_from(CONTROLLER_PEERS),
+        st.tuples(st.sampled_from(DEVICE_PEERS), st.sampled_from(RESPONSE_IDS)),
+    ),
+    st.tuples(st.just("revoke"), st.sampled_from(CLIENT_IDS + CONTROLLER_PEERS), st.just("")),
 )
 
 
 def _check_consistent(board: Switchboard) -> None:
     for client_id, device in board.devices.items():
         assert device.id == client_id and board.device_by_peer[device.peer] is device
+        assert device.identity.role is Role.DEVICE and device.identity.name == client_id
     for response_id, route in board.routes.items():
         assert board.devices.get(route.device.id) is route.device
         assert response_id in route.device.pending
         assert response_id in board.routes_by_controller[route.controller]
+        assert board.identities[route.controller].may_use(route.device.id)
     for device in board.devices.values():
         assert device.pending <= set(board.routes)
 
@@ -812,52 +1223,131 @@ def _check_consistent(board: Switchboard) -> None:
 def _check_actions(actions: object) -> None:
     assert isinstance(actions, list)
     for action in actions:
-        assert isinstance(action, Send | Close)
+        assert isinstance(action, Send | Close | Probe)
         if isinstance(action, Send):
             assert isinstance(json.loads(action.text), dict)
             action.text.encode("utf-8")  # sendable as a text frame
-        else:
-            assert action.code in (1000, 1003, 1008, 4000, 4001)
+        elif isinstance(action, Close):
+            assert action.code in (1000, 1003, 1008, 4000, 4001, 4003, 4004)
             assert len(action.reason.encode("utf-8")) <= 123  # fits in a close frame
+        else:
+            assert actions == [action]  # a probe comes alone: nothing else happens until it is answered
+
+
+class SimulatedHub:
+    """Drives a switchboard as the hub does: admits each new connection, probes, ends what it closes."""
+
+    def __init__(self) -> None:
+        self.board = Switchboard()
+        self.contending: set[str] = set()  # device peers whose registration waits for a probe
+
+    def step(self, kind: str, peer: str, payload: Any) -> None:
+        board = self.board
+        if kind in ("register", "controller", "exchange") and peer not in board.identities:
+            board.admit(peer, PEER_IDENTITIES[peer])  # a new connection, with its credential
+        if kind == "register":
+            if peer in board.device_by_peer or peer in self.contending:
+                return  # the hub calls device_registers only for a connection's first frame
+            _, actions = board.device_registers(peer, payload)
+            if any(isinstance(action, Probe) for action in actions):
+                assert actions == [Probe(board.devices[PEER_IDENTITIES[peer].name].peer, peer)]
+                self.contending.add(peer)
+        elif kind == "probe":
+            if not self.contending:
+                return  # the hub reports a probe only for the Probe it was given
+            peer = min(self.contending)
+            self.contending.discard(peer)
+            _, actions = board.probe_answered(peer, payload)
+        elif kind == "device":
+            actions = board.device_text(peer, payload)
+        elif kind == "controller":
+            actions = board.controller_text(peer, payload)
+        elif kind in ("device_gone", "controller_gone"):
+            actions = self.gone(peer)
+        elif kind == "exchange":  # a batch for the device ``payload[0]`` holds, and that device's answer
+            device_peer, response_id = payload
+            self.step("controller", peer, command_frame(response_id, PEER_IDENTITIES[device_peer].name))
+            actions = board.device_text(device_peer, results_frame(response_id))
+        else:  # the credential named ``peer`` is revoked (and issued again to the next connection)
+            actions = board.revoke(lambda identity: identity.name != peer)
+            assert {(a.peer, a.code) for a in closes(actions)} == {
+                (holder, CloseCode.REVOKED) for holder, identity in board.identities.items() if identity.name == peer
+            }
+        self.check(actions)
+        for close in closes(actions):  # a closed connection ends
+            self.check(self.gone(close.peer))
+
+    def gone(self, peer: Hashable) -> list[Action]:
+        if peer in DEVICE_PEERS:
+            self.contending.discard(str(peer))
+            return self.board.device_gone(peer, "gone")
+        return self.board.controller_gone(peer)
+
+    def check(self, actions: list[Action]) -> None:
+        _check_actions(actions)
+        _check_consistent(self.board)
+
+
+def listed(board: Switchboard, peer: str) -> list[str]:
+    if peer not in board.identities:
+        board.admit(peer, PEER_IDENTITIES[peer])
+    listing = board.controller_text(peer, json.dumps({"type": "device_info_request", "status": "ok"}))
+    _check_actions(listing)
+    (answer,) = sends(listing)
+    return [d["id"] for d in answer["metadata"]["devices"]]
 
 
 @settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(events, min_size=1, max_size=30))
-def test_any_frames_in_any_order_yield_only_valid_actions(script: list[tuple[str, str, str | bytes]]) -> None:
-    board = Switchboard()
-    for kind, peer, frame in script:
-        if kind == "register":
-            if peer in board.device_by_peer:
-                continue  # the hub calls device_registers only for a connection's first frame
-            _, actions = board.device_registers(peer, frame)
-        elif kind == "device":
-            actions = board.device_text(peer, frame)
-        elif kind == "controller":
-            actions = board.controller_text(peer, frame)
-        elif kind == "device_gone":
-            actions = board.device_gone(peer, "gone")
-        else:
-            actions = board.controller_gone(peer)
-        _check_actions(actions)
-        _check_consistent(board)
+@given(st.booleans(), st.lists(events, min_size=1, max_size=30))
+def test_any_frames_in_any_order_yield_only_valid_actions(
+    devices_first: bool, script: list[tuple[str, str, Any]]
+) -> None:
+    hub = SimulatedHub()
+    if devices_first:  # start with alpha and beta connected, so that short scripts route batches too
+        for peer in ("d1", "d2"):
+            hub.step("register", peer, register_frame(PEER_IDENTITIES[peer].name, ours=peer == "d1"))
+        assert set(hub.board.devices) == {"alpha", "beta"}
+    for kind, peer, payload in script:
+        hub.step(kind, peer, payload)
+    board = hub.board
 
-    # whatever happened, the device list can be asked for and names exactly who is connected
-    listing = board.controller_text("c-last", json.dumps({"type": "device_info_request", "status": "ok"}))
-    _check_actions(listing)
-    (answer,) = sends(listing)
-    assert [d["id"] for d in answer["metadata"]["devices"]] == sorted(board.devices)
+    # whatever happened, the device list can be asked for and names exactly who is connected (and may be used)
+    assert listed(board, "c-last") == sorted(board.devices)
+    assert listed(board, "c2") == [device_id for device_id in sorted(board.devices) if device_id == "alpha"]
     # and once every peer has gone, nothing is left behind
-    for peer in CONTROLLER_PEERS:
-        _check_actions(board.controller_gone(peer))
-    for peer in DEVICE_PEERS:
-        _check_actions(board.device_gone(peer, "gone"))
-    assert board.devices == {} and board.device_by_peer == {}
+    for peer in [*CONTROLLER_PEERS, "c-last", *DEVICE_PEERS]:
+        _check_actions(hub.gone(peer))
+    assert board.devices == {} and board.device_by_peer == {} and board.identities == {}
     assert board.routes == {} and board.routes_by_controller == {} and not board.abandoned
+    assert board.probe_answered("d3", alive=False) == (None, [])  # no registration is left waiting
 
 
 # -- AccessPolicy ------------------------------------------------------------------------
 
-TOKEN = "s3cret-token-0123456789"
+STORE = CredentialStore()
+DEVICE_TOKEN = STORE.issue(Role.DEVICE, "dev-a", token="device-token-for-dev-a-0123456789")
+CONTROLLER_TOKEN = STORE.issue(Role.CONTROLLER, "ctl", token="controller-token-0123456789abcdef")
+LOOPBACK = "127.0.0.1:8765"
+HOST_REFUSED = Refusal(403, "Host not allowed")
+ORIGIN_REFUSED = Refusal(403, "Origin not allowed")
+UNKNOWN = Refusal(401, "missing or unknown credential")
+
+
+def admit(
+    target: str = DEVICE_PATH,
+    hosts: Sequence[str] = (LOOPBACK,),
+    authorizations: Sequence[str] = (f"Bearer {DEVICE_TOKEN}",),
+    origins: Sequence[str] = (),
+    policy: AccessPolicy | None = None,
+) -> Identity | Refusal:
+    """``policy`` (by default the loopback policy over ``STORE``) on a request with these headers."""
+    policy = policy if policy is not None else AccessPolicy(STORE)
+    return policy.admit(target, list(hosts), list(authorizations), list(origins))
+
+
+def assert_device(verdict: Identity | Refusal) -> None:
+    assert isinstance(verdict, Identity), verdict
+    assert verdict == STORE.identify(DEVICE_TOKEN) and verdict.role is Role.DEVICE and verdict.name == "dev-a"
 
 
 @pytest.mark.parametrize(
@@ -876,17 +1366,44 @@ def test_host_name_strips_the_port(header: str, name: str) -> None:
     assert host_name(header) == name
 
 
+def test_a_device_credential_opens_the_device_endpoint() -> None:
+    assert DEVICE_PATH == "/ws"
+    assert_device(admit(DEVICE_PATH))
+
+
+def test_a_controller_credential_opens_the_controller_endpoint() -> None:
+    assert CONTROLLER_PATH == "/controller"
+    identity = admit(CONTROLLER_PATH, authorizations=[f"Bearer {CONTROLLER_TOKEN}"])
+    assert isinstance(identity, Identity)
+    assert identity.role is Role.CONTROLLER and identity.name == "ctl" and identity.devices == ("*",)
+
+
+@pytest.mark.parametrize(
+    ("target", "authorization"),
+    [
+        (CONTROLLER_PATH, f"Bearer {DEVICE_TOKEN}"),
+        (DEVICE_PATH, f"Bearer {CONTROLLER_TOKEN}"),
+        (f"{CONTROLLER_PATH}?token={DEVICE_TOKEN}", None),
+        (f"{DEVICE_PATH}?token={CONTROLLER_TOKEN}", None),
+    ],
+    ids=["device-on-controller", "controller-on-ws", "device-query-on-controller", "controller-query-on-ws"],
+)
+def test_a_credential_opens_only_its_own_endpoint(target: str, authorization: str | None) -> None:
+    verdict = admit(target, authorizations=[authorization] if authorization else [])
+    assert isinstance(verdict, Refusal) and verdict.status == 403
+    assert DEVICE_TOKEN not in verdict.reason and CONTROLLER_TOKEN not in verdict.reason
+
+
 @pytest.mark.parametrize(
     "host", ["127.0.0.1", "127.0.0.1:8765", "localhost", "LOCALHOST:8765", "[::1]:8765", "[::1]", "::1"]
 )
 def test_loopback_hosts_are_allowed(host: str) -> None:
-    assert AccessPolicy(TOKEN).refusal("/ws", host, f"Bearer {TOKEN}") is None
+    assert_device(admit(hosts=[host]))
 
 
 @pytest.mark.parametrize(
     "host",
     [
-        None,
         "",
         "evil.example",
         "evil.example:8765",
@@ -895,101 +1412,199 @@ def test_loopback_hosts_are_allowed(host: str) -> None:
         "[::2]:8765",
     ],
 )
-def test_other_hosts_are_refused_with_403(host: str | None) -> None:
-    assert AccessPolicy(TOKEN).refusal("/ws", host, f"Bearer {TOKEN}") == (403, "Host not allowed")
+def test_other_hosts_are_refused_with_403(host: str) -> None:
+    assert admit(hosts=[host]) == HOST_REFUSED
+    assert admit(CONTROLLER_PATH, hosts=[host], authorizations=[f"Bearer {CONTROLLER_TOKEN}"]) == HOST_REFUSED
 
 
-def test_the_host_is_checked_before_the_token() -> None:
-    assert AccessPolicy(TOKEN).refusal("/ws", "evil.example", None) == (403, "Host not allowed")
+def test_the_host_is_checked_before_the_credential() -> None:
+    assert admit(hosts=["evil.example"], authorizations=[]) == HOST_REFUSED
 
 
 @pytest.mark.parametrize(
-    ("path", "authorization"),
+    ("target", "authorization"),
     [
-        ("/ws", f"Bearer {TOKEN}"),
-        ("/ws", f"bearer {TOKEN}"),
-        ("/ws", f"Bearer   {TOKEN}  "),
-        (f"/ws?token={TOKEN}", None),
-        (f"/ws?x=1&token={TOKEN}", None),
-        (f"/ws?token={TOKEN}", "Basic dXNlcjpwYXNz"),
+        ("/ws", f"Bearer {DEVICE_TOKEN}"),
+        ("/ws", f"bearer {DEVICE_TOKEN}"),
+        ("/ws", f"Bearer   {DEVICE_TOKEN}  "),
+        (f"/ws?token={DEVICE_TOKEN}", None),
+        (f"/ws?x=1&token={DEVICE_TOKEN}", None),
+        (f"/ws?token={DEVICE_TOKEN}", "Basic dXNlcjpwYXNz"),  # a proxy's own auth does not hide the query
     ],
 )
-def test_the_right_token_is_accepted(path: str, authorization: str | None) -> None:
-    policy = AccessPolicy(TOKEN)
-    assert policy.token_matches(path, authorization)
-    assert policy.refusal(path, "127.0.0.1:8765", authorization) is None
+def test_the_right_token_is_accepted(target: str, authorization: str | None) -> None:
+    assert_device(admit(target, authorizations=[authorization] if authorization is not None else []))
 
 
 @pytest.mark.parametrize(
-    ("path", "authorization"),
+    ("target", "authorization"),
     [
         ("/ws", None),
         ("/ws", ""),
         ("/ws", "Bearer"),
         ("/ws", "Bearer wrong"),
-        ("/ws", f"Bearer {TOKEN}x"),
-        ("/ws", f"Bearer {TOKEN[:-1]}"),
-        ("/ws", f"Basic {TOKEN}"),
-        ("/ws", TOKEN),
+        ("/ws", f"Bearer {DEVICE_TOKEN}x"),
+        ("/ws", f"Bearer {DEVICE_TOKEN[:-1]}"),
+        ("/ws", f"Basic {DEVICE_TOKEN}"),
+        ("/ws", DEVICE_TOKEN),
         ("/ws?token=wrong", None),
         ("/ws?token=", None),
-        (f"/ws?tok={TOKEN}", None),
-        (f"/ws?token={TOKEN}", "Bearer wrong"),  # a wrong bearer is not rescued by the query
+        (f"/ws?tok={DEVICE_TOKEN}", None),
+        (f"/ws?token={DEVICE_TOKEN}", "Bearer wrong"),  # a wrong bearer is not rescued by the query
         ("/ws", "Bearer é"),
+        ("/ws", f"Bearer {digest(DEVICE_TOKEN)}"),  # the stored digest is no credential
+        ("/controller", None),
+        ("/controller", "Bearer wrong"),
+        ("/controller?token=wrong", None),
     ],
 )
-def test_a_wrong_or_missing_token_is_refused_with_401(path: str, authorization: str | None) -> None:
-    policy = AccessPolicy(TOKEN)
-    assert not policy.token_matches(path, authorization)
-    assert policy.refusal(path, "localhost", authorization) == (401, "missing or wrong token")
+def test_a_wrong_or_missing_token_is_refused_with_401(target: str, authorization: str | None) -> None:
+    assert admit(target, authorizations=[authorization] if authorization is not None else []) == UNKNOWN
 
 
-def test_repr_and_str_hide_the_token() -> None:
-    policy = AccessPolicy(TOKEN, origins=("https://ok.example",))
+@pytest.mark.parametrize(
+    ("target", "hosts", "authorizations", "origins"),
+    [
+        ("/ws", [], [f"Bearer {DEVICE_TOKEN}"], []),
+        ("/ws", [LOOPBACK, LOOPBACK], [f"Bearer {DEVICE_TOKEN}"], []),
+        ("/ws", [LOOPBACK, "evil.example"], [f"Bearer {DEVICE_TOKEN}"], []),
+        ("/ws", ["evil.example", LOOPBACK], [f"Bearer {DEVICE_TOKEN}"], []),
+        ("/ws", [LOOPBACK], [f"Bearer {DEVICE_TOKEN}", f"Bearer {DEVICE_TOKEN}"], []),
+        ("/ws", [LOOPBACK], ["Bearer wrong", f"Bearer {DEVICE_TOKEN}"], []),
+        ("/ws", [LOOPBACK], [f"Bearer {DEVICE_TOKEN}"], ["https://ok.example", "https://ok.example"]),
+        (f"/ws?token={DEVICE_TOKEN}&token={DEVICE_TOKEN}", [LOOPBACK], [], []),
+        ("//[::1", [LOOPBACK], [f"Bearer {DEVICE_TOKEN}"], []),
+        ("http://[::1/ws", [LOOPBACK], [f"Bearer {DEVICE_TOKEN}"], []),
+        ("//[::1", [], [], []),
+    ],
+    ids=[
+        "no-host",
+        "two-hosts",
+        "good-then-bad-host",
+        "bad-then-good-host",
+        "two-authorizations",
+        "wrong-then-right-authorization",
+        "two-origins",
+        "two-query-tokens",
+        "malformed-path",
+        "malformed-url",
+        "malformed-path-and-nothing-else",
+    ],
+)
+def test_a_malformed_request_is_refused_with_400(
+    target: str, hosts: list[str], authorizations: list[str], origins: list[str]
+) -> None:
+    policy = AccessPolicy(STORE, origins=("https://ok.example",))
+    verdict = admit(target, hosts, authorizations, origins, policy=policy)
+    assert isinstance(verdict, Refusal) and verdict.status == 400, verdict
+    assert DEVICE_TOKEN not in verdict.reason
+
+
+@pytest.mark.parametrize("target", ["/", "/ws/", "/WS", "/controller/x", "/wss", ""])
+def test_an_unknown_path_is_refused_with_404_naming_the_endpoints(target: str) -> None:
+    verdict = admit(target)
+    assert isinstance(verdict, Refusal) and verdict.status == 404
+    assert DEVICE_PATH in verdict.reason and CONTROLLER_PATH in verdict.reason
+
+
+def test_a_request_without_origin_is_not_a_browser_and_is_admitted() -> None:
+    assert_device(admit(origins=[]))
+    assert_device(admit(origins=[], policy=AccessPolicy(STORE, origins=("https://ok.example",))))
+
+
+def test_an_allowed_origin_is_admitted() -> None:
+    policy = AccessPolicy(STORE, origins=("https://ok.example", "https://other.example"))
+    assert_device(admit(origins=["https://ok.example"], policy=policy))
+    assert_device(admit(origins=["https://other.example"], policy=policy))
+
+
+@pytest.mark.parametrize(
+    "origin",
+    ["https://evil.example", "null", "", "http://ok.example", "https://ok.example.evil", "https://ok.example/"],
+)
+def test_any_other_origin_is_refused_with_403(origin: str) -> None:
+    policy = AccessPolicy(STORE, origins=("https://ok.example",))
+    assert admit(origins=[origin], policy=policy) == ORIGIN_REFUSED
+    assert admit(origins=[origin]) == ORIGIN_REFUSED  # with no origin allowed, no browser page gets in
+    assert admit(origins=[origin], authorizations=[], policy=policy) == ORIGIN_REFUSED  # checked before the credential
+
+
+def test_repr_and_str_hide_every_token_and_digest() -> None:
+    policy = AccessPolicy(STORE, origins=("https://ok.example",))
+    secrets = [DEVICE_TOKEN, CONTROLLER_TOKEN, digest(DEVICE_TOKEN), digest(CONTROLLER_TOKEN)]
     for text in (repr(policy), str(policy), f"{policy}", f"{policy!r}", repr([policy])):
-        assert TOKEN not in text and "<hidden>" in text
+        assert not any(secret in text for secret in secrets), text
+        assert "2 credentials" in text
     assert "https://ok.example" in repr(policy)
 
 
 def test_for_host_adds_the_bind_address_but_not_a_wildcard() -> None:
-    assert "192.168.1.5" in AccessPolicy.for_host(TOKEN, "192.168.1.5").hosts
-    assert AccessPolicy.for_host(TOKEN, "192.168.1.5").refusal("/ws", "192.168.1.5:8765", f"Bearer {TOKEN}") is None
-    assert "hub.example" in AccessPolicy.for_host(TOKEN, "Hub.Example").hosts
+    assert "192.168.1.5" in AccessPolicy.for_host(STORE, "192.168.1.5").hosts
+    assert_device(admit(hosts=["192.168.1.5:8765"], policy=AccessPolicy.for_host(STORE, "192.168.1.5")))
+    assert admit(hosts=["192.168.1.5:8765"]) == HOST_REFUSED  # only because it was bound
+    assert "hub.example" in AccessPolicy.for_host(STORE, "Hub.Example").hosts
+    assert "::1" in AccessPolicy.for_host(STORE, "[::1]:8765").hosts
     for wildcard in ("0.0.0.0", "::", ""):
-        policy = AccessPolicy.for_host(TOKEN, wildcard)
+        policy = AccessPolicy.for_host(STORE, wildcard)
         assert policy.hosts == frozenset({"127.0.0.1", "localhost", "::1"}), wildcard
-        assert policy.refusal("/ws", "0.0.0.0:8765", f"Bearer {TOKEN}") == (403, "Host not allowed")
+        assert admit(hosts=["0.0.0.0:8765"], policy=policy) == HOST_REFUSED
 
 
-def test_for_host_keeps_extra_hosts_and_origins() -> None:
-    policy = AccessPolicy.for_host(TOKEN, "127.0.0.1", extra_hosts=["Hub.Example"], origins=["https://a.example"])
-    assert policy.refusal("/ws", "hub.example:443", f"Bearer {TOKEN}") is None
+def test_for_host_keeps_extra_hosts_origins_and_the_credentials() -> None:
+    policy = AccessPolicy.for_host(STORE, "127.0.0.1", extra_hosts=["Hub.Example"], origins=["https://a.example"])
+    assert_device(admit(hosts=["hub.example:443"], policy=policy))
+    assert_device(admit(hosts=["hub.example:443"], origins=["https://a.example"], policy=policy))
     assert policy.origins == ("https://a.example",)
-    assert policy.token == TOKEN
+    assert policy.credentials is STORE
+
+
+def test_a_credential_issued_or_revoked_later_is_seen_at_once() -> None:
+    store = CredentialStore()
+    policy = AccessPolicy(store)
+    token = store.issue(Role.DEVICE, "late")
+    identity = admit(authorizations=[f"Bearer {token}"], policy=policy)
+    assert isinstance(identity, Identity) and identity.name == "late"
+    store.revoke(Role.DEVICE, "late")
+    assert admit(authorizations=[f"Bearer {token}"], policy=policy) == UNKNOWN
 
 
 @pytest.mark.parametrize("token", ["tökén", "has space", "tab\there", "newline\n", "\u00a0nbsp"])
 def test_a_token_that_cannot_travel_in_a_header_is_refused(token: str) -> None:
     with pytest.raises(ValueError, match="visible ASCII"):
-        AccessPolicy(token)
-    with pytest.raises(ValueError, match="visible ASCII"):
-        AccessPolicy.for_host(token, "127.0.0.1")
+        check_token(token)
 
 
-def test_an_empty_token_is_refused() -> None:
-    with pytest.raises(ValueError, match="token"):
-        AccessPolicy("")
+@pytest.mark.parametrize("token", ["", "short", "x" * 23])
+def test_an_empty_or_short_token_is_refused(token: str) -> None:
+    with pytest.raises(CredentialError, match="at least 24"):
+        CredentialStore().issue(Role.DEVICE, "dev-a", token=token)
 
 
 # -- CallMemory ------------------------------------------------------------------------
 
 
-def cmd(call_id: str | None, tool: str = "echo") -> Command:
-    return Command(tool_name=tool, parameters={}, tool_type="action", call_id=call_id)
+def cmd(
+    call_id: str | None,
+    tool: str = "echo",
+    *,
+    parameters: dict[str, Any] | None = None,
+    tool_type: str = "action",
+    namespace: str | None = None,
+    timeout: float | None = None,
+) -> Command:
+    return Command(
+        tool_name=tool,
+        parameters=parameters or {},
+        tool_type=tool_type,
+        call_id=call_id,
+        namespace=namespace,
+        timeout=timeout,
+    )
 
 
-def ok(command: Command) -> Result:
-    return Result(status=ResultStatus.SUCCESS, result=f"ran {command.tool_name}", call_id=command.call_id)
+def ok(command: Command, by: str = "") -> Result:
+    """What ``command`` answers when run; ``by`` tells apart the runs of different controllers."""
+    return Result(status=ResultStatus.SUCCESS, result=f"{by}ran {command.tool_name}", call_id=command.call_id)
 
 
 def fail(commands: list[Command], error: BaseException) -> list[Result]:
@@ -1000,16 +1615,17 @@ def fail(commands: list[Command], error: BaseException) -> list[Result]:
 
 
 class Recorder:
-    """A ``run`` that records the call_ids it was given and answers each with ``ok``."""
+    """A ``run`` that records the call_ids it was given and answers each with ``ok`` (by ``by``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, by: str = "") -> None:
         self.calls: list[list[str | None]] = []
         self.ran = asyncio.Event()
+        self.by = by
 
     async def __call__(self, commands: list[Command]) -> list[Result]:
         self.calls.append([c.call_id for c in commands])
         self.ran.set()
-        return [ok(c) for c in commands]
+        return [ok(c, self.by) for c in commands]
 
 
 async def test_a_repeat_is_answered_from_memory_without_running_again() -> None:
@@ -1197,6 +1813,110 @@ async def test_memory_is_bounded_in_age() -> None:
     now[0] = 1000.0
     assert len(memory) == 2  # len does not expire by itself...
     assert memory.recall("young") is None and len(memory) == 0  # ...a lookup does
+
+
+async def test_the_same_call_id_from_another_controller_runs_again_and_reads_nothing() -> None:
+    memory, one, two = CallMemory(), Recorder("one: "), Recorder("two: ")
+    [first] = await memory.execute([cmd("a")], one, fail, controller="one")
+    [second] = await memory.execute([cmd("a")], two, fail, controller="two")
+    assert one.calls == [["a"]] and two.calls == [["a"]]  # it ran for each controller
+    assert first == ok(cmd("a"), "one: ") and second == ok(cmd("a"), "two: ")
+    # each controller's repeat gets its own answer, without running again
+    assert await memory.execute([cmd("a")], one, fail, controller="one") == [first]
+    assert await memory.execute([cmd("a")], two, fail, controller="two") == [second]
+    assert one.calls == [["a"]] and two.calls == [["a"]]
+    assert memory.recall("a", "one") == first and memory.recall("a", "two") == second
+    assert memory.recall("a") is None  # nor is it a batch without a controller's
+    assert len(memory) == 2
+
+
+async def test_a_controller_cannot_plant_a_result_for_another_controllers_call_id() -> None:
+    memory, mallory, victim = CallMemory(), Recorder("planted: "), Recorder("real: ")
+    await memory.execute([cmd("next-call")], mallory, fail, controller="mallory")
+    [answer] = await memory.execute([cmd("next-call")], victim, fail, controller="victim")
+    assert victim.calls == [["next-call"]] and answer == ok(cmd("next-call"), "real: ")
+    assert memory.recall("next-call", "victim") == answer
+    assert memory.recall("next-call", "mallory") == ok(cmd("next-call"), "planted: ")
+
+
+async def test_another_controllers_run_in_progress_is_not_shared() -> None:
+    memory, slow = CallMemory(), Gate()
+    first = asyncio.create_task(memory.execute([cmd("shared")], slow, fail, controller="one"))
+    await slow.entered.wait()
+    other = Recorder("two: ")
+    async with asyncio.timeout(5):  # it must not wait for the other controller's run
+        [answer] = await memory.execute([cmd("shared")], other, fail, controller="two")
+    assert other.calls == [["shared"]] and answer == ok(cmd("shared"), "two: ")
+    assert not first.done()
+    slow.release.set()
+    assert await first == [ok(cmd("shared"))]
+    assert memory.recall("shared", "one") == ok(cmd("shared"))
+
+
+def assert_conflict(result: Result, call_id: str) -> None:
+    assert result.status is ResultStatus.FAILURE and result.call_id == call_id and result.result is None
+    assert (result.error or "").startswith(f"CallIdConflict: call_id {call_id!r} was already used"), result.error
+
+
+ORIGINAL = cmd("a", parameters={"x": 1})
+CONFLICTING = [
+    cmd("a", parameters={"x": 2}),
+    cmd("a", parameters={}),
+    cmd("a", "delete", parameters={"x": 1}),
+    cmd("a", parameters={"x": 1}, tool_type="data_collection"),
+    cmd("a", parameters={"x": 1}, namespace="other-server"),
+]
+CONFLICT_IDS = ["parameters", "no-parameters", "tool", "tool_type", "namespace"]
+
+
+@pytest.mark.parametrize("other", CONFLICTING, ids=CONFLICT_IDS)
+async def test_a_known_call_id_for_another_command_is_refused_and_not_run(other: Command) -> None:
+    memory, run = CallMemory(), Recorder()
+    [first] = await memory.execute([ORIGINAL], run, fail)
+    conflict, fresh = await memory.execute([other, cmd("b")], run, fail)
+    assert run.calls == [["a"], ["b"]]  # the conflicting command did not run; the rest of the batch did
+    assert_conflict(conflict, "a")
+    assert fresh == ok(cmd("b"))
+    # the first answer is kept for the real repeat
+    assert memory.recall("a") == first
+    assert await memory.execute([ORIGINAL], run, fail) == [first] and run.calls == [["a"], ["b"]]
+
+
+@pytest.mark.parametrize("other", CONFLICTING, ids=CONFLICT_IDS)
+async def test_a_running_call_id_for_another_command_is_refused_at_once(other: Command) -> None:
+    memory, slow = CallMemory(), Gate()
+    first = asyncio.create_task(memory.execute([ORIGINAL], slow, fail))
+    await slow.entered.wait()
+    run = Recorder()
+    async with asyncio.timeout(5):  # refused, not left waiting for the first run
+        [conflict] = await memory.execute([other], run, fail)
+    assert_conflict(conflict, "a")
+    assert run.calls == [] and not first.done()
+    slow.release.set()
+    assert await first == [ok(ORIGINAL)] and slow.calls == [["a"]]
+    assert memory.recall("a") == ok(ORIGINAL)
+
+
+async def test_a_call_id_twice_in_one_batch_for_two_commands_runs_the_first_only() -> None:
+    memory, run = CallMemory(), Recorder()
+    first, second = await memory.execute([ORIGINAL, CONFLICTING[0]], run, fail)
+    assert run.calls == [["a"]]
+    assert first == ok(ORIGINAL)
+    assert_conflict(second, "a")
+
+
+async def test_another_timeout_or_key_order_is_the_same_call() -> None:
+    memory, run = CallMemory(), Recorder()
+    [first] = await memory.execute([cmd("a", parameters={"x": 1, "y": 2}, timeout=5.0)], run, fail)
+    [again] = await memory.execute([cmd("a", parameters={"y": 2, "x": 1}, timeout=30.0)], run, fail)
+    assert again == first and run.calls == [["a"]]
+
+
+async def test_a_conflict_is_per_controller() -> None:
+    memory, run = CallMemory(), Recorder()
+    await memory.execute([ORIGINAL], run, fail, controller="one")
+    [other] = await memory.execute([CONFLICTING[0]], run, fail, controller="two")
+    assert other == ok(CONFLICTING[0]) and run.calls == [["a"], ["a"]]
 
 
 # -- Backoff -------------------------------------------------------------------------------
