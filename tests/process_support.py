@@ -13,13 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from conftest import ROOT
+
 T = TypeVar("T")
 
 #: The ``dispatch`` command, run by this interpreter (no reliance on PATH).
 CLI = [sys.executable, "-m", "cli.main"]
 
 
-def start(argv: list[str], env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen[bytes]:
+def start(argv: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
     """A child in its own process group, its output in ``log`` (a pipe nobody reads could fill up)."""
     with log.open("ab") as out:
         return subprocess.Popen(

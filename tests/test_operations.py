@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from conftest import DEMO_SERVER, ROOT, _free_port
@@ -53,11 +52,11 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFi
 from prefect.events.schemas.events import Event, ResourceSpecification
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, PREFECT_HOME, temporary_settings
 from prefect.types._datetime import now
+from process_support import CLI, listening, start, stop_group, tail, wait_for
 
 from cli.up import SERVER_TUNING
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
-CLI = (sys.executable, "-m", "cli.main")
 #: The MCP servers of a deployment run: a file in the project (the worker's working directory), as the trust rules want.
 PROJECT_CONFIG = "examples/mcp.json"
 #: How long a fresh Prefect server may take to answer /health.
@@ -67,52 +66,8 @@ RUN_TIMEOUT = 60.0
 #: How long the API may take to show what a run recorded (task runs and events are written in batches).
 RECORDED = 20.0
 
-T = TypeVar("T")
-
 
 # -- processes and waits ---------------------------------------------------------
-
-
-def wait_for(what: str, check: Callable[[], T | None], timeout: float, interval: float = 0.2) -> T:
-    """Poll ``check`` until it returns something truthy; fail saying ``what`` was awaited."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} within {timeout:g} s (last: {value!r})")
-        time.sleep(interval)
-
-
-def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """A child in its own process group, its output in ``log`` (a pipe nobody reads could fill up)."""
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def stop_group(process: subprocess.Popen[bytes], grace: float = 15.0) -> None:
-    """SIGTERM the child's process group, SIGKILL it after ``grace``; then kill whatever the group still holds."""
-    for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signum)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=wait)
-            break
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-
-
-def tail(path: Path, chars: int = 3000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
 
 
 def processes_mentioning(*needles: str) -> list[str]:
@@ -129,12 +84,6 @@ def processes_mentioning(*needles: str) -> list[str]:
             if any(needle in cmdline or needle in environ for needle in needles):
                 found.append(f"{entry.name}: {cmdline}")
     return found
-
-
-def listening(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-        return True
-    return False
 
 
 def lines(path: Path) -> int:
