@@ -1,9 +1,11 @@
 """The remote path as an operator runs it: ``dispatch serve`` and ``dispatch device`` as real processes.
 
 Hubs and devices are subprocesses on 127.0.0.1, talking over real sockets;
-devices run the demo MCP server. Every wait is bounded, every process is
-stopped in a ``finally``, and readiness is polled through the hub's own
-device list, never slept for.
+devices run the demo MCP server. Each hub reads a credentials file written
+for the devices it will see; each device presents its own credential, the
+controllers (``dispatch run``, ``dispatch devices``, flows) the controller's
+``TOKEN``. Every wait is bounded, every process is stopped in a ``finally``,
+and readiness is polled through the hub's own device list, never slept for.
 """
 
 from __future__ import annotations
@@ -17,19 +19,19 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import ROOT, _free_port, demo_server_spec
+from hub_support import TOKEN, token_for_device, write_credentials
 
 from aip.connect import HubUnavailable
 from aip.controller import list_devices
 from aip.messages import Command, Result, ResultStatus
 from dispatchers import WebSocketCommandDispatcher
 
-TOKEN = "proc-test-token-0123456789abcdef"
 CLI = (sys.executable, "-m", "cli.main")
 #: How long a process may take to come up (Python start, imports, the demo server's start).
 STARTUP = 20.0
@@ -79,19 +81,26 @@ def cli_env(token: str | None = TOKEN, **extra: str) -> dict[str, str]:
     return env | extra
 
 
-def dispatch(*args: str | Path, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+def dispatch(
+    *args: str | Path, env: dict[str, str], timeout: float = 60, cwd: Path = ROOT
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
 
 
 class Proc:
     """A ``dispatch`` subprocess whose output goes to a log file (a pipe nobody reads could fill up)."""
 
-    def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
+    def __init__(self, name: str, args: list[str], log_dir: Path, token: str | None) -> None:
         self.name = name
         self.log = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
         with self.log.open("wb") as out:
             self.popen = subprocess.Popen(
-                [*CLI, *args], cwd=ROOT, env=cli_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+                [*CLI, *args],
+                cwd=ROOT,
+                env=cli_env(token),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         #: The MCP servers this process started (known once it is ready), killed at the end if still running.
         self.children: set[int] = set()
@@ -140,15 +149,18 @@ class Launcher:
         self.config = config
         self.processes: list[Proc] = []
 
-    def hub(self, port: int) -> Proc:
-        return self._start("hub", ["serve", "--port", str(port)])
+    def hub(self, port: int, devices: Iterable[str]) -> Proc:
+        """A hub whose credentials file holds the controller ``TOKEN`` and one credential per device in ``devices``."""
+        credentials = write_credentials(self.log_dir / f"credentials-{port}.json", devices)
+        return self._start("hub", ["serve", "--port", str(port), "--credentials", str(credentials)], token=None)
 
     def device(self, port: int, device_id: str) -> Proc:
+        """A device presenting its own credential (``token_for_device``)."""
         args = ["device", "--hub", f"ws://127.0.0.1:{port}/ws", "--id", device_id, "--config", str(self.config)]
-        return self._start(f"device-{device_id}", args)
+        return self._start(f"device-{device_id}", args, token=token_for_device(device_id))
 
-    def _start(self, name: str, args: list[str]) -> Proc:
-        process = Proc(name, args, self.log_dir)
+    def _start(self, name: str, args: list[str], token: str | None) -> Proc:
+        process = Proc(name, args, self.log_dir, token)
         self.processes.append(process)
         return process
 
@@ -264,30 +276,40 @@ def mcp_config(log_dir: Path) -> Path:
 class Site:
     """A hub process and one device process connected to it."""
 
-    def __init__(self, processes: Launcher, port: int, hub: Proc, device: Proc, device_id: str) -> None:
+    def __init__(
+        self, processes: Launcher, port: int, hub: Proc, device: Proc, device_id: str, devices: tuple[str, ...]
+    ) -> None:
         self.processes = processes
         self.port = port
         self.hub = hub
         self.device = device
         self.device_id = device_id
+        #: Every device id the hub has a credential for (a restarted hub gets the same).
+        self.devices = devices
 
     @property
     def url(self) -> str:
         return hub_url(self.port)
 
 
-async def start_site(processes: Launcher, device_id: str) -> Site:
+async def start_site(processes: Launcher, device_id: str, *guests: str) -> Site:
+    """A hub and the device ``device_id``; the hub also has credentials for the ``guests`` tests start later."""
     port = _free_port()
-    hub = processes.hub(port)
+    devices = (device_id, *guests)
+    hub = processes.hub(port, devices)
     device = await start_device(processes, port, device_id, hub)
-    return Site(processes, port, hub, device, device_id)
+    return Site(processes, port, hub, device, device_id, devices)
+
+
+#: The devices tests start on the shared hub, besides its own.
+SHARED_GUESTS = ("leaving-sigterm", "leaving-sigint", "leaving-mid-batch")
 
 
 @pytest.fixture(scope="module")
 async def shared_site(log_dir: Path, mcp_config: Path) -> AsyncIterator[Site]:
     """One hub and one device for the tests that leave them as they found them."""
     with launcher(log_dir, mcp_config) as processes:
-        yield await start_site(processes, "lab-shared")
+        yield await start_site(processes, "lab-shared", *SHARED_GUESTS)
 
 
 @pytest.fixture
@@ -394,13 +416,18 @@ def test_devices_lists_the_device_with_its_tools(shared_site: Site) -> None:
     assert TOKEN not in done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("token", [None, "wrong-token-9876543210"], ids=["no-token", "wrong-token"])
-def test_devices_without_the_right_token_is_refused(shared_site: Site, token: str | None) -> None:
+@pytest.mark.parametrize(
+    ("token", "status"),
+    [(None, "401"), ("wrong-token-9876543210", "401"), (token_for_device("lab-shared"), "403")],
+    ids=["no-token", "wrong-token", "a-devices-token"],
+)
+def test_devices_without_the_right_token_is_refused(shared_site: Site, token: str | None, status: str) -> None:
+    # A device's own credential opens only /ws: it does not make its holder a controller.
     done = dispatch("devices", "--hub", shared_site.url, "--json", env=cli_env(token))
 
     assert done.returncode == 1, done.stdout + done.stderr
     assert done.stdout == ""
-    assert "refused" in done.stderr and "401" in done.stderr, done.stderr
+    assert "refused" in done.stderr and status in done.stderr, done.stderr
     assert TOKEN not in done.stderr
     if token is not None:
         assert token not in done.stderr
@@ -414,6 +441,7 @@ def test_no_token_reaches_the_hub_or_device_logs(shared_site: Site) -> None:
     assert "refused a connection" in hub_log, hub_log  # the refusal is logged, the tokens are not
     for log in (hub_log, device_log):
         assert TOKEN not in log
+        assert token_for_device(shared_site.device_id) not in log
         assert "wrong-token-in-a-log-0000" not in log
 
 
@@ -461,7 +489,7 @@ async def test_a_stopped_hub_fails_the_batch_and_the_device_comes_back_to_the_re
         assert_failure_format(slow, lost, "ConnectionLost")
         assert own_site.hub.wait() == 0, own_site.hub
 
-        restarted = own_site.processes.hub(own_site.port)
+        restarted = own_site.processes.hub(own_site.port, own_site.devices)
         after = await wait_for_device(own_site.port, own_site.device_id, restarted, own_site.device)
         [result] = await dispatcher.execute_commands([quick], timeout=20)
 
@@ -523,9 +551,24 @@ def test_the_device_command_starts_without_prefect() -> None:
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.parametrize("token", [None, ""], ids=["unset", "empty"])
-def test_serve_without_a_token_exits_2(token: str | None) -> None:
-    done = dispatch("serve", "--port", str(_free_port()), env=cli_env(token), timeout=30)
+@pytest.mark.parametrize("given", ["option", "environment", "default"])
+def test_serve_without_a_credentials_file_exits_2(given: str, tmp_path: Path) -> None:
+    # A shared DISPATCH_TOKEN, as the hub used to take, no longer stands in for the credentials file.
+    missing = tmp_path / "nowhere" / "credentials.json"
+    args = ["serve", "--port", str(_free_port())]
+    env = cli_env(TOKEN)
+    if given == "option":
+        args += ["--credentials", str(missing)]
+    elif given == "environment":
+        env["DISPATCH_CREDENTIALS"] = str(missing)
+    else:  # .dispatch/credentials.json in the working directory, which has none
+        env.pop("DISPATCH_CREDENTIALS", None)
+
+    done = dispatch(*args, env=env, timeout=30, cwd=tmp_path)
 
     assert done.returncode == 2, done.stdout + done.stderr
-    assert "the hub needs a token" in done.stderr and "DISPATCH_TOKEN" in done.stderr, done.stderr
+    assert "no credentials file" in done.stderr and "dispatch credentials add-device" in done.stderr, done.stderr
+    expected = missing if given != "default" else Path(".dispatch") / "credentials.json"
+    assert str(expected) in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and TOKEN not in done.stdout + done.stderr
+    assert not missing.exists() and not (tmp_path / ".dispatch").exists(), "serve must not create a credentials file"

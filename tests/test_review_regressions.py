@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -25,7 +26,17 @@ from typing import Any
 
 import pytest
 from conftest import ROOT
-from hub_support import QUICK_BACKOFF, TOKEN, echo_tools, running_device, running_hub, self_signed_certificate, serving
+from hub_support import (
+    QUICK_BACKOFF,
+    TOKEN,
+    credentials_with,
+    device_token,
+    echo_tools,
+    running_device,
+    running_hub,
+    self_signed_certificate,
+    serving,
+)
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -65,9 +76,11 @@ def command(tool: str, call_id: str | None = None, **parameters: Any) -> Command
     )
 
 
-def device_client(url: str, device_id: str, tools: dict[str, Tool], **options: Any) -> DeviceClient:
+def device_client(hub: Hub, url: str, device_id: str, tools: dict[str, Tool], **options: Any) -> DeviceClient:
+    """A device reaching ``hub`` at ``url`` (the hub's, or a proxy's) with its own credential on that hub."""
     options.setdefault("backoff", QUICK_BACKOFF)
-    return DeviceClient(url, device_id, InMemoryCommandDispatcher(tools), token=TOKEN, **options)
+    token = device_token(hub, device_id)
+    return DeviceClient(url, device_id, InMemoryCommandDispatcher(tools), token=token, **options)
 
 
 Pipe = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -211,7 +224,11 @@ async def test_a_controller_that_never_reads_is_closed_and_others_keep_working()
     async with (
         asyncio.timeout(30),
         running_hub(max_message_bytes=2**20) as hub,
-        connect(f"ws://127.0.0.1:{hub.port}/ws", additional_headers=headers, proxy=None) as big,
+        connect(
+            f"ws://127.0.0.1:{hub.port}/ws",
+            additional_headers={"Authorization": f"Bearer {device_token(hub, 'many-tools')}"},
+            proxy=None,
+        ) as big,
         running_device(hub, "worker"),
         dispatcher_for(hub, "worker") as dispatcher,
     ):
@@ -269,7 +286,7 @@ async def test_a_large_result_over_a_slow_link_is_not_taken_for_silence(monkeypa
         running_hub(heartbeat_timeout=1.0) as hub,
         tcp_proxy(hub.port, up=throttled_pipe(2**19)) as port,
     ):
-        client = device_client(f"ws://127.0.0.1:{port}", "slow-link", {"screenshot": lambda c: shot})
+        client = device_client(hub, f"ws://127.0.0.1:{port}", "slow-link", {"screenshot": lambda c: shot})
         client.heartbeat_interval = 0.3
         async with serving(client), dispatcher_for(hub, "slow-link") as dispatcher:
             started = time.monotonic()
@@ -290,7 +307,7 @@ async def test_a_timed_out_batch_over_a_distant_link_keeps_the_finished_results(
         running_hub() as hub,
         tcp_proxy(hub.port, up=delayed_pipe(0.3), down=delayed_pipe(0.3)) as port,
     ):
-        client = device_client(f"ws://127.0.0.1:{port}", "far-pc", echo_tools())
+        client = device_client(hub, f"ws://127.0.0.1:{port}", "far-pc", echo_tools())
         async with serving(client), dispatcher_for(hub, "far-pc") as dispatcher:
             batch = [command("echo", "fast", x=1), command("sleep", "slow", seconds=30)]
             started = time.monotonic()
@@ -338,22 +355,60 @@ async def test_an_unserialisable_result_is_answered_and_leaves_nothing_running()
 # -- p10: two devices with the same id do not evict each other forever ---------------------
 
 
+class Refusals(logging.Handler):
+    """Counts the devices' reports that the hub refused them because their id is live elsewhere."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.count = 0
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "already connected and answering" in record.getMessage():
+            self.count += 1
+            self.seen.set()
+
+
 async def test_two_devices_with_the_same_id_do_not_flap() -> None:
-    backoff = Backoff(initial=0.05, maximum=3.0, jitter=0.0)  # the replaced one waits 3 s, past this test's window
-    async with asyncio.timeout(30), running_hub() as hub:
-        first = device_client(hub.url, "twin", echo_tools(), backoff=backoff)
-        second = device_client(hub.url, "twin", echo_tools(), backoff=backoff)
-        async with serving(first), serving(second), dispatcher_for(hub, "twin") as dispatcher:
-            results: list[Result] = []
-            window = time.monotonic() + 2.0
-            while time.monotonic() < window:
-                results += await dispatcher.execute_commands(
-                    [command("sleep", seconds=0.2), command("echo", n=len(results))], timeout=5
-                )
-            registrations = first.registrations + second.registrations
-    assert registrations <= 3, f"{first.registrations} + {second.registrations} registrations in 2 s: flapping"
+    # Both hold the id's credential. The live one keeps the id; the newcomer is refused instead of
+    # evicting it, and waits backoff.maximum before it asks again: nobody is evicted, nothing flaps.
+    backoff = Backoff(initial=0.05, maximum=3.0, jitter=0.0)  # the refused one waits 3 s, past this test's window
+    refusals = Refusals()
+    device_log = logging.getLogger("aip.device")
+    device_log.addHandler(refusals)
+    try:
+        async with asyncio.timeout(30), running_hub() as hub:
+            first = device_client(hub, hub.url, "twin", echo_tools(), backoff=backoff)
+            second = device_client(hub, hub.url, "twin", echo_tools(), backoff=backoff)
+            stop_second = asyncio.Event()
+            contender: asyncio.Task[None] | None = None
+            try:
+                async with serving(first), dispatcher_for(hub, "twin") as dispatcher:
+                    contender = asyncio.create_task(second.run(stop_second))  # once the first holds the id
+                    async with asyncio.timeout(WAIT):
+                        await refusals.seen.wait()
+                    results: list[Result] = []
+                    window = time.monotonic() + 2.0
+                    while time.monotonic() < window:
+                        results += await dispatcher.execute_commands(
+                            [command("sleep", seconds=0.2), command("echo", n=len(results))], timeout=5
+                        )
+                    during = (first.registrations, second.registrations, refusals.count)
+                # The live twin left: the refused one gets the id on its next try.
+                async with asyncio.timeout(backoff.maximum + WAIT):
+                    await second.registered.wait()
+            finally:
+                stop_second.set()
+                if contender is not None:
+                    async with asyncio.timeout(WAIT):
+                        await contender
+    finally:
+        device_log.removeHandler(refusals)
+    assert during[:2] == (1, 0), f"(first, second) registrations in 2 s: {during[:2]}: the live one was evicted"
+    assert during[2] in (1, 2), f"the refused twin asked {during[2]} times in 2 s: it did not back off"
     assert len(results) >= 10
     assert all(r.status is ResultStatus.SUCCESS for r in results), [r.error for r in results if r.error]
+    assert second.registrations == 1
 
 
 # -- p2: a failure is not remembered: a retry with the same call_id runs the tool ----------------
@@ -406,7 +461,7 @@ async def test_the_call_memory_is_bounded_in_bytes() -> None:
     async with asyncio.timeout(10):
         for n in range(50):  # ~500 KB of results through a 64 KiB memory
             await memory.execute([Command(tool_name="shot", call_id=f"shot-{n}")], run, fail)
-        held = sum(len(text) for _, text in memory._done.values())
+        held = sum(len(text) for *_, text in memory._done.values())  # (stamp, fingerprint, text)
         assert 0 < held <= limit, held
         assert memory._bytes == held
         assert memory.recall("shot-49") is not None, "the newest result was not kept"
@@ -456,7 +511,7 @@ async def test_run_cafile_reaches_a_wss_hub_with_a_private_ca(tmp_path: Path, pr
     batch.write_text(json.dumps([{"tool_name": "echo", "parameters": {"over": "tls"}, "call_id": "tls-1"}]))
     async with (
         asyncio.timeout(90),
-        Hub(AccessPolicy(TOKEN), HubSettings(port=0), ssl_context=server_context) as hub,
+        Hub(AccessPolicy(credentials_with(["secure-pc"])), HubSettings(port=0), ssl_context=server_context) as hub,
         running_device(hub, "secure-pc", ssl_context=trusting),
     ):
         assert hub.url.startswith("wss://")
@@ -480,23 +535,30 @@ async def test_run_cafile_reaches_a_wss_hub_with_a_private_ca(tmp_path: Path, pr
     assert (result["status"], result["call_id"], result["result"]) == ("success", "tls-1", {"over": "tls"}), result
 
 
-# -- p3: a token the hub can never use is bad usage, said plainly -------------------------------
+# -- p3: a credential the hub can never use is bad usage, said plainly -------------------------------
 
 
-async def test_a_token_with_a_space_is_bad_usage_for_serve_and_device(empty_config: Path) -> None:
-    env = cli_env(token="secret with space")
+async def test_a_token_with_a_space_is_bad_usage_for_serve_and_device(empty_config: Path, tmp_path: Path) -> None:
+    # The device reads its token; the hub reads a credentials file (digests only): here one where a
+    # token was pasted in place of its sha256.
+    secret = "secret with space"
+    credentials = tmp_path / "credentials.json"
+    entry = {"role": "device", "name": "x", "sha256": secret, "created": ""}
+    credentials.write_text(json.dumps({"version": 1, "credentials": [entry]}))
+    env = cli_env(token=secret)
     async with asyncio.timeout(40):
         (serve_code, _, serve_err), (device_code, _, device_err) = await asyncio.gather(
-            run_cli("serve", "--port", "0", env=env, timeout=15),
+            run_cli("serve", "--port", "0", "--credentials", credentials, env=env, timeout=15),
             run_cli(
                 "device", "--hub", "ws://127.0.0.1:1/ws", "--id", "x", "--config", empty_config, env=env, timeout=30
             ),
         )
+    assert "token" in device_err and "space" in device_err, f"device: {device_err}"
+    assert str(credentials) in serve_err and "sha256" in serve_err, f"serve: {serve_err}"
     for name, code, err in (("serve", serve_code, serve_err), ("device", device_code, device_err)):
         assert code == 2, f"{name} exited {code}: {err[-1500:]}"
-        assert "token" in err and "space" in err, f"{name}: {err}"
         assert "Traceback" not in err and "ValueError" not in err, f"{name} printed a traceback: {err}"
-        assert "secret with space" not in err, f"{name} echoed the token"
+        assert secret not in err, f"{name} echoed the token"
 
 
 # -- p7: --token-in-query for a server that wants ?token=, with no token on the command line ------
@@ -573,11 +635,14 @@ async def test_devices_table_lists_a_device_that_announced_tools_as_plain_string
             "metadata": {"dispatch": {"tools": ["click", "type", {"name": "scroll", "server": "s"}]}},
         }
     )
-    headers = {"Authorization": f"Bearer {TOKEN}"}
     async with (
         asyncio.timeout(40),
         running_hub() as hub,
-        connect(f"ws://127.0.0.1:{hub.port}/ws", additional_headers=headers, proxy=None) as device,
+        connect(
+            f"ws://127.0.0.1:{hub.port}/ws",
+            additional_headers={"Authorization": f"Bearer {device_token(hub, 'odd')}"},
+            proxy=None,
+        ) as device,
     ):
         await device.send(register)
         await device.recv()
