@@ -8,8 +8,10 @@ credential was revoked, so revoking needs no restart.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from .credentials import CredentialError, CredentialStore
@@ -44,6 +46,21 @@ def write_store(path: Path, store: CredentialStore) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+@contextlib.contextmanager
+def editing(path: Path) -> Iterator[CredentialStore]:
+    """The store in ``path``, written back when the block ends without error.
+
+    Two ``dispatch credentials`` at once take turns (a lock beside the file),
+    so neither loses the other's change.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        store = read_store(path)
+        yield store
+        write_store(path, store)
 
 
 class CredentialFile:

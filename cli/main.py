@@ -31,8 +31,8 @@ from rich.text import Text
 from aip.access import CONTROLLER_PATH, AccessPolicy
 from aip.connect import HubUnavailable, endpoint
 from aip.controller import list_devices
-from aip.credential_file import DEFAULT_PATH, CredentialFile, read_store, write_store
-from aip.credentials import CredentialError, Role, check_token
+from aip.credential_file import DEFAULT_PATH, CredentialFile, editing, read_store
+from aip.credentials import CredentialError, CredentialStore, Role, check_token
 from aip.device import DeviceClient
 from aip.hub import Hub, HubSettings
 from aip.messages import Command, Result, ResultStatus
@@ -490,7 +490,7 @@ def revoke_controller(
     revoke_credential(credentials, Role.CONTROLLER, name)
 
 
-def checked_store(path: Path) -> Any:
+def checked_store(path: Path) -> CredentialStore:
     try:
         return read_store(path)
     except CredentialError as error:
@@ -501,14 +501,13 @@ def issue_credential(
     path: Path, role: Role, name: str, devices: tuple[str, ...], replace: bool, token_file: Path | None
 ) -> None:
     """Add the credential to the file; the token goes to stdout (or ``token_file``), once, and is kept nowhere."""
-    store = checked_store(path)
     try:
-        token = store.issue(role, name, devices=devices, replace_old=replace)
+        with editing(path) as store:
+            token = store.issue(role, name, devices=devices, replace_old=replace)
+            if token_file is not None:
+                write_secret(token_file, token)
     except CredentialError as error:
         fail_usage(str(error))
-    if token_file is not None:
-        write_secret(token_file, token)
-    write_store(path, store)
     where = str(token_file) if token_file is not None else "stdout"
     stderr.print(
         Text.assemble(f"issued a {role.value} credential for ", inert(repr(name)), f" in {path}; its token: {where}"),
@@ -519,12 +518,11 @@ def issue_credential(
 
 
 def revoke_credential(path: Path, role: Role, name: str) -> None:
-    store = checked_store(path)
     try:
-        store.revoke(role, name)
+        with editing(path) as store:
+            store.revoke(role, name)
     except CredentialError as error:
         fail_usage(str(error))
-    write_store(path, store)
     stderr.print(Text.assemble(f"revoked the {role.value} credential of ", inert(repr(name))), highlight=False)
 
 

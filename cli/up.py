@@ -36,7 +36,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aip.credential_file import DEFAULT_PATH, read_store, write_store
+from aip.credential_file import DEFAULT_PATH, editing
 from aip.credentials import Role
 
 #: The controller credential ``dispatch up`` issues for its worker.
@@ -218,16 +218,16 @@ def worker_credential(project: Path) -> str:
 
     Kept in ``.dispatch/worker.token``; issued again if the file or the credential was removed.
     """
-    credentials, token_path = project / DEFAULT_PATH, project / ".dispatch" / "worker.token"
-    store = read_store(credentials)
-    entry = store.find(Role.CONTROLLER, WORKER_CONTROLLER)
-    if token_path.exists() and entry is not None and store.identify(token_path.read_text().strip()) is not None:
-        return token_path.read_text().strip()
-    token_path.unlink(missing_ok=True)
-    token = store.issue(Role.CONTROLLER, WORKER_CONTROLLER, replace_old=True)
-    kept_secret(token_path, lambda: token)
-    write_store(credentials, store)
-    return token
+    token_path = project / ".dispatch" / "worker.token"
+    with editing(project / DEFAULT_PATH) as store:
+        kept = token_path.read_text().strip() if token_path.exists() else ""
+        identity = store.identify(kept) if kept else None
+        if identity is not None and identity.name == WORKER_CONTROLLER:
+            return kept
+        token_path.unlink(missing_ok=True)
+        token = store.issue(Role.CONTROLLER, WORKER_CONTROLLER, replace_old=True)
+        kept_secret(token_path, lambda: token)
+        return token
 
 
 @contextmanager

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import stat
+import threading
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from aip.credential_file import CredentialFile, read_store, write_store
+from aip.credential_file import CredentialFile, editing, read_store, write_store
 from aip.credentials import CredentialError, CredentialStore, Role, check_name
 from cli.inert import escaped, inert
 from flows.trust import ParameterRefused, check_deployment_parameters, same_hub
@@ -172,3 +173,30 @@ def test_inert_text_carries_no_markup_and_no_escapes() -> None:
     console.print(inert(hostile))
     assert "[/][bold]x[/]" in console.export_text()
     assert inert({"a": "\x1b"}).plain == json.dumps({"a": "\x1b"}) and "\x1b" not in inert(["\x1b"]).plain
+
+
+def test_two_edits_at_once_take_turns_and_neither_is_lost(tmp_path: Path) -> None:
+    path = tmp_path / "credentials.json"
+    inside, waiting = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with editing(path) as store:
+            store.issue(Role.DEVICE, "a")
+            inside.set()
+            waiting.wait(timeout=10)  # the second edit is blocked meanwhile
+
+    def second() -> None:
+        inside.wait(timeout=10)
+        with editing(path) as store:
+            store.issue(Role.DEVICE, "b")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    inside.wait(timeout=10)
+    threads[1].join(timeout=0.5)
+    assert threads[1].is_alive(), "the second edit did not wait for the first"
+    waiting.set()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert {entry.identity.name for entry in read_store(path).entries()} == {"a", "b"}
