@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
@@ -32,6 +33,8 @@ from tasks import BatchContext, CommandReport
 CELL_LIMIT = 200
 #: Seconds between two writes of the progress artifact.
 PROGRESS_INTERVAL = 1.0
+#: What markdown would read as syntax (links, images, HTML, emphasis, tables, code), escaped in the summary.
+_MARKDOWN_SYNTAX = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~&:])")
 
 
 class Progress:
@@ -90,6 +93,11 @@ def _cell(value: Any) -> str:
     return text if len(text) <= CELL_LIMIT else text[: CELL_LIMIT - 1] + "…"
 
 
+def _markdown_text(value: str) -> str:
+    """``value`` as literal text in markdown: a tool's output or a device id must not become a link or an image."""
+    return _MARKDOWN_SYNTAX.sub(r"\\\1", " ".join(value.split()))
+
+
 def _cause(command: Command, result: Result) -> str:
     if result.status is ResultStatus.SUCCESS:
         return ""
@@ -132,9 +140,9 @@ def summary(
     counts = {status: sum(result.status is status for result in results) for status in ResultStatus}
     reused = sum(bool(report and report.reused) for report in reports)
     lines = [
-        f"# {title}",
+        f"# {_markdown_text(title)}",
         "",
-        f"**{counts[ResultStatus.SUCCESS]} of {len(results)} commands succeeded** on {where}"
+        f"**{counts[ResultStatus.SUCCESS]} of {len(results)} commands succeeded** on {_markdown_text(where)}"
         + (f", {reused} of them reused from the run this one resumes" if reused else "")
         + ".",
         f"Failed: {counts[ResultStatus.FAILURE]}. Skipped: {counts[ResultStatus.SKIPPED]}.",
@@ -147,8 +155,8 @@ def summary(
     if problems:
         lines += ["", "| call_id | tool | status | cause |", "|---|---|---|---|"]
         for command, result in problems:
-            cause = _cause(command, result).replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| `{result.call_id}` | {command.tool_name} | {result.status.value} | {cause} |")
+            cells = (result.call_id or "", command.tool_name, result.status.value, _cause(command, result))
+            lines.append("| " + " | ".join(_markdown_text(cell) for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -8,11 +8,14 @@ import threading
 from pathlib import Path
 
 import pytest
+from markdown_it import MarkdownIt
 from rich.console import Console
 
 from aip.credential_file import CredentialFile, editing, read_store, write_store
 from aip.credentials import CredentialError, CredentialStore, Role, check_name
+from aip.messages import Command
 from cli.inert import escaped, inert
+from dispatchers import error_result
 from flows.trust import ParameterRefused, check_deployment_parameters, same_hub
 
 # -- CredentialStore -----------------------------------------------------------------
@@ -200,3 +203,16 @@ def test_two_edits_at_once_take_turns_and_neither_is_lost(tmp_path: Path) -> Non
     for thread in threads:
         thread.join(timeout=10)
     assert {entry.identity.name for entry in read_store(path).entries()} == {"a", "b"}
+
+
+def test_the_dashboard_summary_shows_what_devices_and_tools_wrote_as_literal_text() -> None:
+    from flows.reporting import summary
+
+    hostile = "![x](http://tracker.example/p.png) [click](javascript:alert(1)) <img src=x> | `code` **b**\nnext"
+    command = Command(tool_name="tool|[x](y)", call_id="id`)[", parameters={})
+    text = summary(f"batch-on-{hostile}", [command], [error_result(command, hostile)], [None], f"device {hostile}")
+    html = MarkdownIt("commonmark").enable("table").render(text)
+    assert "<a " not in html and "<img" not in html and "<code>" not in html, html
+    assert html.count("<strong>") == 1, html  # ours: "**0 of 1 commands succeeded**"
+    assert html.count("<tr>") == 2 and html.count("<td>") == 4, html  # the header, and one row of four cells
+    assert "![x](http://tracker.example/p.png)" in html, "the text itself is still there, as text"
