@@ -75,3 +75,19 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError(f"no VmRSS for {pid}")
+
+
+def processes_mentioning(*needles: str) -> list[str]:
+    """Running processes (not zombies) whose command line or environment holds one of ``needles``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (entry / "environ").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if any(needle in cmdline or needle in environ for needle in needles):
+                found.append(f"{entry.name}: {cmdline}")
+    return found

@@ -1,4 +1,6 @@
-"""Operations against a real Prefect server: deploy, run on a worker, retry, resume, ``dispatch up``, device events.
+"""Operations against a real Prefect server: deploy, run on a worker, retry, resume, device events.
+
+(``dispatch up`` has a module of its own: ``test_dispatch_up.py``.)
 
 One ``prefect server start`` on a free loopback port serves the whole module,
 with its own temporary ``PREFECT_HOME`` (database, stored Results, profiles):
@@ -25,7 +27,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -52,7 +53,7 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFi
 from prefect.events.schemas.events import Event, ResourceSpecification
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, PREFECT_HOME, temporary_settings
 from prefect.types._datetime import now
-from process_support import CLI, listening, start, stop_group, tail, wait_for
+from process_support import CLI, start, stop_group, tail, wait_for
 
 from cli.up import SERVER_TUNING
 
@@ -68,22 +69,6 @@ RECORDED = 20.0
 
 
 # -- processes and waits ---------------------------------------------------------
-
-
-def processes_mentioning(*needles: str) -> list[str]:
-    """Running processes (not zombies) whose command line or environment holds one of ``needles``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                continue
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            environ = (entry / "environ").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if any(needle in cmdline or needle in environ for needle in needles):
-                found.append(f"{entry.name}: {cmdline}")
-    return found
 
 
 def lines(path: Path) -> int:
@@ -535,102 +520,6 @@ def test_dispatch_resume_reruns_only_the_failed_command_of_an_in_process_run(ser
     assert resumed.name.endswith("-resumed"), resumed.name
     assert resumed.state is not None
     assert resumed.state.type is StateType.COMPLETED, resumed.state
-
-
-# -- 6. dispatch up ----------------------------------------------------------------
-
-
-def dispatch(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """A dispatch CLI command, from the repository root."""
-    return subprocess.run([*CLI, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-
-
-def unauthenticated_status(api_url: str) -> int:
-    """What the API answers a request that carries no credential (a read of the deployments)."""
-    request = urllib.request.Request(
-        f"{api_url}/deployments/filter", data=b"{}", headers={"Content-Type": "application/json"}, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            return int(answer.status)
-    except urllib.error.HTTPError as error:
-        return error.code
-
-
-def test_dispatch_up_starts_the_stack_and_ctrl_c_stops_all_of_it(tmp_path: Path) -> None:
-    port, hub_port = _free_port(), _free_port()
-    while hub_port == port:
-        hub_port = _free_port()
-    home = tmp_path / "prefect-home"
-    home.mkdir()
-    env = operator_env(home, PREFECT_UI_ENABLED="false")
-    # dispatch up runs from the repository root: its secrets and the hub's credentials are in .dispatch there.
-    state = ROOT / ".dispatch"
-    credentials = str(state / "credentials.json")
-    # An operator's own controller credential, for `dispatch devices` from another shell; revoked at the end.
-    controller, token_file = f"ops-test-{uuid.uuid4().hex[:8]}", tmp_path / "controller.token"
-    issued = dispatch(
-        "credentials",
-        "add-controller",
-        controller,
-        "--credentials",
-        credentials,
-        "--token-file",
-        str(token_file),
-        env=env,
-    )
-    assert issued.returncode == 0, issued.stdout + issued.stderr
-    log = tmp_path / "up.log"
-    try:
-        up = start([*CLI, "up", "--port", str(port), "--hub-port", str(hub_port)], env, log)
-        try:
-            began = time.monotonic()
-            wait_for("'Ctrl-C stops everything'", lambda: "Ctrl-C stops everything" in tail(log, 100_000), 90, 0.25)
-            print(f"dispatch up ready in {time.monotonic() - began:.1f} s")
-            assert up.poll() is None, tail(log)
-            hub_ready_when_announced = listening(hub_port)
-            api_url = f"http://127.0.0.1:{port}/api"
-            # Closed by default: a client without the secret of .dispatch/prefect-auth is refused.
-            assert unauthenticated_status(api_url) == 401
-            auth = (state / "prefect-auth").read_text().strip()
-            api = Server(
-                api_url, home, env | {"PREFECT_API_URL": api_url, "PREFECT_API_AUTH_STRING": auth}, tmp_path, auth
-            )
-            with api.client() as client:
-                assert client.read_deployment_by_name("dispatch-batch/on-demand").work_pool_name == "dispatch"
-                assert client.read_deployment_by_name("dispatch-batch/example-every-5-min").work_pool_name == "dispatch"
-                # Keep the example schedule from starting a batch while this test winds down.
-                client.pause_deployment(client.read_deployment_by_name("dispatch-batch/example-every-5-min").id)
-                # Its worker polls the pool.
-                wait_for("a worker on the pool", lambda: client.read_workers_for_work_pool("dispatch"), 30, 0.25)
-            wait_for(f"hub listening on {hub_port}", lambda: listening(hub_port), 20, 0.1)
-            # The hub reads .dispatch/credentials.json: the operator's controller credential opens it.
-            devices = dispatch(
-                "devices", "--hub", f"ws://127.0.0.1:{hub_port}", "--token-file", str(token_file), "--json", env=env
-            )
-            assert devices.returncode == 0, devices.stdout + devices.stderr
-            assert json.loads(devices.stdout) == []
-
-            started = time.monotonic()
-            up.send_signal(signal.SIGINT)
-            try:
-                code = up.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                raise AssertionError(f"dispatch up still running 30 s after SIGINT:\n{tail(log)}") from None
-            print(f"dispatch up stopped in {time.monotonic() - started:.1f} s")
-            assert code == 0, tail(log)
-            assert "stopped" in tail(log)
-            left = processes_mentioning(
-                f"127.0.0.1:{port}", f"--port {port}", f"--port {hub_port}", f"127.0.0.1:{hub_port}"
-            )
-            assert left == [], left
-            # Checked last, so that the rest is tested either way: once up says it is up, so is the hub.
-            assert hub_ready_when_announced, "'Ctrl-C stops everything' came before the hub listened"
-        finally:
-            stop_group(up)
-    finally:
-        revoked = dispatch("credentials", "revoke-controller", controller, "--credentials", credentials, env=env)
-    assert revoked.returncode == 0, revoked.stdout + revoked.stderr
 
 
 # -- 7. device events from the hub -------------------------------------------------

@@ -1,8 +1,9 @@
 """The security model, tried as an attacker would: each finding of issue 8 reproduced, and refused.
 
 Against real processes on 127.0.0.1: a ``dispatch serve`` hub with a
-credentials file, a ``dispatch device`` running our demo MCP server, the
-``dispatch`` command line, and (last) a whole ``dispatch up`` stack. Where a
+credentials file, a ``dispatch device`` running our demo MCP server, and the
+``dispatch`` command line. What ``dispatch up`` exposes (finding 3) is tried in
+``test_dispatch_up.py``, on the one stack that module starts. Where a
 test plays the attacker it uses plain ``websockets`` or raw sockets, so what is
 checked is the wire. Every wait is bounded.
 """
@@ -10,16 +11,12 @@ checked is the wire. Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -30,6 +27,7 @@ import pytest
 from conftest import DEMO_SERVER, ROOT, _free_port
 from hub_support import TOKEN, credentials_with, token_for_device
 from process_support import CLI, listening, rss_bytes, start, stop_group, tail, wait_for
+from typer.testing import CliRunner
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -39,7 +37,7 @@ from aip.credential_file import write_store
 from aip.credentials import Role
 from aip.messages import Command, ResultStatus
 from aip.registration import MAX_REGISTRATION_BYTES, MAX_TOOLS
-from cli.main import listens_in_clear
+from cli.main import app, listens_in_clear
 from dispatchers import WebSocketCommandDispatcher
 
 WAIT = 10.0
@@ -216,14 +214,27 @@ async def test_each_credential_opens_only_its_own_endpoint(site: Site) -> None:
     assert listing.returncode == 1 and "403" in listing.stderr and "does not open /controller" in listing.stderr
 
 
-async def test_a_controller_neither_sees_nor_reaches_a_device_its_credential_does_not_cover(site: Site) -> None:
+async def test_a_controller_neither_sees_nor_reaches_a_device_its_credential_does_not_cover(
+    site: Site, prefect_api: str
+) -> None:
     assert [entry["id"] for entry in await list_devices(site.url, TOKEN)] == [DEVICE]
     assert await list_devices(site.url, LIMITED) == []
     batch = site.folder / "one-echo.json"
     batch.write_text(json.dumps([{"tool_name": "echo", "parameters": {"value": 1}, "call_id": "limited-1"}]))
     errors = []
     for target in (DEVICE, "no-such-device"):  # the same answer: nothing said about whether it exists
-        done = run_cli("run", str(batch), "--hub", site.url, "--device", target, "--json", token=LIMITED)
+        done = await asyncio.to_thread(
+            run_cli,
+            "run",
+            str(batch),
+            "--hub",
+            site.url,
+            "--device",
+            target,
+            "--json",
+            token=LIMITED,
+            PREFECT_API_URL=prefect_api,
+        )
         assert done.returncode == 1, done.stderr
         [result] = json.loads(done.stdout)
         assert result["status"] == "failure" and "AccessDenied" in result["error"], result
@@ -325,8 +336,10 @@ async def test_call_memory_is_per_controller_and_refuses_a_reused_call_id_for_an
 
 def test_a_device_id_with_markup_or_escapes_cannot_be_issued(tmp_path: Path) -> None:
     for device_id in ("[/]", "lab\x1b[2J", "a b", "x" * 200, ""):
-        done = run_cli("credentials", "add-device", device_id, "--credentials", str(tmp_path / "c.json"), timeout=30)
-        assert done.returncode == 2 and "must be 1-128 characters" in done.stderr, (device_id, done.stderr)
+        done = CliRunner().invoke(
+            app, ["credentials", "add-device", device_id, "--credentials", str(tmp_path / "c.json")]
+        )
+        assert done.exit_code == 2 and "must be 1-128 characters" in done.stderr, (device_id, done.stderr)
         assert "\x1b" not in done.stderr
     assert not (tmp_path / "c.json").exists()
 
@@ -478,109 +491,3 @@ async def test_the_device_answers_a_frame_nested_thousands_deep_and_stays_connec
     assert error["type"] == "error" and error["prev_response_id"] == "deep-1" and "malformed" in error["error"]
     assert results["prev_response_id"] == "r-2" and results["action_results"][0]["status"] == "success", results
     assert "RecursionError" not in tail(log, 10**6) and "reconnecting" not in tail(log, 10**6)
-
-
-# -- 3. dispatch up: closed by default ----------------------------------------------------------
-
-
-@dataclass
-class Stack:
-    project: Path
-    api: str
-    auth: str
-    log: Path
-
-    def request(self, path: str, body: Any = None, *, auth: bool = True, **headers: str) -> tuple[int, Any, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(f"{self.api}{path}", data=data, method="POST" if data else "GET")
-        request.add_header("Content-Type", "application/json")
-        if auth:
-            request.add_header("Authorization", "Basic " + base64.b64encode(self.auth.encode()).decode())
-        for name, value in headers.items():
-            request.add_header(name.replace("_", "-"), value)
-        try:
-            with urllib.request.urlopen(request, timeout=30) as answer:
-                return answer.status, answer.headers, json.loads(answer.read() or b"null")
-        except urllib.error.HTTPError as error:
-            return error.code, error.headers, error.read()
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """``dispatch up`` on a copy of this project, with a Prefect home of its own."""
-    folder = tmp_path_factory.mktemp("up")
-    project = folder / "project"
-    ignore = shutil.ignore_patterns(
-        ".venv", ".git", ".dispatch", "__pycache__", "*.egg-info", ".*_cache", "bench", "tests"
-    )
-    shutil.copytree(ROOT, project, ignore=ignore)
-    port, hub_port = _free_port(), _free_port()
-    env = {key: value for key, value in cli_env().items() if not key.startswith("PREFECT_")}
-    env |= {"PREFECT_HOME": str(folder / "home"), "PREFECT_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
-    env |= {"PYTHONPATH": str(project)}
-    log = folder / "up.log"
-    up = start([*CLI, "up", "--port", str(port), "--hub-port", str(hub_port)], env, log, project)
-    try:
-        wait_for(
-            "'Ctrl-C stops everything'", lambda: "Ctrl-C stops everything" in tail(log, 100_000) or up.poll(), 120, 0.25
-        )
-        assert up.poll() is None, tail(log)
-        auth = (project / ".dispatch" / "prefect-auth").read_text().strip()
-        yield Stack(project, f"http://127.0.0.1:{port}/api", auth, log)
-    finally:
-        stop_group(up, grace=30)
-
-
-def test_dispatch_up_keeps_its_secrets_owner_only(stack: Stack) -> None:
-    for name in ("prefect-auth", "worker.token", "credentials.json"):
-        assert (stack.project / ".dispatch" / name).stat().st_mode & 0o077 == 0, name
-
-
-def test_dispatch_up_refuses_unauthenticated_cross_origin_and_rebound_requests(stack: Stack) -> None:
-    assert stack.request("/deployments/filter", {}, auth=False)[0] == 401
-    assert stack.request("/deployments/filter", {})[0] == 200
-    assert stack.request("/health", Host="evil.example")[0] == 400
-    _, headers, _ = stack.request("/health", Origin="http://evil.example")
-    assert headers.get("access-control-allow-origin") is None, dict(headers)
-    own = stack.api.removesuffix("/api")
-    assert stack.request("/health", Origin=own)[1].get("access-control-allow-origin") == own
-
-
-def test_a_deployment_run_cannot_start_a_program_or_send_the_workers_credential_elsewhere(stack: Stack) -> None:
-    status, _, deployment = stack.request("/deployments/name/dispatch-batch/on-demand")
-    assert status == 200, deployment
-    planted = stack.project / "pwned"
-    foreign = socket.socket()
-    foreign.bind(("127.0.0.1", 0))
-    foreign.listen()
-    foreign.setblocking(False)
-    hostile = {
-        "inline servers": {
-            "config": {"mcpServers": {"x": {"command": "sh", "args": ["-c", f"id > {planted}"]}}},
-            "commands": [{"tool_name": "x"}],
-        },
-        "a foreign hub": {
-            "backend": "remote",
-            "device": "lab-pc",
-            "hub": f"ws://127.0.0.1:{foreign.getsockname()[1]}",
-            "commands": [{"tool_name": "echo"}],
-        },
-        "a config elsewhere": {"config": "/etc/../tmp/mcp.json", "commands": [{"tool_name": "echo"}]},
-    }
-    runs = {}
-    for what, parameters in hostile.items():
-        status, _, run = stack.request(f"/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters})
-        assert status == 201, run
-        runs[what] = run["id"]
-
-    def finished() -> dict[str, Any] | None:
-        states = {what: stack.request(f"/flow_runs/{run_id}")[2]["state"] for what, run_id in runs.items()}
-        return states if all(state["type"] in ("FAILED", "CRASHED", "COMPLETED") for state in states.values()) else None
-
-    states = wait_for("the hostile runs to finish", finished, 120, 1.0)
-    for what, state in states.items():
-        assert state["type"] == "FAILED" and "ParameterRefused" in state["message"], (what, state)
-    assert not planted.exists()
-    with pytest.raises(BlockingIOError):
-        foreign.accept()  # the worker never connected to it
-    foreign.close()

@@ -1,0 +1,223 @@
+"""``dispatch up``, the whole local stack: closed by default, its runs' parameters data, and Ctrl-C stops all of it.
+
+One stack for the module (it takes 20-40 s to start), on a copy of this
+project with a Prefect home of its own, so nothing is written to the checkout
+or the user's ``~/.prefect``. The last test stops it with Ctrl-C and checks
+that nothing is left. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, _free_port
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, PREFECT_HOME, temporary_settings
+from process_support import CLI, listening, processes_mentioning, start, stop_group, tail, wait_for
+
+from cli.up import SERVER_TUNING
+
+#: What a copy of the project needs to be deployed and run by the worker.
+NOT_COPIED = shutil.ignore_patterns(
+    ".venv", ".git", ".dispatch", "__pycache__", "*.egg-info", ".*_cache", "bench", "tests"
+)
+
+
+@dataclass
+class Stack:
+    up: subprocess.Popen[bytes]
+    project: Path
+    port: int
+    hub_port: int
+    env: dict[str, str]
+    log: Path
+    hub_ready_when_announced: bool
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    @property
+    def auth(self) -> str:
+        return (self.project / ".dispatch" / "prefect-auth").read_text().strip()
+
+    def request(self, path: str, body: Any = None, *, auth: bool = True, **headers: str) -> tuple[int, Any, Any]:
+        """A plain HTTP request to the API: (status, headers, parsed body).
+
+        A 503 (SQLite busy under the worker's and services' writes) is tried
+        again, as Prefect's own client does.
+        """
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"{self.api}{path}", data=data, method="POST" if data else "GET")
+        request.add_header("Content-Type", "application/json")
+        if auth:
+            request.add_header("Authorization", "Basic " + base64.b64encode(self.auth.encode()).decode())
+        for name, value in headers.items():
+            request.add_header(name, value)
+        for attempt in range(6):
+            try:
+                with urllib.request.urlopen(request, timeout=30) as answer:
+                    return answer.status, answer.headers, json.loads(answer.read() or b"null")
+            except urllib.error.HTTPError as error:
+                if error.code != 503 or attempt == 5:
+                    return error.code, error.headers, error.read()
+            time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def dispatch(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """A ``dispatch`` command from the project's folder, as its operator would run it."""
+        return subprocess.run([*CLI, *argv], cwd=self.project, env=self.env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    folder = tmp_path_factory.mktemp("up")
+    project = folder / "project"
+    shutil.copytree(ROOT, project, ignore=NOT_COPIED)
+    port, hub_port = _free_port(), _free_port()
+    while hub_port == port:
+        hub_port = _free_port()
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PREFECT_", "DISPATCH_")) or key == "PREFECT_LOGGING_LEVEL"
+    }
+    env |= {"PREFECT_HOME": str(folder / "home"), "PREFECT_UI_ENABLED": "false", "PYTHONPATH": str(project)}
+    env |= {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    env |= SERVER_TUNING
+    log = folder / "up.log"
+    up = start([*CLI, "up", "--port", str(port), "--hub-port", str(hub_port)], env, log, project)
+    try:
+        began = time.monotonic()
+        ready = "Ctrl-C stops everything"
+        wait_for(f"{ready!r}", lambda: ready in tail(log, 100_000) or up.poll() is not None, 120, 0.25)
+        assert up.poll() is None, tail(log)
+        print(f"dispatch up ready in {time.monotonic() - began:.1f} s")
+        stack = Stack(up, project, port, hub_port, env, log, hub_ready_when_announced=listening(hub_port))
+        with stack_client(stack) as client:
+            # Keep the example schedule from starting batches meanwhile.
+            client.pause_deployment(client.read_deployment_by_name("dispatch-batch/example-every-5-min").id)
+        yield stack
+    finally:
+        stop_group(up, grace=30)
+
+
+def stack_client(stack: Stack) -> Any:
+    settings = {
+        PREFECT_API_URL: stack.api,
+        PREFECT_API_AUTH_STRING: stack.auth,
+        PREFECT_HOME: stack.env["PREFECT_HOME"],
+    }
+    with temporary_settings(updates=settings):
+        return get_client(sync_client=True)
+
+
+# -- closed by default ---------------------------------------------------------------------
+
+
+def test_dispatch_up_keeps_its_secrets_owner_only(stack: Stack) -> None:
+    for name in ("prefect-auth", "worker.token", "credentials.json"):
+        assert (stack.project / ".dispatch" / name).stat().st_mode & 0o077 == 0, name
+
+
+def test_its_prefect_api_refuses_unauthenticated_cross_origin_and_rebound_requests(stack: Stack) -> None:
+    assert stack.request("/deployments/filter", {}, auth=False)[0] == 401
+    assert stack.request("/deployments/filter", {})[0] == 200
+    assert stack.request("/health", Host="evil.example")[0] == 400  # DNS rebinding: a name that is not this machine
+    _, headers, _ = stack.request("/health", Origin="http://evil.example")
+    assert headers.get("access-control-allow-origin") is None, dict(headers)
+    own = stack.api.removesuffix("/api")
+    assert stack.request("/health", Origin=own)[1].get("access-control-allow-origin") == own
+
+
+def test_its_deployments_and_worker_are_up_and_the_hub_takes_an_operators_credential(stack: Stack) -> None:
+    with stack_client(stack) as client:
+        assert client.read_deployment_by_name("dispatch-batch/on-demand").work_pool_name == "dispatch"
+        wait_for("a worker on the pool", lambda: client.read_workers_for_work_pool("dispatch"), 30, 0.25)
+    token = stack.project / "operator.token"
+    issued = stack.dispatch("credentials", "add-controller", "operator", "--token-file", str(token))
+    assert issued.returncode == 0, issued.stderr
+    hub = f"ws://127.0.0.1:{stack.hub_port}"
+    devices = stack.dispatch("devices", "--hub", hub, "--token-file", str(token), "--json")
+    assert devices.returncode == 0 and json.loads(devices.stdout) == [], devices.stderr
+    wrong = stack.dispatch("devices", "--hub", hub, "--token-file", str(stack.project / ".dispatch" / "prefect-auth"))
+    assert wrong.returncode == 1 and "401" in wrong.stderr, wrong.stderr
+
+
+# -- a deployment run's parameters are data --------------------------------------------------
+
+
+def test_a_deployment_run_cannot_start_a_program_or_send_the_workers_credential_elsewhere(stack: Stack) -> None:
+    status, _, deployment = stack.request("/deployments/name/dispatch-batch/on-demand")
+    assert status == 200, deployment
+    planted = stack.project / "pwned"
+    with socket.socket() as foreign:
+        foreign.bind(("127.0.0.1", 0))
+        foreign.listen()
+        foreign.setblocking(False)
+        hostile = {
+            "inline servers": {
+                "config": {"mcpServers": {"x": {"command": "sh", "args": ["-c", f"id > {planted}"]}}},
+                "commands": [{"tool_name": "x"}],
+            },
+            "a foreign hub": {
+                "backend": "remote",
+                "device": "lab-pc",
+                "hub": f"ws://127.0.0.1:{foreign.getsockname()[1]}",
+                "commands": [{"tool_name": "echo"}],
+            },
+            "a config elsewhere": {"config": "/etc/../tmp/mcp.json", "commands": [{"tool_name": "echo"}]},
+            "a batch file elsewhere": {"batch_file": "/etc/passwd"},
+        }
+        runs = {}
+        for what, parameters in hostile.items():
+            status, _, run = stack.request(
+                f"/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters}
+            )
+            assert status == 201, (what, run)
+            runs[what] = run["id"]
+
+        def finished() -> dict[str, Any] | None:
+            states = {what: stack.request(f"/flow_runs/{run_id}")[2]["state"] for what, run_id in runs.items()}
+            done = all(state["type"] in ("FAILED", "CRASHED", "COMPLETED") for state in states.values())
+            return states if done else None
+
+        states = wait_for("the hostile runs to finish", finished, 120, 1.0)
+        for what, state in states.items():
+            assert state["type"] == "FAILED" and "ParameterRefused" in state["message"], (what, state)
+        assert not planted.exists()
+        with pytest.raises(BlockingIOError):
+            foreign.accept()  # the worker never connected to it
+
+
+# -- last: Ctrl-C stops everything --------------------------------------------------------------
+
+
+def test_ctrl_c_stops_all_of_it(stack: Stack) -> None:
+    started = time.monotonic()
+    stack.up.send_signal(signal.SIGINT)
+    try:
+        code = stack.up.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"dispatch up still running 30 s after SIGINT:\n{tail(stack.log)}") from None
+    print(f"dispatch up stopped in {time.monotonic() - started:.1f} s")
+    assert code == 0 and "stopped" in tail(stack.log), tail(stack.log)
+    port, hub_port = stack.port, stack.hub_port
+    left = processes_mentioning(f"127.0.0.1:{port}", f"--port {port}", f"--port {hub_port}", f"127.0.0.1:{hub_port}")
+    assert left == [], left
+    # Checked last, so that the rest is tested either way: once up says it is up, so is the hub.
+    assert stack.hub_ready_when_announced, "'Ctrl-C stops everything' came before the hub listened"
