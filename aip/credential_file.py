@@ -81,12 +81,15 @@ class CredentialFile:
     def refresh(self) -> bool:
         """Read the file again if it changed since; True if the store changed.
 
-        A file that became unreadable or malformed keeps the last good store
-        (and raises, for the caller to log): a typo must not lock everyone out.
+        A file that is gone, empty, unreadable or malformed keeps the last
+        good store (and raises, for the caller to log): an editor's truncate
+        or a typo must not lock everyone out, nor let anyone in.
         """
         stamp = self._current_stamp()
         if stamp == self._stamp:
             return False
         self._stamp = stamp
+        if stamp is None or stamp[2] == 0:
+            raise CredentialError(f"{self.path} is gone or empty")
         self.store = read_store(self.path)
         return True

@@ -99,13 +99,16 @@ class Entry:
     def from_json(cls, raw: Any) -> Entry:
         if not isinstance(raw, Mapping):
             raise CredentialError("each credential must be an object")
+        patterns = raw.get("devices") or ()
+        if not isinstance(patterns, list | tuple) or not all(isinstance(pattern, str) for pattern in patterns):
+            raise CredentialError(f"the devices of {raw.get('name')!r} must be a list of patterns")
         try:
             role = Role(raw["role"])
             name = check_name(str(raw["name"]), "a name")
             credential = str(raw["sha256"])
-            devices = tuple(str(pattern) for pattern in raw.get("devices") or ()) if role is Role.CONTROLLER else ()
         except (KeyError, ValueError) as error:
             raise CredentialError(f"a credential entry is malformed: {error}") from None
+        devices = tuple(patterns) if role is Role.CONTROLLER else ()
         if not re.fullmatch(r"[0-9a-f]{64}", credential):
             raise CredentialError(f"the credential for {name!r} has no valid sha256")
         return cls(Identity(role, name, credential, devices), str(raw.get("created", "")))
@@ -208,7 +211,7 @@ class CredentialStore:
     def loads(cls, text: str) -> CredentialStore:
         try:
             data = json.loads(text) if text.strip() else {"version": FILE_VERSION, "credentials": []}
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             raise CredentialError(f"not JSON: {error}") from None
         if not isinstance(data, dict) or data.get("version") != FILE_VERSION:
             raise CredentialError(f'expected {{"version": {FILE_VERSION}, "credentials": [...]}}')

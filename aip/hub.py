@@ -27,7 +27,8 @@ from websockets.http11 import Request, Response
 from .access import CONTROLLER_PATH, DEVICE_PATH, AccessPolicy, Refusal
 from .connect import DEFAULT_MAX_MESSAGE_BYTES
 from .credential_file import CredentialFile
-from .credentials import CredentialError, Identity, Role
+from .credentials import Identity, Role
+from .registration import MAX_REGISTRATION_BYTES
 from .switchboard import Action, Close, CloseCode, Device, Probe, Send, Switchboard, error_frame
 
 #: Frames queued for one connection before the hub gives up on it as not reading.
@@ -111,22 +112,25 @@ class _Outbox:
     def put(self, item: str | Close) -> None:
         if self.abandoned:
             return
+        if isinstance(item, Close) and item.now:
+            self._abandon(item.code, item.reason)
+            return
         if isinstance(item, str):
             if self.queued and (self.queue.qsize() >= MAX_QUEUED_FRAMES or self.queued + len(item) > self.limit):
-                self._abandon()
+                logger.warning("closing %s: it does not read what it is sent", _address(self.connection))
+                self._abandon(CloseCode.TOO_SLOW, "too many frames queued")
                 return
             self.queued += len(item)
         self.queue.put_nowait(item)
 
-    def _abandon(self) -> None:
+    def _abandon(self, code: int, reason: str) -> None:
         """Drop what is queued and close the connection now, even with a send stuck on it."""
-        logger.warning("closing %s: it does not read what it is sent", _address(self.connection))
         self.abandoned = True
         self.writer.cancel()
         while not self.queue.empty():
             self.queue.get_nowait()
         self.queued = 0
-        self.closer = asyncio.ensure_future(self.connection.close(CloseCode.TOO_SLOW, "too many frames queued"))
+        self.closer = asyncio.ensure_future(self.connection.close(code, reason))
 
     async def _write(self) -> None:
         try:
@@ -236,16 +240,15 @@ class Hub:
             await asyncio.sleep(self.settings.credentials_check_interval)
             try:
                 changed = credential_file.refresh()
-            except CredentialError as error:
+            except Exception as error:  # whatever the file holds now, revocation must go on working
                 logger.error("kept the previous credentials: %s", error)
                 continue
             if changed:
                 self.access = dataclasses.replace(self.access, credentials=credential_file.store)
-                closes = self.switchboard.revoke(self.access.credentials.is_current)
-                logger.info(
-                    "credentials reloaded (%d); %d connections closed", len(self.access.credentials), len(closes)
-                )
-                self._apply(closes)
+                actions = self.switchboard.revoke(self.access.credentials.is_current)
+                closed = sum(isinstance(action, Close) for action in actions)
+                logger.info("credentials reloaded (%d); %d connections closed", len(self.access.credentials), closed)
+                self._apply(actions)
 
     def _apply(self, actions: Iterable[Action]) -> None:
         for action in actions:
@@ -258,6 +261,8 @@ class Hub:
         outbox = self._outboxes[connection] = _Outbox(connection, self.settings.max_message_bytes + 2**24)
         identity = self._admitted.pop(connection)
         self.switchboard.admit(connection, identity)
+        if not self.access.credentials.is_current(identity):  # revoked between the handshake and now
+            self._apply(self.switchboard.revoke(self.access.credentials.is_current))
         try:
             if identity.role is Role.DEVICE:
                 await self._serve_device(connection, outbox)
@@ -269,6 +274,8 @@ class Hub:
 
     async def _serve_device(self, connection: ServerConnection, outbox: _Outbox) -> None:
         settings = self.settings
+        # Until it has registered, a device may send no more than a registration: no 100 MiB buffered first.
+        connection.protocol.max_message_size = min(MAX_REGISTRATION_BYTES, settings.max_message_bytes)
         try:
             async with asyncio.timeout(settings.register_timeout):
                 first = await connection.recv()
@@ -289,6 +296,7 @@ class Hub:
         if device is None:
             self.switchboard.device_gone(connection, "registration refused")
             return
+        connection.protocol.max_message_size = settings.max_message_bytes
         logger.info("device %r connected from %s", device.id, _address(connection))
         if self.observer is not None:
             self.observer.device_connected(device)
@@ -315,9 +323,8 @@ class Hub:
         if not isinstance(peer, ServerConnection):
             return False
         try:
-            pong = await peer.ping()
-            async with asyncio.timeout(self.settings.probe_timeout):
-                await pong
+            async with asyncio.timeout(self.settings.probe_timeout):  # ping() itself waits while the buffer is full
+                await (await peer.ping())
         except (ConnectionClosed, TimeoutError):
             return False
         return True

@@ -86,9 +86,12 @@ class Send:
 
 @dataclass(frozen=True)
 class Close:
+    """Close ``peer``'s connection; ``now``: drop what is queued for it first (it has no right to it)."""
+
     peer: Hashable
     code: int
     reason: str
+    now: bool = False
 
 
 @dataclass(frozen=True)
@@ -198,12 +201,22 @@ class Switchboard:
         self.identities[peer] = identity
 
     def revoke(self, is_current: Callable[[Identity], bool]) -> list[Action]:
-        """Close every connection whose credential no longer holds (revoked, or its rights changed)."""
-        return [
-            Close(peer, CloseCode.REVOKED, "credential revoked")
-            for peer, identity in self.identities.items()
-            if not is_current(identity)
-        ]
+        """Take every right from the connections whose credential no longer holds, and close them now.
+
+        Revoked devices are unregistered (their batches fail), revoked
+        controllers' batches are abandoned: nothing waits for the close to
+        reach a peer that may not be reading.
+        """
+        actions: list[Action] = []
+        for peer, identity in list(self.identities.items()):
+            if is_current(identity):
+                continue
+            if identity.role is Role.DEVICE:
+                actions += self.device_gone(peer, "its credential was revoked")
+            else:
+                actions += self.controller_gone(peer)
+            actions.append(Close(peer, CloseCode.REVOKED, "credential revoked", now=True))
+        return actions
 
     # -- devices -------------------------------------------------------------
 
@@ -260,7 +273,9 @@ class Switchboard:
             )
         if holder is not None:  # the old connection is dead: the new one takes its place
             actions += self._drop_device(holder, f"device {holder.id!r} reconnected")
-            actions.append(Close(holder.peer, CloseCode.REPLACED, "replaced: this connection did not answer a ping"))
+            actions.append(
+                Close(holder.peer, CloseCode.REPLACED, "replaced: this connection did not answer a ping", now=True)
+            )
         device, registered = self._register(contender, identity, contest.message)
         return device, actions + registered
 
@@ -417,8 +432,8 @@ class Switchboard:
         call memory apart.
         """
         update: dict[str, Any] = {"target_id": None, "controller_id": None}
-        if device.speaks_dispatch:
-            update["controller_id"] = identity.name
+        if device.speaks_dispatch:  # the credential, not just the name: a name issued again starts afresh
+            update["controller_id"] = f"{identity.name}#{identity.credential[:16]}"
         elif message.actions:
             update["actions"] = [
                 action if action.tool_type in UFO_TOOL_TYPES else action.model_copy(update={"tool_type": "action"})

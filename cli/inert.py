@@ -14,8 +14,10 @@ import re
 
 from rich.text import Text
 
-#: C0 controls but tab and newline, DEL, C1 controls, and the bidirectional overrides and isolates.
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+#: C0 controls but tab and newline, DEL, C1 controls, and the invisible ones that reorder or hide text:
+#: Arabic letter mark, zero-width and directional marks, line and paragraph separators, bidi embeddings,
+#: overrides and isolates, invisible operators, the byte order mark.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 
 
 def escaped(text: str) -> str:

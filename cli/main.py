@@ -705,11 +705,12 @@ def tools_table(server: dict[str, Any]) -> Table:
     for column in ("tool", "parameters", "description"):
         table.add_column(column, overflow="fold")
     for tool in server["tools"]:
-        schema = tool["input_schema"] or {}
-        required = set(schema.get("required", []))
+        schema = tool["input_schema"] if isinstance(tool["input_schema"], dict) else {}
+        listed, properties = schema.get("required"), schema.get("properties")
+        required = {name for name in listed if isinstance(name, str)} if isinstance(listed, list) else set()
         parameters = ", ".join(
             f"{name}{'' if name in required else '?'}: {spec.get('type', 'any') if isinstance(spec, dict) else 'any'}"
-            for name, spec in (schema.get("properties") or {}).items()
+            for name, spec in (properties.items() if isinstance(properties, dict) else ())
         )
         description = (tool["description"] or "").strip().split("\n")[0]
         table.add_row(inert(tool["name"]), inert(parameters), inert(description))

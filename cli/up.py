@@ -9,7 +9,9 @@ the same ones the README lists for people who run Prefect their own way:
 4. ``prefect worker start --pool <pool>``;
 5. ``dispatch serve``, the hub for remote devices.
 
-Closed by default: the Prefect API requires the basic-auth secret kept in
+Closed by default: the work pool's job template lets a flow run override
+nothing but its name and labels (no command, environment or working
+directory of its choosing), the Prefect API requires the basic-auth secret kept in
 ``.dispatch/prefect-auth`` (made on first start, mode 0600, handed to every
 child), allows cross-origin requests only from its own dashboard, and checks
 the Host header (``cli.prefect_server``: a browser page can't reach it by DNS
@@ -23,6 +25,7 @@ started; a child that ignores SIGTERM is killed after a grace period.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -35,6 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aip.credential_file import DEFAULT_PATH, editing
 from aip.credentials import Role
@@ -152,6 +156,24 @@ def crash_unfinished_runs(api_url: str, auth: str, pool: str) -> int:
     return len(runs)
 
 
+def locked_job_template() -> dict[str, Any]:
+    """Prefect's process pool template with nothing a flow run may override but its name and labels.
+
+    A stock process pool lets whoever creates a run set its ``command``,
+    ``env`` and ``working_dir``: a program to start, a ``$DISPATCH_HUB`` to
+    send the worker's credential to, a folder whose mcp.json to trust. Here
+    they are fixed: the worker's own command, environment and folder.
+    """
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    fixed: dict[str, Any] = {"command": None, "env": {}, "working_dir": None, "stream_output": True}
+    template["job_configuration"].update(fixed)
+    for name in fixed:  # a value given for them anyway has no placeholder to fill: it changes nothing
+        template["variables"]["properties"].pop(name, None)
+    return template
+
+
 def run_step(argv: Sequence[str], env: dict[str, str], cwd: Path, what: str, timeout: float = 180) -> None:
     done = subprocess.run(list(argv), env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
@@ -264,8 +286,11 @@ def running_stack(
         server = stack.start("server", server_command, env, project)
         wait_healthy(api_url, server, timeout=120)
         say(f"Prefect server at http://127.0.0.1:{port} ({time.monotonic() - started:.1f} s)")
+        template = project / ".dispatch" / "job-template.json"
+        template.write_text(json.dumps(locked_job_template(), indent=2))
+        create_pool = [prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"]
         run_step(
-            [prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"],
+            [*create_pool, "--base-job-template", str(template)],
             env,
             project,
             "creating the work pool",

@@ -121,6 +121,7 @@ async def dispatch_batch(
             config=config,
             batch_file=batch_file,
             hub=hub,
+            resume_from=resume_from,
             project=Path.cwd(),
             worker_hub=os.environ.get("DISPATCH_HUB"),
         )

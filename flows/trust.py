@@ -11,7 +11,12 @@ environment: its MCP servers, its ``$DISPATCH_TOKEN``. So in a deployment run
 * ``batch_file`` is a path inside the project too (and the config a batch file
   names stays in the batch file's folder: ``load_batch``);
 * ``hub`` is absent or the hub the worker was configured with
-  (``$DISPATCH_HUB``): the worker's credential goes nowhere else.
+  (``$DISPATCH_HUB``): the worker's credential goes nowhere else;
+* ``resume_from`` is absent: a run resumes only itself (Prefect's retry), so
+  no run can store Results under another run's keys for it to reuse.
+
+Paths under a hidden folder (``.venv``, ``.dispatch``, ``.git``) are refused
+too: they are the machine's, not configs the operator wrote for runs.
 
 An in-process run (``dispatch run``, ``run_batch_flow``) is started by its
 caller's own code, which already holds everything these rules protect, so its
@@ -34,6 +39,7 @@ def check_deployment_parameters(
     config: str | dict[str, Any] | None,
     batch_file: str | None,
     hub: str | None,
+    resume_from: str | None = None,
     project: Path,
     worker_hub: str | None,
 ) -> None:
@@ -47,6 +53,10 @@ def check_deployment_parameters(
         inside_project(project, config, "config")
     if batch_file is not None:
         inside_project(project, batch_file, "batch_file")
+    if resume_from is not None:
+        raise ParameterRefused(
+            "a deployment run cannot resume another run: retry that run instead (the dashboard's Retry)"
+        )
     if hub is not None and (worker_hub is None or not same_hub(hub, worker_hub)):
         raise ParameterRefused(
             "a deployment run may only use the hub its worker was configured with ($DISPATCH_HUB): "
@@ -60,6 +70,8 @@ def inside_project(project: Path, path: str, what: str) -> Path:
     resolved = (root / path).resolve()
     if not resolved.is_relative_to(root):
         raise ParameterRefused(f"{what} {path!r} is outside the project ({root}): name a file inside it")
+    if any(part.startswith(".") for part in resolved.relative_to(root).parts):
+        raise ParameterRefused(f"{what} {path!r} is in a hidden folder of the project: name a file the operator wrote")
     return resolved
 
 

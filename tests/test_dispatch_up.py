@@ -182,6 +182,8 @@ def test_a_deployment_run_cannot_start_a_program_or_send_the_workers_credential_
             },
             "a config elsewhere": {"config": "/etc/../tmp/mcp.json", "commands": [{"tool_name": "echo"}]},
             "a batch file elsewhere": {"batch_file": "/etc/passwd"},
+            "a config in a hidden folder": {"config": ".dispatch/credentials.json", "commands": [{"tool_name": "x"}]},
+            "another run's results": {"resume_from": deployment["id"], "commands": [{"tool_name": "echo"}]},
         }
         runs = {}
         for what, parameters in hostile.items():
@@ -202,6 +204,45 @@ def test_a_deployment_run_cannot_start_a_program_or_send_the_workers_credential_
         assert not planted.exists()
         with pytest.raises(BlockingIOError):
             foreign.accept()  # the worker never connected to it
+
+
+def test_a_run_cannot_override_the_workers_command_environment_or_folder(stack: Stack, tmp_path: Path) -> None:
+    """Prefect lets a run's creator set job variables; the pool ``dispatch up`` makes fixes them all."""
+    status, _, deployment = stack.request("/deployments/name/dispatch-batch/on-demand")
+    planted = tmp_path / "pwned"
+    (tmp_path / "mcp.json").write_text(
+        json.dumps({"mcpServers": {"x": {"command": "sh", "args": ["-c", f"id > {planted}"]}}})
+    )
+    echo = {"config": "examples/mcp.json", "commands": [{"tool_name": "echo", "parameters": {"value": 1}}]}
+    with socket.socket() as foreign:
+        foreign.bind(("127.0.0.1", 0))
+        foreign.listen()
+        foreign.setblocking(False)
+        remote = {"backend": "remote", "device": "lab-pc", "timeout": 3, "commands": [{"tool_name": "echo"}]}
+        hostile = {
+            "a command": (echo, {"command": f"sh -c 'id > {planted}'"}),
+            "an environment": (remote, {"env": {"DISPATCH_HUB": f"ws://127.0.0.1:{foreign.getsockname()[1]}"}}),
+            "a folder": ({"config": "mcp.json", "commands": [{"tool_name": "x"}]}, {"working_dir": str(tmp_path)}),
+        }
+        runs = {}
+        for what, (parameters, job_variables) in hostile.items():
+            body = {"parameters": parameters, "job_variables": job_variables}
+            status, _, run = stack.request(f"/deployments/{deployment['id']}/create_flow_run", body)
+            assert status in (201, 409, 422), (what, status, run)  # refused outright, or created and ignored
+            if status == 201:
+                runs[what] = run["id"]
+
+        def finished() -> dict[str, Any] | None:
+            states = {what: stack.request(f"/flow_runs/{run_id}")[2]["state"] for what, run_id in runs.items()}
+            done = all(state["type"] in ("FAILED", "CRASHED", "COMPLETED") for state in states.values())
+            return states if done else None
+
+        states = wait_for("the runs to finish", finished, 120, 1.0)
+        assert not planted.exists(), states
+        with pytest.raises(BlockingIOError):
+            foreign.accept()  # the worker's credential went to its own hub only
+    if "a command" in states:
+        assert states["a command"]["type"] == "COMPLETED", states  # it ran as the worker runs every flow
 
 
 # -- last: Ctrl-C stops everything --------------------------------------------------------------

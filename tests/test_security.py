@@ -340,12 +340,15 @@ async def test_devices_prints_any_listing_a_hub_sends_as_text(tmp_path: Path) ->
 async def test_oversized_registrations_are_refused_with_a_reason_and_do_not_grow_the_hub(site: Site) -> None:
     before = rss_bytes(site.hub.pid)
     huge = {"system_info": {"hostname": "h" * (24 * 2**20)}}
-    for _ in range(5):
-        async with hand_peer(site, "/ws", token_for_device(INTRUDER), max_size=None) as peer:
+    for _ in range(5):  # cut off by the frame limit of a device that has not registered yet: never buffered whole
+        peer = await raw(site, "/ws", token_for_device(INTRUDER))
+        with contextlib.suppress(ConnectionClosed):
             await peer.send(register(INTRUDER, huge))
-            refusal = await recv_json(peer)
-            assert refusal["type"] == "error" and f"at most {MAX_REGISTRATION_BYTES}" in refusal["error"], refusal
-    assert rss_bytes(site.hub.pid) - before < 64 * 2**20, "the hub kept what it refused"
+        async with asyncio.timeout(WAIT):
+            await peer.wait_closed()
+        assert peer.close_code == 1009, peer.close_reason  # message too big
+        assert f"exceeds limit of {MAX_REGISTRATION_BYTES} bytes" in (peer.close_reason or "")  # and says so
+    assert rss_bytes(site.hub.pid) - before < 16 * 2**20, "the hub kept what it refused"
     tools = [{"name": f"tool-{n}", "server": "s", "description": "d" * 10} for n in range(MAX_TOOLS * 3)]
     async with hand_peer(site, "/ws", token_for_device(INTRUDER)) as peer:
         await peer.send(register(INTRUDER, {"dispatch": {"tools": tools[: MAX_TOOLS + 50]}}))

@@ -322,8 +322,10 @@ def test_a_reconnect_replaces_a_dead_stale_connection() -> None:
         assert failure["prev_response_id"] == response_id
         assert failure["metadata"] == {"reason": "device_lost", "device": "alpha"}
         assert "reconnected" in failure["error"]
-    # the stale peer is closed with 4000, the new one gets exactly the ack
-    assert closes(actions) == [Close(DEV_A, CloseCode.REPLACED, closes(actions)[0].reason)]
+    # the stale peer is closed with 4000 at once (what is queued for it dropped), the new one gets exactly the ack
+    assert closes(actions) == [
+        Close(DEV_A, CloseCode.REPLACED, "replaced: this connection did not answer a ping", now=True)
+    ]
     assert closes(actions)[0].code == 4000
     (ack,) = sends(actions, DEV_A2)
     assert ack["type"] == "heartbeat" and ack["status"] == "ok"
@@ -464,7 +466,8 @@ def test_a_command_reaches_the_device_without_target_id_and_otherwise_unchanged(
     assert len(actions) == 1 and isinstance(actions[0], Send) and actions[0].peer == DEV_A
     sent = json.loads(actions[0].text)
     assert "target_id" not in sent
-    assert sent["controller_id"] == "ctl-1"  # who sent it, for the device's call memory
+    # who sent it, for the device's call memory: the name and the credential it holds
+    assert sent["controller_id"] == f"ctl-1#{controller_identity('ctl-1').credential[:16]}"
     original = json.loads(frame)
     del original["target_id"]
     for key, value in original.items():
@@ -578,9 +581,20 @@ def test_our_devices_learn_which_controller_sent_a_batch_and_ufo_devices_never_d
         assert isinstance(out, Send)
         sent = json.loads(out.text)
         if target == "ours":  # from the credential, whatever the frame claimed
-            assert out.peer == DEV_A and sent["controller_id"] == CONTROLLER_NAMES[controller]
+            name = CONTROLLER_NAMES[controller]
+            assert out.peer == DEV_A and sent["controller_id"] == f"{name}#{controller_identity(name).credential[:16]}"
         else:  # a UFO device never sees a key UFO does not send
             assert out.peer == DEV_B and "controller_id" not in sent and "target_id" not in sent
+    # a name issued again (a new credential) is another controller: it does not inherit the old holder's calls
+    reissued = Identity(
+        Role.CONTROLLER, "ctl-1", credential=digest("controller-token-ctl-1-issued-again"), devices=("*",)
+    )
+    board.admit(CTL_LAB, reissued)
+    (out,) = board.controller_text(CTL_LAB, command_frame("r4", "ours"))
+    assert isinstance(out, Send) and out.peer == DEV_A
+    tag = json.loads(out.text)["controller_id"]
+    assert tag == f"ctl-1#{reissued.credential[:16]}"
+    assert tag != f"ctl-1#{controller_identity('ctl-1').credential[:16]}"
 
 
 LAB_DEVICES = [f"lab-{i:02d}" for i in range(1, 9)]
@@ -954,20 +968,26 @@ def test_a_controller_frame_type_the_hub_does_not_take_is_rejected(kind: str) ->
 # -- Switchboard: revoked credentials ----------------------------------------------------
 
 
-def test_revoke_closes_exactly_the_connections_whose_credential_no_longer_holds() -> None:
+def test_revoke_takes_the_rights_away_at_once_and_closes_exactly_the_connections_that_lost_them() -> None:
     store = CredentialStore()
     tokens = {device_id: store.issue(Role.DEVICE, device_id) for device_id in ("alpha", "beta", "gamma", "delta")}
     all_token = store.issue(Role.CONTROLLER, "all")
-    lab_token = store.issue(Role.CONTROLLER, "lab", devices=("lab-*",))
+    lab_token = store.issue(Role.CONTROLLER, "lab", devices=("delta", "lab-*"))
     board = Switchboard()
     peers = {DEV_A: tokens["alpha"], DEV_B: tokens["beta"], DEV_A2: tokens["gamma"], DEV_A3: tokens["delta"]}
     for peer, token in [*peers.items(), (CTL_1, all_token), (CTL_2, lab_token)]:
         identity = store.identify(token)
         assert identity is not None
         board.admit(peer, identity)
-    for peer, device_id in ((DEV_A, "alpha"), (DEV_B, "beta"), (DEV_A3, "delta")):  # gamma has not registered yet
-        device, actions = board.device_registers(peer, register_frame(device_id))
+    # gamma has not registered yet; delta is one of our own devices (it understands TASK_END)
+    for peer, device_id, ours in ((DEV_A, "alpha", False), (DEV_B, "beta", False), (DEV_A3, "delta", True)):
+        device, actions = board.device_registers(peer, register_frame(device_id, ours=ours))
         assert device is not None, actions
+    for controller, response_id, target in ((CTL_1, "r1", "alpha"), (CTL_1, "r2", "beta"), (CTL_1, "r3", "delta")):
+        (out,) = board.controller_text(controller, command_frame(response_id, target))
+        assert isinstance(out, Send) and out.peer == board.devices[target].peer
+    (out,) = board.controller_text(CTL_2, command_frame("r4", "delta"))
+    assert isinstance(out, Send) and out.peer == DEV_A3
     assert board.revoke(store.is_current) == []
 
     store.revoke(Role.DEVICE, "alpha")
@@ -976,17 +996,50 @@ def test_revoke_closes_exactly_the_connections_whose_credential_no_longer_holds(
     store.issue(Role.CONTROLLER, "lab", devices=("lab-1",), token=lab_token, replace_old=True)  # fewer rights
     actions = board.revoke(store.is_current)
 
-    assert all(isinstance(action, Close) for action in actions)
-    assert sorted(str(close.peer) for close in closes(actions)) == sorted([DEV_A, DEV_B, DEV_A2, CTL_2])
-    assert {(close.code, close.reason) for close in closes(actions)} == {(CloseCode.REVOKED, "credential revoked")}
+    # each is closed at once, what is queued for it dropped: it has no right to it any more
+    assert sorted(closes(actions), key=lambda close: str(close.peer)) == [
+        Close(peer, CloseCode.REVOKED, "credential revoked", now=True) for peer in sorted([DEV_A, DEV_A2, DEV_B, CTL_2])
+    ]
     assert CloseCode.REVOKED == 4003
-    # revoking decides nothing else: the hub closes them, and then they are gone
-    assert set(board.devices) == {"alpha", "beta", "delta"}
+    # the revoked devices' batches fail to their controller now, not when the close gets through
+    failures = sends(actions, CTL_1)
+    assert [(f["type"], f["status"], f["prev_response_id"], f["metadata"]) for f in failures] == [
+        ("error", "error", "r1", {"reason": "device_lost", "device": "alpha"}),
+        ("error", "error", "r2", {"reason": "device_lost", "device": "beta"}),
+    ]
+    assert all("credential was revoked" in f["error"] for f in failures)
+    # the revoked controller's batch is abandoned: our device is told to stop it
+    (cancel,) = sends(actions, DEV_A3)
+    assert cancel["type"] == "task_end" and cancel["status"] == "failed" and cancel["response_id"] == "r4"
+    assert cancel["error"] == "the controller that sent this batch disconnected"
+    # nothing else: no frame for a revoked peer, and nobody else hears of it
+    assert len(actions) == 4 + 2 + 1
+    assert [a.peer for a in actions if isinstance(a, Send)] == [CTL_1, CTL_1, DEV_A3]
+
+    # what is left is only what still holds
+    assert set(board.devices) == {"delta"} and set(board.device_by_peer) == {DEV_A3}
+    assert set(board.identities) == {DEV_A3, CTL_1}
+    assert set(board.routes) == {"r3"} and board.routes_by_controller == {CTL_1: {"r3"}}
+    assert board.devices["delta"].pending == {"r3"}
+    assert dict(board.abandoned) == {"r4": DEV_A3}
+    # frames still arriving from a revoked peer are refused
+    for peer in (DEV_A, DEV_B):
+        assert board.device_text(peer, results_frame("r1")) == [Close(peer, CloseCode.POLICY, "not registered")]
+    assert_refused(board.device_registers(DEV_A2, register_frame("gamma"))[1], DEV_A2, "no device credential")
+    for frame in (command_frame("r5", "delta"), DEVICE_INFO_REQUEST):
+        assert board.controller_text(CTL_2, frame) == [
+            Close(CTL_2, CloseCode.POLICY, "this connection holds no controller credential")
+        ]
+    assert board.routes.keys() == {"r3"} and board.devices["delta"].pending == {"r3"}
+    # the rest goes on: delta's late answer to the abandoned batch is dropped, r3 still comes back
+    assert board.device_text(DEV_A3, results_frame("r4")) == []
+    assert board.device_text(DEV_A3, results_frame("r3")) == [Send(CTL_1, results_frame("r3"))]
+    # the connections ending later change nothing, and nothing is revoked twice
     for peer in (DEV_A, DEV_B, DEV_A2):
-        board.device_gone(peer, "credential revoked")
-    board.controller_gone(CTL_2)
+        assert board.device_gone(peer, "closed") == []
+    assert board.controller_gone(CTL_2) == []
     assert board.revoke(store.is_current) == []
-    assert set(board.devices) == {"delta"}
+    assert set(board.devices) == {"delta"} and set(board.identities) == {DEV_A3, CTL_1}
     assert store.identify(tokens["alpha"]) is None and store.identify(tokens["beta"]) is None
 
 
@@ -1230,6 +1283,8 @@ def _check_actions(actions: object) -> None:
         elif isinstance(action, Close):
             assert action.code in (1000, 1003, 1008, 4000, 4001, 4003, 4004)
             assert len(action.reason.encode("utf-8")) <= 123  # fits in a close frame
+            # only a replaced or revoked connection is closed at once, dropping what is queued for it
+            assert action.now is (action.code in (CloseCode.REPLACED, CloseCode.REVOKED))
         else:
             assert actions == [action]  # a probe comes alone: nothing else happens until it is answered
 
@@ -1269,13 +1324,49 @@ class SimulatedHub:
             self.step("controller", peer, command_frame(response_id, PEER_IDENTITIES[device_peer].name))
             actions = board.device_text(device_peer, results_frame(response_id))
         else:  # the credential named ``peer`` is revoked (and issued again to the next connection)
-            actions = board.revoke(lambda identity: identity.name != peer)
-            assert {(a.peer, a.code) for a in closes(actions)} == {
-                (holder, CloseCode.REVOKED) for holder, identity in board.identities.items() if identity.name == peer
-            }
+            actions = self.revoke(peer)
         self.check(actions)
         for close in closes(actions):  # a closed connection ends
-            self.check(self.gone(close.peer))
+            ended = self.gone(close.peer)
+            if close.now:  # its rights were taken away with the close: its end has nothing left to do
+                assert ended == []
+            self.check(ended)
+
+    def revoke(self, name: str) -> list[Action]:
+        """Revoke ``name``'s credential: its connections lose every right at once, and are closed now."""
+        board = self.board
+        revoked = {holder for holder, identity in board.identities.items() if identity.name == name}
+        expected = sorted(
+            [(route.controller, "error", rid) for rid, route in board.routes.items() if route.device.peer in revoked]
+            + [
+                (route.device.peer, "task_end", rid)
+                for rid, route in board.routes.items()
+                if route.controller in revoked and route.device.speaks_dispatch
+            ]
+        )
+        actions = board.revoke(lambda identity: identity.name != name)
+        assert sorted(closes(actions), key=lambda close: str(close.peer)) == [
+            Close(holder, CloseCode.REVOKED, "credential revoked", now=True) for holder in sorted(revoked)
+        ]
+        # the revoked devices' batches fail to their controllers, the revoked controllers' are stopped
+        told = [(a.peer, json.loads(a.text)) for a in actions if isinstance(a, Send)]
+        assert sorted((peer, f["type"], f.get("prev_response_id") or f.get("response_id")) for peer, f in told) == (
+            expected
+        )
+        assert all(f["metadata"]["reason"] == "device_lost" for _, f in told if f["type"] == "error")
+        # nothing of theirs is left, and what they send now is refused
+        assert all(identity.name != name for identity in board.identities.values())
+        assert all(device.identity.name != name for device in board.devices.values())
+        assert not any(route.device.peer in revoked or route.controller in revoked for route in board.routes.values())
+        assert not revoked & set(board.routes_by_controller)
+        for holder in revoked:
+            if holder in DEVICE_PEERS:
+                refused = board.device_text(holder, results_frame("r1"))
+                assert refused == [Close(holder, CloseCode.POLICY, "not registered")]
+            else:
+                refused = board.controller_text(holder, command_frame("r1", "alpha"))
+                assert refused == [Close(holder, CloseCode.POLICY, "this connection holds no controller credential")]
+        return actions
 
     def gone(self, peer: Hashable) -> list[Action]:
         if peer in DEVICE_PEERS:
