@@ -167,10 +167,12 @@ def locked_job_template() -> dict[str, Any]:
     from prefect.workers.process import ProcessWorker
 
     template = ProcessWorker.get_default_base_job_template()
-    fixed: dict[str, Any] = {"command": None, "env": {}, "working_dir": None, "stream_output": True}
-    template["job_configuration"].update(fixed)
-    for name in fixed:  # a value given for them anyway has no placeholder to fill: it changes nothing
+    for name in ("command", "env", "working_dir"):
+        # Absent, not fixed: Prefect merges a run's env into a fixed one; an absent key keeps its default
+        # (the worker's own command, its environment, the folder prefect.yaml's pull step chooses).
+        template["job_configuration"].pop(name, None)
         template["variables"]["properties"].pop(name, None)
+    template["job_configuration"]["stream_output"] = True
     return template
 
 
