@@ -123,10 +123,23 @@ def test_a_watched_file_is_read_again_when_it_changes_and_a_broken_one_keeps_the
     second = store.issue(Role.DEVICE, "b")
     write_store(path, store)
     assert watched.refresh() and watched.store.identify(second) is not None
-    path.write_text("{ broken")
-    with pytest.raises(CredentialError, match="not JSON"):
+    broken = {
+        "not JSON": "{ broken",
+        "must be a list of patterns": json.dumps(
+            {"version": 1, "credentials": [{"role": "controller", "name": "c", "devices": 5}]}
+        ),
+        "gone or empty": "",
+        "not JSON: maximum recursion": "[" * 100_000,
+    }
+    for reason, text in broken.items():
+        path.write_text(text)
+        with pytest.raises(CredentialError, match=reason.split(":")[0]):
+            watched.refresh()
+        assert watched.store.identify(first) is not None, f"{reason}: a typo locked everyone out"
+    path.unlink()
+    with pytest.raises(CredentialError, match="gone or empty"):
         watched.refresh()
-    assert watched.store.identify(first) is not None, "a typo locked everyone out"
+    assert watched.store.identify(second) is not None
 
 
 # -- deployment parameters ------------------------------------------------------------------
@@ -150,6 +163,9 @@ def test_deployment_parameters_name_files_inside_the_project_and_the_workers_hub
         "a link out": {"config": "examples/link.json"},
         "a batch file elsewhere": {"batch_file": "/tmp/batch.yaml"},
         "another hub": {"hub": "ws://attacker.example:8765"},
+        "another run's results": {"resume_from": "0b6f4d2e-0000-4000-8000-000000000000"},
+        "a hidden folder": {"config": ".dispatch/credentials.json"},
+        "a hidden file": {"batch_file": "examples/.secret.yaml"},
     }
     for what, parameters in refused.items():
         with pytest.raises(ParameterRefused):
