@@ -78,6 +78,16 @@ class Stack:
             time.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
 
+    def final_states(self, runs: dict[str, str]) -> dict[str, Any]:
+        """The state of each flow run (by what it tries), once every one of them has ended."""
+
+        def finished() -> dict[str, Any] | None:
+            states = {what: self.request(f"/flow_runs/{run_id}")[2]["state"] for what, run_id in runs.items()}
+            done = all(state["type"] in ("FAILED", "CRASHED", "COMPLETED") for state in states.values())
+            return states if done else None
+
+        return wait_for("the runs to finish", finished, 120, 1.0)
+
     def dispatch(self, *argv: str) -> subprocess.CompletedProcess[str]:
         """A ``dispatch`` command from the project's folder, as its operator would run it."""
         return subprocess.run([*CLI, *argv], cwd=self.project, env=self.env, capture_output=True, text=True, timeout=60)
@@ -193,12 +203,7 @@ def test_a_deployment_run_cannot_start_a_program_or_send_the_workers_credential_
             assert status == 201, (what, run)
             runs[what] = run["id"]
 
-        def finished() -> dict[str, Any] | None:
-            states = {what: stack.request(f"/flow_runs/{run_id}")[2]["state"] for what, run_id in runs.items()}
-            done = all(state["type"] in ("FAILED", "CRASHED", "COMPLETED") for state in states.values())
-            return states if done else None
-
-        states = wait_for("the hostile runs to finish", finished, 120, 1.0)
+        states = stack.final_states(runs)
         for what, state in states.items():
             assert state["type"] == "FAILED" and "ParameterRefused" in state["message"], (what, state)
         assert not planted.exists()
@@ -232,12 +237,7 @@ def test_a_run_cannot_override_the_workers_command_environment_or_folder(stack: 
             if status == 201:
                 runs[what] = run["id"]
 
-        def finished() -> dict[str, Any] | None:
-            states = {what: stack.request(f"/flow_runs/{run_id}")[2]["state"] for what, run_id in runs.items()}
-            done = all(state["type"] in ("FAILED", "CRASHED", "COMPLETED") for state in states.values())
-            return states if done else None
-
-        states = wait_for("the runs to finish", finished, 120, 1.0)
+        states = stack.final_states(runs)
         assert not planted.exists(), states
         with pytest.raises(BlockingIOError):
             foreign.accept()  # the worker's credential went to its own hub only
