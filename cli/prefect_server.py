@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-#: The names a loopback server answers to (Starlette compares the host without its port).
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+from aip.access import LOOPBACK_NAMES
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     from prefect.server.api.server import create_app
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-    allowed = [*LOOPBACK_HOSTS, *options.allow_host]
+    allowed = [*LOOPBACK_NAMES, "[::1]", *options.allow_host]  # the hub's names; Starlette may keep the brackets
     if options.host not in ("0.0.0.0", "::"):
         allowed.append(options.host)
     app = TrustedHostMiddleware(create_app(final=True), allowed_hosts=allowed, www_redirect=False)

@@ -40,8 +40,7 @@ DELIVERY_ATTEMPTS = 1_000_000
 
 
 class AccessDenied(CommandError):
-    """The hub refused our connection (an unknown credential, a Host it does not accept),
-    or this controller's credential does not cover the device."""
+    """The hub refused our credential or Host, or our credential does not cover the device."""
 
     kind = "AccessDenied"
 
