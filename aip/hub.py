@@ -203,7 +203,7 @@ class Hub:
         )
         logger.info("hub listening on %s (devices at %s, controllers at %s)", self.url, DEVICE_PATH, CONTROLLER_PATH)
         if self.credential_file is not None:
-            self._watcher = asyncio.create_task(self._watch_credentials(self.credential_file))
+            self._watcher = asyncio.create_task(self._watch_credentials())
         return self
 
     async def close(self) -> None:
@@ -225,30 +225,38 @@ class Hub:
 
     def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
         headers = request.headers
-        verdict = self.access.admit(
-            request.path, headers.get_all("Host"), headers.get_all("Authorization"), headers.get_all("Origin")
-        )
+        arguments = (request.path, headers.get_all("Host"), headers.get_all("Authorization"), headers.get_all("Origin"))
+        verdict = self.access.admit(*arguments)
+        if isinstance(verdict, Refusal) and verdict.status == 401 and self._reload_credentials():
+            verdict = self.access.admit(*arguments)  # a credential issued a moment ago works at once
         if isinstance(verdict, Refusal):
             logger.warning("refused a connection from %s: %s", _address(connection), verdict.reason)
             return connection.respond(verdict.status, verdict.reason + "\n")
         self._admitted[connection] = verdict
         return None
 
-    async def _watch_credentials(self, credential_file: CredentialFile) -> None:
+    async def _watch_credentials(self) -> None:
         """Apply changes to the credentials file: new ones work at once, revoked ones are cut off."""
         while True:
             await asyncio.sleep(self.settings.credentials_check_interval)
-            try:
-                changed = credential_file.refresh()
-            except Exception as error:  # whatever the file holds now, revocation must go on working
-                logger.error("kept the previous credentials: %s", error)
-                continue
-            if changed:
-                self.access = dataclasses.replace(self.access, credentials=credential_file.store)
-                actions = self.switchboard.revoke(self.access.credentials.is_current)
-                closed = sum(isinstance(action, Close) for action in actions)
-                logger.info("credentials reloaded (%d); %d connections closed", len(self.access.credentials), closed)
-                self._apply(actions)
+            self._reload_credentials()
+
+    def _reload_credentials(self) -> bool:
+        """Read the credentials file again if it changed (a stat otherwise); True if the store changed."""
+        if self.credential_file is None:
+            return False
+        try:
+            changed = self.credential_file.refresh()
+        except Exception as error:  # whatever the file holds now, revocation must go on working
+            logger.error("kept the previous credentials: %s", error)
+            return False
+        if changed:
+            self.access = dataclasses.replace(self.access, credentials=self.credential_file.store)
+            actions = self.switchboard.revoke(self.access.credentials.is_current)
+            closed = sum(isinstance(action, Close) for action in actions)
+            logger.info("credentials reloaded (%d); %d connections closed", len(self.access.credentials), closed)
+            self._apply(actions)
+        return changed
 
     def _apply(self, actions: Iterable[Action]) -> None:
         for action in actions:
