@@ -28,6 +28,10 @@ class HubRefused(HubUnavailable):
     """The hub turned the connection down (a wrong token, a Host or Origin it does not accept)."""
 
 
+class CredentialRefused(HubRefused):
+    """The hub does not know this credential, or revoked it: trying again with it cannot work."""
+
+
 def endpoint(hub_url: str, path: str) -> str:
     """``ws://host:port`` (or the same with any path) -> ``ws://host:port/<path>``.
 
@@ -92,7 +96,8 @@ async def open_connection(
     except InvalidStatus as error:
         status = error.response.status_code
         body = error.response.body.decode(errors="replace").strip() if error.response.body else ""
-        raise HubRefused(f"the hub at {safe_url(url)} refused the connection: HTTP {status} {body}".strip()) from None
+        refused = CredentialRefused if status == 401 else HubRefused
+        raise refused(f"the hub at {safe_url(url)} refused the connection: HTTP {status} {body}".strip()) from None
     except InvalidURI as error:
         raise ValueError(str(error)) from None
     except (OSError, TimeoutError, InvalidHandshake) as error:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -38,6 +39,7 @@ from .access import DEVICE_PATH
 from .call_memory import CallMemory
 from .connect import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    CredentialRefused,
     HubRefused,
     HubUnavailable,
     endpoint,
@@ -159,6 +161,7 @@ class DeviceClient:
         """Stay connected (reconnecting as needed) until ``stop`` is set; answer every batch before leaving."""
         stop = stop or asyncio.Event()
         failures = 0
+        last_failure: str | None = None
         registrations = self.registrations
         stopping = asyncio.ensure_future(stop.wait())
         try:
@@ -171,18 +174,24 @@ class DeviceClient:
                     await asyncio.wait({session})
                     break
                 error = session.exception()
-                if isinstance(error, ValueError):  # a token or URL that can never work: retrying won't help
+                if _permanent(error):  # a revoked credential, a token or URL that can never work
+                    assert error is not None
                     raise error
-                level = logging.ERROR if isinstance(error, HubRefused | DeviceReplaced) else logging.WARNING
-                logger.log(level, "device %r: %s", self.device_id, error)
+                if describe_failure(error) != last_failure:  # once per state change, not once per retry
+                    level = logging.ERROR if isinstance(error, HubRefused | DeviceReplaced) else logging.WARNING
+                    logger.log(level, "device %r: %s", self.device_id, error)
+                    last_failure = describe_failure(error)
                 # A connection that got as far as registering was a success: back off from scratch;
                 # unless another device took our id, which would make two devices evict each other forever.
-                failures = 0 if self.registrations > registrations else failures + 1
+                if self.registrations > registrations:
+                    failures, last_failure = 0, None
+                else:
+                    failures += 1
                 registrations = self.registrations
                 if stop.is_set():
                     break
                 delay = self.backoff.maximum if isinstance(error, DeviceReplaced) else self.backoff.delay(failures)
-                logger.info("device %r reconnecting in %.1fs", self.device_id, delay)
+                logger.debug("device %r reconnecting in %.1fs", self.device_id, delay)
                 await asyncio.wait({stopping}, timeout=delay)
         finally:
             stopping.cancel()
@@ -205,6 +214,8 @@ class DeviceClient:
             finally:
                 heartbeat.cancel()
         except ConnectionClosed as closed:
+            if closed.rcvd is not None and closed.rcvd.code == CloseCode.REVOKED:
+                raise CredentialRefused(f"the hub revoked this device's credential ({closed.rcvd.reason})") from None
             if closed.rcvd is not None and closed.rcvd.code == CloseCode.REPLACED:
                 raise DeviceReplaced(
                     f"another connection registered as {self.device_id!r} and replaced this one; "
@@ -231,7 +242,12 @@ class DeviceClient:
         )
         await connection.send(register.model_dump_json())
         async with asyncio.timeout(30):
-            answer = ServerMessage.model_validate_json(await connection.recv())
+            reply = await connection.recv()
+        try:
+            answer = ServerMessage.model_validate_json(reply)
+        except ValidationError as error:  # a hub (or a proxy) that garbles its answer may do better next time
+            problem = error.errors()[0]["msg"]
+            raise HubUnavailable(f"the hub answered register with a malformed frame: {problem}") from None
         if answer.type is ServerMessageType.ERROR:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(5):
@@ -359,6 +375,19 @@ class DeviceClient:
         except ConnectionClosed:
             # The results stay in memory: a controller that sends the batch again gets them.
             logger.info("device %r: the connection closed before batch %s was answered", self.device_id, response_id)
+
+
+def _permanent(error: BaseException | None) -> bool:
+    """Whether a connection failure can never be cured by trying again: then the device stops."""
+    if isinstance(error, CredentialRefused):
+        return True
+    # Our own token or URL that can never work (checked before any byte is sent); not a peer's garbled frame.
+    return isinstance(error, ValueError) and not isinstance(error, ValidationError)
+
+
+def describe_failure(error: BaseException | None) -> str:
+    """A failure's kind and text: the device logs when this changes, not at every retry."""
+    return f"{type(error).__name__}: {error}"
 
 
 def _sendable(command: Command, result: Result, executor: Executor) -> Result:

@@ -108,6 +108,30 @@ class Result(WireModel):
     call_id: str | None = None
 
 
+#: The longest agent, process, root, session or task name a batch may carry.
+MAX_CONTEXT_CHARS = 256
+
+
+class AgentContext(BaseModel):
+    """Whose batch this is, as UFO's server says with every command frame.
+
+    A stock UFO device picks the MCP servers of a batch by ``agent_name``
+    (a key of its ``mcp.yaml``: ``HostAgent``, ``AppAgent``, ...) and
+    ``root_name`` (else that agent's ``default`` entry), and refuses a batch
+    without an agent name, never answering it. ``process_name`` names the
+    application the agent controls; ``session_id`` and ``task_name`` say which
+    session and task the batch belongs to. Our own devices ignore them.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    agent_name: str | None = Field(default=None, max_length=MAX_CONTEXT_CHARS)
+    process_name: str | None = Field(default=None, max_length=MAX_CONTEXT_CHARS)
+    root_name: str | None = Field(default=None, max_length=MAX_CONTEXT_CHARS)
+    session_id: str | None = Field(default=None, max_length=MAX_CONTEXT_CHARS)
+    task_name: str | None = Field(default=None, max_length=MAX_CONTEXT_CHARS)
+
+
 class ServerMessage(WireModel):
     """A frame from a server (hub) to a client (device).
 

@@ -20,7 +20,16 @@ from typing import Any
 
 from aip.connect import HubRefused, HubUnavailable
 from aip.controller import HubLink
-from aip.messages import ClientMessage, ClientMessageType, Command, Result, ServerMessage, ServerMessageType, TaskStatus
+from aip.messages import (
+    AgentContext,
+    ClientMessage,
+    ClientMessageType,
+    Command,
+    Result,
+    ServerMessage,
+    ServerMessageType,
+    TaskStatus,
+)
 from aip.switchboard import Reason, now_iso
 
 from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, error_result, with_call_id
@@ -51,8 +60,9 @@ class AccessDenied(CommandError):
 class WebSocketCommandDispatcher(BasicCommandDispatcher):
     """Runs each batch on ``device``, reached through the hub behind ``protocol``.
 
-    Session context (``session_id``, ``agent_name``, ``process_name``,
-    ``root_name``) travels on every batch, as UFO's agents send it. A batch
+    The agent context (``agent_name``, ``process_name``, ``root_name``,
+    ``session_id``, ``task_name``: see ``aip.messages.AgentContext``) travels
+    on every batch, as UFO's server sends it. A batch
     that could not be delivered (the device is not connected, the hub is
     restarting) is sent again with backoff (capped at the retry policy's
     ``max_delay``) until the deadline, whatever its ``attempts``. One that was
@@ -67,10 +77,11 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
         protocol: HubLink | None,
         device: str,
         *,
-        session_id: str | None = None,
         agent_name: str | None = None,
         process_name: str | None = None,
         root_name: str | None = None,
+        session_id: str | None = None,
+        task_name: str | None = None,
         retry: RetryPolicy = RetryPolicy(),
     ) -> None:
         if protocol is None:
@@ -82,12 +93,13 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
             raise ValueError("WebSocketCommandDispatcher needs the id of the device to run commands on")
         self.protocol = protocol
         self.device = device
-        self.context: dict[str, Any] = {
-            "session_id": session_id,
-            "agent_name": agent_name,
-            "process_name": process_name,
-            "root_name": root_name,
-        }
+        self.context = AgentContext(
+            agent_name=agent_name,
+            process_name=process_name,
+            root_name=root_name,
+            session_id=session_id,
+            task_name=task_name,
+        )
         self.retry = retry
         self.delivery = dataclasses.replace(retry, attempts=DELIVERY_ATTEMPTS)
         self.pending: dict[str, asyncio.Future[ClientMessage]] = {}
@@ -181,7 +193,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
             timestamp=now_iso(),
             target_id=self.device,
             timeout=self._device_budget(deadline),
-            **self.context,
+            **self.context.model_dump(),
         )
         try:
             async with asyncio.timeout(deadline.remaining() + REPLY_GRACE):

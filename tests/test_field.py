@@ -1,0 +1,123 @@
+"""In the field (issue 9): a device that only stops when it must, and agent context that reaches the device.
+
+Real sockets on 127.0.0.1. Where a hub must misbehave on purpose (garble its
+answer to ``register``, revoke mid-connection) a plain ``websockets`` server
+plays it: the test names say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from hub_support import QUICK_BACKOFF, TOKEN, echo_tools, running_device, running_hub
+from websockets.asyncio.server import ServerConnection, serve
+
+from aip.connect import CredentialRefused
+from aip.controller import HubLink
+from aip.device import DeviceClient
+from aip.messages import Command, ResultStatus, ServerMessage, ServerMessageType, TaskStatus
+from aip.switchboard import CloseCode
+from dispatchers import InMemoryCommandDispatcher, WebSocketCommandDispatcher
+
+WAIT = 10.0
+ACK = ServerMessage(type=ServerMessageType.HEARTBEAT, status=TaskStatus.OK).model_dump_json()
+
+Answer = Callable[[ServerConnection, int], Any]
+
+
+@asynccontextmanager
+async def fake_hub(answer: Answer) -> AsyncIterator[str]:
+    """A hub played by hand: ``answer(connection, n)`` handles the n-th connection after its register frame."""
+    count = 0
+
+    async def handler(connection: ServerConnection) -> None:
+        nonlocal count
+        count += 1
+        await connection.recv()
+        await answer(connection, count)
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        yield f"ws://127.0.0.1:{port}"
+
+
+async def test_a_device_backs_off_from_a_fake_hub_garbling_its_register_reply_and_logs_it_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def answer(connection: ServerConnection, n: int) -> None:
+        if n <= 3:
+            await connection.send('{"type": "not-a-type", "status": "ok"}')
+            await connection.wait_closed()
+            return
+        await connection.send(ACK)
+        await connection.wait_closed()
+
+    caplog.set_level(logging.WARNING, logger="aip.device")
+    async with fake_hub(answer) as url:
+        client = DeviceClient(url, "lab-pc", InMemoryCommandDispatcher(echo_tools()), backoff=QUICK_BACKOFF)
+        stop = asyncio.Event()
+        running = asyncio.create_task(client.run(stop))
+        async with asyncio.timeout(WAIT):
+            await client.registered.wait()
+        stop.set()
+        async with asyncio.timeout(WAIT):
+            await running
+    garbled = [record for record in caplog.records if "malformed frame" in record.getMessage()]
+    assert len(garbled) == 1, [record.getMessage() for record in caplog.records]
+    assert client.registrations == 1
+
+
+async def test_a_device_with_an_unknown_credential_stops_with_credential_refused() -> None:
+    async with running_hub() as hub:
+        client = DeviceClient(hub.url, "lab-pc", InMemoryCommandDispatcher(echo_tools()), token="not-issued-token-123")
+        async with asyncio.timeout(WAIT):
+            with pytest.raises(CredentialRefused, match="401"):
+                await client.run()
+
+
+async def test_a_device_whose_credential_a_fake_hub_revokes_stops() -> None:
+    async def answer(connection: ServerConnection, n: int) -> None:
+        await connection.send(ACK)
+        await connection.close(CloseCode.REVOKED, "credential revoked")
+
+    async with fake_hub(answer) as url:
+        client = DeviceClient(url, "lab-pc", InMemoryCommandDispatcher(echo_tools()), backoff=QUICK_BACKOFF)
+        async with asyncio.timeout(WAIT):
+            with pytest.raises(CredentialRefused, match="revoked"):
+                await client.run()
+        assert client.registrations == 1
+
+
+async def test_the_agent_context_of_a_batch_reaches_the_device() -> None:
+    seen: list[ServerMessage] = []
+    async with running_hub() as hub, running_device(hub) as device:
+        original = device._receive
+
+        def spy(connection: Any, frame: str | bytes) -> None:
+            message = json.loads(frame)
+            if message.get("type") == "command":
+                seen.append(ServerMessage.model_validate(message))
+            original(connection, frame)
+
+        device._receive = spy  # type: ignore[method-assign]
+        dispatcher = WebSocketCommandDispatcher(
+            HubLink(hub.url, TOKEN),
+            "lab-pc",
+            agent_name="HostAgent",
+            process_name="explorer.exe",
+            root_name="default",
+            session_id="session-1",
+            task_name="tidy-desktop",
+        )
+        async with dispatcher:
+            [result] = await dispatcher.execute_commands([Command(tool_name="echo", parameters={"a": 1})], timeout=WAIT)
+    assert result.status is ResultStatus.SUCCESS
+    [frame] = seen
+    assert (frame.agent_name, frame.process_name, frame.root_name) == ("HostAgent", "explorer.exe", "default")
+    assert (frame.session_id, frame.task_name) == ("session-1", "tidy-desktop")
