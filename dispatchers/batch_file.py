@@ -7,6 +7,9 @@ mode: parallel            # or sequential (the default)
 stop_on_failure: false
 retries: 2                # retries after the first attempt, for transient failures
 max_concurrency: 8        # commands at once, in parallel mode
+agent_context:            # for a stock UFO device (ignored locally): which agent's MCP servers run the batch
+  agent_name: HostAgent
+  process_name: explorer.exe
 commands:
   - {tool_name: add, parameters: {a: 1, b: 2}}
 ```
@@ -21,7 +24,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from aip.messages import Command
+from aip.messages import AgentContext, Command
 
 from .base import DEFAULT_TIMEOUT
 from .batch import ExecutionMode
@@ -51,6 +54,7 @@ class BatchFile(BaseModel):
     stop_on_failure: bool | None = None
     retries: int | None = Field(default=None, ge=0)
     max_concurrency: int | None = Field(default=None, ge=1)
+    agent_context: AgentContext | None = None
 
 
 def run_options(batch: BatchFile | None, **given: Any) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from prefect.states import Completed, Failed
 from aip.access import CONTROLLER_PATH
 from aip.connect import endpoint
 from aip.controller import HubLink
-from aip.messages import Command, Result, ResultStatus
+from aip.messages import AgentContext, Command, Result, ResultStatus
 from dispatchers import (
     BasicCommandDispatcher,
     BatchPolicy,
@@ -98,6 +98,7 @@ async def dispatch_batch(
     hub: str | None = None,
     persist_results: bool = True,
     resume_from: str | None = None,
+    agent_context: AgentContext | None = None,
 ) -> list[Result] | State:
     """Run a batch: ``commands``, else those of ``batch_file`` (whose settings apply unless given here).
 
@@ -148,7 +149,11 @@ async def dispatch_batch(
     await _best_effort(_tag(backend, device), "tagging the flow run")
     reports: list[CommandReport | None] = [None] * len(batch)
 
-    async with _dispatcher(backend, servers, retry, device, hub) as dispatcher, Progress(len(batch)) as progress:
+    agent = agent_context or (spec.agent_context if spec else None) or AgentContext()
+    agent = agent.model_copy(
+        update={"session_id": agent.session_id or run_id, "task_name": agent.task_name or flow_run_name()}
+    )
+    async with _dispatcher(backend, servers, retry, device, hub, agent) as dispatcher, Progress(len(batch)) as progress:
         index = {command.call_id: i for i, command in enumerate(batch)}
 
         async def run_one(command: Command, command_deadline: Deadline) -> Result:
@@ -194,7 +199,12 @@ async def _tag(backend: Backend, device: str | None) -> None:
 
 @asynccontextmanager
 async def _dispatcher(
-    backend: Backend, config: str | dict[str, Any], retry: RetryPolicy, device: str | None, hub: str | None
+    backend: Backend,
+    config: str | dict[str, Any],
+    retry: RetryPolicy,
+    device: str | None,
+    hub: str | None,
+    context: AgentContext,
 ) -> AsyncIterator[BasicCommandDispatcher]:
     if backend is Backend.LOCAL:
         yield LocalCommandDispatcher(shared_manager(config), retry=retry)
@@ -203,9 +213,9 @@ async def _dispatcher(
     if not hub or not device:
         raise ValueError("the remote backend needs a device and a hub (the hub parameter or $DISPATCH_HUB)")
     cafile = os.environ.get("DISPATCH_CAFILE")  # a private CA for a wss:// hub (dispatch run --cafile)
-    context = ssl.create_default_context(cafile=cafile) if cafile else None
-    link = HubLink(hub, os.environ.get("DISPATCH_TOKEN"), ssl_context=context)
-    dispatcher = WebSocketCommandDispatcher(link, device, session_id=str(flow_run.id), retry=retry)
+    trusted = ssl.create_default_context(cafile=cafile) if cafile else None
+    link = HubLink(hub, os.environ.get("DISPATCH_TOKEN"), ssl_context=trusted)
+    dispatcher = WebSocketCommandDispatcher(link, device, retry=retry, **context.model_dump())
     try:
         yield dispatcher
     finally:

@@ -12,7 +12,8 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from hub_support import QUICK_BACKOFF, TOKEN, echo_tools, running_device, running_hub
@@ -21,7 +22,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from aip.connect import CredentialRefused
 from aip.controller import HubLink
 from aip.device import DeviceClient
-from aip.messages import Command, ResultStatus, ServerMessage, ServerMessageType, TaskStatus
+from aip.messages import AgentContext, Command, Result, ResultStatus, ServerMessage, ServerMessageType, TaskStatus
 from aip.switchboard import CloseCode
 from dispatchers import InMemoryCommandDispatcher, WebSocketCommandDispatcher
 
@@ -94,18 +95,24 @@ async def test_a_device_whose_credential_a_fake_hub_revokes_stops() -> None:
         assert client.registrations == 1
 
 
-async def test_the_agent_context_of_a_batch_reaches_the_device() -> None:
+def spy_on_batches(device: DeviceClient) -> list[ServerMessage]:
+    """Every command frame the device receives, as it arrived."""
     seen: list[ServerMessage] = []
+    original = device._receive
+
+    def spy(connection: Any, frame: str | bytes) -> None:
+        message = json.loads(frame)
+        if message.get("type") == "command":
+            seen.append(ServerMessage.model_validate(message))
+        original(connection, frame)
+
+    device._receive = spy  # type: ignore[method-assign]
+    return seen
+
+
+async def test_the_agent_context_of_a_batch_reaches_the_device() -> None:
     async with running_hub() as hub, running_device(hub) as device:
-        original = device._receive
-
-        def spy(connection: Any, frame: str | bytes) -> None:
-            message = json.loads(frame)
-            if message.get("type") == "command":
-                seen.append(ServerMessage.model_validate(message))
-            original(connection, frame)
-
-        device._receive = spy  # type: ignore[method-assign]
+        seen = spy_on_batches(device)
         dispatcher = WebSocketCommandDispatcher(
             HubLink(hub.url, TOKEN),
             "lab-pc",
@@ -121,3 +128,32 @@ async def test_the_agent_context_of_a_batch_reaches_the_device() -> None:
     [frame] = seen
     assert (frame.agent_name, frame.process_name, frame.root_name) == ("HostAgent", "explorer.exe", "default")
     assert (frame.session_id, frame.task_name) == ("session-1", "tidy-desktop")
+
+
+async def test_a_batch_file_and_a_flow_parameter_give_the_agent_context(
+    tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.batch import dispatch_batch, run_batch_flow
+
+    monkeypatch.setenv("DISPATCH_TOKEN", TOKEN)
+    batch_file = tmp_path / "ufo-batch.yaml"
+    batch_file.write_text(
+        "agent_context: {agent_name: AppAgent, process_name: notepad.exe}\n"
+        "commands:\n  - {tool_name: echo, parameters: {a: 1}, call_id: from-file}\n"
+    )
+    async with running_hub() as hub, running_device(hub) as device:
+        seen = spy_on_batches(device)
+        options: dict[str, Any] = {"backend": "remote", "device": "lab-pc", "hub": hub.url, "timeout": 30}
+        async with asyncio.timeout(60):
+            state = await dispatch_batch(batch_file=str(batch_file), return_state=True, **options)  # as a deployment
+            from_file: list[Result] = await cast(Any, state).aresult()
+            given = await run_batch_flow(
+                [Command(tool_name="echo", call_id="given")],
+                agent_context=AgentContext(agent_name="HostAgent", task_name="nightly"),
+                **options,
+            )
+    assert [r.status for r in from_file + given] == [ResultStatus.SUCCESS] * 2
+    first, second = seen
+    assert (first.agent_name, first.process_name, first.task_name) == ("AppAgent", "notepad.exe", "ufo-batch-on-lab-pc")
+    assert (second.agent_name, second.task_name) == ("HostAgent", "nightly")
+    assert first.session_id and second.session_id and first.session_id != second.session_id  # each flow run's id
