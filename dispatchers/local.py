@@ -47,7 +47,15 @@ class LocalCommandDispatcher(ToolCallDispatcher):
         return hints is not None and bool(hints.read_only_hint or hints.idempotent_hint)
 
     async def _route(self, command: Command) -> Route:
-        """Route ``command``, waiting (within the attempt's time) for servers whose start could decide it."""
+        """Route ``command``, waiting (within the attempt's time) for servers whose start could decide it.
+
+        Servers named by the routing error that are starting are waited for;
+        those whose restart is due are launched first. When none is (each is
+        still waiting out its restart delay), the error is raised as it is: a
+        server that has not listed its tools yet makes it a transient
+        ``ServerUnavailable``, so the retry policy tries again later, and that
+        attempt launches the servers that have become due.
+        """
         while True:
             try:
                 return self.router.route(command)

@@ -6,7 +6,11 @@ In order: ``namespace`` (or a ``server.tool`` name) picks the server; else
 tools are known (up now, or listed before they went down). Servers that have
 never listed their tools take no part in routing by name; the errors name
 them (``CommandError.servers``), so a caller can wait for their start and ask
-again.
+again. A tool no known server offers while some have not listed their tools
+yet (down, starting, or waiting out their restart delay) is a transient
+``ServerUnavailable``, whatever those servers' history: they may offer it
+once they are up. Only when every server has listed its tools is an unknown
+tool a permanent ``UnknownTool``.
 """
 
 from __future__ import annotations
@@ -101,11 +105,11 @@ class CommandRouter:
         unlisted = tuple(name for name in names if not self.servers[name].available and not self.servers[name].tools)
         if unlisted:
             every_tool = {tool for name in names for tool in self.servers[name].tools}
-            reasons = "; ".join(f"{name!r}: {self.servers[name].error}" for name in unlisted)
-            raise UnknownTool(
+            reasons = "; ".join(f"{name!r}: {self.servers[name].error or 'not up yet'}" for name in unlisted)
+            # Transient: their start (under way, or due) may bring the tool; the retry waits for it.
+            raise ServerUnavailable(
                 f"no MCP server offers {tool_name!r}{scope}{_suggest(tool_name, every_tool)}, "
                 f"and these have not listed their tools yet: {reasons}",
-                sent=False,
                 servers=unlisted,
             )
         elsewhere = [name for name in self.servers if name not in names and tool_name in self.servers[name].tools]

@@ -404,6 +404,77 @@ async def test_a_server_that_failed_its_first_start_comes_back(tmp_path: Path) -
     assert result.result == {"result": 1}
 
 
+def first_start_fails(tmp_path: Path) -> dict[str, Any]:
+    """An ``mcp.json`` entry for the demo server behind a wrapper that exits 1 on its first start only."""
+    marker = tmp_path / "started-once"
+    wrapper = tmp_path / "first_start_fails.py"
+    wrapper.write_text(
+        "import os, runpy, sys\n"
+        f"marker, server = {str(marker)!r}, {str(DEMO_SERVER)!r}\n"
+        "if not os.path.exists(marker):\n"
+        "    open(marker, 'w').close()\n"
+        "    sys.stderr.write('first start fails on purpose\\n')\n"
+        "    sys.exit(1)\n"
+        "sys.argv = [server]\n"
+        "runpy.run_path(server, run_name='__main__')\n"
+    )
+    return {"command": sys.executable, "args": [str(wrapper)]}
+
+
+async def test_a_tool_of_a_server_that_failed_its_first_start_is_retried_until_it_is_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server never listed its tools: routing by name waits for it (default retries) instead of giving up."""
+    caplog.set_level(logging.WARNING, logger="dispatchers")
+    async with running({"mcpServers": {"flappy": first_start_fails(tmp_path)}}) as manager:
+        connection = manager.connections["flappy"]
+        assert not connection.available and not connection.tools
+        dispatcher = LocalCommandDispatcher(manager)  # RetryPolicy() as it comes
+        echo = Command(tool_name="echo", parameters={"value": 1}, call_id="e1")
+        begin = time.monotonic()
+        [result] = await run(dispatcher, echo, timeout=20)
+        elapsed = time.monotonic() - begin
+        retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+        # Every server has listed its tools now: a tool none offers is a verdict, not retried.
+        caplog.clear()
+        typo = Command(tool_name="ecoh", parameters={"value": 1}, call_id="e2")
+        [unknown] = await run(dispatcher, typo)
+
+    assert result.status is ResultStatus.SUCCESS, result.error
+    assert result.result == {"result": 1}
+    assert result.namespace == "flappy"
+    assert elapsed < 15
+    assert retries  # the first attempt came before the restart delay had passed
+    assert all("ServerUnavailable: " in line and "'flappy'" in line for line in retries), retries
+    cause = failure_cause(unknown, typo)
+    assert cause.startswith("UnknownTool: ")
+    assert "did you mean 'echo'" in cause
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+
+
+async def test_with_no_retry_left_a_server_that_never_listed_its_tools_is_a_transient_failure_naming_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="dispatchers")
+    config = {"mcpServers": {"flappy": first_start_fails(tmp_path), "time": TIME_SERVER}}
+    async with running(config) as manager:
+        assert not manager.connections["flappy"].available
+        assert manager.connections["time"].available, manager.connections["time"].error
+        dispatcher = LocalCommandDispatcher(manager, retry=RetryPolicy(attempts=1))
+        echo = Command(tool_name="echo", parameters={"value": 1}, call_id="n1")
+        typo = Command(tool_name="get_curent_time", parameters={"timezone": "UTC"}, call_id="n2")
+        results = await run(dispatcher, echo, typo)
+
+    for result, command in zip(results, (echo, typo), strict=True):
+        cause = failure_cause(result, command)
+        assert cause.startswith("ServerUnavailable: "), cause  # transient, not UnknownTool
+        assert "have not listed their tools yet" in cause
+        assert "'flappy'" in cause
+        assert "first start fails on purpose" in cause
+    assert "did you mean 'get_current_time'" in failure_cause(results[1], typo)
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+
+
 async def test_a_crash_mid_call_fails_at_once_and_the_server_restarts(demo_config: dict[str, Any]) -> None:
     others = demo_children()  # e.g. the module's shared server
     async with running(demo_config) as manager:

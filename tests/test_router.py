@@ -218,16 +218,59 @@ def test_a_down_server_named_by_namespace_is_unavailable() -> None:
     assert caught.value.sent is False
 
 
-def test_a_tool_no_known_server_offers_names_the_servers_that_never_listed_theirs() -> None:
+def test_a_tool_no_known_server_offers_while_some_never_listed_theirs_is_transient() -> None:
+    """The server that has not listed its tools may offer it once it is up: worth a retry, not a verdict."""
     router = CommandRouter({"up": server("add"), "down": server(available=False, error="exited with code 3")})
-    with pytest.raises(UnknownTool) as caught:
+    with pytest.raises(ServerUnavailable) as caught:
         router.route(Command(tool_name="ad"))
     assert "'down'" in str(caught.value)
     assert "exited with code 3" in str(caught.value)
+    assert "have not listed their tools yet" in str(caught.value)
     assert "did you mean 'add'?" in str(caught.value)
     assert caught.value.servers == ("down",)  # whose start could change the answer
+    assert caught.value.transient
+    assert caught.value.sent is False
     # The live server still answers.
     assert route(router, "add") == ("up", "add")
+
+
+def test_a_server_starting_for_the_first_time_makes_an_unknown_tool_transient_too() -> None:
+    """No error yet (its first start is under way): still not a verdict, and the text says why."""
+    router = CommandRouter({"up": server("add"), "new": server(available=False)})
+    with pytest.raises(ServerUnavailable) as caught:
+        router.route(Command(tool_name="subtract"))
+    assert "'new': not up yet" in str(caught.value)
+    assert caught.value.servers == ("new",)
+    assert caught.value.transient
+
+
+def test_unlisted_servers_of_a_category_make_an_unknown_tool_transient() -> None:
+    router = CommandRouter(
+        {
+            "reads": server("get", categories=("data_collection",)),
+            "writes": server(available=False, categories=("action",), error="crashed"),
+        }
+    )
+    with pytest.raises(ServerUnavailable) as caught:
+        router.route(Command(tool_name="put", tool_type="action"))
+    assert "among action servers" in str(caught.value)
+    assert caught.value.servers == ("writes",)
+    # An unlisted server of the other category cannot change the answer: still permanent.
+    with pytest.raises(UnknownTool) as unknown:
+        router.route(Command(tool_name="put", tool_type="data_collection"))
+    assert not unknown.value.transient
+    assert unknown.value.servers == ()
+
+
+def test_a_tool_no_server_offers_when_every_server_listed_its_tools_is_unknown() -> None:
+    """Servers that are down but listed their tools before are known: nothing to wait for."""
+    router = CommandRouter({"up": server("add"), "flappy": server("mul", available=False, error="exited")})
+    with pytest.raises(UnknownTool) as caught:
+        router.route(Command(tool_name="ad"))
+    assert not caught.value.transient
+    assert caught.value.sent is False
+    assert caught.value.servers == ()
+    assert "did you mean 'add'?" in str(caught.value)
 
 
 def test_a_down_server_that_listed_the_tool_is_still_the_route() -> None:
@@ -240,7 +283,7 @@ def test_a_down_server_that_listed_the_tool_is_still_the_route() -> None:
 def test_the_router_sees_changes_in_the_server_view() -> None:
     views = {"a": server(available=False, error="starting")}
     router = CommandRouter(views)
-    with pytest.raises(UnknownTool) as caught:
+    with pytest.raises(ServerUnavailable) as caught:
         router.route(Command(tool_name="t"))
     assert caught.value.servers == ("a",)
     views["a"].tools["t"] = tool("t")
