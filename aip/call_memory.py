@@ -12,10 +12,11 @@ each call_id is remembered with the command it belongs to: the same call_id
 with another tool, parameters or tool_type is refused (``CallIdConflict``),
 neither run nor answered from memory.
 
-Only successes are remembered. A failure may not have reached the tool at all
-(a server restarting, a timeout), and a retry of a failed command (a resumed
-batch) is meant to run it again. A run that was cancelled has no answer to
-remember. The memory is bounded in entries, bytes and age, so a device that
+A success answers every repeat. A failure answers only a re-delivery of the
+batch it ran in (the same ``response_id``: the controller re-sending after a
+hub restart must not run a failed action twice); a new batch with that call_id
+(a resumed flow run) is meant to run it again. A run that was cancelled, or a
+command never started, has no answer to remember. The memory is bounded in entries, bytes and age, so a device that
 runs for months stays small.
 """
 
@@ -67,7 +68,8 @@ class CallMemory:
         self.clock = clock
         # Results are kept as JSON text: 10,000 strings cost the garbage collector
         # nothing, 10,000 model trees cost every full collection a scan.
-        self._done: OrderedDict[Key, tuple[float, str, str]] = OrderedDict()
+        # (when, the command's fingerprint, the Result's JSON, the batch it ran in if it failed)
+        self._done: OrderedDict[Key, tuple[float, str, str, str | None]] = OrderedDict()
         self._bytes = 0
         self._running: dict[Key, tuple[str, asyncio.Future[Result]]] = {}
 
@@ -77,13 +79,16 @@ class CallMemory:
     def recall(self, call_id: str, controller: str = "") -> Result | None:
         self._expire()
         entry = self._done.get((controller, call_id))
-        return Result.model_validate_json(entry[2]) if entry else None
+        return Result.model_validate_json(entry[2]) if entry and entry[3] is None else None
 
-    async def execute(self, commands: Sequence[Command], run: Run, fail: Fail, controller: str = "") -> list[Result]:
+    async def execute(
+        self, commands: Sequence[Command], run: Run, fail: Fail, controller: str = "", delivery: str = ""
+    ) -> list[Result]:
         """One Result per command: remembered, shared with a run in progress, refused, or from ``run``.
 
         ``controller`` is whose batch this is (the hub's word for it; empty
-        when the hub does not say, as a UFO server does not).
+        when the hub does not say, as a UFO server does not); ``delivery`` is
+        the batch's ``response_id``.
         """
         self._expire()
         answers: list[Result | asyncio.Future[Result] | BaseException | None] = []
@@ -92,6 +97,8 @@ class CallMemory:
         for index, command in enumerate(commands):
             key = (controller, command.call_id) if command.call_id else None
             known = self._done.get(key) if key else None
+            if known is not None and known[3] is not None and known[3] != delivery:
+                known = None  # a failure, asked for by another batch: run it again
             running = self._running.get(key) if key else None
             if key is None:
                 answers.append(None)
@@ -126,8 +133,8 @@ class CallMemory:
             if key in mine:
                 fingerprint_of_command, _ = self._running.pop(key)
                 mine.pop(key).set_result(result)
-                if result.status is ResultStatus.SUCCESS:
-                    self._remember(key, fingerprint_of_command, result)
+                failed_in = None if result.status is ResultStatus.SUCCESS else delivery
+                self._remember(key, fingerprint_of_command, result, failed_in)
         return [await self._settle(command, answer, fail) for command, answer in zip(commands, answers, strict=True)]
 
     @staticmethod
@@ -150,7 +157,7 @@ class CallMemory:
                 raise
             return fail([command], RuntimeError("the first run of this call_id was cancelled"))[0]
 
-    def _remember(self, key: Key, command_fingerprint: str, result: Result) -> None:
+    def _remember(self, key: Key, command_fingerprint: str, result: Result, failed_in: str | None) -> None:
         try:
             text = result.model_dump_json()
         except (ValueError, RecursionError):
@@ -158,7 +165,7 @@ class CallMemory:
         if len(text) > self.limits.bytes:
             return
         self._forget(key)
-        self._done[key] = (self.clock(), command_fingerprint, text)
+        self._done[key] = (self.clock(), command_fingerprint, text, failed_in)
         self._bytes += len(text)
         while len(self._done) > self.limits.entries or self._bytes > self.limits.bytes:
             self._forget(next(iter(self._done)))
@@ -171,7 +178,7 @@ class CallMemory:
     def _expire(self) -> None:
         oldest_kept = self.clock() - self.limits.seconds
         while self._done:
-            key, (stamp, _, _) = next(iter(self._done.items()))
+            key, (stamp, *_) = next(iter(self._done.items()))
             if stamp >= oldest_kept:
                 break
             self._forget(key)

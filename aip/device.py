@@ -152,8 +152,10 @@ class DeviceClient:
         #: Set while registered with the hub; cleared when the connection ends.
         self.registered = asyncio.Event()
         self.registrations = 0
-        self._batches: dict[str, asyncio.Task[None]] = {}
-        self._cancelled: dict[str, str] = {}
+        #: The run of each batch by response_id (the newest, when a batch was delivered again).
+        self._batches: dict[str, _BatchRun] = {}
+        #: Every run not finished yet, orphaned ones included.
+        self._runs: set[_BatchRun] = set()
         self._chores: set[asyncio.Future[None]] = set()
         self._first_latency = 0.0
 
@@ -224,6 +226,7 @@ class DeviceClient:
             raise HubUnavailable(f"the connection to the hub closed: {closed}") from None
         finally:
             self.registered.clear()
+            self._orphan_batches_of(connection)
             await connection.close()
         raise HubUnavailable("the hub closed the connection")
 
@@ -278,12 +281,16 @@ class DeviceClient:
         match message.type:
             case ServerMessageType.COMMAND:
                 response_id = message.response_id or str(uuid.uuid4())
-                if response_id not in self._batches:
-                    task = asyncio.create_task(self._run_batch(connection, message, response_id))
-                    self._batches[response_id] = task
-                    task.add_done_callback(lambda _: self._batches.pop(response_id, None))
+                current = self._batches.get(response_id)
+                if current is None or current.orphaned:  # new, or sent again after its connection was lost
+                    self._start(connection, message, response_id)
             case ServerMessageType.TASK_END:
-                self._cancel(message.response_id or "", message.error or "the hub ended this batch")
+                run = self._batches.get(message.response_id or "")
+                why = message.error or "the hub ended this batch"
+                if run is not None and message.status is TaskStatus.FAILED:
+                    run.cancel(why)  # nobody waits for it: stop what runs too
+                elif run is not None:
+                    run.orphan(why)  # its controller may send it again: what runs finishes into memory
             case ServerMessageType.ERROR:
                 logger.warning("device %r: the hub reported: %s", self.device_id, message.error)
             case _:
@@ -315,43 +322,78 @@ class DeviceClient:
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)
 
-    def _cancel(self, response_id: str, why: str) -> None:
-        task = self._batches.get(response_id)
-        if task is not None and not task.done():
-            self._cancelled[response_id] = why
-            task.cancel()
+    def _start(self, connection: ClientConnection, message: ServerMessage, response_id: str) -> None:
+        run = _BatchRun(connection)
+        run.task = asyncio.create_task(self._run_batch(run, message, response_id))
+        self._batches[response_id] = run
+        self._runs.add(run)
+
+        def finished(_: object) -> None:
+            self._runs.discard(run)
+            if self._batches.get(response_id) is run:
+                del self._batches[response_id]
+
+        run.task.add_done_callback(finished)
+
+    def _orphan_batches_of(self, connection: ClientConnection) -> None:
+        """The connection is gone: its batches start nothing new (the controller will send them again)."""
+        for run in self._runs:
+            if run.connection is connection:
+                run.orphan("the connection to the hub was lost")
 
     async def _stop_batches(self, why: str) -> None:
-        for response_id in list(self._batches):
-            self._cancel(response_id, why)
-        if self._batches:
-            await asyncio.wait(set(self._batches.values()), timeout=5)
+        for run in list(self._runs):
+            run.cancel(why)
+        if self._runs:
+            await asyncio.wait({run.task for run in self._runs if run.task is not None}, timeout=5)
 
-    async def _run_batch(self, connection: ClientConnection, message: ServerMessage, response_id: str) -> None:
+    async def _run_batch(self, run: _BatchRun, message: ServerMessage, response_id: str) -> None:
+        """Run the commands one after the other, as UFO's device does; answer unless the batch was orphaned.
+
+        Each command goes through the call memory, so a batch delivered again
+        gets what already ran from memory, joins the command still running,
+        and runs only what never started.
+        """
+        connection = run.connection
         commands = list(message.actions or [])
         # The sender stops waiting after ``timeout``; our answer needs the way back to the hub too.
         timeout = message.timeout or UNBOUNDED_BATCH_SECONDS
         timeout = max(timeout - 2 * (connection.latency or self._first_latency), timeout / 2)
+        loop = asyncio.get_running_loop()
+        expires = loop.time() + timeout
         executor = self.executor
+        controller = message.controller_id or ""
 
-        async def run(fresh: list[Command]) -> list[Result]:
-            return await executor.execute_commands(fresh, timeout)
+        async def execute(fresh: list[Command]) -> list[Result]:
+            return await executor.execute_commands(fresh, max(expires - loop.time(), 1e-3))
 
+        results: list[Result] = []
         try:
-            results = await self.memory.execute(
-                commands, run, executor.generate_error_results, controller=message.controller_id or ""
-            )
+            for command in commands:
+                if run.orphaned is not None:
+                    results += executor.generate_error_results([command], f"ServerUnavailable: not run: {run.orphaned}")
+                    continue
+                results += await self.memory.execute(
+                    [command], execute, executor.generate_error_results, controller=controller, delivery=response_id
+                )
         except asyncio.CancelledError:
-            why = self._cancelled.pop(response_id, None)
-            if why is None:
+            if run.cancelled is None:
                 raise
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            results = executor.generate_error_results(commands, f"Cancelled: {why}")
+            results += executor.generate_error_results(commands[len(results) :], f"Cancelled: {run.cancelled}")
         except Exception as error:  # the executor broke: answer anyway
             logger.exception("device %r: the executor failed on batch %s", self.device_id, response_id)
-            results = executor.generate_error_results(commands, error)
+            results += executor.generate_error_results(commands[len(results) :], error)
+        if run.orphaned is not None and run.cancelled is None:
+            logger.info(
+                "device %r: batch %s orphaned (%s); its results stay in memory",
+                self.device_id,
+                response_id,
+                run.orphaned,
+            )
+            return
         reply = ClientMessage(
             type=ClientMessageType.COMMAND_RESULTS,
             status=TaskStatus.CONTINUE,
@@ -375,6 +417,26 @@ class DeviceClient:
         except ConnectionClosed:
             # The results stay in memory: a controller that sends the batch again gets them.
             logger.info("device %r: the connection closed before batch %s was answered", self.device_id, response_id)
+
+
+@dataclass(eq=False)
+class _BatchRun:
+    """One run of a batch on the connection that delivered it."""
+
+    connection: ClientConnection
+    task: asyncio.Task[None] | None = None
+    #: Why it starts no new command (its connection or its controller is gone), once it does not.
+    orphaned: str | None = None
+    #: Why it was stopped outright (nobody waits for it), once it was.
+    cancelled: str | None = None
+
+    def orphan(self, why: str) -> None:
+        self.orphaned = self.orphaned or why
+
+    def cancel(self, why: str) -> None:
+        if self.task is not None and not self.task.done() and self.cancelled is None:
+            self.cancelled = why
+            self.task.cancel()
 
 
 def _permanent(error: BaseException | None) -> bool:

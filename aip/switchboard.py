@@ -143,6 +143,8 @@ class Route:
     response_id: str
     device: Device
     controller: Hashable
+    #: The credential the controller sent it with: only that credential may send it again.
+    credential: str = ""
 
 
 def now_iso() -> str:
@@ -192,7 +194,8 @@ class Switchboard:
         self.device_by_peer: dict[Hashable, Device] = {}
         self.routes: dict[str, Route] = {}
         self.routes_by_controller: dict[Hashable, set[str]] = {}
-        self.abandoned: OrderedDict[str, Hashable] = OrderedDict()
+        #: response_id -> (the device it went to, the credential of the controller that sent it)
+        self.abandoned: OrderedDict[str, tuple[Hashable, str]] = OrderedDict()
         self.identities: dict[Hashable, Identity] = {}
         self._contests: dict[Hashable, _Contest] = {}
 
@@ -214,7 +217,7 @@ class Switchboard:
             if identity.role is Role.DEVICE:
                 actions += self.device_gone(peer, "its credential was revoked")
             else:
-                actions += self.controller_gone(peer)
+                actions += self.controller_gone(peer, revoked=True)
             actions.append(Close(peer, CloseCode.REVOKED, "credential revoked", now=True))
         return actions
 
@@ -316,7 +319,7 @@ class Switchboard:
         response_id = message.prev_response_id
         route = self.routes.get(response_id) if response_id else None
         if route is None or route.device is not device:
-            if response_id is not None and self.abandoned.get(response_id) == device.peer:
+            if response_id is not None and self.abandoned.get(response_id, (None,))[0] == device.peer:
                 del self.abandoned[response_id]  # the late answer to a batch nobody waits for
                 return []
             if message.type is ClientMessageType.ERROR and response_id is None:
@@ -351,7 +354,7 @@ class Switchboard:
             route = self.routes[response_id]
             self._forget(route)
             actions.append(Send(route.controller, failure_frame(response_id, error, Reason.DEVICE_LOST, device)))
-        for response_id in [rid for rid, peer in self.abandoned.items() if peer == device.peer]:
+        for response_id in [rid for rid, (peer, _) in self.abandoned.items() if peer == device.peer]:
             del self.abandoned[response_id]
         return actions
 
@@ -391,7 +394,10 @@ class Switchboard:
         response_id = message.response_id
         if not response_id:
             return [Send(peer, failure_frame(None, "a command needs a response_id", Reason.REJECTED))]
-        if response_id in self.routes or response_id in self.abandoned:
+        abandoned = self.abandoned.get(response_id)
+        if abandoned is not None and abandoned[1] == identity.credential:
+            del self.abandoned[response_id]  # its controller, back after losing its connection, sends it again
+        elif response_id in self.routes or abandoned is not None:
             return [
                 Send(
                     peer, failure_frame(response_id, f"response_id {response_id!r} is already in use", Reason.REJECTED)
@@ -405,7 +411,7 @@ class Switchboard:
         if device is None:
             error = f"device {target!r} is not connected{self._which_devices(identity, target)}"
             return [Send(peer, failure_frame(response_id, error, Reason.DEVICE_UNAVAILABLE))]
-        route = Route(response_id, device, peer)
+        route = Route(response_id, device, peer, identity.credential)
         self.routes[response_id] = route
         self.routes_by_controller.setdefault(peer, set()).add(response_id)
         device.pending.add(response_id)
@@ -445,26 +451,33 @@ class Switchboard:
         route = self.routes.get(response_id or "")
         if route is None or route.controller != peer:
             return []  # already answered, or never ours: nothing to stop
-        return self._abandon(route, "the controller cancelled this batch")
+        return self._abandon(route, "the controller cancelled this batch", TaskStatus.FAILED)
 
-    def controller_gone(self, peer: Hashable) -> list[Action]:
-        """A controller left: nobody waits for its batches, so the devices may stop them."""
+    def controller_gone(self, peer: Hashable, *, revoked: bool = False) -> list[Action]:
+        """A controller left: its batches start nothing new; it may come back and send them again (same response_id).
+
+        A ``revoked`` one cannot come back: its batches are stopped outright.
+        """
         self.identities.pop(peer, None)
+        status = TaskStatus.FAILED if revoked else TaskStatus.OK
         actions: list[Action] = []
         for response_id in sorted(self.routes_by_controller.pop(peer, set())):
-            actions += self._abandon(self.routes[response_id], "the controller that sent this batch disconnected")
+            route = self.routes[response_id]
+            actions += self._abandon(route, "the controller that sent this batch disconnected", status)
         return actions
 
-    def _abandon(self, route: Route, why: str) -> list[Action]:
+    def _abandon(self, route: Route, why: str, status: TaskStatus) -> list[Action]:
+        """Nobody waits for this batch now. ``TASK_END`` tells our device: ``failed``, stop it outright;
+        ``ok``, start none of its commands (what runs finishes into the device's memory)."""
         self._forget(route)
-        self.abandoned[route.response_id] = route.device.peer
+        self.abandoned[route.response_id] = (route.device.peer, route.credential)
         while len(self.abandoned) > ABANDONED_LIMIT:
             self.abandoned.popitem(last=False)
         if not route.device.speaks_dispatch:
             return []  # a UFO device has no way to stop a batch; its answer will be dropped
         cancel = ServerMessage(
             type=ServerMessageType.TASK_END,
-            status=TaskStatus.FAILED,
+            status=status,
             response_id=route.response_id,
             error=why,
             timestamp=now_iso(),

@@ -758,7 +758,23 @@ def test_when_a_device_goes_every_pending_batch_fails_at_once() -> None:
     assert failure["metadata"]["reason"] == "device_unavailable"
 
 
-def test_when_a_controller_goes_our_devices_get_a_cancel_per_batch_and_ufo_devices_nothing() -> None:
+def test_a_controller_back_after_losing_its_connection_may_send_its_abandoned_batch_again_and_no_one_else() -> None:
+    board = registered((DEV_A, "ours", True))
+    board.controller_text(CTL_1, command_frame("r1", "ours"))
+    board.controller_gone(CTL_1)
+    board.admit("intruder", controller_identity(CONTROLLER_NAMES[CTL_2]))
+    (refused,) = sends(board.controller_text("intruder", command_frame("r1", "ours")))
+    assert refused["metadata"]["reason"] == "rejected" and "already in use" in refused["error"]
+    board.admit("back", controller_identity(CONTROLLER_NAMES[CTL_1]))  # the same credential, a new connection
+
+    (forwarded,) = board.controller_text("back", command_frame("r1", "ours"))
+
+    assert isinstance(forwarded, Send) and forwarded.peer == DEV_A
+    assert board.routes["r1"].controller == "back"
+    assert [a.peer for a in board.device_text(DEV_A, results_frame("r1"))] == ["back"]
+
+
+def test_when_a_controller_goes_our_devices_are_told_to_start_nothing_more_per_batch_and_ufo_devices_nothing() -> None:
     board = registered((DEV_A, "ours", True), (DEV_B, "ufo", False))
     board.controller_text(CTL_1, command_frame("r2", "ours"))
     board.controller_text(CTL_1, command_frame("r1", "ours"))
@@ -772,7 +788,7 @@ def test_when_a_controller_goes_our_devices_get_a_cancel_per_batch_and_ufo_devic
     assert sorted(c["response_id"] for c in cancels) == ["r1", "r2"]
     for cancel in cancels:
         parsed = ServerMessage.model_validate_json(json.dumps(cancel))
-        assert parsed.type is ServerMessageType.TASK_END and parsed.status is TaskStatus.FAILED
+        assert parsed.type is ServerMessageType.TASK_END and parsed.status is TaskStatus.OK  # not "failed": no cancel
         assert cancel["error"]
     assert set(board.routes) == {"other"}
     assert board.devices["ours"].pending == {"other"} and board.devices["ufo"].pending == set()
@@ -1021,7 +1037,7 @@ def test_revoke_takes_the_rights_away_at_once_and_closes_exactly_the_connections
     assert set(board.identities) == {DEV_A3, CTL_1}
     assert set(board.routes) == {"r3"} and board.routes_by_controller == {CTL_1: {"r3"}}
     assert board.devices["delta"].pending == {"r3"}
-    assert dict(board.abandoned) == {"r4": DEV_A3}
+    assert [peer for peer, _ in board.abandoned.values()] == [DEV_A3] and list(board.abandoned) == ["r4"]
     # frames still arriving from a revoked peer are refused
     for peer in (DEV_A, DEV_B):
         assert board.device_text(peer, results_frame("r1")) == [Close(peer, CloseCode.POLICY, "not registered")]
@@ -1729,16 +1745,18 @@ async def test_a_repeat_is_answered_from_memory_without_running_again() -> None:
     assert len(memory) == 3
 
 
-async def test_a_failure_is_not_remembered_so_a_retry_runs_the_command_again() -> None:
+async def test_a_failure_answers_a_redelivery_of_its_batch_and_another_batch_runs_it_again() -> None:
     memory = CallMemory()
 
     async def run(commands: list[Command]) -> list[Result]:
         return fail(commands, RuntimeError("tool said no"))
 
-    first = await memory.execute([cmd("a")], run, fail)
-    assert first[0].status is ResultStatus.FAILURE and len(memory) == 0
+    first = await memory.execute([cmd("a")], run, fail, delivery="r1")
+    assert first[0].status is ResultStatus.FAILURE and memory.recall("a") is None  # recall: successes only
+    again = Recorder()
+    assert await memory.execute([cmd("a")], again, fail, delivery="r1") == first and again.calls == []
     rerun = Recorder()
-    assert await memory.execute([cmd("a")], rerun, fail) == [ok(cmd("a"))] and rerun.calls == [["a"]]
+    assert await memory.execute([cmd("a")], rerun, fail, delivery="r2") == [ok(cmd("a"))] and rerun.calls == [["a"]]
 
 
 async def test_memory_is_bounded_in_bytes_and_forgets_the_oldest_first() -> None:
