@@ -18,7 +18,7 @@ import ssl
 import weakref
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -65,17 +65,18 @@ _wire_logger.addFilter(_QuietHandshakeFailures())
 class HubSettings:
     """Where the hub listens and how patient it is.
 
-    A device must register within ``register_timeout`` seconds of connecting
-    and send something (a heartbeat at least) every ``heartbeat_timeout``
-    seconds; WebSocket pings every ``ping_interval`` catch a dead TCP peer
-    within ``ping_interval + ping_timeout``.
+    A device must register within ``register_timeout`` seconds of connecting.
+    After that it is alive for as long as its socket answers the WebSocket
+    pings the hub sends every ``ping_interval`` seconds: it need send no data
+    (a UFO device heartbeats only every 120 s and says nothing while a command
+    runs). A ping not answered within ``ping_timeout`` drops the connection, so
+    a dead peer is noticed within ``ping_interval + ping_timeout``.
     """
 
     host: str = "127.0.0.1"
     port: int = 8765
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     register_timeout: float = 5.0
-    heartbeat_timeout: float = 60.0
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
     #: How long a connection holding a device id has to answer the ping that decides a contested registration.
@@ -196,8 +197,7 @@ class Hub:
             process_request=self._admit,  # Origin included: every rule of the door is the AccessPolicy's
             max_size=settings.max_message_bytes,
             compression=None,  # see connect.open_connection: deflate costs more than it saves here
-            ping_interval=settings.ping_interval,
-            ping_timeout=settings.ping_timeout,
+            ping_interval=None,  # the hub pings itself (_keepalive): a pong is when a device was last seen
             ssl=self.ssl_context,
             logger=_wire_logger,
         )
@@ -271,16 +271,42 @@ class Hub:
         self.switchboard.admit(connection, identity)
         if not self.access.credentials.is_current(identity):  # revoked between the handshake and now
             self._apply(self.switchboard.revoke(self.access.credentials.is_current))
+        keepalive = asyncio.create_task(self._keepalive(connection))
         try:
             if identity.role is Role.DEVICE:
-                await self._serve_device(connection, outbox)
+                await self._serve_device(connection, outbox, keepalive)
             else:
                 await self._serve_controller(connection)
         finally:
+            keepalive.cancel()
             del self._outboxes[connection]
             await outbox.finish(timeout=1.0)
 
-    async def _serve_device(self, connection: ServerConnection, outbox: _Outbox) -> None:
+    async def _keepalive(self, connection: ServerConnection) -> str:
+        """Ping ``connection`` every ``ping_interval``; a pong refreshes its device's ``last_seen``.
+
+        A ping not answered within ``ping_timeout`` aborts the connection (a dead
+        peer would not answer a closing handshake either), so its reader sees it
+        closed at once; the reason is what the task returns.
+        """
+        settings = self.settings
+        while True:
+            await asyncio.sleep(settings.ping_interval)
+            try:
+                async with asyncio.timeout(settings.ping_timeout):  # ping() itself waits while the buffer is full
+                    await (await connection.ping())
+            except ConnectionClosed:
+                return "connection closed"
+            except TimeoutError:
+                why = f"no answer to a ping within {settings.ping_timeout:g}s"
+                logger.warning("dropping %s: %s", _address(connection), why)
+                connection.transport.abort()
+                return why
+            device = self.switchboard.device_by_peer.get(connection)
+            if device is not None:
+                device.last_seen = self.switchboard.clock()
+
+    async def _serve_device(self, connection: ServerConnection, outbox: _Outbox, keepalive: asyncio.Task[str]) -> None:
         settings = self.settings
         # Until it has registered, a device may send no more than a registration: no 100 MiB buffered first.
         connection.protocol.max_message_size = min(MAX_REGISTRATION_BYTES, settings.max_message_bytes)
@@ -311,13 +337,13 @@ class Hub:
         why = "connection closed"
         try:
             while True:
-                data = await _receive(connection, settings.heartbeat_timeout)
+                data = await connection.recv()  # fragments and all: a large result is read as it arrives
                 self._apply(self.switchboard.device_text(connection, data))
-        except TimeoutError:
-            why = f"silent for {settings.heartbeat_timeout:g}s"
-            self._apply([Close(connection, CloseCode.SILENT, why)])
         except ConnectionClosed as closed:
-            why = f"connection closed ({closed.rcvd.code if closed.rcvd else 'no close frame'})"
+            if keepalive.done() and not keepalive.cancelled() and keepalive.result() != "connection closed":
+                why = keepalive.result()
+            else:
+                why = f"connection closed ({closed.rcvd.code if closed.rcvd else 'no close frame'})"
         finally:
             lost = self.switchboard.device_gone(connection, why)
             if self.switchboard.devices.get(device.id) is None:  # not replaced by a newer connection
@@ -345,21 +371,6 @@ class Hub:
             pass
         finally:
             self._apply(self.switchboard.controller_gone(connection))
-
-
-async def _receive(connection: ServerConnection, patience: float) -> str | bytes:
-    """The next message, fragment by fragment: a large result still arriving is a sign of life."""
-    fragments: list[Any] = []
-    stream = connection.recv_streaming()
-    while True:
-        async with asyncio.timeout(patience):
-            fragment = await anext(stream, None)
-        if fragment is None:
-            break
-        fragments.append(fragment)
-    if len(fragments) == 1:
-        return fragments[0]  # type: ignore[no-any-return]
-    return "".join(fragments) if fragments and isinstance(fragments[0], str) else b"".join(fragments)
 
 
 def _address(connection: ServerConnection) -> str:

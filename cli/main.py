@@ -250,9 +250,13 @@ def serve(
         list[str] | None, typer.Option("--allow-origin", help="A browser Origin to accept (repeatable)")
     ] = None,
     max_message_mib: Annotated[float, typer.Option(help="Largest frame accepted, in MiB", min=0.001)] = 100.0,
-    heartbeat_timeout: Annotated[
-        float, typer.Option(help="Seconds a device may stay silent before it counts as gone", min=0.1)
-    ] = 60.0,
+    ping_interval: Annotated[
+        float, typer.Option(help="Seconds between the WebSocket pings that tell live connections from dead", min=0.1)
+    ] = 20.0,
+    ping_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds a connection has to answer a ping before it counts as gone", min=0.1),
+    ] = 20.0,
     certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM): serve wss://")] = None,
     keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM) for --certfile")] = None,
 ) -> None:
@@ -277,7 +281,11 @@ def serve(
             fail_usage(f"can't load the certificate: {error}")
     access = AccessPolicy.for_host(credential_file.store, host, allow_host or (), allow_origin or ())
     settings = HubSettings(
-        host=host, port=port, max_message_bytes=int(max_message_mib * 2**20), heartbeat_timeout=heartbeat_timeout
+        host=host,
+        port=port,
+        max_message_bytes=int(max_message_mib * 2**20),
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
     )
     log_to_stderr()
     if listens_in_clear(host, tls=context is not None):

@@ -681,9 +681,9 @@ async def test_a_ufo_style_device_runs_a_batch_from_the_dispatcher() -> None:
         finally:
             heartbeats.cancel()
 
-    # Silence for 0.4 s would drop the device; it answers after 0.8 s, kept alive by its heartbeats.
+    # The hub pings every 0.1 s; the device answers the batch after 0.8 s, kept alive by its pongs meanwhile.
     async with (
-        running_hub(heartbeat_timeout=0.4) as hub,
+        running_hub(ping_interval=0.1, ping_timeout=2.0) as hub,
         peer(hub, "/ws", token=None, query=f"?token={device_token(hub, 'ufo-pc')}") as connection,
     ):
         await connection.send(register_frame("ufo-pc"))
@@ -944,22 +944,29 @@ async def test_a_ufo_device_gets_no_cancel_and_its_late_answer_is_dropped_quietl
         assert (reply["type"], reply["status"]) == ("heartbeat", "ok"), reply
 
 
-async def test_a_silent_device_fails_its_pending_batch_soon_after_the_heartbeat_timeout() -> None:
+async def test_a_device_that_stops_answering_pings_fails_its_pending_batch_soon_after_the_ping_timeout() -> None:
+    """A fake: a plain websockets peer whose reading is paused once the batch reaches it, so no pong comes back."""
     batch_timeout = 30.0
     async with (
-        running_hub(heartbeat_timeout=0.5) as hub,
-        hand_device(hub, "mute-pc") as mute,
+        running_hub(ping_interval=0.2, ping_timeout=0.5) as hub,
+        hand_device(hub, "mute-pc", ping_interval=None) as mute,
         dispatcher_for(hub, "mute-pc") as dispatcher,
     ):
         started = time.monotonic()
         commands = echo_batch("mute", 2)
         batch = asyncio.create_task(dispatcher.execute_commands(commands, timeout=batch_timeout))
-        delivered = await recv_json(mute)  # the batch did reach the device, which then says nothing
+        delivered = await recv_json(mute)  # the batch did reach the device, which then reads nothing more
         assert delivered["type"] == "command"
+        mute.transport.pause_reading()
         async with asyncio.timeout(WAIT * 2):
             results = await batch
         elapsed = time.monotonic() - started
-        assert await close_code(mute) == 4001
+        assert not await list_devices(hub.url, TOKEN, timeout=WAIT), "the hub still holds the mute device"
+        mute.transport.resume_reading()
+        with pytest.raises(ConnectionClosed):  # the hub dropped the connection: no closing handshake with the dead
+            async with asyncio.timeout(WAIT):
+                while True:
+                    await mute.recv()
     assert elapsed < batch_timeout / 3, f"the failure took {elapsed:.1f}s: it waited for the batch deadline"
     assert [r.call_id for r in results] == [c.call_id for c in commands]
     for result in results:

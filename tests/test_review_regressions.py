@@ -280,10 +280,10 @@ async def test_a_controller_that_never_reads_is_closed_and_others_keep_working()
 
 async def test_a_large_result_over_a_slow_link_is_not_taken_for_silence(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aip.device, "FRAGMENT_CHARS", 2**16)
-    shot = "A" * 2**20  # 1 MiB at 512 KiB/s: two seconds on the wire, twice the hub's patience
+    shot = "A" * 2**20  # 1 MiB at 512 KiB/s: two seconds on the wire, ten of the hub's ping intervals
     async with (
         asyncio.timeout(30),
-        running_hub(heartbeat_timeout=1.0) as hub,
+        running_hub(ping_interval=0.2, ping_timeout=5.0) as hub,
         tcp_proxy(hub.port, up=throttled_pipe(2**19)) as port,
     ):
         client = device_client(hub, f"ws://127.0.0.1:{port}", "slow-link", {"screenshot": lambda c: shot})
