@@ -57,6 +57,34 @@ class AccessDenied(CommandError):
         super().__init__(message, sent=False)
 
 
+class HubDropped(ConnectionLost):
+    """The connection to the hub ended while a batch was out: it is sent again (same response_id) once back."""
+
+
+class _Delivery:
+    """One batch on its way: its response_id for every send, and whether any send reached the hub."""
+
+    def __init__(self) -> None:
+        self.response_id = str(uuid.uuid4())
+        self.delivered = False
+
+    def final(self, error: BaseException) -> BaseException:
+        """The error to report: one that may hide a run on the device says so; one that cannot, says that."""
+        if not isinstance(error, CommandError) or isinstance(error, AccessDenied):
+            return error
+        if self.delivered:
+            return _Worded(error, "outcome unknown: the batch reached the hub, the device may have run these commands")
+        return _Worded(error, "not run: the batch never reached the device")
+
+
+class _Worded(CommandError):
+    """``error``, with what it means for whether the commands ran."""
+
+    def __init__(self, error: CommandError, meaning: str) -> None:
+        super().__init__(f"{error}; {meaning}", sent=error.sent)
+        self.kind = error.kind
+
+
 class WebSocketCommandDispatcher(BasicCommandDispatcher):
     """Runs each batch on ``device``, reached through the hub behind ``protocol``.
 
@@ -144,7 +172,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
         """The hub connection ended: every batch waiting on it fails now, not at its deadline."""
         for future in self.pending.values():
             if not future.done():
-                future.set_exception(ConnectionLost(str(error)))
+                future.set_exception(HubDropped(str(error)))
 
     # -- batches -------------------------------------------------------------
 
@@ -167,22 +195,26 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
                 delay,
             )
 
+        delivery = _Delivery()
         try:
             return await self.delivery.call(
-                lambda: self._exchange(batch, deadline), deadline, self._should_retry, log_retry
+                lambda: self._exchange(batch, deadline, delivery), deadline, self._should_retry, log_retry
             )
         except Exception as error:
-            return self.generate_error_results(batch, error)
+            return self.generate_error_results(batch, delivery.final(error))
 
     @staticmethod
     def _should_retry(error: BaseException) -> bool:
+        """Send again what never got through, and what the hub lost with its connection (the device dedupes)."""
+        if isinstance(error, HubDropped):
+            return True
         return isinstance(error, CommandError) and error.transient and not error.sent
 
-    async def _exchange(self, batch: list[Command], deadline: Deadline) -> list[Result]:
+    async def _exchange(self, batch: list[Command], deadline: Deadline, delivery: _Delivery) -> list[Result]:
         """One round trip: send the batch, wait for its answer, check it."""
         if deadline.expired:
             raise CommandTimeout(deadline.seconds)
-        response_id = str(uuid.uuid4())
+        response_id = delivery.response_id
         answer: asyncio.Future[ClientMessage] = asyncio.get_running_loop().create_future()
         self.pending[response_id] = answer
         message = ServerMessage(
@@ -198,6 +230,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
         try:
             async with asyncio.timeout(deadline.remaining() + REPLY_GRACE):
                 await self._send(message)
+                delivery.delivered = True
                 reply = await answer
         except TimeoutError:
             self._cancel_remote(response_id)
