@@ -57,6 +57,7 @@ from .messages import (
     TaskStatus,
 )
 from .registration import DISPATCH_METADATA
+from .retry import requested_retry
 from .switchboard import CloseCode, now_iso
 
 logger = logging.getLogger("aip.device")
@@ -365,7 +366,11 @@ class DeviceClient:
         controller = message.controller_id or ""
 
         async def execute(fresh: list[Command]) -> list[Result]:
-            return await executor.execute_commands(fresh, max(expires - loop.time(), 1e-3))
+            rule = requested_retry.set(message.retry)  # the controller's --retries, for the executor to apply
+            try:
+                return await executor.execute_commands(fresh, max(expires - loop.time(), 1e-3))
+            finally:
+                requested_retry.reset(rule)
 
         results: list[Result] = []
         try:

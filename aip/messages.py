@@ -99,13 +99,30 @@ class Command(WireModel):
 
 
 class Result(WireModel):
-    """The outcome of one command; ``call_id`` echoes the command's."""
+    """The outcome of one command; ``call_id`` echoes the command's.
+
+    Extension: ``attempts`` is how many tries the device made (set by our
+    devices when the batch carried a retry rule).
+    """
 
     status: ResultStatus
     error: str | None = None
     result: Any = None
     namespace: str | None = None
     call_id: str | None = None
+    attempts: int | None = extension(ge=1)
+
+
+class RetryRule(BaseModel):
+    """The batch's retry policy as it travels to a device (``dispatchers.RetryPolicy`` on either end)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    attempts: int = Field(ge=1, le=100)
+    initial_delay: float = Field(ge=0, le=3600, allow_inf_nan=False)
+    max_delay: float = Field(ge=0, le=3600, allow_inf_nan=False)
+    jitter: float = Field(ge=0, le=3600, allow_inf_nan=False)
+    retry_tool_errors: bool = False
 
 
 #: The longest agent, process, root, session or task name a batch may carry.
@@ -141,7 +158,8 @@ class ServerMessage(WireModel):
     waits for (seconds rather than a timestamp: no clock is shared);
     ``controller_id`` is set by the hub, from the sender's credential, on the
     batches it forwards to our own devices, so each controller has a call
-    memory of its own.
+    memory of its own; ``retry`` is the batch's retry policy, which our
+    devices apply to each of its commands.
     """
 
     type: ServerMessageType
@@ -161,6 +179,7 @@ class ServerMessage(WireModel):
     target_id: str | None = extension()
     timeout: float | None = extension(gt=0, allow_inf_nan=False)
     controller_id: str | None = extension()
+    retry: RetryRule | None = extension()
 
 
 class ClientMessage(WireModel):

@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
 from tenacity import (
@@ -24,6 +24,8 @@ from tenacity import (
     stop_before_delay,
     wait_exponential_jitter,
 )
+
+from aip.messages import RetryRule
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,20 @@ class RetryPolicy:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
         if self.attempt_timeout is not None and not 0 < self.attempt_timeout < math.inf:
             raise ValueError(f"attempt_timeout must be a number of seconds above 0, not {self.attempt_timeout!r}")
+
+    def to_rule(self) -> RetryRule:
+        """This policy as it travels to a device (the attempt timeout stays the device's own)."""
+        return RetryRule(
+            attempts=self.attempts,
+            initial_delay=self.initial_delay,
+            max_delay=self.max_delay,
+            jitter=self.jitter,
+            retry_tool_errors=self.retry_tool_errors,
+        )
+
+    def following(self, rule: RetryRule) -> RetryPolicy:
+        """This policy, with what a batch's retry rule says."""
+        return replace(self, **rule.model_dump())
 
     def retrying(
         self,

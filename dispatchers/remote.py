@@ -34,7 +34,7 @@ from aip.switchboard import Reason, now_iso
 
 from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, error_result, with_call_id
 from .errors import CommandError, CommandTimeout, ConnectionLost, ProtocolError, ServerUnavailable, describe
-from .policy import Deadline, RetryPolicy
+from .policy import Deadline, RetryPolicy, observing_attempts
 
 logger = logging.getLogger("dispatchers.remote")
 
@@ -225,6 +225,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
             timestamp=now_iso(),
             target_id=self.device,
             timeout=self._device_budget(deadline),
+            retry=self.retry.to_rule(),
             **self.context.model_dump(),
         )
         try:
@@ -240,7 +241,26 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
             raise
         finally:
             del self.pending[response_id]
-        return self._checked(batch, reply)
+        results = self._checked(batch, reply)
+        self._report_device_attempts(batch, results)
+        return results
+
+    def _report_device_attempts(self, batch: list[Command], results: list[Result]) -> None:
+        """The tries the device made show where local ones do: the run's logs and the command's report."""
+        observer = observing_attempts.get()
+        for command, result in zip(batch, results, strict=True):
+            attempts = min(result.attempts or 1, self.retry.attempts)  # what a device claims, bounded by what we asked
+            if attempts > 1:
+                logger.warning(
+                    "%s[%s] took %d attempts on device %r (%s)",
+                    command.tool_name,
+                    command.call_id,
+                    attempts,
+                    self.device,
+                    result.status.value,
+                )
+            if observer is not None and len(batch) == 1:
+                observer.attempt(attempts)
 
     def _device_budget(self, deadline: Deadline) -> float:
         """The seconds the device gets: ours, less the time its answer needs to come back."""

@@ -13,13 +13,31 @@ from abc import abstractmethod
 from collections.abc import Sequence
 
 from aip.messages import Command, Result
+from aip.retry import requested_retry
 
 from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, error_result, with_call_id
 from .batch import BatchPolicy, ResultListener, run_batch
 from .errors import AttemptTimeout, CommandError, CommandTimeout, ToolReportedError, describe
-from .policy import Deadline, RetryPolicy
+from .policy import AttemptObserver, Deadline, RetryPolicy, observing_attempts
 
 logger = logging.getLogger("dispatchers")
+
+
+class _AttemptCounter:
+    """Counts the attempts at one command, passing each on to the observer already in place."""
+
+    def __init__(self, outer: AttemptObserver | None) -> None:
+        self.outer = outer
+        self.attempts = 1
+
+    def attempt(self, number: int) -> None:
+        self.attempts = number
+        if self.outer is not None:
+            self.outer.attempt(number)
+
+    def retry(self, number: int, error: BaseException, delay: float) -> None:
+        if self.outer is not None:
+            self.outer.retry(number, error, delay)
 
 
 class ToolCallDispatcher(BasicCommandDispatcher):
@@ -81,10 +99,17 @@ class ToolCallDispatcher(BasicCommandDispatcher):
                 delay,
             )
 
+        rule = requested_retry.get()  # on a device: the batch's own policy, and the Result says how many tries
+        policy = self.retry if rule is None else self.retry.following(rule)
+        counter = _AttemptCounter(observing_attempts.get())
+        token = observing_attempts.set(counter)
         try:
-            return await self.retry.call(attempt, deadline, lambda error: self.should_retry(command, error), log_retry)
+            result = await policy.call(attempt, deadline, lambda error: self.should_retry(command, error), log_retry)
         except Exception as error:
-            return error_result(command, error)
+            result = error_result(command, error)
+        finally:
+            observing_attempts.reset(token)
+        return result if rule is None else result.model_copy(update={"attempts": counter.attempts})
 
     async def execute_commands(
         self,

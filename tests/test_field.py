@@ -24,7 +24,8 @@ from aip.controller import HubLink
 from aip.device import DeviceClient
 from aip.messages import AgentContext, Command, Result, ResultStatus, ServerMessage, ServerMessageType, TaskStatus
 from aip.switchboard import CloseCode
-from dispatchers import InMemoryCommandDispatcher, WebSocketCommandDispatcher
+from dispatchers import InMemoryCommandDispatcher, RetryPolicy, WebSocketCommandDispatcher
+from dispatchers.errors import ConnectionLost
 
 WAIT = 10.0
 ACK = ServerMessage(type=ServerMessageType.HEARTBEAT, status=TaskStatus.OK).model_dump_json()
@@ -157,3 +158,61 @@ async def test_a_batch_file_and_a_flow_parameter_give_the_agent_context(
     assert (first.agent_name, first.process_name, first.task_name) == ("AppAgent", "notepad.exe", "ufo-batch-on-lab-pc")
     assert (second.agent_name, second.task_name) == ("HostAgent", "nightly")
     assert first.session_id and second.session_id and first.session_id != second.session_id  # each flow run's id
+
+
+def flaky_tool(failures: int) -> tuple[Any, list[int]]:
+    """A tool that loses its connection ``failures`` times, then answers; and the list of its tries."""
+    tries: list[int] = []
+
+    def tool(command: Command) -> str:
+        tries.append(len(tries) + 1)
+        if len(tries) <= failures:
+            raise ConnectionLost("the server went away on purpose")
+        return "done"
+
+    return tool, tries
+
+
+@pytest.mark.parametrize(("attempts", "status"), [(5, ResultStatus.SUCCESS), (2, ResultStatus.FAILURE)])
+async def test_the_controllers_retry_policy_is_the_one_the_device_applies(attempts: int, status: ResultStatus) -> None:
+    tool, tries = flaky_tool(failures=3)  # the device's own default (3 attempts) would give up on it
+    quick = RetryPolicy(attempts=attempts, initial_delay=0.01, max_delay=0.02, jitter=0.0)
+    async with (
+        running_hub() as hub,
+        running_device(hub, tools={"flaky": tool}),
+        WebSocketCommandDispatcher(HubLink(hub.url, TOKEN), "lab-pc", retry=quick) as dispatcher,
+    ):
+        [result] = await dispatcher.execute_commands([Command(tool_name="flaky", call_id="f-1")], timeout=WAIT)
+    assert result.status is status, result
+    assert len(tries) == min(attempts, 4) and result.attempts == len(tries)
+
+
+async def test_retries_on_the_device_show_in_the_flows_report(
+    prefect_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.batch import run_batch_flow
+
+    monkeypatch.setenv("DISPATCH_TOKEN", TOKEN)
+    tool, tries = flaky_tool(failures=2)
+    reported: list[Any] = []
+    monkeypatch.setattr("flows.batch.publish_results", _recording(reported))
+    async with running_hub() as hub, running_device(hub, tools={"flaky": tool}):
+        async with asyncio.timeout(60):
+            [result] = await run_batch_flow(
+                [Command(tool_name="flaky", call_id="f-2")],
+                backend="remote",
+                device="lab-pc",
+                hub=hub.url,
+                retries=4,
+                timeout=30,
+            )
+    assert result.status is ResultStatus.SUCCESS and len(tries) == 3
+    [reports] = reported
+    assert [report.attempts for report in reports] == [3]
+
+
+def _recording(into: list[Any]) -> Any:
+    async def publish(name: str, batch: Any, results: Any, reports: Any, where: str) -> None:
+        into.append(reports)
+
+    return publish

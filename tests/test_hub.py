@@ -997,30 +997,39 @@ async def test_a_device_connection_closed_mid_batch_fails_the_batch_at_once() ->
         assert "ConnectionLost" in (result.error or "") and "fragile-pc" in (result.error or ""), result.error
 
 
-async def test_a_controller_that_disconnects_mid_batch_has_its_batch_cancelled_on_the_device(
+async def test_a_controller_that_disconnects_mid_batch_lets_the_running_command_finish_and_starts_no_other(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="aip.device")
-    gate = Gate()
-    async with running_hub() as hub, running_device(hub, "worker", tools_with(gate=gate.tool)):
+    gate, later = Gate(), []
+    tools = tools_with(gate=gate.tool, later=lambda command: later.append(command.call_id))
+    async with running_hub() as hub, running_device(hub, "worker", tools) as device:
         async with peer(hub, "/controller") as controller:
             await controller.send(
                 controller_frame(
                     ServerMessageType.COMMAND,
                     response_id="leaving-1",
                     target_id="worker",
-                    actions=[Command(tool_name="gate", call_id="gated-1")],
+                    actions=[Command(tool_name="gate", call_id="gated-1"), Command(tool_name="later", call_id="l-1")],
                     timeout=60,
                 )
             )
             async with asyncio.timeout(WAIT):
                 await gate.started.wait()
-        # The controller is gone: the hub tells the device, which stops the tool.
+        # The controller is gone: the hub tells the device to start nothing more of the batch (it may come back).
+        # A round trip to the device after that: the hub's notice reached it first (one connection, in order).
+        async with dispatcher_for(hub, "worker") as dispatcher:
+            commands = echo_batch("behind-the-notice")
+            assert_echoed(commands, await dispatcher.execute_commands(commands, timeout=10))
+        run = device._batches["leaving-1"]
+        assert run.orphaned is not None and run.task is not None
+        gate.release.set()
         async with asyncio.timeout(WAIT):
-            await gate.cancelled.wait()
-        assert not gate.release.is_set()
-        # The device is still in service afterwards (two round trips: anything the hub
-        # sent it about its answer to the abandoned batch has reached it by then).
+            await run.task
+        assert not gate.cancelled.is_set() and gate.runs == 1
+        assert later == [], "a command of an orphaned batch was started"
+        assert "gated-1" in [call_id for _, call_id in device.memory._done], "the command that ran is not remembered"
+        # The device is still in service afterwards.
         async with dispatcher_for(hub, "worker") as dispatcher:
             for tag in ("after-leave", "after-leave-2"):
                 commands = echo_batch(tag)

@@ -461,7 +461,7 @@ async def test_the_call_memory_is_bounded_in_bytes() -> None:
     async with asyncio.timeout(10):
         for n in range(50):  # ~500 KB of results through a 64 KiB memory
             await memory.execute([Command(tool_name="shot", call_id=f"shot-{n}")], run, fail)
-        held = sum(len(text) for *_, text in memory._done.values())  # (stamp, fingerprint, text)
+        held = sum(len(text) for _, _, text, _ in memory._done.values())  # (stamp, fingerprint, text, failed_in)
         assert 0 < held <= limit, held
         assert memory._bytes == held
         assert memory.recall("shot-49") is not None, "the newest result was not kept"
