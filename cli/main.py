@@ -29,7 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from aip.access import CONTROLLER_PATH, AccessPolicy
-from aip.connect import HubUnavailable, endpoint
+from aip.connect import CredentialRefused, HubUnavailable, endpoint
 from aip.controller import list_devices
 from aip.credential_file import DEFAULT_PATH, CredentialFile, editing, read_store
 from aip.credentials import CredentialError, CredentialStore, Role, check_token
@@ -135,7 +135,7 @@ def run(
             fail_usage("--device needs --hub ws://HOST:PORT (or $DISPATCH_HUB)")
         checked_hub(hub)
         hub_credentials_for_the_flow(token_file, cafile)
-        options |= {"backend": "remote", "device": device, "hub": hub}
+        options |= {"backend": "remote", "device": device, "hub": hub, "agent_context": batch.agent_context}
     else:
         options["config"] = str(resolve_config(config, batch).resolve())  # a resume may run from elsewhere
     options |= run_options(
@@ -366,6 +366,9 @@ def device(
         run_until_signalled(serve_commands)
     except ValueError as error:
         fail_usage(str(error))
+    except CredentialRefused as error:
+        say_error(f"{error}: issue this device a credential with `dispatch credentials add-device {device_id}`")
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -450,6 +450,14 @@ def test_no_token_reaches_the_hub_or_device_logs(shared_site: Site) -> None:
         assert "wrong-token-in-a-log-0000" not in log
 
 
+def test_a_device_whose_credential_the_hub_does_not_know_exits_1_saying_how_to_issue_one(shared_site: Site) -> None:
+    args = ["device", "--hub", shared_site.url, "--id", "unknown-pc", "--config", str(shared_site.processes.config)]
+    refused = dispatch(*args, env=cli_env("not-a-credential-of-this-hub-0000"), timeout=60)
+    assert refused.returncode == 1, refused.stderr
+    assert "401" in refused.stderr and "dispatch credentials add-device unknown-pc" in refused.stderr, refused.stderr
+    assert "not-a-credential-of-this-hub-0000" not in refused.stderr + refused.stdout
+
+
 # -- losing the device or the hub -------------------------------------------------
 
 
