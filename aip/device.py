@@ -5,8 +5,11 @@ command_results), so it works against our hub and against a UFO server.
 What it adds: it always answers (an executor that raises still produces
 failure Results), it keeps heartbeating while a batch runs, it stops a batch
 when the hub says nobody waits for it any more (and still answers for it), it
-answers a repeated call_id from memory, and it reconnects with capped,
-jittered backoff until it is stopped.
+runs a batch's commands one after the other through its call memory, so a
+batch sent again after a hub restart gets what ran from memory and runs only
+what never started, it starts nothing new for a batch whose connection or
+controller is gone, it applies the batch's retry rule, and it reconnects
+with capped, jittered backoff until it is stopped or its credential refused.
 
 The executor is anything with the dispatcher interface (``execute_commands``
 and ``generate_error_results``); this module knows nothing of MCP or Prefect,

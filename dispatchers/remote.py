@@ -90,14 +90,17 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
 
     The agent context (``agent_name``, ``process_name``, ``root_name``,
     ``session_id``, ``task_name``: see ``aip.messages.AgentContext``) travels
-    on every batch, as UFO's server sends it. A batch
-    that could not be delivered (the device is not connected, the hub is
-    restarting) is sent again with backoff (capped at the retry policy's
-    ``max_delay``) until the deadline, whatever its ``attempts``. One that was
-    delivered and then lost with its device fails at once and is not sent
-    again: the device that comes back may be a new process that has forgotten
-    what ran. (A later batch with the same call_ids, sent to the same device
-    process, is answered from its memory.)
+    on every batch, as UFO's server sends it, and so does the retry policy,
+    which our devices apply to each command (``Result.attempts`` says how
+    many tries it took). A batch that could not be delivered (the device is
+    not connected, the hub is restarting), or whose hub connection dropped
+    while it was out, is sent again, the same frame, with backoff (capped at
+    the retry policy's ``max_delay``) until the deadline, whatever its
+    ``attempts``: the device answers what already ran from its memory. One
+    lost with its device (the hub still up) fails at once: the device that
+    comes back may be a new process that has forgotten what ran. A failure
+    says ``outcome unknown`` once the batch had reached the hub, ``not run``
+    when it never did.
     """
 
     def __init__(
