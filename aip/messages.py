@@ -159,7 +159,9 @@ class ServerMessage(WireModel):
     ``controller_id`` is set by the hub, from the sender's credential, on the
     batches it forwards to our own devices, so each controller has a call
     memory of its own; ``retry`` is the batch's retry policy, which our
-    devices apply to each of its commands.
+    devices apply to each of its commands; ``resent`` marks a batch sent again
+    after the hub connection dropped with it out (the hub never forwards such
+    a batch to a UFO device, which keeps no memory of what ran).
     """
 
     type: ServerMessageType
@@ -180,6 +182,7 @@ class ServerMessage(WireModel):
     timeout: float | None = extension(gt=0, allow_inf_nan=False)
     controller_id: str | None = extension()
     retry: RetryRule | None = extension()
+    resent: bool | None = extension()
 
 
 class ClientMessage(WireModel):

@@ -411,6 +411,12 @@ class Switchboard:
         if device is None:
             error = f"device {target!r} is not connected{self._which_devices(identity, target)}"
             return [Send(peer, failure_frame(response_id, error, Reason.DEVICE_UNAVAILABLE))]
+        if message.resent and not device.speaks_dispatch:
+            error = (
+                f"device {device.id!r} is a UFO device, which keeps no memory of what ran: "
+                "a batch that may have reached it is not sent to it again"
+            )
+            return [Send(peer, failure_frame(response_id, error, Reason.DEVICE_LOST, device))]
         route = Route(response_id, device, peer, identity.credential)
         self.routes[response_id] = route
         self.routes_by_controller.setdefault(peer, set()).add(response_id)

@@ -14,7 +14,7 @@ import datetime
 import ipaddress
 from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from aip.access import AccessPolicy
 from aip.credential_file import write_store
@@ -102,9 +102,20 @@ async def running_device(
         yield client
 
 
+class Runnable(Protocol):
+    """A device to run in a test: ours, or the UFO-style one."""
+
+    registered: asyncio.Event
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+Device = TypeVar("Device", bound=Runnable)
+
+
 @contextlib.asynccontextmanager
-async def serving(client: DeviceClient, patience: float = 10) -> AsyncIterator[DeviceClient]:
-    """Run a DeviceClient until the block ends; entered once it is registered."""
+async def serving(client: Device, patience: float = 10) -> AsyncIterator[Device]:
+    """Run a device until the block ends; entered once it is registered."""
     stop = asyncio.Event()
     task = asyncio.create_task(client.run(stop))
     try:

@@ -101,8 +101,10 @@ def join(
     return board.device_registers(peer, frame)
 
 
-def command_frame(response_id: str | None, target: str | None, actions: list[dict[str, Any]] | None = None) -> str:
-    """A controller's batch for ``target``."""
+def command_frame(
+    response_id: str | None, target: str | None, actions: list[dict[str, Any]] | None = None, **extra: Any
+) -> str:
+    """A controller's batch for ``target`` (``extra``: more fields)."""
     if actions is None:
         actions = [{"tool_name": "echo", "parameters": {"x": 1}, "tool_type": "action", "call_id": "c1"}]
     return json.dumps(
@@ -115,6 +117,7 @@ def command_frame(response_id: str | None, target: str | None, actions: list[dic
             "agent_name": "agent",
             "timeout": 30.0,
             "actions": actions,
+            **extra,
         }
     )
 
@@ -772,6 +775,18 @@ def test_a_controller_back_after_losing_its_connection_may_send_its_abandoned_ba
     assert isinstance(forwarded, Send) and forwarded.peer == DEV_A
     assert board.routes["r1"].controller == "back"
     assert [a.peer for a in board.device_text(DEV_A, results_frame("r1"))] == ["back"]
+
+
+def test_a_batch_sent_again_goes_to_our_devices_but_never_to_a_ufo_device_which_would_run_it_twice() -> None:
+    board = registered((DEV_A, "ours", True), (DEV_B, "ufo", False))
+    resent = {"resent": True}
+
+    (forwarded,) = board.controller_text(CTL_1, command_frame("r1", "ours", **resent))
+    (refused,) = sends(board.controller_text(CTL_1, command_frame("r2", "ufo", **resent)))
+
+    assert isinstance(forwarded, Send) and forwarded.peer == DEV_A
+    assert refused["metadata"] == {"reason": "device_lost", "device": "ufo"} and "no memory" in refused["error"]
+    assert "r2" not in board.routes and board.devices["ufo"].pending == set()
 
 
 def test_when_a_controller_goes_our_devices_are_told_to_start_nothing_more_per_batch_and_ufo_devices_nothing() -> None:

@@ -16,8 +16,8 @@ import time
 from typing import Any
 
 import pytest
-from hub_support import TOKEN, device_token, running_hub
-from ufo_style_device import UFO_HEARTBEAT_INTERVAL, UfoStyleDevice, running_ufo_device
+from hub_support import TOKEN, device_token, running_hub, serving
+from ufo_style_device import UFO_HEARTBEAT_INTERVAL, UfoStyleDevice
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -53,7 +53,7 @@ async def test_a_ufo_style_device_stays_connected_through_a_long_command_and_idl
     ping_interval = 0.2
     async with asyncio.timeout(30), running_hub(ping_interval=ping_interval, ping_timeout=1.0) as hub:
         ufo = UfoStyleDevice(hub.url, "ufo-pc", device_token(hub, "ufo-pc"), heartbeat_interval=3600)
-        async with running_ufo_device(ufo):
+        async with serving(ufo):
             registered = await the_device(hub, "ufo-pc")
             await asyncio.sleep(ping_interval * 8)  # idle: the device sends nothing at all
             idle = await the_device(hub, "ufo-pc")
@@ -90,7 +90,7 @@ async def test_a_ufo_style_device_stays_connected_through_a_long_command_and_idl
 async def test_a_ufo_style_device_sends_no_answer_without_an_agent_name_and_stays_connected() -> None:
     async with asyncio.timeout(30), running_hub(ping_interval=0.2, ping_timeout=1.0) as hub:
         ufo = UfoStyleDevice(hub.url, "ufo-noagent", device_token(hub, "ufo-noagent"), heartbeat_interval=3600)
-        async with running_ufo_device(ufo), dispatcher_for(hub, "ufo-noagent") as dispatcher:
+        async with serving(ufo), dispatcher_for(hub, "ufo-noagent") as dispatcher:
             [result] = await dispatcher.execute_commands(long_batch(0)[1:], timeout=1.5)
             assert (await the_device(hub, "ufo-noagent"))["id"] == "ufo-noagent"
     assert result.status is ResultStatus.FAILURE and "TimeoutError" in (result.error or ""), result.error
@@ -147,7 +147,7 @@ async def test_at_the_real_defaults_a_ufo_style_device_runs_a_90s_command_withou
         ufo = UfoStyleDevice(
             hub.url, "ufo-real", device_token(hub, "ufo-real"), heartbeat_interval=UFO_HEARTBEAT_INTERVAL
         )
-        async with running_ufo_device(ufo):
+        async with serving(ufo):
             registered = await the_device(hub, "ufo-real")
             async with dispatcher_for(hub, "ufo-real", agent_name="HostAgent") as dispatcher:
                 batch = asyncio.create_task(dispatcher.execute_commands(long_batch(90.0), timeout=150))

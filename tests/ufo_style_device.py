@@ -26,7 +26,6 @@ import datetime
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -196,18 +195,3 @@ class UfoStyleDevice:
             result.update(status="failure", error=f"no tool {action.get('tool_name')!r}")
         result["call_id"] = action.get("call_id")
         return result
-
-
-@contextlib.asynccontextmanager
-async def running_ufo_device(device: UfoStyleDevice, patience: float = 10.0) -> AsyncIterator[UfoStyleDevice]:
-    """Run ``device`` until the block ends; entered once it is registered."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(device.run(stop))
-    try:
-        async with asyncio.timeout(patience):
-            await device.registered.wait()
-        yield device
-    finally:
-        stop.set()
-        async with asyncio.timeout(patience):
-            await task
