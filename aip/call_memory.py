@@ -16,8 +16,8 @@ A success answers every repeat. A failure answers only a re-delivery of the
 batch it ran in (the same ``response_id``: the controller re-sending after a
 hub restart must not run a failed action twice); a new batch with that call_id
 (a resumed flow run) is meant to run it again. A run that was cancelled, or a
-command never started, has no answer to remember. The memory is bounded in entries, bytes and age, so a device that
-runs for months stays small.
+command never started, has no answer to remember. The memory is bounded in
+entries, bytes and age, so a device that runs for months stays small.
 """
 
 from __future__ import annotations

@@ -183,10 +183,10 @@ class DeviceClient:
                 if _permanent(error):  # a revoked credential, a token or URL that can never work
                     assert error is not None
                     raise error
-                if describe_failure(error) != last_failure:  # once per state change, not once per retry
+                if _failure_text(error) != last_failure:  # once per state change, not once per retry
                     level = logging.ERROR if isinstance(error, HubRefused | DeviceReplaced) else logging.WARNING
                     logger.log(level, "device %r: %s", self.device_id, error)
-                    last_failure = describe_failure(error)
+                    last_failure = _failure_text(error)
                 # A connection that got as far as registering was a success: back off from scratch;
                 # unless another device took our id, which would make two devices evict each other forever.
                 if self.registrations > registrations:
@@ -455,7 +455,7 @@ def _permanent(error: BaseException | None) -> bool:
     return isinstance(error, ValueError) and not isinstance(error, ValidationError)
 
 
-def describe_failure(error: BaseException | None) -> str:
+def _failure_text(error: BaseException | None) -> str:
     """A failure's kind and text: the device logs when this changes, not at every retry."""
     return f"{type(error).__name__}: {error}"
 

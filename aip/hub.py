@@ -282,12 +282,12 @@ class Hub:
             del self._outboxes[connection]
             await outbox.finish(timeout=1.0)
 
-    async def _keepalive(self, connection: ServerConnection) -> str:
+    async def _keepalive(self, connection: ServerConnection) -> str | None:
         """Ping ``connection`` every ``ping_interval``; a pong refreshes its device's ``last_seen``.
 
         A ping not answered within ``ping_timeout`` aborts the connection (a dead
         peer would not answer a closing handshake either), so its reader sees it
-        closed at once; the reason is what the task returns.
+        closed at once; the task returns why (None: the connection closed otherwise).
         """
         settings = self.settings
         while True:
@@ -296,7 +296,7 @@ class Hub:
                 async with asyncio.timeout(settings.ping_timeout):  # ping() itself waits while the buffer is full
                     await (await connection.ping())
             except ConnectionClosed:
-                return "connection closed"
+                return None
             except TimeoutError:
                 why = f"no answer to a ping within {settings.ping_timeout:g}s"
                 logger.warning("dropping %s: %s", _address(connection), why)
@@ -306,7 +306,9 @@ class Hub:
             if device is not None:
                 device.last_seen = self.switchboard.clock()
 
-    async def _serve_device(self, connection: ServerConnection, outbox: _Outbox, keepalive: asyncio.Task[str]) -> None:
+    async def _serve_device(
+        self, connection: ServerConnection, outbox: _Outbox, keepalive: asyncio.Task[str | None]
+    ) -> None:
         settings = self.settings
         # Until it has registered, a device may send no more than a registration: no 100 MiB buffered first.
         connection.protocol.max_message_size = min(MAX_REGISTRATION_BYTES, settings.max_message_bytes)
@@ -340,10 +342,8 @@ class Hub:
                 data = await connection.recv()  # fragments and all: a large result is read as it arrives
                 self._apply(self.switchboard.device_text(connection, data))
         except ConnectionClosed as closed:
-            if keepalive.done() and not keepalive.cancelled() and keepalive.result() != "connection closed":
-                why = keepalive.result()
-            else:
-                why = f"connection closed ({closed.rcvd.code if closed.rcvd else 'no close frame'})"
+            dropped = keepalive.result() if keepalive.done() and not keepalive.cancelled() else None
+            why = dropped or f"connection closed ({closed.rcvd.code if closed.rcvd else 'no close frame'})"
         finally:
             lost = self.switchboard.device_gone(connection, why)
             if self.switchboard.devices.get(device.id) is None:  # not replaced by a newer connection

@@ -118,10 +118,11 @@ class RetryRule(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    attempts: int = Field(ge=1, le=100)
-    initial_delay: float = Field(ge=0, le=3600, allow_inf_nan=False)
-    max_delay: float = Field(ge=0, le=3600, allow_inf_nan=False)
-    jitter: float = Field(ge=0, le=3600, allow_inf_nan=False)
+    # No upper bounds: any RetryPolicy travels; the batch's deadline bounds the tries on the device.
+    attempts: int = Field(ge=1)
+    initial_delay: float = Field(ge=0, allow_inf_nan=False)
+    max_delay: float = Field(ge=0, allow_inf_nan=False)
+    jitter: float = Field(ge=0, allow_inf_nan=False)
     retry_tool_errors: bool = False
 
 

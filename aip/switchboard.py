@@ -63,7 +63,6 @@ class CloseCode:
     UNSUPPORTED = 1003
     POLICY = 1008
     REPLACED = 4000
-    SILENT = 4001
     TOO_SLOW = 4002
     REVOKED = 4003
     DUPLICATE = 4004

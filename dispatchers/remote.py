@@ -229,7 +229,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
             target_id=self.device,
             timeout=self._device_budget(deadline),
             retry=self.retry.to_rule(),
-            resent=True if delivery.delivered else None,
+            resent=delivery.delivered or None,
             **self.context.model_dump(),
         )
         try:

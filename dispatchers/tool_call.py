@@ -99,17 +99,26 @@ class ToolCallDispatcher(BasicCommandDispatcher):
                 delay,
             )
 
-        rule = requested_retry.get()  # on a device: the batch's own policy, and the Result says how many tries
-        policy = self.retry if rule is None else self.retry.following(rule)
+        def should_retry(error: BaseException) -> bool:
+            return self.should_retry(command, error)
+
+        async def run(policy: RetryPolicy) -> Result:
+            try:
+                return await policy.call(attempt, deadline, should_retry, log_retry)
+            except Exception as error:
+                return error_result(command, error)
+
+        rule = requested_retry.get()
+        if rule is None:  # the common case: nothing more per command
+            return await run(self.retry)
+        # On a device: the batch's own policy, and the Result says how many tries it took.
         counter = _AttemptCounter(observing_attempts.get())
         token = observing_attempts.set(counter)
         try:
-            result = await policy.call(attempt, deadline, lambda error: self.should_retry(command, error), log_retry)
-        except Exception as error:
-            result = error_result(command, error)
+            result = await run(self.retry.following(rule))
         finally:
             observing_attempts.reset(token)
-        return result if rule is None else result.model_copy(update={"attempts": counter.attempts})
+        return result.model_copy(update={"attempts": counter.attempts})
 
     async def execute_commands(
         self,
