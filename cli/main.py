@@ -19,6 +19,7 @@ import signal
 import ssl
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -35,16 +36,15 @@ from aip.credential_file import DEFAULT_PATH, CredentialFile, editing, read_stor
 from aip.credentials import CredentialError, CredentialStore, Role, check_token
 from aip.device import DeviceClient
 from aip.hub import Hub, HubSettings
-from aip.messages import Command, Result, ResultStatus
+from aip.messages import Command, Result
 from dispatchers import (
     ConcurrencyLimits,
     ConfigError,
     ExecutionMode,
     LocalCommandDispatcher,
     MCPServerManager,
-    close_shared_managers,
     load_config,
-    short_id,
+    plural,
 )
 from dispatchers.batch_file import BatchFile, BatchFileError, load_batch, run_options
 
@@ -149,45 +149,51 @@ def run(
     quiet_prefect_defaults()
     from flows.batch import run_batch_flow
 
-    async def run_and_stop_servers() -> list[Result]:
-        try:
-            return await run_batch_flow(batch.commands, **options)
-        finally:
-            await close_shared_managers()
+    async def work() -> tuple[list[Command], list[Result]]:
+        return batch.commands, await run_batch_flow(batch.commands, **options)
 
-    try:
-        results = asyncio.run(run_and_stop_servers())
-    except KeyboardInterrupt:
-        stderr.print("interrupted: the MCP servers were stopped", highlight=False)
-        raise typer.Exit(130) from None
-    print_results(batch.commands, results, json_output)
+    run_batch_in_terminal(work, json_output)
 
 
 @app.command()
 def resume(
-    flow_run_id: Annotated[str, typer.Argument(help="The flow run to resume (its id, as the dashboard shows it)")],
+    flow_run_id: Annotated[str, typer.Argument(help="The flow run to resume (its id, as `dispatch run` printed it)")],
     token_file: TokenFileOption = None,
     cafile: CaFileOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print only the JSON array of Results on stdout")] = False,
 ) -> None:
     """Run a batch again, re-executing only the commands that did not succeed in that flow run."""
+    try:
+        uuid.UUID(flow_run_id)
+    except ValueError:
+        fail_usage(f"{flow_run_id!r} is not a flow run id (a UUID, as `dispatch run` prints it)")
     hub_credentials_for_the_flow(token_file, cafile)  # for a batch that ran on a device
     quiet_prefect_defaults()
     from flows.batch import resume_batch_flow
 
-    async def resume_and_stop_servers() -> tuple[list[Command], list[Result]]:
-        try:
-            return await resume_batch_flow(flow_run_id)
-        finally:
-            await close_shared_managers()
+    run_batch_in_terminal(lambda: resume_batch_flow(flow_run_id), json_output)
+
+
+def run_batch_in_terminal(
+    work: Callable[[], Awaitable[tuple[list[Command], list[Result]]]], json_output: bool
+) -> NoReturn:
+    """Run a batch flow here, print its Results, exit 0 (all succeeded), 1 (some failed) or 130 (interrupted)."""
+    from cli.batch_run import INTERRUPTED, APIUnreachable, report, run_in_terminal, where_runs_are_kept
 
     try:
-        commands, results = asyncio.run(resume_and_stop_servers())
-    except LookupError as error:
-        fail_usage(str(error).strip("'\""))
+        outcome = run_in_terminal(work, stdout, stderr)
+    except KeyboardInterrupt:
+        say_error("interrupted before the batch started")
+        raise typer.Exit(INTERRUPTED) from None
+    except LookupError as error:  # dispatch resume: no such run where we looked
+        fail_usage(f"{str(error).strip(chr(39) + chr(34))} {where_runs_are_kept()}")
     except BatchFileError as error:
         fail_usage(str(error))
-    print_results(commands, results, json_output)
+    except APIUnreachable as error:
+        say_error(str(error))
+        raise typer.Exit(1) from None
+    report(outcome, stdout, stderr, json_output)
+    raise typer.Exit(outcome.exit_code)
 
 
 @app.command()
@@ -563,15 +569,6 @@ def checked_config(path: Path) -> Any:
         fail_usage(str(error))
 
 
-def print_results(commands: list[Command], results: list[Result], json_output: bool) -> NoReturn:
-    """The Results as a table (or JSON), then exit 0 if every command succeeded, else 1."""
-    if json_output:
-        sys.stdout.write(json.dumps([result.model_dump(mode="json") for result in results]) + "\n")
-    else:
-        stdout.print(results_table(commands, results))
-    raise typer.Exit(0 if all(result.status is ResultStatus.SUCCESS for result in results) else 1)
-
-
 def listens_in_clear(host: str, tls: bool) -> bool:
     """Whether a server on ``host`` is reachable beyond this machine without TLS (a name may resolve anywhere)."""
     if tls or host == "localhost":
@@ -660,24 +657,6 @@ def quiet_prefect_defaults() -> None:
 # Every cell below is ``inert``: ids, tool names, results and errors come from devices, tools and batch files.
 
 
-def results_table(commands: list[Command], results: list[Result]) -> Table:
-    table = Table(title=f"{len(results)} results", show_lines=False)
-    for column in ("#", "call_id", "tool", "server", "status", "result / error"):
-        table.add_column(column, overflow="fold")
-    styles = {ResultStatus.SUCCESS: "green", ResultStatus.FAILURE: "red", ResultStatus.SKIPPED: "yellow"}
-    for index, (command, result) in enumerate(zip(commands, results, strict=True), start=1):
-        shown = result.result if result.status is ResultStatus.SUCCESS else result.error
-        table.add_row(
-            str(index),
-            inert(short_id(result.call_id)),
-            inert(command.tool_name),
-            inert(result.namespace or ""),
-            inert(result.status.value, styles.get(result.status, "white")),
-            inert(shown),
-        )
-    return table
-
-
 def devices_table(connected: list[Any]) -> Table:
     """The hub's listing, whatever a hub (ours, an older one, anyone's) put in it."""
     table = Table(title=plural(len(connected), "device") + " connected", title_justify="left")
@@ -704,10 +683,6 @@ def devices_table(connected: list[Any]) -> Table:
             )
         )
     return table
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def tools_table(server: dict[str, Any]) -> Table:

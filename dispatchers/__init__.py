@@ -7,7 +7,7 @@ device through the hub, ``InMemoryCommandDispatcher`` on Python functions
 that only executes commands never pays for it.
 """
 
-from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, error_result, failure_cause, short_id, with_call_id
+from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, error_result, failure_cause, plural, short_id, with_call_id
 from .batch import BatchPolicy, ExecutionMode, run_batch
 from .concurrency import ConcurrencyLimits
 from .local import LocalCommandDispatcher
@@ -40,6 +40,7 @@ __all__ = [
     "failure_cause",
     "load_config",
     "observing_attempts",
+    "plural",
     "run_batch",
     "shared_manager",
     "short_id",

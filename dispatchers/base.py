@@ -32,6 +32,11 @@ def short_id(call_id: str | None) -> str:
     return call_id if len(call_id) <= 20 else call_id[:8]
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 command``, ``3 commands``: every count a person reads."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _error_prefix(command: Command) -> str:
     return f"Error occurred while executing command {command}: "
 

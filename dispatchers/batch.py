@@ -5,6 +5,8 @@ callers (the dispatchers and the Prefect flow alike): one Result per command,
 in order, with its call_id; a failure is a Result, never an exception; when
 the deadline passes, finished commands keep their results, the rest get
 timeout failures, and the call returns at once, with nothing left running.
+An interruption (``dispatchers.interrupt``) ends the batch the same way,
+at once, with ``Interrupted`` failures.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from aip.messages import Command, Result, ResultStatus
 
 from .base import error_result, skipped_result, with_call_id
 from .errors import CommandTimeout
+from .interrupt import Interrupted, current_interruption
 from .policy import Deadline
 
 #: How long commands in flight at the deadline get, by default, to end by their
@@ -67,19 +70,25 @@ async def run_batch(
 ) -> list[Result]:
     """Run ``commands`` through ``run_one`` and return one Result each, by ``deadline``.
 
-    At the deadline, commands in flight get ``settle`` seconds to end by their
-    own timeouts; whatever is still running then is cancelled.
+    At the deadline, or when the batch is interrupted, commands in flight get
+    ``settle`` seconds to end by their own timeouts (or answer the
+    interruption); whatever is still running then is cancelled.
     """
     batch = [with_call_id(command) for command in commands]
     results: list[Result | None] = [None] * len(batch)
+    started = [False] * len(batch)
     failed = asyncio.Event()
+    interruption = current_interruption()
 
     async def run(index: int, command: Command) -> None:
-        if policy.stop_on_failure and failed.is_set():
+        if interruption is not None and interruption.asked:
+            result = error_result(command, Interrupted(started=False))
+        elif policy.stop_on_failure and failed.is_set():
             result = skipped_result(command, "skipped: an earlier command in the batch failed")
         elif deadline.expired:
             result = error_result(command, CommandTimeout(deadline.seconds))
         else:
+            started[index] = True
             try:
                 result = await run_one(command, deadline.within(command.timeout))
             except Exception as error:  # the boundary: nothing but Results leaves a batch
@@ -112,7 +121,7 @@ async def run_batch(
 
     driver = asyncio.ensure_future(run_all())
     try:
-        await asyncio.wait({driver}, timeout=deadline.remaining() + settle)
+        await _until_done_or_interrupted(driver, deadline.remaining() + settle, settle)
     finally:
         finished = list(results)
         if not driver.done():
@@ -120,5 +129,25 @@ async def run_batch(
             await asyncio.wait({driver}, timeout=CANCEL_GRACE)
         elif not driver.cancelled() and driver.exception() is not None:
             raise driver.exception()  # type: ignore[misc]  # a bug in run(): never swallow it
+    if interruption is not None and interruption.asked:
+        return [
+            result or error_result(command, Interrupted(started=ran))
+            for command, result, ran in zip(batch, finished, started, strict=True)
+        ]
     timeout = CommandTimeout(deadline.seconds)
     return [result or error_result(command, timeout) for command, result in zip(batch, finished, strict=True)]
+
+
+async def _until_done_or_interrupted(driver: asyncio.Future[None], timeout: float, settle: float) -> None:
+    """Wait for ``driver`` up to ``timeout``; if the batch is interrupted first, ``settle`` seconds more at most."""
+    interruption = current_interruption()
+    if interruption is None:
+        await asyncio.wait({driver}, timeout=timeout)
+        return
+    asked = asyncio.ensure_future(interruption.wait())
+    try:
+        await asyncio.wait({driver, asked}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        asked.cancel()
+    if interruption.asked and not driver.done():
+        await asyncio.wait({driver}, timeout=settle)

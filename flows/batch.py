@@ -21,7 +21,7 @@ from prefect import State, flow, get_client, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
-from prefect.states import Completed, Failed
+from prefect.states import Cancelled, Completed, Failed
 
 from aip.access import CONTROLLER_PATH
 from aip.connect import endpoint
@@ -36,15 +36,18 @@ from dispatchers import (
     RetryPolicy,
     WebSocketCommandDispatcher,
     error_result,
+    plural,
     run_batch,
     shared_manager,
     with_call_id,
 )
 from dispatchers.batch_file import load_batch, run_options
+from dispatchers.interrupt import current_interruption
 from tasks import BatchContext, CommandReport, execute_as_task
 
 from .reporting import Progress, emit_batch_finished, publish_results
 from .trust import check_deployment_parameters
+from .watching import Watch
 
 #: How long task runs in flight at the batch deadline get to report their own
 #: timeout (Failed) before they are cancelled (and show as Crashed).
@@ -146,6 +149,8 @@ async def dispatch_batch(
     servers = config or (spec.config if spec else None) or "mcp.json"
     if len({command.call_id for command in batch}) < len(batch):
         raise ValueError("two commands share a call_id: each command of a batch needs its own (or none)")
+    watch = Watch()
+    watch.batch_started(run_id, flow_run_name(), batch)
     await _best_effort(_tag(backend, device), "tagging the flow run")
     reports: list[CommandReport | None] = [None] * len(batch)
 
@@ -157,21 +162,37 @@ async def dispatch_batch(
         index = {command.call_id: i for i, command in enumerate(batch)}
 
         async def run_one(command: Command, command_deadline: Deadline) -> Result:
-            result, reports[index[command.call_id]] = await execute_as_task(
+            at = index[command.call_id]
+            watch.command_started(at)
+            result, reports[at] = await execute_as_task(
                 command, dispatcher, command_deadline, context, resumable=persist_results
             )
             return result
 
-        # Task runs that end at the deadline report Failed (a state round trip each) before they are cancelled.
-        results = await run_batch(batch, run_one, deadline, policy, progress.advance, settle=TASK_REPORT_GRACE)
+        def finished(at: int, result: Result) -> None:
+            progress.advance(at, result)
+            watch.command_finished(at, result, reports[at])
 
+        # Task runs that end at the deadline (or are interrupted) report Failed before they are cancelled.
+        results = await run_batch(batch, run_one, deadline, policy, finished, settle=TASK_REPORT_GRACE)
+
+    watch.batch_finished(results, reports)
     where = f"device {device}" if backend is Backend.REMOTE else "local MCP servers"
     await _best_effort(publish_results(flow_run_name(), batch, results, reports, where), "publishing the results")
     emit_batch_finished(context, results, reports)
+    return final_state(results)
+
+
+def final_state(results: list[Result]) -> State:
+    """Cancelled when the user interrupted the batch, else Failed when a command failed, else Completed."""
     failed = sum(result.status is ResultStatus.FAILURE for result in results)
+    outcome = f"{failed} of {plural(len(results), 'command')} failed"
+    interruption = current_interruption()
+    if interruption is not None and interruption.asked:
+        return Cancelled(message=f"interrupted (Ctrl-C): {outcome}", data=results)
     if failed:
-        return Failed(message=f"{failed} of {len(results)} commands failed", data=results)
-    return Completed(message=f"{len(results)} commands succeeded", data=results)
+        return Failed(message=outcome, data=results)
+    return Completed(message=f"{plural(len(results), 'command')} succeeded", data=results)
 
 
 def _deployment_run() -> bool:
@@ -232,7 +253,7 @@ async def resume_batch_flow(flow_run_id: str) -> tuple[list[Command], list[Resul
         try:
             run = await client.read_flow_run(uuid.UUID(flow_run_id))
         except (ValueError, ObjectNotFound):
-            raise LookupError(f"no flow run {flow_run_id!r} on the Prefect API at {client.api_url}") from None
+            raise LookupError(f"no flow run {flow_run_id}") from None
     parameters = dict(run.parameters)
     if "commands" not in parameters and "batch_file" not in parameters:
         raise LookupError(f"flow run {flow_run_id} is not a run of dispatch-batch")

@@ -26,7 +26,7 @@ from prefect.artifacts import (
 from prefect.events import emit_event
 
 from aip.messages import Command, Result, ResultStatus
-from dispatchers import failure_cause
+from dispatchers import failure_cause, plural
 from tasks import BatchContext, CommandReport
 
 #: Characters of a result or error shown per cell of the results table.
@@ -142,7 +142,7 @@ def summary(
     lines = [
         f"# {_markdown_text(title)}",
         "",
-        f"**{counts[ResultStatus.SUCCESS]} of {len(results)} commands succeeded** on {_markdown_text(where)}"
+        f"**{counts[ResultStatus.SUCCESS]} of {plural(len(results), 'command')} succeeded** on {_markdown_text(where)}"
         + (f", {reused} of them reused from the run this one resumes" if reused else "")
         + ".",
         f"Failed: {counts[ResultStatus.FAILURE]}. Skipped: {counts[ResultStatus.SKIPPED]}.",

@@ -41,6 +41,7 @@ from dispatchers import (
     short_id,
 )
 from dispatchers.errors import describe
+from dispatchers.interrupt import unless_interrupted
 
 
 class _InRun(logging.Filter):
@@ -62,6 +63,21 @@ def _send_dispatcher_logs_to_prefect() -> None:
 
 
 _send_dispatcher_logs_to_prefect()
+
+
+class _NoStateEcho(logging.Filter):
+    """Drops Prefect's "Task run failed with state: Failed(..., result=Result(...))" line, and its traceback.
+
+    A command's failure is one line in the run's logs, "Finished in state
+    Failed('<cause>')": the echo repeats it with the whole Result's repr and,
+    having no exception to show, a stray "NoneType: None".
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Task run failed with state:")
+
+
+logging.getLogger("prefect.task_runs").addFilter(_NoStateEcho())
 
 
 @dataclass(frozen=True)
@@ -148,7 +164,8 @@ async def _run_command(
     observer = _Observer(command, batch, report)
     token = observing_attempts.set(observer)
     try:
-        result = await dispatcher.execute_command(command, deadline)
+        # Interrupted, the task answers (Failed: "Interrupted: ...") rather than being cancelled (Crashed).
+        result = await unless_interrupted(command, dispatcher.execute_command(command, deadline))
     finally:
         observing_attempts.reset(token)
         report.seconds = time.perf_counter() - observer.started

@@ -1,0 +1,167 @@
+"""A batch run from the terminal (``dispatch run``, ``dispatch resume``): Ctrl-C loses nothing, the run can be found.
+
+The first Ctrl-C (SIGINT or SIGTERM, to the process or its whole group, with
+or without job control) interrupts the batch: running commands are cancelled
+and fail ``Interrupted``, finished ones keep their Results, the flow run ends
+Cancelled in Prefect, the table is printed, the exit code is 130. The second
+quits at once. The temporary Prefect server, when there is one, runs in a
+session of its own (``cli.embedded_api``), so it outlives the first Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, get_current_settings
+from rich.console import Console
+from rich.text import Text
+
+from aip.messages import Command, Result, ResultStatus
+from dispatchers import close_shared_managers
+from dispatchers.interrupt import Interruption, interruptible
+from flows.watching import watching
+
+from . import embedded_api
+from .batch_display import BatchDisplay, ConsoleLogHandler, results_table
+
+#: The exit code of a run stopped by Ctrl-C, as a shell reports a SIGINT.
+INTERRUPTED = 130
+#: Seconds a configured Prefect API has to answer its health check before the run is refused.
+API_CHECK_TIMEOUT = 5.0
+
+
+@dataclass
+class Outcome:
+    commands: list[Command]
+    results: list[Result]
+    display: BatchDisplay
+    interrupted: bool
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return INTERRUPTED
+        return 0 if all(result.status is ResultStatus.SUCCESS for result in self.results) else 1
+
+
+def run_in_terminal(
+    work: Callable[[], Awaitable[tuple[list[Command], list[Result]]]], stdout: Console, stderr: Console
+) -> Outcome:
+    """Run ``work`` (a batch flow run in this process) with the display and Ctrl-C handling of the terminal.
+
+    A Ctrl-C before the batch starts (while the temporary server starts)
+    raises ``KeyboardInterrupt``, even in a process started with SIGINT ignored.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _log_through(stderr)
+    embedded = embedded_api.needed()
+    if embedded:
+        stderr.print(
+            "starting a temporary Prefect server (6-10 s; set PREFECT_API_URL to record runs on a running one)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        embedded_api.start()
+    else:
+        check_api_answers()
+    display = BatchDisplay(stderr, live=stderr.is_terminal, dashboard=None if embedded else PREFECT_UI_URL.value())
+
+    async def supervised() -> tuple[list[Command], list[Result], bool]:
+        with interruptible() as interruption, watching(display):
+            _on_signals(interruption, display, stderr)
+            try:
+                commands, results = await work()
+            finally:
+                await close_shared_managers()
+            return commands, results, interruption.asked
+
+    try:
+        commands, results, interrupted = asyncio.run(supervised())
+    finally:
+        display.close()
+    return Outcome(display.commands or commands, results, display, interrupted)
+
+
+def report(outcome: Outcome, stdout: Console, stderr: Console, json_output: bool) -> None:
+    """The Results on stdout (a table, or exactly the JSON array); how to find the run again on stderr."""
+    if json_output:
+        sys.stdout.write(json.dumps([result.model_dump(mode="json") for result in outcome.results]) + "\n")
+        sys.stdout.flush()
+    else:
+        stdout.print(results_table(outcome.commands, outcome.results, outcome.display.reports))
+    run_id = outcome.display.flow_run_id
+    if outcome.exit_code and run_id:
+        stderr.print(
+            Text.assemble(
+                "to run again only the commands that did not succeed: ", (f"dispatch resume {run_id}", "bold")
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _on_signals(interruption: Interruption, display: BatchDisplay, stderr: Console) -> None:
+    """SIGINT and SIGTERM interrupt the batch; the second one quits on the spot."""
+    loop = asyncio.get_running_loop()
+
+    def interrupt() -> None:
+        if interruption.asked:
+            display.close()
+            stderr.print("interrupted again: quitting without waiting for the batch", highlight=False)
+            embedded_api.stop_now()
+            sys.stderr.flush()
+            os._exit(INTERRUPTED)
+        interruption.interrupt()
+        stderr.print(
+            "interrupted: stopping the running commands (Ctrl-C again to quit at once)", highlight=False, soft_wrap=True
+        )
+
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too when a shell started us with it ignored
+        loop.add_signal_handler(signum, interrupt)
+
+
+def _log_through(console: Console) -> None:
+    """Warnings and errors go through ``console`` (above the live display), Prefect's console handler goes.
+
+    Prefect's per-task lines ("Finished in state ...") repeat what the
+    display shows; they still reach the dashboard (the API handler).
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler).__name__ == "PrefectConsoleHandler":
+            root.removeHandler(handler)
+    root.addHandler(ConsoleLogHandler(console))
+
+
+def where_runs_are_kept() -> str:
+    """Where a run was looked for, and where else it might be, for a message that starts "no flow run X"."""
+    if embedded_api.needed():
+        return (
+            f"in the database of the temporary Prefect servers ({get_current_settings().home}); "
+            "for a run recorded on a running server (dispatch up), set PREFECT_API_URL"
+        )
+    return f"on the Prefect API at {PREFECT_API_URL.value()}"
+
+
+def check_api_answers() -> None:
+    """A configured API that is down fails the command at once, not after a minute of retries."""
+    url = PREFECT_API_URL.value()
+    try:
+        httpx.get(f"{url}/health", timeout=API_CHECK_TIMEOUT)
+    except httpx.HTTPError as error:
+        raise APIUnreachable(
+            f"the Prefect API at {url} does not answer ({type(error).__name__}): start that server "
+            "(dispatch up), or unset PREFECT_API_URL to run on a temporary one"
+        ) from None
+
+
+class APIUnreachable(RuntimeError):
+    """PREFECT_API_URL names a server that is not there."""

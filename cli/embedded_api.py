@@ -1,0 +1,85 @@
+"""The temporary Prefect API of a ``dispatch run`` without ``PREFECT_API_URL``, shielded from Ctrl-C.
+
+Prefect starts its temporary server as a child in the terminal's process
+group, so the Ctrl-C meant for the batch kills the server first and the
+flow run can no longer record how it ended (it stays Running, and every
+later API call retries for a minute). This starts the same server
+(``SubprocessASGIServer``, the instance Prefect's clients and background
+threads look up) in a session of its own: it outlives the Ctrl-C, records
+the end, and is stopped by us on the way out without waiting for it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect.server.api.server import SubprocessASGIServer
+from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, get_current_settings
+
+
+class _ShieldedServer(SubprocessASGIServer):
+    """Prefect's temporary server, started in a new session (the only change: ``start_new_session``)."""
+
+    def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+        import prefect
+
+        environment = {
+            **os.environ,
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+            **get_current_settings().to_environment_variables(exclude_unset=True),
+        }
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--app-dir",
+                str(Path(prefect.__file__).parent.parent),
+                "--factory",
+                "prefect.server.api.server:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "error",
+                "--lifespan",
+                "on",
+            ],
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def needed() -> bool:
+    """Whether runs here would use a temporary server: no API configured, temporary servers allowed."""
+    return not PREFECT_API_URL.value() and bool(PREFECT_SERVER_EPHEMERAL_ENABLED.value())
+
+
+def start() -> None:
+    """Start the temporary server now (6-10 s), as the one Prefect's clients will use."""
+    server = _ShieldedServer()
+    server.start()
+    atexit.register(_stop_without_waiting, server)  # runs before Prefect's own stop, which would wait
+
+
+def stop_now() -> None:
+    """The second Ctrl-C: the server goes too, nothing waits."""
+    server = SubprocessASGIServer._instances.get(None)
+    if server is not None:
+        _stop_without_waiting(server)
+
+
+def _stop_without_waiting(server: SubprocessASGIServer) -> None:
+    """SIGTERM and go: the run's end is recorded by now, the server finishes on its own."""
+    if server.server_process is not None:
+        server.server_process.terminate()
+        server.server_process = None
