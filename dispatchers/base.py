@@ -80,6 +80,17 @@ class BasicCommandDispatcher(ABC):
         [result] = await self.execute_commands([with_call_id(command)], timeout=max(deadline.remaining(), 1e-3))
         return result
 
+    def server_for(self, command: Command) -> str | None:
+        """The server that runs (or would run) ``command``, when the transport can tell; for failure Results."""
+        return command.namespace
+
+    def naming_the_server(self, command: Command, result: Result) -> Result:
+        """``result``, with its ``namespace`` filled in when it failed without one and the server is known."""
+        if result.namespace or result.status is ResultStatus.SUCCESS:
+            return result
+        server = self.server_for(command)
+        return result.model_copy(update={"namespace": server}) if server else result
+
     def generate_error_results(self, commands: Sequence[Command], error: BaseException | str) -> list[Result]:
         """One failure Result per command, all naming the same cause."""
         return [error_result(command, error) for command in commands]

@@ -46,6 +46,12 @@ class LocalCommandDispatcher(ToolCallDispatcher):
             return False
         return hints is not None and bool(hints.read_only_hint or hints.idempotent_hint)
 
+    def server_for(self, command: Command) -> str | None:
+        try:
+            return self.router.route(command).server
+        except CommandError:
+            return command.namespace
+
     async def _route(self, command: Command) -> Route:
         """Route ``command``, waiting (within the attempt's time) for servers whose start could decide it.
 

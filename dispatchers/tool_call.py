@@ -106,7 +106,7 @@ class ToolCallDispatcher(BasicCommandDispatcher):
             try:
                 return await policy.call(attempt, deadline, should_retry, log_retry)
             except Exception as error:
-                return error_result(command, error)
+                return self.naming_the_server(command, error_result(command, error))
 
         rule = requested_retry.get()
         if rule is None:  # the common case: nothing more per command
