@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,7 +199,16 @@ def wait_healthy(api_url: str, server: subprocess.Popen[bytes], timeout: float) 
 
 
 def port_is_free(port: int) -> bool:
+    """Whether a server of the stack could listen on 127.0.0.1:``port`` now.
+
+    Probed the way they bind: uvicorn and asyncio's ``create_server`` set
+    SO_REUSEADDR on Unix, so the TIME-WAIT sockets a stack just stopped leaves
+    behind for a minute don't hold the port for them (a plain bind would say
+    it is taken), while a live listener still does.
+    """
     with socket.socket() as probe:
+        if os.name == "posix" and sys.platform != "cygwin":  # as asyncio decides: on Windows it means another thing
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
@@ -254,30 +263,55 @@ def worker_credential(project: Path) -> str:
         return token
 
 
+def analytics_off(environ: Mapping[str, str]) -> dict[str, str]:
+    """The settings that keep Prefect from tracking, or from saying it tracks, unless the user asked for tracking.
+
+    Both are needed: ``PREFECT_SERVER_ANALYTICS_ENABLED=false`` silences the
+    server only, while the notice Prefect prints at its first import in a
+    terminal ("Prefect collects anonymous usage data ...") checks
+    ``DO_NOT_TRACK`` alone. An empty value counts as unset.
+    """
+    return {
+        "DO_NOT_TRACK": environ.get("DO_NOT_TRACK") or "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": environ.get("PREFECT_SERVER_ANALYTICS_ENABLED") or "false",
+    }
+
+
+def child_environment(environ: Mapping[str, str], project: Path, port: int, auth: str) -> dict[str, str]:
+    """What every child of the stack runs with: ``environ`` and the stack's settings (the user's tuning kept)."""
+    api_url = f"http://127.0.0.1:{port}/api"
+    dashboard = [f"http://127.0.0.1:{port}", f"http://localhost:{port}"]
+    return {
+        **environ,
+        "PWD": str(project),  # prefect.yaml's {{ $PWD }}: where the worker runs flows from
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_API_AUTH_STRING": auth,
+        "PREFECT_API_AUTH_STRING": auth,
+        "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": ",".join(dashboard),
+        **analytics_off(environ),
+        "PREFECT_WORKER_QUERY_SECONDS": environ.get("PREFECT_WORKER_QUERY_SECONDS", "2"),
+        **{name: environ.get(name, value) for name, value in SERVER_TUNING.items()},
+    }
+
+
 @contextmanager
 def running_stack(
     project: Path, port: int, pool: str, hub_port: int | None, say: Callable[[str], None]
 ) -> Iterator[Stack]:
-    """Start everything; yield the stack; stop everything, whatever happens."""
+    """Start everything; yield the stack; stop everything, whatever happens.
+
+    This process is quieted too, first: it imports Prefect itself (the job
+    template, the tidy-up on stop) with the user's terminal as its stderr,
+    which is where Prefect's notice would appear.
+    """
+    os.environ.update(analytics_off(os.environ))
     bin_dir = Path(sys.executable).parent
     prefect = str(bin_dir / "prefect") if (bin_dir / "prefect").exists() else "prefect"
     api_url = f"http://127.0.0.1:{port}/api"
     log_dir = project / ".dispatch" / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     auth = prefect_auth(project)
-    dashboard = [f"http://127.0.0.1:{port}", f"http://localhost:{port}"]
-    env = {
-        **os.environ,
-        "PWD": str(project),  # prefect.yaml's {{ $PWD }}: where the worker runs flows from
-        "PREFECT_API_URL": api_url,
-        "PREFECT_SERVER_API_AUTH_STRING": auth,
-        "PREFECT_API_AUTH_STRING": auth,
-        "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": ",".join(dashboard),
-        "DO_NOT_TRACK": os.environ.get("DO_NOT_TRACK", "1"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-        "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "2"),
-        **{name: os.environ.get(name, value) for name, value in SERVER_TUNING.items()},
-    }
+    env = child_environment(os.environ, project, port, auth)
     for what, taken in (("Prefect server", port), ("hub", hub_port)):
         if taken is not None and not port_is_free(taken):
             raise StackError(f"port {taken} (for the {what}) is in use: is another stack up? pick another port")

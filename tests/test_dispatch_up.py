@@ -11,10 +11,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,16 +27,130 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, _free_port
+from prefect._internal.analytics.ci_detection import CI_ENV_VARS
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, PREFECT_HOME, temporary_settings
 from process_support import CLI, listening, processes_mentioning, start, stop_group, tail, wait_for
 
-from cli.up import SERVER_TUNING
+from cli.up import SERVER_TUNING, child_environment, port_is_free
 
 #: What a copy of the project needs to be deployed and run by the worker.
 NOT_COPIED = shutil.ignore_patterns(
     ".venv", ".git", ".dispatch", "__pycache__", "*.egg-info", ".*_cache", "bench", "tests"
 )
+
+
+# -- before any stack: the port probe, and Prefect kept quiet (no stack needed, a second or two) --------
+
+
+def server_like_listener() -> socket.socket:
+    """A listener on a free loopback port, bound as uvicorn and asyncio's ``create_server`` bind (SO_REUSEADDR)."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    return listener
+
+
+def tcp_states(port: int) -> set[str]:
+    """The kernel's TCP states (hex, as /proc/net/tcp shows them) of the sockets whose local port is ``port``."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return {row.split()[3] for row in rows if int(row.split()[1].rsplit(":", 1)[1], 16) == port}
+
+
+def plain_bind_refused(port: int) -> bool:
+    """Whether a bind without SO_REUSEADDR (the old probe) is refused on 127.0.0.1:``port``."""
+    with socket.socket() as plain:
+        try:
+            plain.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the socket states from Linux's /proc")
+def test_a_port_held_only_by_time_wait_sockets_is_free_and_a_listened_one_is_not() -> None:
+    listener = server_like_listener()
+    port = listener.getsockname()[1]
+    with listener:
+        assert not port_is_free(port)  # a live listener: refused
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        accepted, _ = listener.accept()
+        accepted.close()  # the server's side closes first: the TIME-WAIT lands on the listening port
+        client.settimeout(5)
+        assert client.recv(1) == b""  # its FIN arrived
+        client.close()
+    time_wait = "06"
+    assert tcp_states(port) == {time_wait}, tcp_states(port)  # nothing but TIME-WAIT holds the port now
+    assert plain_bind_refused(port)  # what the old probe met: "in use" for a minute after a stop
+    assert port_is_free(port)
+    with server_like_listener() as other:
+        assert not port_is_free(other.getsockname()[1])
+
+
+def test_every_child_runs_with_prefect_analytics_and_its_notice_off(tmp_path: Path) -> None:
+    """``PREFECT_SERVER_ANALYTICS_ENABLED=false`` alone leaves the client's notice on: ``DO_NOT_TRACK`` is added."""
+    for environ in ({"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}, {"DO_NOT_TRACK": ""}, {}):
+        env = child_environment(environ, tmp_path, 4200, "dispatch:secret")
+        assert env["DO_NOT_TRACK"] == "1" and env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false", environ
+    asked = child_environment({"DO_NOT_TRACK": "0"}, tmp_path, 4200, "dispatch:secret")
+    assert asked["DO_NOT_TRACK"] == "0"  # tracking the user asked for is theirs to have
+
+
+def in_a_terminal(argv: list[str], env: dict[str, str], timeout: float = 60) -> str:
+    """What ``argv`` prints with a terminal as its stdout and stderr, as ``dispatch up`` run by hand has."""
+    main, secondary = os.openpty()
+    try:
+        with subprocess.Popen(
+            argv, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=secondary, stderr=secondary
+        ) as process:
+            os.close(secondary)
+            output = b""
+            deadline = time.monotonic() + timeout
+            while select.select([main], [], [], max(deadline - time.monotonic(), 0))[0]:
+                try:
+                    chunk = os.read(main, 4096)
+                except OSError:  # EIO: the last writer closed the terminal
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            else:
+                process.kill()
+                raise AssertionError(f"{argv} still running after {timeout:g} s: {output!r}")
+            assert process.wait(timeout=10) == 0, output
+    finally:
+        os.close(main)
+    return output.decode(errors="replace")
+
+
+#: In a terminal: start ``dispatch up`` (stopped at once by a busy port) unless told ``bare``, then import Prefect.
+IMPORT_AFTER_UP = """
+import socket, sys
+from pathlib import Path
+from cli.up import StackError, running_stack
+if sys.argv[1] != "bare":
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        try:
+            with running_stack(Path(sys.argv[1]), busy.getsockname()[1], "pool", None, print):
+                pass
+        except StackError as error:
+            print("refused:", error)
+import prefect
+"""
+
+
+def test_dispatch_up_itself_imports_prefect_without_its_analytics_notice(tmp_path: Path) -> None:
+    """The one process of the stack with the user's terminal; a bare import beside it shows the notice exists."""
+    env = {key: value for key, value in os.environ.items() if key not in CI_ENV_VARS and key != "DO_NOT_TRACK"}
+    env |= {"PYTHONPATH": str(ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # what the user had set
+    notice = "anonymous usage data"
+    bare = in_a_terminal([sys.executable, "-c", IMPORT_AFTER_UP, "bare"], env | {"PREFECT_HOME": str(tmp_path / "a")})
+    assert notice in bare, bare
+    up = in_a_terminal(
+        [sys.executable, "-c", IMPORT_AFTER_UP, str(tmp_path)], env | {"PREFECT_HOME": str(tmp_path / "b")}
+    )
+    assert "refused: port" in up and notice not in up, up
 
 
 @dataclass

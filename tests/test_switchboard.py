@@ -527,7 +527,7 @@ def test_a_command_for_an_unknown_device_fails_with_the_connected_list(target: s
     assert failure["type"] == "error" and failure["status"] == "error"
     assert failure["prev_response_id"] == "r1"
     assert failure["metadata"]["reason"] == "device_unavailable"
-    assert "(connected: alpha, beta)" in failure["error"]
+    assert "(connected: 'alpha', 'beta')" in failure["error"]  # ids are data: quoted, never bare
     assert board.routes == {}
 
 
@@ -679,6 +679,72 @@ def test_the_not_connected_error_names_no_device_the_controller_may_not_use() ->
     assert "other-pc" not in failure["error"]
 
 
+#: Ids a ``lab-*`` controller may not use, some of them one keystroke from a lab id.
+NOT_LAB = ["lab_09", "lab09", "xlab-09", "Lab-09", "other-pc", "prod-db-01"]
+
+
+@pytest.mark.parametrize("target", ["lab-9", "lab_09", "lab-zzzzzzzzzzzzzzzzzzzzzzzz", "x" * 100_000])
+def test_a_restricted_controller_never_sees_other_ids_in_the_not_connected_error(target: str) -> None:
+    board = new_board()
+    board.admit(CTL_LAB, controller_identity("lab-runner", ("lab-*",)))
+    for device_id in [*LAB_DEVICES, *NOT_LAB]:
+        join(board, f"peer-{device_id}", device_id)
+    (failure,) = sends(board.controller_text(CTL_LAB, command_frame("r1", f"lab-{target}")))
+    assert failure["metadata"]["reason"] == "device_unavailable", failure
+    named = set(re.findall(r"'([^']*)'", failure["error"])) - {f"lab-{target}"[:128]}
+    assert named and named <= set(LAB_DEVICES), failure["error"]
+    # the same question from a controller covering everything may hear of the others
+    (everything,) = sends(board.controller_text(CTL_1, command_frame("r2", "lab_9")))
+    assert "'lab_09'" in everything["error"], everything["error"]
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Switchboard:
+    """10,000 devices connected (``dev-00000`` ...), ``CTL_LAB`` covering only ``dev-01*`` (1,000 of them)."""
+    board = new_board(clock=lambda: "T0")
+    board.admit(CTL_LAB, controller_identity("dev-01-runner", ("dev-01*",)))
+    for number in range(10_000):
+        device_id = f"dev-{number:05d}"
+        board.admit(f"peer-{device_id}", device_identity(device_id))
+        device, actions = board.device_registers(f"peer-{device_id}", register_frame(device_id))
+        assert device is not None, actions
+    return board
+
+
+@pytest.mark.parametrize(
+    ("target", "guess"),
+    [("dev-0143l", "dev-0143"), ("dev-01" + "z" * 30, None), ("dev-01" + "x" * 1_000_000, None)],
+    ids=["typo", "far", "huge"],
+)
+def test_the_not_connected_error_stays_short_with_ten_thousand_devices(
+    fleet: Switchboard, target: str, guess: str | None
+) -> None:
+    for peer, usable in ((CTL_1, 10_000), (CTL_LAB, 1_000)):
+        (failure,) = sends(fleet.controller_text(peer, command_frame("r1", target)))
+        error = failure["error"]
+        assert len(error) < 400, error
+        named = re.findall(r"'(dev-\d{5})'", error)
+        assert 0 < len(named) <= NAMED_DEVICES, error
+        assert f" and {usable - len(named)} more)" in error, error
+        if guess is not None:  # numbered ids tie: any of dev-01430 ... dev-01439 is a fair guess
+            assert re.search(rf"did you mean '{guess}\d'.*\? \(also connected: ", error), error
+        else:
+            assert "did you mean" not in error, error
+        if peer == CTL_LAB:
+            assert all(device_id.startswith("dev-01") for device_id in named), error
+
+
+def test_the_not_connected_error_asks_did_you_mean_first_and_quotes_every_id() -> None:
+    board = lab_board()
+    (failure,) = sends(board.controller_text(CTL_LAB, command_frame("r1", "lab-8")))
+    error = failure["error"]
+    assert error.startswith("device 'lab-8' is not connected; did you mean 'lab-08'"), error
+    assert "?" in error and error.index("?") < error.index("also connected:"), error
+    unquoted = re.sub(r"'[^']*'", "", error)
+    assert not re.search(r"lab-\d", unquoted), error  # every id named is a quoted repr: data, never text
+    assert len(named_devices(error, "lab-8")) == NAMED_DEVICES and error.endswith(" and 3 more)"), error
+
+
 # -- Switchboard: answers back ------------------------------------------------------
 
 
@@ -779,10 +845,9 @@ def test_a_controller_back_after_losing_its_connection_may_send_its_abandoned_ba
 
 def test_a_batch_sent_again_goes_to_our_devices_but_never_to_a_ufo_device_which_would_run_it_twice() -> None:
     board = registered((DEV_A, "ours", True), (DEV_B, "ufo", False))
-    resent = {"resent": True}
 
-    (forwarded,) = board.controller_text(CTL_1, command_frame("r1", "ours", **resent))
-    (refused,) = sends(board.controller_text(CTL_1, command_frame("r2", "ufo", **resent)))
+    (forwarded,) = board.controller_text(CTL_1, command_frame("r1", "ours", resent=True))
+    (refused,) = sends(board.controller_text(CTL_1, command_frame("r2", "ufo", resent=True)))
 
     assert isinstance(forwarded, Send) and forwarded.peer == DEV_A
     assert refused["metadata"] == {"reason": "device_lost", "device": "ufo"} and "no memory" in refused["error"]
@@ -1377,7 +1442,7 @@ class SimulatedHub:
         )
         actions = board.revoke(lambda identity: identity.name != name)
         assert sorted(closes(actions), key=lambda close: str(close.peer)) == [
-            Close(holder, CloseCode.REVOKED, "credential revoked", now=True) for holder in sorted(revoked)
+            Close(holder, CloseCode.REVOKED, "credential revoked", now=True) for holder in sorted(revoked, key=str)
         ]
         # the revoked devices' batches fail to their controllers, the revoked controllers' are stopped
         told = [(a.peer, json.loads(a.text)) for a in actions if isinstance(a, Send)]
