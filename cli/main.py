@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.metadata
 import ipaddress
 import json
 import logging
@@ -46,17 +47,18 @@ from dispatchers import (
     load_config,
     plural,
 )
-from dispatchers.batch_file import BatchFile, BatchFileError, load_batch, run_options
+from dispatchers.batch_file import RUN_DEFAULTS, BatchFile, BatchFileError, load_batch, run_options
 
 from .inert import inert
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,  # plain help: no "<bool>" beside flags, nothing read as markup
     help="Run agent commands on MCP servers, here or on remote devices, as Prefect flows.",
 )
 stdout = Console()
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)  # one line per message, whatever the width of a pipe
 credentials_app = typer.Typer(
     no_args_is_help=True,
     help="Issue, list and revoke the credentials a hub accepts (one per device, one per controller).",
@@ -89,9 +91,68 @@ CaFileOption = Annotated[
 ]
 
 
+def main() -> None:
+    """The ``dispatch`` command: usage errors read like every other error, one ``error:`` line, exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:  # Ctrl-C before a command took over the signal
+        code = 130
+    except typer.TyperException as error:  # click's errors, as typer vendors them
+        message, context = error.format_message(), getattr(error, "ctx", None)
+        if context is not None and message == context.get_help():  # a bare `dispatch`: the help, as asked
+            sys.stderr.write(message + "\n")
+        else:
+            say_error(message + (f" (see `{context.command_path} --help`)" if context is not None else ""))
+        code = getattr(error, "exit_code", 2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        stdout.print(f"dispatch {importlib.metadata.version('command-dispatcher')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version and exit")
+    ] = False,
+) -> None:
+    """Run agent commands on MCP servers, here or on remote devices, as Prefect flows."""
+
+
 def say_error(message: str) -> None:
     """One line on stderr; ``message`` may quote a batch file or a device, so it is printed inert."""
     stderr.print(Text.assemble(("error:", "bold red"), " ", inert(message)), highlight=False, soft_wrap=True)
+
+
+def say_warning(message: str) -> None:
+    stderr.print(Text.assemble(("warning:", "bold yellow"), " ", inert(message)), highlight=False)
+
+
+def given_on_the_command_line(context: typer.Context, name: str) -> bool:
+    """Whether the user typed this option (not a default, nor an environment variable such as $DISPATCH_HUB)."""
+    source = context.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def warn_about_ineffective(options: dict[str, Any], count: int, concurrency_given: bool) -> None:
+    """Settings that would do nothing as combined: said once, before the run, rather than silently ignored."""
+    parallel = options["mode"] == ExecutionMode.PARALLEL
+    if parallel and options["stop_on_failure"]:
+        if options["max_concurrency"] >= count:
+            say_warning(
+                f"--stop-on-failure does nothing here: in parallel mode every command has started by the time one "
+                f"fails (max concurrency {options['max_concurrency']}, {plural(count, 'command')})"
+            )
+        else:
+            say_warning(
+                "in parallel mode --stop-on-failure skips only the commands still waiting for a slot "
+                f"(at most {options['max_concurrency']} run at once); those running finish"
+            )
+    if concurrency_given and not parallel:
+        say_warning("--max-concurrency does nothing in sequential mode (add --mode parallel)")
 
 
 def fail_usage(message: str) -> NoReturn:
@@ -99,22 +160,48 @@ def fail_usage(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def from_batch_file(setting: str) -> str:
+    """Where an option of ``run`` comes from when not given, for its help."""
+    default = RUN_DEFAULTS[setting]
+    shown = default.value if isinstance(default, ExecutionMode) else f"{default:g}"
+    return f"(default: the batch file's, else {shown})"
+
+
 @app.command()
 def run(
+    context: typer.Context,
     file: Annotated[
         Path, typer.Argument(help="Batch file (JSON or YAML): a list of commands or {commands: [...], ...}")
     ],
     config: ConfigOption = None,
-    timeout: Annotated[float | None, typer.Option(help="Seconds for the whole batch", min=0.001)] = None,
-    mode: Annotated[ExecutionMode | None, typer.Option(help="Run commands one by one or concurrently")] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds for the whole batch " + from_batch_file("timeout"), min=0.001),
+    ] = None,
+    mode: Annotated[
+        ExecutionMode | None,
+        typer.Option(help="Run commands one by one or concurrently " + from_batch_file("mode")),
+    ] = None,
     stop_on_failure: Annotated[
-        bool | None, typer.Option("--stop-on-failure", help="Skip the rest after a failure (sequential mode)")
+        bool | None,
+        typer.Option(
+            "--stop-on-failure/--keep-going",
+            help="After a failure, skip the commands not started yet (default: the batch file's, else keep going)",
+        ),
     ] = None,
     retries: Annotated[
-        int | None, typer.Option(help="Retries of a transient failure after the first try", min=0)
+        int | None,
+        typer.Option(
+            help="Retries of a transient failure after the first try " + from_batch_file("retries"),
+            min=0,
+        ),
     ] = None,
     max_concurrency: Annotated[
-        int | None, typer.Option(help="Commands at once in parallel mode (default 8)", min=1)
+        int | None,
+        typer.Option(
+            help="Commands at once in parallel mode " + from_batch_file("max_concurrency"),
+            min=1,
+        ),
     ] = None,
     hub: HubOption = None,
     device: Annotated[
@@ -133,10 +220,18 @@ def run(
     if device is not None:
         if not hub:
             fail_usage("--device needs --hub ws://HOST:PORT (or $DISPATCH_HUB)")
+        if config is not None:
+            fail_usage("--config is for a local run: a device runs commands on the MCP servers of its own config")
         checked_hub(hub)
         hub_credentials_for_the_flow(token_file, cafile)
         options |= {"backend": "remote", "device": device, "hub": hub, "agent_context": batch.agent_context}
     else:
+        remote_only = [name for name in ("hub", "token_file", "cafile") if given_on_the_command_line(context, name)]
+        if remote_only:
+            flags = " and ".join("--" + name.replace("_", "-") for name in remote_only)
+            fail_usage(
+                f"{flags} {'is' if len(remote_only) == 1 else 'are'} for --device: without it the batch runs here"
+            )
         options["config"] = str(resolve_config(config, batch).resolve())  # a resume may run from elsewhere
     options |= run_options(
         batch,
@@ -146,6 +241,7 @@ def run(
         retries=retries,
         max_concurrency=max_concurrency,
     )
+    warn_about_ineffective(options, len(batch.commands), given_on_the_command_line(context, "max_concurrency"))
     quiet_prefect_defaults()
     from flows.batch import run_batch_flow
 
@@ -633,25 +729,35 @@ def log_to_stderr() -> None:
 
 
 def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run ``main(stop)`` until it returns; SIGINT or SIGTERM sets ``stop`` for a clean ending."""
+    """Run ``main(stop)`` until it returns; SIGINT or SIGTERM sets ``stop`` for a clean ending, and says so."""
+    logger = logging.getLogger("dispatch")
 
     async def supervised() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def stop_on(signum: signal.Signals) -> None:
+            if not stop.is_set():
+                logger.info("%s: stopping", signum.name)
+            stop.set()
+
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, stop_on, signum)
         # Long-running: what was imported stays for good, so full collections need not scan it again.
         gc.collect()
         gc.freeze()
         await main(stop)
+        if stop.is_set():
+            logger.info("stopped")
 
     asyncio.run(supervised())
 
 
 def quiet_prefect_defaults() -> None:
-    """No telemetry from a CLI run, unless the user asked for it."""
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    """No telemetry from a CLI run, nor the notice about it, unless the user asked for it."""
+    from cli.up import analytics_off
+
+    os.environ.update(analytics_off(os.environ))
 
 
 # Every cell below is ``inert``: ids, tool names, results and errors come from devices, tools and batch files.

@@ -60,7 +60,11 @@ class Backend(StrEnum):
 
 
 def flow_run_name() -> str:
-    """``batch-<n>-commands`` or the batch file's name, ``-on-<device>`` when remote, ``-resumed`` for a resume."""
+    """``batch-<n>-commands`` or the batch file's name, ``-on-<device>`` when remote, ``-resumed`` for a resume.
+
+    Then the start of the flow run's id, so that two runs of one batch can be
+    told apart in the dashboard, and matched with what ``dispatch run`` printed.
+    """
     parameters = flow_run.parameters
     if parameters.get("commands") or not parameters.get("batch_file"):
         name = f"batch-{len(parameters.get('commands') or [])}-commands"
@@ -68,7 +72,7 @@ def flow_run_name() -> str:
         name = Path(parameters["batch_file"]).stem
     if parameters.get("backend") == Backend.REMOTE and parameters.get("device"):
         name += f"-on-{parameters['device']}"
-    return name + ("-resumed" if parameters.get("resume_from") else "")
+    return name + ("-resumed" if parameters.get("resume_from") else "") + f"-{str(flow_run.id)[:8]}"
 
 
 def derived_call_ids(commands: Sequence[Command], namespace: str) -> list[Command]:

@@ -155,7 +155,8 @@ async def test_a_batch_file_and_a_flow_parameter_give_the_agent_context(
             )
     assert [r.status for r in from_file + given] == [ResultStatus.SUCCESS] * 2
     first, second = seen
-    assert (first.agent_name, first.process_name, first.task_name) == ("AppAgent", "notepad.exe", "ufo-batch-on-lab-pc")
+    assert (first.agent_name, first.process_name) == ("AppAgent", "notepad.exe")
+    assert first.task_name is not None and first.task_name.startswith("ufo-batch-on-lab-pc-")  # the flow run's name
     assert (second.agent_name, second.task_name) == ("HostAgent", "nightly")
     assert first.session_id and second.session_id and first.session_id != second.session_id  # each flow run's id
 

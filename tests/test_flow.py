@@ -68,7 +68,7 @@ async def test_a_batch_is_one_flow_run_with_a_named_task_run_per_command(demo_co
     assert flow_run_id is not None
     async with get_client() as client:
         flow_run = await client.read_flow_run(flow_run_id)
-    assert flow_run.name == "batch-3-commands"
+    assert flow_run.name == f"batch-3-commands-{str(flow_run_id)[:8]}"  # two runs of one batch are told apart
     names = sorted(await task_runs_of(flow_run_id, expected=3))
     assert names == sorted(["add[first]", f"echo[{results[1].call_id[:8]}]", "get_current_time[third-ca]"])
 

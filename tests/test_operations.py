@@ -360,7 +360,7 @@ def test_a_deployment_run_shows_commands_as_task_runs_with_artifacts_and_events(
     assert batch_event.payload["success"] == 2
     assert batch_event.payload["failure"] == 1
     # Named after what it runs: the commands given.
-    assert run.name == "batch-3-commands"
+    assert run.name == f"batch-3-commands-{str(run.id)[:8]}"
 
 
 # -- 3 and 4. retrying a failed deployment run; a later run ------------------------
@@ -517,7 +517,7 @@ def test_dispatch_resume_reruns_only_the_failed_command_of_an_in_process_run(ser
     assert (lines(counters[0]), lines(counters[1])) == (1, 1)
     [resumed] = in_process_runs(before_resume)
     assert resumed.id != first.id
-    assert resumed.name.endswith("-resumed"), resumed.name
+    assert resumed.name == f"{first.name.rsplit('-', 1)[0]}-resumed-{str(resumed.id)[:8]}", resumed.name
     assert resumed.state is not None
     assert resumed.state.type is StateType.COMPLETED, resumed.state
 
