@@ -13,22 +13,27 @@ agent_context:            # for a stock UFO device (ignored locally): which agen
 commands:
   - {tool_name: add, parameters: {a: 1, b: 2}}
 ```
+
+A person writes it, so an unknown key (``paramters:``, ``timout:``) is
+refused with the closest name, where the wire's ``Command`` ignores it.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
 
 from aip.messages import AgentContext, Command
 
 from .base import DEFAULT_TIMEOUT
 from .batch import ExecutionMode
 from .errors import validation_message
+from .router import tool_type_problem
 
 #: How a batch runs when neither the caller nor the batch file says.
 RUN_DEFAULTS: dict[str, Any] = {
@@ -44,10 +49,28 @@ class BatchFileError(ValueError):
     """The batch file can't be used; the message says what is wrong and where."""
 
 
+class _CommandAsWritten(Command):
+    """A command as a batch file writes it: an unknown key is a typo to report.
+
+    ``Command`` ignores unknown keys, as the wire requires (a peer may send
+    more than we know); a person's ``paramters:`` must not be dropped silently
+    and the call then fail for want of its parameters.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _no_unknown_keys(value: Any) -> Any:
+    """``value`` as it came, once it passes as a ``_CommandAsWritten``: ``BatchFile.commands`` stay ``Command``."""
+    if not isinstance(value, Command):
+        _CommandAsWritten.model_validate(value)
+    return value
+
+
 class BatchFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    commands: list[Command] = Field(min_length=1)
+    commands: list[Annotated[Command, BeforeValidator(_no_unknown_keys)]] = Field(min_length=1)
     config: str | None = None
     timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     mode: ExecutionMode | None = None
@@ -55,6 +78,12 @@ class BatchFile(BaseModel):
     retries: int | None = Field(default=None, ge=0)
     max_concurrency: int | None = Field(default=None, ge=1)
     agent_context: AgentContext | None = None
+    _source: str | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> str | None:
+        """The file it was read from (``load_batch``), for messages about it; None when built in code."""
+        return self._source
 
 
 def run_options(batch: BatchFile | None, **given: Any) -> dict[str, Any]:
@@ -89,7 +118,8 @@ def load_batch(path: str | Path) -> BatchFile:
     try:
         batch = BatchFile.model_validate(data)
     except ValidationError as error:
-        raise BatchFileError(f"{path}: {validation_message(error)}") from None
+        raise BatchFileError(f"{path}: {validation_message(error, BatchFile)}") from None
+    batch._source = str(path)
     ids = [command.call_id for command in batch.commands if command.call_id]
     if len(set(ids)) < len(ids):
         repeated = sorted({call_id for call_id in ids if ids.count(call_id) > 1})
@@ -104,6 +134,21 @@ def load_batch(path: str | Path) -> BatchFile:
             )
         batch.config = str(config)
     return batch
+
+
+def check_tool_types(batch: BatchFile, servers: Iterable[str]) -> None:
+    """Refuse a command whose ``tool_type`` is neither "", a category nor one of ``servers`` (a config's).
+
+    The router would refuse it too, but only when the batch runs, after
+    the commands before it may have had their effects; a local run checks
+    the whole file first, once its config is known.
+    """
+    names = list(servers)
+    for index, command in enumerate(batch.commands):
+        problem = tool_type_problem(command.tool_type, names)
+        if problem is not None:
+            where = f"{batch.source}: " if batch.source else ""
+            raise BatchFileError(f"{where}commands.{index}.tool_type: {problem}")
 
 
 def _parse(path: Path, text: str) -> Any:

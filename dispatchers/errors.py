@@ -9,9 +9,11 @@ side effect).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import difflib
+from collections.abc import Iterable, Sequence
+from typing import Any, get_args
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 
 class CommandError(Exception):
@@ -110,11 +112,52 @@ def _seconds(seconds: float) -> float:
     return float(round(seconds, 1) if seconds >= 1 else round(seconds, 3))
 
 
-def validation_message(error: ValidationError) -> str:
-    """``where: what`` for the first problem pydantic found."""
+def validation_message(error: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """``where: what`` for the first problem pydantic found.
+
+    An unknown key reads ``unknown key``, with the closest field name of the
+    model at that place (``model`` is the one validated): a typo such as
+    ``paramters`` should point at its fix, where pydantic only says "Extra
+    inputs are not permitted".
+    """
     first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    return f"{where}: {first['msg']}"
+    loc = first["loc"]
+    where = ".".join(str(part) for part in loc) or "(top level)"
+    if first["type"] != "extra_forbidden" or not loc:
+        return f"{where}: {first['msg']}"
+    keys = _keys_at(model, loc[:-1]) if model is not None else []
+    hint = did_you_mean(str(loc[-1]), keys) or (f"; known keys: {candidates_text(keys)}" if keys else "")
+    return f"{where}: unknown key{hint}"
+
+
+def _keys_at(model: type[BaseModel], path: Sequence[int | str]) -> list[str]:
+    """The keys accepted at ``path`` inside ``model`` (field names, or their aliases); none if no model is there."""
+    current: type[BaseModel] | None = model
+    for part in path:
+        if isinstance(part, int):
+            continue  # an item of a list or tuple: the model of its items
+        field = current.model_fields.get(part) if current is not None else None
+        current = _model_in(field.annotation) if field is not None else None
+    if current is None:
+        return []
+    return [info.alias or name for name, info in current.model_fields.items()]
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model an annotation holds: itself, or inside ``list[...]``, ``X | None``, ``Annotated[X, ...]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in get_args(annotation):
+        found = _model_in(argument)
+        if found is not None:
+            return found
+    return None
+
+
+def did_you_mean(name: str, options: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the options close to ``name`` (difflib), else ``""``: a typo names its fix."""
+    close = difflib.get_close_matches(name, list(options), n=3)
+    return f" (did you mean {', '.join(repr(option) for option in close)}?)" if close else ""
 
 
 def describe(error: BaseException) -> str:

@@ -2,20 +2,20 @@
 
 In order: ``namespace`` (or a ``server.tool`` name) picks the server; else
 ``tool_type`` names a server, or a category of servers (``data_collection``,
-``action``); else the tool name must be unique across the servers whose
-tools are known (up now, or listed before they went down). Servers that have
-never listed their tools take no part in routing by name; the errors name
-them (``CommandError.servers``), so a caller can wait for their start and ask
-again. A tool no known server offers while some have not listed their tools
-yet (down, starting, or waiting out their restart delay) is a transient
-``ServerUnavailable``, whatever those servers' history: they may offer it
-once they are up. Only when every server has listed its tools is an unknown
-tool a permanent ``UnknownTool``.
+``action``); any other non-empty ``tool_type`` is a permanent ``UnknownTool``
+(a typo must not widen the choice to every server). Else the tool name must
+be unique across the servers whose tools are known (up now, or listed before
+they went down). Servers that have never listed their tools take no part in
+routing by name; the errors name them (``CommandError.servers``), so a caller
+can wait for their start and ask again. A tool no known server offers while
+some have not listed their tools yet (down, starting, or waiting out their
+restart delay) is a transient ``ServerUnavailable``, whatever those servers'
+history: they may offer it once they are up. Only when every server has
+listed its tools is an unknown tool a permanent ``UnknownTool``.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -24,7 +24,7 @@ from mcp.types import Tool
 
 from aip.messages import Command
 
-from .errors import AmbiguousTool, ServerUnavailable, UnknownTool, candidates_text
+from .errors import AmbiguousTool, ServerUnavailable, UnknownTool, candidates_text, did_you_mean
 from .mcp_config import CATEGORIES
 
 
@@ -55,6 +55,9 @@ class CommandRouter:
 
     def route(self, command: Command) -> Route:
         """The one server and tool for ``command``, or a ``CommandError`` that says why not."""
+        problem = tool_type_problem(command.tool_type, self.servers)
+        if problem is not None:
+            raise UnknownTool(f"tool_type {problem}", sent=False)
         server, tool_name = self._pinned(command)
         if server is not None:
             return self._on(server, tool_name)
@@ -84,7 +87,7 @@ class CommandRouter:
         tool = server.tools.get(tool_name)
         if tool is None:
             raise UnknownTool(
-                f"MCP server {name!r} has no tool {tool_name!r}{_suggest(tool_name, server.tools)}; "
+                f"MCP server {name!r} has no tool {tool_name!r}{did_you_mean(tool_name, server.tools)}; "
                 f"its tools: {candidates_text(server.tools)}",
                 sent=False,
             )
@@ -108,7 +111,7 @@ class CommandRouter:
             reasons = "; ".join(f"{name!r}: {self.servers[name].error or 'not up yet'}" for name in unlisted)
             # Transient: their start (under way, or due) may bring the tool; the retry waits for it.
             raise ServerUnavailable(
-                f"no MCP server offers {tool_name!r}{scope}{_suggest(tool_name, every_tool)}, "
+                f"no MCP server offers {tool_name!r}{scope}{did_you_mean(tool_name, every_tool)}, "
                 f"and these have not listed their tools yet: {reasons}",
                 servers=unlisted,
             )
@@ -121,12 +124,23 @@ class CommandRouter:
             )
         every_tool = {tool for name in names for tool in self.servers[name].tools}
         raise UnknownTool(
-            f"no MCP server offers {tool_name!r}{scope}{_suggest(tool_name, every_tool)}; "
+            f"no MCP server offers {tool_name!r}{scope}{did_you_mean(tool_name, every_tool)}; "
             f"servers: {candidates_text(names)}",
             sent=False,
         )
 
 
-def _suggest(name: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(options), n=3)
-    return f" (did you mean {', '.join(repr(option) for option in close)}?)" if close else ""
+def tool_type_problem(tool_type: str, servers: Iterable[str]) -> str | None:
+    """Why ``tool_type`` names nothing among ``servers``, or None when it is "", a category or a server.
+
+    The router refuses such a command at run time; ``check_tool_types`` refuses
+    the batch file before it runs: one rule, one wording.
+    """
+    names = list(servers)
+    if not tool_type or tool_type in CATEGORIES or tool_type in names:
+        return None
+    categories = ", ".join(sorted(CATEGORIES))
+    return (
+        f"{tool_type!r} is neither {categories} nor a server of the config"
+        f"{did_you_mean(tool_type, [*CATEGORIES, *names])}; servers: {candidates_text(names)}"
+    )

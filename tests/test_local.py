@@ -372,6 +372,43 @@ async def test_broken_servers_fail_only_their_commands(demo_config: dict[str, An
     assert results[3].namespace == "time"
 
 
+async def test_a_server_whose_program_does_not_exist_is_unavailable_by_every_route(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``ServerUnavailable`` naming the server and the missing program, never ``UnknownTool``.
+
+    Transient, as the README says of a server that can't start: the router can't
+    tell a program that is missing from a server in its restart delay, so
+    the retries (within the deadline) try again, and end soon.
+    """
+    missing = "/nonexistent/program"
+    caplog.set_level(logging.WARNING, logger="dispatchers")
+    config = {"mcpServers": {"ghost": {"command": missing}, "demo": demo_server_spec()}}
+    async with running(config) as manager:
+        assert "No such file or directory" in (manager.connections["ghost"].error or "")
+        dispatcher = LocalCommandDispatcher(manager, retry=QUICK)
+        commands = [
+            Command(tool_name="add", parameters={"a": 1, "b": 2}, namespace="ghost", call_id="by-namespace"),
+            Command(tool_name="ghost.add", parameters={"a": 1, "b": 2}, call_id="by-qualified-name"),
+            Command(tool_name="add", parameters={"a": 1, "b": 2}, tool_type="ghost", call_id="by-tool-type"),
+            Command(tool_name="only_on_ghost", call_id="by-name"),
+        ]
+        begin = time.monotonic()
+        results = await run(dispatcher, *commands, timeout=20)
+        elapsed = time.monotonic() - begin
+
+    for result, command in zip(results, commands, strict=True):
+        cause = failure_cause(result, command)
+        assert cause.startswith("ServerUnavailable: "), cause
+        assert "'ghost'" in cause
+        assert f"FileNotFoundError: [Errno 2] No such file or directory: {missing!r}" in cause
+    assert "MCP server 'ghost' is down: FileNotFoundError" in (results[0].error or "")
+    assert "have not listed their tools yet: 'ghost'" in (results[3].error or "")
+    retried = {r.getMessage().split("]")[0] for r in caplog.records if "retrying" in r.getMessage()}
+    assert len(retried) == len(commands), retried  # transient: each was tried again
+    assert elapsed < 10
+
+
 async def test_a_server_that_failed_its_first_start_comes_back(tmp_path: Path) -> None:
     """A server down at start is restarted (with backoff) when a command needs it, like one that died later."""
     marker = tmp_path / "started-once"

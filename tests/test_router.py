@@ -17,6 +17,7 @@ from dispatchers import CommandRouter, ConfigError, load_config
 from dispatchers.errors import AmbiguousTool, InvalidParameters, ServerUnavailable, UnknownTool
 from dispatchers.mcp_config import HttpServer, StdioServer
 from dispatchers.parameters import check_parameters
+from dispatchers.router import tool_type_problem
 
 OBJECT = {"type": "object"}
 
@@ -107,6 +108,52 @@ def test_tool_type_naming_a_server_without_the_tool_is_unknown(router: CommandRo
         router.route(Command(tool_name="fetch", tool_type="files"))
     assert "'files'" in str(caught.value)
     assert "'fetch'" in str(caught.value)
+
+
+def test_a_tool_type_that_is_neither_a_category_nor_a_server_is_refused_with_a_suggestion(
+    router: CommandRouter,
+) -> None:
+    """Not read as the empty tool_type: a typo must not widen the choice to every server."""
+    with pytest.raises(UnknownTool) as caught:
+        router.route(Command(tool_name="fetch", tool_type="wbe"))
+    assert str(caught.value) == (
+        "tool_type 'wbe' is neither action, data_collection nor a server of the config "
+        "(did you mean 'web'?); servers: clock, files, web"
+    )
+    assert caught.value.sent is False
+    assert not caught.value.transient
+
+
+def test_a_misspelt_category_suggests_the_category(router: CommandRouter) -> None:
+    with pytest.raises(UnknownTool, match="did you mean 'data_collection'"):
+        router.route(Command(tool_name="fetch", tool_type="data_colection"))
+
+
+def test_an_unknown_tool_type_is_refused_whatever_else_picks_the_server(router: CommandRouter) -> None:
+    for command in (
+        Command(tool_name="search", namespace="web", tool_type="nosuch"),
+        Command(tool_name="web.search", tool_type="nosuch"),
+    ):
+        with pytest.raises(UnknownTool, match="tool_type 'nosuch' is neither"):
+            router.route(command)
+
+
+def test_an_unknown_tool_type_is_permanent_even_while_servers_are_down() -> None:
+    """Servers yet to list their tools can't make a tool_type valid: only the config's names can."""
+    router = CommandRouter({"down": server(available=False, error="not up yet")})
+    with pytest.raises(UnknownTool, match="tool_type 'nosuch'") as caught:
+        router.route(Command(tool_name="anything", tool_type="nosuch"))
+    assert not caught.value.transient
+    assert caught.value.servers == ()
+
+
+def test_tool_type_problem_accepts_the_empty_tool_type_the_categories_and_the_servers() -> None:
+    for tool_type in ("", "action", "data_collection", "files"):
+        assert tool_type_problem(tool_type, ["files"]) is None
+    assert tool_type_problem("File", ["files"]) is not None  # names are case-sensitive, as in mcp.json
+    assert (
+        tool_type_problem("x", []) == "'x' is neither action, data_collection nor a server of the config; servers: none"
+    )
 
 
 @pytest.fixture
