@@ -47,7 +47,7 @@ from dispatchers import (
     load_config,
     plural,
 )
-from dispatchers.batch_file import RUN_DEFAULTS, BatchFile, BatchFileError, load_batch, run_options
+from dispatchers.batch_file import RUN_DEFAULTS, BatchFile, BatchFileError, check_tool_types, load_batch, run_options
 
 from .inert import inert
 
@@ -650,11 +650,14 @@ def write_secret(path: Path, secret: str) -> None:
 
 
 def resolve_config(option: Path | None, batch: BatchFile) -> Path:
-    """--config, else the batch file's ``config``, else ./mcp.json; checked before any flow starts."""
+    """--config, else the batch file's ``config``, else ./mcp.json; checked, with the batch's tool_types, first."""
     path = option or (Path(batch.config) if batch.config else Path("mcp.json"))
     if option is None and batch.config is None and not path.exists():
         fail_usage("no MCP config: pass --config mcp.json, or name one in the batch file's 'config'")
-    checked_config(path)
+    try:
+        check_tool_types(batch, checked_config(path))
+    except BatchFileError as error:
+        fail_usage(str(error))
     return path
 
 
