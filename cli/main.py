@@ -813,4 +813,4 @@ def tools_table(server: dict[str, Any]) -> Table:
 
 
 if __name__ == "__main__":
-    app()
+    main()
