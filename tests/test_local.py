@@ -76,7 +76,11 @@ def demo_children() -> set[int]:
 @asynccontextmanager
 async def running(config: dict[str, Any], **options: Any) -> AsyncIterator[MCPServerManager]:
     """A started manager, closed on the way out; start and close are bounded."""
+    restart_delay = options.pop("restart_delay", None)
     manager = MCPServerManager.from_config(config, **options)
+    if restart_delay is not None:
+        for connection in manager.connections.values():
+            connection.restart_delay = restart_delay
     try:
         async with asyncio.timeout(45):
             await manager.start()
@@ -494,7 +498,7 @@ async def test_with_no_retry_left_a_server_that_never_listed_its_tools_is_a_tran
 ) -> None:
     caplog.set_level(logging.WARNING, logger="dispatchers")
     config = {"mcpServers": {"flappy": first_start_fails(tmp_path), "time": TIME_SERVER}}
-    async with running(config) as manager:
+    async with running(config, restart_delay=60) as manager:  # flappy's restart is not due while the test runs
         assert not manager.connections["flappy"].available
         assert manager.connections["time"].available, manager.connections["time"].error
         dispatcher = LocalCommandDispatcher(manager, retry=RetryPolicy(attempts=1))
