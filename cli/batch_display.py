@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rich import box
 from rich.console import Console, Group, RenderableType
@@ -62,8 +62,17 @@ def label(command: Command) -> Text:
 class BatchDisplay:
     """A ``flows.watching.BatchWatcher`` for the terminal; keeps the reports the results table shows."""
 
-    def __init__(self, console: Console, *, live: bool, dashboard: str | None = None) -> None:
+    def __init__(
+        self,
+        console: Console,
+        *,
+        live: bool,
+        dashboard: str | None = None,
+        on_started: Callable[[], None] | None = None,
+    ) -> None:
         self.console = console
+        #: Called once the flow run exists (from inside it).
+        self.on_started = on_started
         self.live = live
         #: The dashboard's base URL when a server with a UI records the runs.
         self.dashboard = dashboard
@@ -85,6 +94,8 @@ class BatchDisplay:
         if self.dashboard:
             line.append_text(Text.assemble(" · ", inert(f"{self.dashboard}/runs/flow-run/{flow_run_id}")))
         self.console.print(line, highlight=False, soft_wrap=True)
+        if self.on_started is not None:
+            self.on_started()
         if self.live:
             self._live = Live(console=self.console, refresh_per_second=4, transient=True, get_renderable=self._status)
             self._live.start()

@@ -18,6 +18,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import httpx
 from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, get_current_settings
@@ -76,7 +77,10 @@ def run_in_terminal(
 
     async def supervised() -> tuple[list[Command], list[Result], bool]:
         with interruptible() as interruption, watching(display):
-            _on_signals(interruption, display, stderr)
+            interrupt = _on_signals(interruption, display, stderr)
+            # Prefect takes SIGTERM over for each flow run (to crash it on a runner's cancel); in the
+            # terminal it is ours again once the run exists, and Prefect restores ours when the run ends.
+            display.on_started = partial(asyncio.get_running_loop().add_signal_handler, signal.SIGTERM, interrupt)
             try:
                 commands, results = await work()
             finally:
@@ -108,8 +112,8 @@ def report(outcome: Outcome, stdout: Console, stderr: Console, json_output: bool
         )
 
 
-def _on_signals(interruption: Interruption, display: BatchDisplay, stderr: Console) -> None:
-    """SIGINT and SIGTERM interrupt the batch; the second one quits on the spot."""
+def _on_signals(interruption: Interruption, display: BatchDisplay, stderr: Console) -> Callable[[], None]:
+    """SIGINT and SIGTERM interrupt the batch; the second one quits on the spot. Returns the handler."""
     loop = asyncio.get_running_loop()
 
     def interrupt() -> None:
@@ -126,6 +130,7 @@ def _on_signals(interruption: Interruption, display: BatchDisplay, stderr: Conso
 
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too when a shell started us with it ignored
         loop.add_signal_handler(signum, interrupt)
+    return interrupt
 
 
 def _log_through(console: Console) -> None:

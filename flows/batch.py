@@ -179,6 +179,10 @@ async def dispatch_batch(
 
         # Task runs that end at the deadline (or are interrupted) report Failed before they are cancelled.
         results = await run_batch(batch, run_one, deadline, policy, finished, settle=TASK_REPORT_GRACE)
+        # Those that never ran (skipped, timed out or interrupted before they started) name their server too.
+        results = [
+            dispatcher.naming_the_server(command, result) for command, result in zip(batch, results, strict=True)
+        ]
 
     watch.batch_finished(results, reports)
     where = f"device {device}" if backend is Backend.REMOTE else "local MCP servers"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -18,7 +19,15 @@ from uuid import UUID
 
 import pytest
 from prefect import State, get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.logging.handlers import APILogHandler
 
 from aip.messages import Command, Result, ResultStatus
 from flows.batch import dispatch_batch, run_batch_flow
@@ -105,6 +114,14 @@ async def test_failed_commands_fail_their_task_runs_and_the_flow_run_with_a_resu
     assert [row["call_id"] for row in rows] == ["good", "bad", "unknown"]
     assert [row["status"] for row in rows] == ["success", "failure", "failure"]
     assert "out of paper" in rows[1]["error"]
+    # The run's logs: one line per failure, its cause; no Result repr, no stray "NoneType: None".
+    await APILogHandler.aflush()
+    async with get_client() as client:
+        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    errors = [log.message for log in logs if log.level >= logging.ERROR and log.task_run_id is not None]
+    assert len(errors) == 2, errors
+    assert any("out of paper" in message for message in errors), errors
+    assert not [log.message for log in logs if "Result(" in log.message or "NoneType: None" in log.message]
 
 
 async def test_batch_deadline_keeps_finished_results_and_times_out_the_rest(demo_config: dict[str, Any]) -> None:
