@@ -70,7 +70,7 @@ def run_in_terminal(
             highlight=False,
             soft_wrap=True,
         )
-        embedded_api.start()
+        _start_unless_interrupted()
     else:
         check_api_answers()
     display = BatchDisplay(stderr, live=stderr.is_terminal, dashboard=None if embedded else PREFECT_UI_URL.value())
@@ -110,6 +110,32 @@ def report(outcome: Outcome, stdout: Console, stderr: Console, json_output: bool
             highlight=False,
             soft_wrap=True,
         )
+
+
+def _start_unless_interrupted() -> None:
+    """Start the temporary server; a Ctrl-C meanwhile stops it and raises ``KeyboardInterrupt``.
+
+    The Ctrl-C may land anywhere in Prefect's start, even inside pydantic's
+    serializer, which wraps it in an error of its own: what tells an
+    interruption is that one was asked, not the exception that came out.
+    """
+    asked = False
+
+    def interrupt(signum: int, frame: object) -> None:
+        nonlocal asked
+        asked = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        embedded_api.start()
+    except BaseException:
+        if asked:
+            embedded_api.stop_now()
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _on_signals(interruption: Interruption, display: BatchDisplay, stderr: Console) -> Callable[[], None]:
