@@ -68,11 +68,10 @@ class BatchDisplay:
         *,
         live: bool,
         dashboard: str | None = None,
-        on_started: Callable[[], None] | None = None,
     ) -> None:
         self.console = console
         #: Called once the flow run exists (from inside it).
-        self.on_started = on_started
+        self.on_started: Callable[[], None] | None = None
         self.live = live
         #: The dashboard's base URL when a server with a UI records the runs.
         self.dashboard = dashboard
@@ -170,8 +169,8 @@ class ConsoleLogHandler(logging.Handler):
         return not (ours and str(record.msg).startswith(self.REPEATED))
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.console.print(inert(self.format(record)), highlight=False, soft_wrap=True)
+        try:  # continuation lines indented: a tool's stderr quoted in a warning can't pass for our own lines
+            self.console.print(inert(self.format(record).replace("\n", "\n    ")), highlight=False, soft_wrap=True)
         except Exception:
             self.handleError(record)
 

@@ -16,18 +16,25 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
 import httpx
-from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, get_current_settings
+from prefect.settings import (
+    PREFECT_API_SSL_CERT_FILE,
+    PREFECT_API_TLS_INSECURE_SKIP_VERIFY,
+    PREFECT_API_URL,
+    PREFECT_UI_URL,
+    get_current_settings,
+)
 from rich.console import Console
 from rich.text import Text
 
 from aip.messages import Command, Result, ResultStatus
 from dispatchers import close_shared_managers
-from dispatchers.interrupt import Interruption, interruptible
+from dispatchers.interrupt import Interruption, interruptible, was_interrupted
 from flows.watching import watching
 
 from . import embedded_api
@@ -35,6 +42,8 @@ from .batch_display import BatchDisplay, ConsoleLogHandler, results_table
 
 #: The exit code of a run stopped by Ctrl-C, as a shell reports a SIGINT.
 INTERRUPTED = 130
+#: Seconds within which a repeated SIGTERM counts as the same one.
+REPEAT_WINDOW = 0.5
 #: Seconds a configured Prefect API has to answer its health check before the run is refused.
 API_CHECK_TIMEOUT = 5.0
 
@@ -53,9 +62,7 @@ class Outcome:
         return 0 if all(result.status is ResultStatus.SUCCESS for result in self.results) else 1
 
 
-def run_in_terminal(
-    work: Callable[[], Awaitable[tuple[list[Command], list[Result]]]], stdout: Console, stderr: Console
-) -> Outcome:
+def run_in_terminal(work: Callable[[], Awaitable[tuple[list[Command], list[Result]]]], stderr: Console) -> Outcome:
     """Run ``work`` (a batch flow run in this process) with the display and Ctrl-C handling of the terminal.
 
     A Ctrl-C before the batch starts (while the temporary server starts)
@@ -80,7 +87,8 @@ def run_in_terminal(
             interrupt = _on_signals(interruption, display, stderr)
             # Prefect takes SIGTERM over for each flow run (to crash it on a runner's cancel); in the
             # terminal it is ours again once the run exists, and Prefect restores ours when the run ends.
-            display.on_started = partial(asyncio.get_running_loop().add_signal_handler, signal.SIGTERM, interrupt)
+            loop = asyncio.get_running_loop()
+            display.on_started = partial(loop.add_signal_handler, signal.SIGTERM, interrupt, signal.SIGTERM)
             try:
                 commands, results = await work()
             finally:
@@ -88,10 +96,13 @@ def run_in_terminal(
             return commands, results, interruption.asked
 
     try:
-        commands, results, interrupted = asyncio.run(supervised())
+        commands, results, asked = asyncio.run(supervised())
     finally:
         display.close()
-    return Outcome(display.commands or commands, results, display, interrupted)
+    commands = display.commands or commands
+    # A Ctrl-C after the last Result interrupted nothing: the run's outcome is its Results'.
+    interrupted = asked and any(was_interrupted(c, r) for c, r in zip(commands, results, strict=False))
+    return Outcome(commands, results, display, interrupted)
 
 
 def report(outcome: Outcome, stdout: Console, stderr: Console, json_output: bool) -> None:
@@ -138,24 +149,38 @@ def _start_unless_interrupted() -> None:
         signal.signal(signal.SIGINT, previous)
 
 
-def _on_signals(interruption: Interruption, display: BatchDisplay, stderr: Console) -> Callable[[], None]:
-    """SIGINT and SIGTERM interrupt the batch; the second one quits on the spot. Returns the handler."""
-    loop = asyncio.get_running_loop()
+def _on_signals(interruption: Interruption, display: BatchDisplay, stderr: Console) -> Callable[[int], None]:
+    """SIGINT, SIGTERM and SIGHUP interrupt the batch; another one quits on the spot. Returns the handler.
 
-    def interrupt() -> None:
-        if interruption.asked:
+    A SIGTERM right after a SIGTERM counts once: Prefect's own SIGTERM
+    handler (see ``run_in_terminal``) sends the signal on again.
+    """
+    loop = asyncio.get_running_loop()
+    first: tuple[int, float] | None = None
+
+    def interrupt(signum: int) -> None:
+        nonlocal first
+        now = time.monotonic()
+        if first is not None:
+            if signum == first[0] == signal.SIGTERM and now - first[1] < REPEAT_WINDOW:
+                return
             display.close()
-            stderr.print("interrupted again: quitting without waiting for the batch", highlight=False)
+            stderr.print(
+                "interrupted again: quitting without waiting for the batch (its flow run stays Running)",
+                highlight=False,
+            )
             embedded_api.stop_now()
             sys.stderr.flush()
             os._exit(INTERRUPTED)
+        first = (signum, now)
         interruption.interrupt()
         stderr.print(
             "interrupted: stopping the running commands (Ctrl-C again to quit at once)", highlight=False, soft_wrap=True
         )
 
-    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too when a shell started us with it ignored
-        loop.add_signal_handler(signum, interrupt)
+    # SIGINT too when a shell started us with it ignored; SIGHUP: the terminal closed, the server must not outlive it.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, interrupt, signum)
     return interrupt
 
 
@@ -167,7 +192,7 @@ def _log_through(console: Console) -> None:
     """
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if type(handler).__name__ == "PrefectConsoleHandler":
+        if type(handler).__name__ == "PrefectConsoleHandler" or isinstance(handler, ConsoleLogHandler):
             root.removeHandler(handler)
     root.addHandler(ConsoleLogHandler(console))
 
@@ -183,10 +208,21 @@ def where_runs_are_kept() -> str:
 
 
 def check_api_answers() -> None:
-    """A configured API that is down fails the command at once, not after a minute of retries."""
+    """A configured API that is down fails the command at once, not after a minute of retries.
+
+    Any HTTP answer will do (a refusal is for Prefect's client to word); TLS
+    as Prefect's client would verify it.
+    """
     url = PREFECT_API_URL.value()
+    if not url:  # no API and no temporary servers allowed: Prefect says so itself
+        return
+    verify: bool | str = True
+    if PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value():
+        verify = False
+    elif PREFECT_API_SSL_CERT_FILE.value():
+        verify = str(PREFECT_API_SSL_CERT_FILE.value())
     try:
-        httpx.get(f"{url}/health", timeout=API_CHECK_TIMEOUT)
+        httpx.get(f"{url}/health", timeout=API_CHECK_TIMEOUT, verify=verify)
     except httpx.HTTPError as error:
         raise APIUnreachable(
             f"the Prefect API at {url} does not answer ({type(error).__name__}): start that server "

@@ -12,7 +12,9 @@ the end, and is stopped by us on the way out without waiting for it.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,8 +57,24 @@ class _ShieldedServer(SubprocessASGIServer):
             ],
             env=environment,
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,  # stdout carries nothing but the Results
             start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
+
+
+def _die_with_parent() -> None:
+    """In the child, Linux only: SIGTERM when we die, however we die (kill -9, out of memory).
+
+    Out of our session, nothing else would stop it: it would keep its port
+    and the database.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+#: prctl(2) option: the signal a child gets when its parent thread ends.
+PR_SET_PDEATHSIG = 1
 
 
 def needed() -> bool:

@@ -2,9 +2,10 @@
 
 Exit codes: 0 every command succeeded, 1 some command failed (or, for
 ``tools``, some server is down; for ``devices``, the hub is unreachable),
-2 bad usage, a bad batch file or a bad config. With ``--json`` stdout carries
-exactly the JSON document; logs go to stderr. Only ``run`` imports Prefect:
-``device`` starts without it.
+2 bad usage, a bad batch file or a bad config, 130 interrupted (``run``,
+``resume``). With ``--json`` stdout carries exactly the JSON document; logs go
+to stderr. Only ``run``, ``resume`` and ``up`` import Prefect: ``device`` and
+``serve`` start without it.
 """
 
 from __future__ import annotations
@@ -275,14 +276,15 @@ def run_batch_in_terminal(
 ) -> NoReturn:
     """Run a batch flow here, print its Results, exit 0 (all succeeded), 1 (some failed) or 130 (interrupted)."""
     from cli.batch_run import INTERRUPTED, APIUnreachable, report, run_in_terminal, where_runs_are_kept
+    from flows.batch import FlowRunNotFound
 
     try:
-        outcome = run_in_terminal(work, stdout, stderr)
+        outcome = run_in_terminal(work, stderr)
     except KeyboardInterrupt:
         say_error("interrupted before the batch started")
         raise typer.Exit(INTERRUPTED) from None
-    except LookupError as error:  # dispatch resume: no such run where we looked
-        fail_usage(f"{str(error).strip(chr(39) + chr(34))} {where_runs_are_kept()}")
+    except FlowRunNotFound as error:  # dispatch resume
+        fail_usage(str(error) if error.where_known else f"{error} {where_runs_are_kept()}")
     except BatchFileError as error:
         fail_usage(str(error))
     except APIUnreachable as error:
@@ -308,7 +310,7 @@ def up(
         fail_usage(f"no prefect.yaml in {project}: run this from the repository root, or pass --project")
 
     def say(message: str) -> None:
-        stderr.print(f"[green]\u2713[/] {message}", highlight=False)
+        stderr.print(Text.assemble(("\u2713", "green"), " ", inert(message)), highlight=False)
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt

@@ -21,7 +21,7 @@ from aip.messages import Command, Result, ResultStatus
 
 from .base import error_result, skipped_result, with_call_id
 from .errors import CommandTimeout
-from .interrupt import Interrupted, current_interruption
+from .interrupt import Interrupted, Interruption, current_interruption
 from .policy import Deadline
 
 #: How long commands in flight at the deadline get, by default, to end by their
@@ -121,7 +121,7 @@ async def run_batch(
 
     driver = asyncio.ensure_future(run_all())
     try:
-        await _until_done_or_interrupted(driver, deadline.remaining() + settle, settle)
+        await _until_done_or_interrupted(driver, interruption, deadline.remaining() + settle, settle)
     finally:
         finished = list(results)
         if not driver.done():
@@ -138,9 +138,10 @@ async def run_batch(
     return [result or error_result(command, timeout) for command, result in zip(batch, finished, strict=True)]
 
 
-async def _until_done_or_interrupted(driver: asyncio.Future[None], timeout: float, settle: float) -> None:
+async def _until_done_or_interrupted(
+    driver: asyncio.Future[None], interruption: Interruption | None, timeout: float, settle: float
+) -> None:
     """Wait for ``driver`` up to ``timeout``; if the batch is interrupted first, ``settle`` seconds more at most."""
-    interruption = current_interruption()
     if interruption is None:
         await asyncio.wait({driver}, timeout=timeout)
         return

@@ -17,7 +17,7 @@ from contextvars import ContextVar
 
 from aip.messages import Command, Result
 
-from .base import error_result
+from .base import error_result, failure_cause
 from .errors import CommandError
 
 
@@ -72,7 +72,11 @@ def interruptible() -> Iterator[Interruption]:
 
 
 async def unless_interrupted(command: Command, work: Awaitable[Result]) -> Result:
-    """``work``'s Result, or an ``Interrupted`` failure as soon as the user asks (``work`` is then cancelled)."""
+    """``work``'s Result, or an ``Interrupted`` failure as soon as the user asks (``work`` is then cancelled).
+
+    Once we cancel it, whatever ``work`` ends with (a Result, the cancellation,
+    an error its cancellation raised) is the interruption's doing.
+    """
     interruption = current_interruption()
     if interruption is None:
         return await work
@@ -85,14 +89,18 @@ async def unless_interrupted(command: Command, work: Awaitable[Result]) -> Resul
         await asyncio.wait({running, asked}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         asked.cancel()
-        if not running.done():
+        cancelled_by_us = not running.done()
+        if cancelled_by_us:
             running.cancel()
             await asyncio.wait({running})
-    if not running.cancelled() and running.exception() is None:
-        return running.result()
-    if running.cancelled():
+    if cancelled_by_us:
         return error_result(command, Interrupted(started=True))
-    raise running.exception()  # type: ignore[misc]
+    return running.result()
+
+
+def was_interrupted(command: Command, result: Result) -> bool:
+    """Whether ``result`` is an interruption's failure (a Ctrl-C after the last Result interrupted nothing)."""
+    return failure_cause(command, result).startswith(f"{Interrupted.kind}: ")
 
 
 def _close(work: Awaitable[Result]) -> None:

@@ -42,7 +42,7 @@ from dispatchers import (
     with_call_id,
 )
 from dispatchers.batch_file import load_batch, run_options
-from dispatchers.interrupt import current_interruption
+from dispatchers.interrupt import was_interrupted
 from tasks import BatchContext, CommandReport, execute_as_task
 
 from .reporting import Progress, emit_batch_finished, publish_results
@@ -179,7 +179,7 @@ async def dispatch_batch(
 
         # Task runs that end at the deadline (or are interrupted) report Failed before they are cancelled.
         results = await run_batch(batch, run_one, deadline, policy, finished, settle=TASK_REPORT_GRACE)
-        # Those that never ran (skipped, timed out or interrupted before they started) name their server too.
+        # Every failure names its server when it is known: interrupted, skipped and timed-out ones too.
         results = [
             dispatcher.naming_the_server(command, result) for command, result in zip(batch, results, strict=True)
         ]
@@ -188,15 +188,14 @@ async def dispatch_batch(
     where = f"device {device}" if backend is Backend.REMOTE else "local MCP servers"
     await _best_effort(publish_results(flow_run_name(), batch, results, reports, where), "publishing the results")
     emit_batch_finished(context, results, reports)
-    return final_state(results)
+    return final_state(batch, results)
 
 
-def final_state(results: list[Result]) -> State:
+def final_state(commands: list[Command], results: list[Result]) -> State:
     """Cancelled when the user interrupted the batch, else Failed when a command failed, else Completed."""
     failed = sum(result.status is ResultStatus.FAILURE for result in results)
     outcome = f"{failed} of {plural(len(results), 'command')} failed"
-    interruption = current_interruption()
-    if interruption is not None and interruption.asked:
+    if any(was_interrupted(command, result) for command, result in zip(commands, results, strict=True)):
         return Cancelled(message=f"interrupted (Ctrl-C): {outcome}", data=results)
     if failed:
         return Failed(message=outcome, data=results)
@@ -251,20 +250,28 @@ async def _dispatcher(
         await dispatcher.close()
 
 
+class FlowRunNotFound(LookupError):
+    """No run to resume: none by that id where we looked (``where_known``: it exists, but is no batch)."""
+
+    def __init__(self, message: str, *, where_known: bool = False) -> None:
+        super().__init__(message)
+        self.where_known = where_known
+
+
 async def resume_batch_flow(flow_run_id: str) -> tuple[list[Command], list[Result]]:
     """Run the batch of an earlier flow run again, reusing the Results of the commands that succeeded.
 
     Its commands and their settings; call_ids the same as the first time.
-    Raises ``LookupError`` when there is no such flow run of this flow.
+    Raises ``FlowRunNotFound`` when there is no such flow run of this flow.
     """
     async with get_client() as client:
         try:
             run = await client.read_flow_run(uuid.UUID(flow_run_id))
         except (ValueError, ObjectNotFound):
-            raise LookupError(f"no flow run {flow_run_id}") from None
+            raise FlowRunNotFound(f"no flow run {flow_run_id}") from None
     parameters = dict(run.parameters)
     if "commands" not in parameters and "batch_file" not in parameters:
-        raise LookupError(f"flow run {flow_run_id} is not a run of dispatch-batch")
+        raise FlowRunNotFound(f"flow run {flow_run_id} is not a run of dispatch-batch", where_known=True)
     namespace = parameters["resume_from"] = parameters.get("resume_from") or str(run.id)
     listed = [Command.model_validate(command) for command in parameters.pop("commands", None) or []]
     if not listed and parameters.get("batch_file"):

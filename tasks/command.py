@@ -166,7 +166,6 @@ async def _run_command(
     try:
         # Interrupted, the task answers (Failed: "Interrupted: ...") rather than being cancelled (Crashed).
         result = await unless_interrupted(command, dispatcher.execute_command(command, deadline))
-        result = dispatcher.naming_the_server(command, result)
     finally:
         observing_attempts.reset(token)
         report.seconds = time.perf_counter() - observer.started
