@@ -53,6 +53,7 @@ from .connect import (
 from .messages import (
     ClientMessage,
     ClientMessageType,
+    CloseCode,
     Command,
     Result,
     ServerMessage,
@@ -61,7 +62,7 @@ from .messages import (
 )
 from .registration import DISPATCH_METADATA
 from .retry import requested_retry
-from .switchboard import CloseCode, now_iso
+from .switchboard import now_iso
 
 logger = logging.getLogger("aip.device")
 

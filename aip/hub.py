@@ -28,8 +28,9 @@ from .access import CONTROLLER_PATH, DEVICE_PATH, AccessPolicy, Refusal
 from .connect import DEFAULT_MAX_MESSAGE_BYTES
 from .credential_file import CredentialFile
 from .credentials import Identity, Role
+from .messages import CloseCode
 from .registration import MAX_REGISTRATION_BYTES
-from .switchboard import Action, Close, CloseCode, Device, Probe, Send, Switchboard, error_frame
+from .switchboard import Action, Close, Device, Probe, Send, Switchboard, error_frame
 
 #: Frames queued for one connection before the hub gives up on it as not reading.
 MAX_QUEUED_FRAMES = 256

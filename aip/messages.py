@@ -12,10 +12,29 @@ Compatibility rules (see ``shared/aip-wire.md``):
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+class ToolType(StrEnum):
+    """The kinds of command a UFO peer knows; locally a ``tool_type`` may also name an MCP server."""
+
+    ACTION = "action"  # has side effects
+    DATA_COLLECTION = "data_collection"  # read-only
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes of our hub and device (RFC 6455, and the private range 4000-4999)."""
+
+    NORMAL = 1000
+    UNSUPPORTED = 1003
+    POLICY = 1008
+    REPLACED = 4000
+    TOO_SLOW = 4002
+    REVOKED = 4003
+    DUPLICATE = 4004
 
 
 class ResultStatus(StrEnum):

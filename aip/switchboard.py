@@ -43,11 +43,19 @@ from typing import Any
 from pydantic import ValidationError
 
 from .credentials import Identity, Role
-from .messages import ClientMessage, ClientMessageType, ServerMessage, ServerMessageType, TaskStatus
+from .messages import (
+    ClientMessage,
+    ClientMessageType,
+    CloseCode,
+    ServerMessage,
+    ServerMessageType,
+    TaskStatus,
+    ToolType,
+)
 from .registration import MAX_REGISTRATION_BYTES, Profile
 
 #: The tool_types a UFO device accepts; others are sent to it as ``action``.
-UFO_TOOL_TYPES = frozenset({"action", "data_collection"})
+UFO_TOOL_TYPES = frozenset(kind.value for kind in ToolType)
 #: Batches whose controller left, remembered so the device's late answer is
 #: dropped quietly instead of being refused as unknown.
 ABANDONED_LIMIT = 10_000
@@ -65,18 +73,6 @@ MAX_ID_CHARS = 128
 GUESS_POOL = 256
 #: How alike (difflib's ratio) an id must be to the target to be guessed: ``get_close_matches``'s default.
 GUESS_CUTOFF = 0.6
-
-
-class CloseCode:
-    """WebSocket close codes the hub uses (RFC 6455 and the private range)."""
-
-    NORMAL = 1000
-    UNSUPPORTED = 1003
-    POLICY = 1008
-    REPLACED = 4000
-    TOO_SLOW = 4002
-    REVOKED = 4003
-    DUPLICATE = 4004
 
 
 class Reason(StrEnum):
@@ -504,7 +500,9 @@ class Switchboard:
             update["controller_id"] = f"{identity.name}#{identity.credential[:16]}"
         elif message.actions:
             update["actions"] = [
-                action if action.tool_type in UFO_TOOL_TYPES else action.model_copy(update={"tool_type": "action"})
+                action
+                if action.tool_type in UFO_TOOL_TYPES
+                else action.model_copy(update={"tool_type": ToolType.ACTION.value})
                 for action in message.actions
             ]
         return message.model_copy(update=update).model_dump_json()

@@ -24,7 +24,7 @@ from typing import Final, Literal
 
 from mcp.types import Tool
 
-from aip.messages import Command
+from aip.messages import Command, ToolType
 
 Kind = Literal["action", "data_collection"]
 #: The kinds of command that limits count separately.
@@ -39,9 +39,9 @@ def command_kind(command: Command, tool: Tool) -> Kind:
     otherwise ``action``: a tool whose effects are unknown is taken to have
     side effects.
     """
-    if command.tool_type == "data_collection":
+    if command.tool_type == ToolType.DATA_COLLECTION:
         return "data_collection"
-    if command.tool_type != "action" and tool.annotations is not None and tool.annotations.read_only_hint:
+    if command.tool_type != ToolType.ACTION and tool.annotations is not None and tool.annotations.read_only_hint:
         return "data_collection"
     return "action"
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from typing import Any
 
-from aip.messages import Command, Result, ResultStatus
+from aip.messages import Command, Result, ResultStatus, ToolType
 
 from .concurrency import command_kind
 from .errors import CommandError, ToolReportedError
@@ -38,7 +38,7 @@ class LocalCommandDispatcher(ToolCallDispatcher):
 
     def is_repeatable(self, command: Command) -> bool:
         """Only a read-only or idempotent tool, not called as an ``action``, is safe to run twice."""
-        if command.tool_type == "action":
+        if command.tool_type == ToolType.ACTION:
             return False
         try:
             hints = self.router.route(command).tool.annotations

@@ -31,10 +31,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from aip.messages import ToolType
+
 from .errors import validation_message
 
 #: The categories of servers that a command's ``tool_type`` may name.
-CATEGORIES = ("data_collection", "action")
+CATEGORIES = tuple(kind.value for kind in ToolType)
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 

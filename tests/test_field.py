@@ -22,8 +22,16 @@ from websockets.asyncio.server import ServerConnection, serve
 from aip.connect import CredentialRefused
 from aip.controller import HubLink
 from aip.device import DeviceClient
-from aip.messages import AgentContext, Command, Result, ResultStatus, ServerMessage, ServerMessageType, TaskStatus
-from aip.switchboard import CloseCode
+from aip.messages import (
+    AgentContext,
+    CloseCode,
+    Command,
+    Result,
+    ResultStatus,
+    ServerMessage,
+    ServerMessageType,
+    TaskStatus,
+)
 from dispatchers import InMemoryCommandDispatcher, RetryPolicy, WebSocketCommandDispatcher
 from dispatchers.errors import ConnectionLost
 

@@ -48,6 +48,7 @@ from aip.hub import Hub, HubSettings
 from aip.messages import (
     ClientMessage,
     ClientMessageType,
+    CloseCode,
     Command,
     Result,
     ResultStatus,
@@ -55,7 +56,6 @@ from aip.messages import (
     ServerMessageType,
     TaskStatus,
 )
-from aip.switchboard import CloseCode
 from dispatchers import InMemoryCommandDispatcher, WebSocketCommandDispatcher
 from dispatchers.memory import Tool
 

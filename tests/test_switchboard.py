@@ -29,6 +29,7 @@ from aip.device import Backoff
 from aip.messages import (
     ClientMessage,
     ClientMessageType,
+    CloseCode,
     Command,
     Result,
     ResultStatus,
@@ -37,7 +38,7 @@ from aip.messages import (
     TaskStatus,
 )
 from aip.registration import MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, MAX_REGISTRATION_BYTES, MAX_TOOLS
-from aip.switchboard import NAMED_DEVICES, Action, Close, CloseCode, Device, Probe, Reason, Send, Switchboard
+from aip.switchboard import NAMED_DEVICES, Action, Close, Device, Probe, Reason, Send, Switchboard
 
 VECTORS = Path(__file__).parent / "fixtures" / "ufo-aip-frames.jsonl"
 FRAMES: list[dict[str, Any]] = [
