@@ -51,6 +51,7 @@ from .connect import (
     safe_url,
 )
 from .messages import (
+    UFO_BATCH_TIMEOUT,
     ClientMessage,
     ClientMessageType,
     CloseCode,
@@ -66,8 +67,6 @@ from .switchboard import now_iso
 
 logger = logging.getLogger("aip.device")
 
-#: UFO's default batch timeout, used when a batch does not say how long it is waited for.
-UNBOUNDED_BATCH_SECONDS = 6000.0
 #: Replies longer than this go out in fragments of this size, so heartbeats and
 #: pongs still get through while a screenshot crawls up a slow link.
 FRAGMENT_CHARS = 2**18
@@ -362,7 +361,7 @@ class DeviceClient:
         connection = run.connection
         commands = list(message.actions or [])
         # The sender stops waiting after ``timeout``; our answer needs the way back to the hub too.
-        timeout = message.timeout or UNBOUNDED_BATCH_SECONDS
+        timeout = message.timeout or UFO_BATCH_TIMEOUT
         timeout = max(timeout - 2 * (connection.latency or self._first_latency), timeout / 2)
         loop = asyncio.get_running_loop()
         expires = loop.time() + timeout

@@ -17,6 +17,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+#: UFO's default batch timeout, in seconds: how long a batch that names none is waited for.
+UFO_BATCH_TIMEOUT = 6000.0
+
 
 class ToolType(StrEnum):
     """The kinds of command a UFO peer knows; locally a ``tool_type`` may also name an MCP server."""

@@ -10,13 +10,13 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-from aip.messages import Command, Result, ResultStatus
+from aip.messages import UFO_BATCH_TIMEOUT, Command, Result, ResultStatus
 
 from .errors import describe
 from .policy import Deadline
 
-#: UFO's default batch timeout, in seconds.
-DEFAULT_TIMEOUT = 6000.0
+#: How long a batch that names no timeout may take: UFO's default.
+DEFAULT_TIMEOUT = UFO_BATCH_TIMEOUT
 
 
 def with_call_id(command: Command) -> Command:
