@@ -5,19 +5,67 @@ commands on local MCP servers, ``WebSocketCommandDispatcher`` on a remote
 device through the hub, ``InMemoryCommandDispatcher`` on Python functions
 (tests, fault injection). Nothing here imports Prefect: a machine
 that only executes commands never pays for it.
+
+The names below are resolved lazily (PEP 562): importing ``dispatchers`` or one
+of its light submodules (``dispatchers.policy``) does not import every
+submodule, so in particular not MCP. Each name is imported from its submodule
+on first attribute access.
 """
 
-from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, error_result, failure_cause, plural, short_id, with_call_id
-from .batch import BatchPolicy, ExecutionMode, run_batch
-from .concurrency import ConcurrencyLimits
-from .local import LocalCommandDispatcher
-from .mcp_config import ConfigError, load_config
-from .mcp_servers import MCPServerManager, close_shared_managers, shared_manager
-from .memory import InMemoryCommandDispatcher
-from .policy import AttemptObserver, Deadline, RetryPolicy, observing_attempts
-from .remote import WebSocketCommandDispatcher
-from .router import CommandRouter
-from .tool_call import ToolCallDispatcher
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .base import (
+        DEFAULT_TIMEOUT,
+        BasicCommandDispatcher,
+        error_result,
+        failure_cause,
+        plural,
+        short_id,
+        with_call_id,
+    )
+    from .batch import BatchPolicy, ExecutionMode, run_batch
+    from .concurrency import ConcurrencyLimits
+    from .local import LocalCommandDispatcher
+    from .mcp_config import ConfigError, load_config
+    from .mcp_servers import MCPServerManager, close_shared_managers, shared_manager
+    from .memory import InMemoryCommandDispatcher
+    from .policy import AttemptObserver, Deadline, RetryPolicy, observing_attempts
+    from .remote import WebSocketCommandDispatcher
+    from .router import CommandRouter
+    from .tool_call import ToolCallDispatcher
+
+# Each exported name -> the submodule that defines it.
+_EXPORTS: dict[str, str] = {
+    "DEFAULT_TIMEOUT": "base",
+    "BasicCommandDispatcher": "base",
+    "error_result": "base",
+    "failure_cause": "base",
+    "plural": "base",
+    "short_id": "base",
+    "with_call_id": "base",
+    "BatchPolicy": "batch",
+    "ExecutionMode": "batch",
+    "run_batch": "batch",
+    "ConcurrencyLimits": "concurrency",
+    "LocalCommandDispatcher": "local",
+    "ConfigError": "mcp_config",
+    "load_config": "mcp_config",
+    "MCPServerManager": "mcp_servers",
+    "close_shared_managers": "mcp_servers",
+    "shared_manager": "mcp_servers",
+    "InMemoryCommandDispatcher": "memory",
+    "AttemptObserver": "policy",
+    "Deadline": "policy",
+    "RetryPolicy": "policy",
+    "observing_attempts": "policy",
+    "WebSocketCommandDispatcher": "remote",
+    "CommandRouter": "router",
+    "ToolCallDispatcher": "tool_call",
+}
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -46,3 +94,16 @@ __all__ = [
     "short_id",
     "with_call_id",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    submodule = _EXPORTS.get(name)
+    if submodule is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{submodule}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
