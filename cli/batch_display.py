@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from aip.messages import Command, Result, ResultStatus
-from dispatchers import failure_cause, plural, short_id
+from dispatchers import not_done_cause, plural, short_id
 from tasks import CommandReport
 
 from .inert import inert
@@ -43,9 +43,7 @@ def one_line(value: object, limit: int = CELL_LIMIT) -> str:
 
 def shown_outcome(command: Command, result: Result) -> str:
     """A success's result, or the cause alone of a failure (the Result keeps UFO's full text)."""
-    if result.status is ResultStatus.SUCCESS:
-        return one_line(result.result)
-    return one_line(failure_cause(command, result) if result.status is ResultStatus.FAILURE else result.error)
+    return one_line(result.result if result.status is ResultStatus.SUCCESS else not_done_cause(command, result))
 
 
 def attempts_text(result: Result, report: CommandReport | None) -> str:

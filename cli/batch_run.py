@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import httpx
+from prefect.logging.handlers import PrefectConsoleHandler
 from prefect.settings import (
     PREFECT_API_SSL_CERT_FILE,
     PREFECT_API_TLS_INSECURE_SKIP_VERIFY,
@@ -192,7 +193,7 @@ def _log_through(console: Console) -> None:
     """
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if type(handler).__name__ == "PrefectConsoleHandler" or isinstance(handler, ConsoleLogHandler):
+        if isinstance(handler, (PrefectConsoleHandler, ConsoleLogHandler)):
             root.removeHandler(handler)
     root.addHandler(ConsoleLogHandler(console))
 

@@ -59,6 +59,13 @@ def failure_cause(command: Command, result: Result) -> str:
     return (result.error or "").removeprefix(_error_prefix(command))
 
 
+def not_done_cause(command: Command, result: Result) -> str:
+    """Why ``result`` is no success: a failure's cause (without the command it quotes), a skip's reason."""
+    if result.status is ResultStatus.FAILURE:
+        return failure_cause(command, result)
+    return "" if result.status is ResultStatus.SUCCESS else result.error or ""
+
+
 def skipped_result(command: Command, reason: str) -> Result:
     return Result(status=ResultStatus.SKIPPED, error=reason, namespace=command.namespace, call_id=command.call_id)
 

@@ -26,7 +26,7 @@ from prefect.artifacts import (
 from prefect.events import emit_event
 
 from aip.messages import Command, Result, ResultStatus
-from dispatchers import failure_cause, plural
+from dispatchers import not_done_cause, plural
 from tasks import BatchContext, CommandReport
 
 #: Characters of a result or error shown per cell of the results table.
@@ -99,9 +99,7 @@ def _markdown_text(value: str) -> str:
 
 
 def _cause(command: Command, result: Result) -> str:
-    if result.status is ResultStatus.SUCCESS:
-        return ""
-    return _cell(failure_cause(command, result) if result.status is ResultStatus.FAILURE else result.error)
+    return _cell(not_done_cause(command, result))
 
 
 async def publish_results(
