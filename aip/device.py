@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import platform
-import random
 import re
 import socket
 import ssl
@@ -39,6 +38,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from .access import DEVICE_PATH
+from .backoff import Backoff
 from .call_memory import CallMemory
 from .connect import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -84,23 +84,6 @@ class Executor(Protocol):
     async def execute_commands(self, commands: Sequence[Command], timeout: float = ...) -> list[Result]: ...
 
     def generate_error_results(self, commands: Sequence[Command], error: BaseException | str) -> list[Result]: ...
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Delays between reconnection attempts: doubling from ``initial`` up to ``maximum``.
-
-    Each delay is scaled by a random factor in ``[1 - jitter, 1]``, so devices
-    that lost the same hub do not all come back in the same instant.
-    """
-
-    initial: float = 0.5
-    maximum: float = 30.0
-    jitter: float = 0.5
-
-    def delay(self, failures: int) -> float:
-        base = min(self.maximum, self.initial * 2.0 ** min(failures, 32))
-        return base * random.uniform(1 - self.jitter, 1)
 
 
 def system_info(device_id: str) -> dict[str, Any]:

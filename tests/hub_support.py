@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from aip.access import AccessPolicy
+from aip.backoff import Backoff
 from aip.credential_file import write_store
 from aip.credentials import CredentialStore, Role
-from aip.device import Backoff, DeviceClient
+from aip.device import DeviceClient
 from aip.hub import Hub, HubSettings
 from dispatchers import InMemoryCommandDispatcher
 from dispatchers.memory import Tool

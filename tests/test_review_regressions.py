@@ -44,9 +44,10 @@ from websockets.http11 import Request, Response
 
 import aip.device
 from aip.access import AccessPolicy
+from aip.backoff import Backoff
 from aip.call_memory import CallMemory, MemoryLimits
 from aip.controller import HubLink
-from aip.device import Backoff, DeviceClient
+from aip.device import DeviceClient
 from aip.hub import Hub, HubSettings
 from aip.messages import Command, Result, ResultStatus, ServerMessage, ServerMessageType, TaskStatus
 from dispatchers import InMemoryCommandDispatcher, WebSocketCommandDispatcher

@@ -1,8 +1,7 @@
 """The pure parts of the remote path, without a single socket.
 
-``Switchboard`` (the hub's routing rules), ``AccessPolicy`` (who may connect),
-``CallMemory`` (a device's memory of call_ids) and ``Backoff`` (reconnect
-delays) are plain values and functions: every rule is checked here with plain
+``Switchboard`` (the hub's routing rules), ``AccessPolicy`` (who may connect)
+and ``CallMemory`` (a device's memory of call_ids) are plain values and functions: every rule is checked here with plain
 calls, frames in and actions out. As the hub does when a connection opens,
 every peer is first admitted with the ``Identity`` its credential proved.
 """
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import re
 from collections.abc import Hashable, Sequence
 from pathlib import Path
@@ -21,11 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import aip.device
 from aip.access import CONTROLLER_PATH, DEVICE_PATH, AccessPolicy, Refusal, host_name
 from aip.call_memory import CallMemory, MemoryLimits
 from aip.credentials import CredentialError, CredentialStore, Identity, Role, check_token, digest
-from aip.device import Backoff
 from aip.messages import (
     ClientMessage,
     ClientMessageType,
@@ -2107,41 +2103,3 @@ async def test_a_conflict_is_per_controller() -> None:
     await memory.execute([ORIGINAL], run, fail, controller="one")
     [other] = await memory.execute([CONFLICTING[0]], run, fail, controller="two")
     assert other == ok(CONFLICTING[0]) and run.calls == [["a"], ["a"]]
-
-
-# -- Backoff -------------------------------------------------------------------------------
-
-
-def test_backoff_delays_double_up_to_the_cap_without_jitter() -> None:
-    backoff = Backoff(initial=0.5, maximum=30.0, jitter=0.0)
-    assert [backoff.delay(n) for n in range(9)] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
-    assert backoff.delay(10_000) == 30.0  # no overflow after a very long outage
-
-
-def test_backoff_jitter_spans_exactly_the_documented_range(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Extremes:
-        def __init__(self) -> None:
-            self.asked: list[tuple[float, float]] = []
-
-        def uniform(self, low: float, high: float) -> float:
-            self.asked.append((low, high))
-            return low if len(self.asked) % 2 else high
-
-    extremes = Extremes()
-    monkeypatch.setattr(aip.device, "random", extremes)
-    backoff = Backoff(initial=1.0, maximum=8.0, jitter=0.25)
-    assert backoff.delay(2) == pytest.approx(3.0)  # 4 * 0.75
-    assert backoff.delay(2) == pytest.approx(4.0)
-    assert backoff.delay(20) == pytest.approx(8.0 * 0.75)
-    assert extremes.asked[0] == (0.75, 1)
-
-
-def test_backoff_delays_lie_within_jittered_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(aip.device, "random", random.Random(20260101))
-    backoff = Backoff(initial=0.5, maximum=30.0, jitter=0.5)
-    for failures in range(12):
-        base = min(30.0, 0.5 * 2**failures)
-        delays = [backoff.delay(failures) for _ in range(50)]
-        assert all(base * 0.5 <= d <= base for d in delays), (failures, delays)
-        assert len(set(delays)) > 1  # jitter actually spreads them
-    assert max(backoff.delay(100) for _ in range(50)) <= 30.0
