@@ -48,7 +48,8 @@ from dispatchers import (
     load_config,
     plural,
 )
-from dispatchers.batch_file import RUN_DEFAULTS, BatchFile, BatchFileError, check_tool_types, load_batch, run_options
+from flows.batch_file import BatchFile, BatchFileError, check_tool_types, load_batch
+from flows.run_settings import RunSettings
 
 from .inert import inert
 
@@ -138,19 +139,19 @@ def given_on_the_command_line(context: typer.Context, name: str) -> bool:
     return source is not None and source.name == "COMMANDLINE"
 
 
-def warn_about_ineffective(options: dict[str, Any], count: int, concurrency_given: bool) -> None:
+def warn_about_ineffective(settings: RunSettings, count: int, concurrency_given: bool) -> None:
     """Settings that would do nothing as combined: said once, before the run, rather than silently ignored."""
-    parallel = options["mode"] == ExecutionMode.PARALLEL
-    if parallel and options["stop_on_failure"]:
-        if options["max_concurrency"] >= count:
+    parallel = settings.mode == ExecutionMode.PARALLEL
+    if parallel and settings.stop_on_failure:
+        if settings.max_concurrency >= count:
             say_warning(
                 f"--stop-on-failure does nothing here: in parallel mode every command has started by the time one "
-                f"fails (max concurrency {options['max_concurrency']}, {plural(count, 'command')})"
+                f"fails (max concurrency {settings.max_concurrency}, {plural(count, 'command')})"
             )
         else:
             say_warning(
                 "in parallel mode --stop-on-failure skips only the commands still waiting for a slot "
-                f"(at most {options['max_concurrency']} run at once); those running finish"
+                f"(at most {settings.max_concurrency} run at once); those running finish"
             )
     if concurrency_given and not parallel:
         say_warning("--max-concurrency does nothing in sequential mode (add --mode parallel)")
@@ -163,7 +164,7 @@ def fail_usage(message: str) -> NoReturn:
 
 def from_batch_file(setting: str) -> str:
     """Where an option of ``run`` comes from when not given, for its help."""
-    default = RUN_DEFAULTS[setting]
+    default = RunSettings.default(setting)
     shown = default.value if isinstance(default, ExecutionMode) else f"{default:g}"
     return f"(default: the batch file's, else {shown})"
 
@@ -234,7 +235,7 @@ def run(
                 f"{flags} {'is' if len(remote_only) == 1 else 'are'} for --device: without it the batch runs here"
             )
         options["config"] = str(resolve_config(config, batch).resolve())  # a resume may run from elsewhere
-    options |= run_options(
+    settings = RunSettings.resolve(
         batch,
         timeout=timeout,
         mode=mode,
@@ -242,7 +243,8 @@ def run(
         retries=retries,
         max_concurrency=max_concurrency,
     )
-    warn_about_ineffective(options, len(batch.commands), given_on_the_command_line(context, "max_concurrency"))
+    options |= settings.model_dump()
+    warn_about_ineffective(settings, len(batch.commands), given_on_the_command_line(context, "max_concurrency"))
     quiet_prefect_defaults()
     from flows.batch import run_batch_flow
 

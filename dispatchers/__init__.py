@@ -21,12 +21,14 @@ if TYPE_CHECKING:
     from .base import (
         DEFAULT_TIMEOUT,
         BasicCommandDispatcher,
+        DuplicateCallIds,
+        assign_call_ids,
+        check_unique_call_ids,
         error_result,
         failure_cause,
         not_done_cause,
         plural,
         short_id,
-        with_call_id,
     )
     from .batch import BatchPolicy, ExecutionMode, run_batch
     from .concurrency import ConcurrencyLimits
@@ -48,7 +50,9 @@ _EXPORTS: dict[str, str] = {
     "not_done_cause": "base",
     "plural": "base",
     "short_id": "base",
-    "with_call_id": "base",
+    "assign_call_ids": "base",
+    "check_unique_call_ids": "base",
+    "DuplicateCallIds": "base",
     "BatchPolicy": "batch",
     "ExecutionMode": "batch",
     "run_batch": "batch",
@@ -78,6 +82,7 @@ __all__ = [
     "ConcurrencyLimits",
     "ConfigError",
     "Deadline",
+    "DuplicateCallIds",
     "ExecutionMode",
     "InMemoryCommandDispatcher",
     "LocalCommandDispatcher",
@@ -85,6 +90,8 @@ __all__ = [
     "RetryPolicy",
     "ToolCallDispatcher",
     "WebSocketCommandDispatcher",
+    "assign_call_ids",
+    "check_unique_call_ids",
     "close_shared_managers",
     "error_result",
     "failure_cause",
@@ -95,7 +102,6 @@ __all__ = [
     "run_batch",
     "shared_manager",
     "short_id",
-    "with_call_id",
 ]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Sequence
 
 from aip.messages import UFO_BATCH_TIMEOUT, Command, Result, ResultStatus
@@ -19,11 +20,37 @@ from .policy import Deadline
 DEFAULT_TIMEOUT = UFO_BATCH_TIMEOUT
 
 
-def with_call_id(command: Command) -> Command:
-    """The command itself when it has a call_id; a copy with a fresh one otherwise."""
-    if command.call_id:
-        return command
-    return command.model_copy(update={"call_id": str(uuid.uuid4())})
+def assign_call_ids(commands: Sequence[Command], namespace: str | None = None) -> list[Command]:
+    """The commands, each with a call_id: its own, else a fresh one.
+
+    With a ``namespace`` (a flow run's id), a fresh call_id is derived from it
+    and the command's place in the batch: the same on every retry of that run
+    (so stored Results are found, and a device recognises a repeat), different
+    for every other run (so a schedule never reuses an earlier run's Results).
+    Without one, it is random.
+    """
+    return [
+        command if command.call_id else command.model_copy(update={"call_id": _fresh_call_id(namespace, index)})
+        for index, command in enumerate(commands)
+    ]
+
+
+def _fresh_call_id(namespace: str | None, index: int) -> str:
+    if namespace is None:
+        return str(uuid.uuid4())
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"dispatch:{namespace}:{index}"))
+
+
+class DuplicateCallIds(ValueError):
+    """Two commands of one batch share a call_id: their Results could not be told apart."""
+
+
+def check_unique_call_ids(commands: Sequence[Command]) -> None:
+    """Raise ``DuplicateCallIds`` naming the call_ids given to more than one command of the batch."""
+    counts = Counter(command.call_id for command in commands if command.call_id)
+    repeated = sorted(call_id for call_id, count in counts.items() if count > 1)
+    if repeated:
+        raise DuplicateCallIds(f"call_ids must be unique within a batch; repeated: {', '.join(repeated)}")
 
 
 def short_id(call_id: str | None) -> str:
@@ -84,7 +111,7 @@ class BasicCommandDispatcher(ABC):
 
     async def execute_command(self, command: Command, deadline: Deadline) -> Result:
         """Run one command by ``deadline``: a batch of one, unless a transport does better."""
-        [result] = await self.execute_commands([with_call_id(command)], timeout=max(deadline.remaining(), 1e-3))
+        [result] = await self.execute_commands(assign_call_ids([command]), timeout=max(deadline.remaining(), 1e-3))
         return result
 
     def server_for(self, command: Command) -> str | None:

@@ -19,7 +19,7 @@ from enum import StrEnum
 
 from aip.messages import Command, Result, ResultStatus
 
-from .base import error_result, skipped_result, with_call_id
+from .base import assign_call_ids, error_result, skipped_result
 from .errors import CommandTimeout
 from .interrupt import Interrupted, Interruption, current_interruption
 from .policy import Deadline
@@ -74,7 +74,7 @@ async def run_batch(
     ``settle`` seconds to end by their own timeouts (or answer the
     interruption); whatever is still running then is cancelled.
     """
-    batch = [with_call_id(command) for command in commands]
+    batch = assign_call_ids(commands)
     results: list[Result | None] = [None] * len(batch)
     started = [False] * len(batch)
     failed = asyncio.Event()

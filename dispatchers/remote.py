@@ -32,7 +32,7 @@ from aip.messages import (
 )
 from aip.switchboard import Reason, now_iso
 
-from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, error_result, with_call_id
+from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, assign_call_ids, error_result
 from .errors import CommandError, CommandTimeout, ConnectionLost, ProtocolError, ServerUnavailable, describe
 from .policy import Deadline, RetryPolicy, observing_attempts
 
@@ -180,7 +180,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
     # -- batches -------------------------------------------------------------
 
     async def execute_commands(self, commands: Sequence[Command], timeout: float = DEFAULT_TIMEOUT) -> list[Result]:
-        batch = [with_call_id(command) for command in commands]
+        batch = assign_call_ids(commands)
         try:
             deadline = Deadline.after(timeout)
         except ValueError as error:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from aip.messages import Command, Result
 from aip.retry import requested_retry
 
-from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, error_result, with_call_id
+from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, assign_call_ids, error_result
 from .batch import BatchPolicy, ResultListener, run_batch
 from .errors import AttemptTimeout, CommandError, CommandTimeout, ToolReportedError, describe
 from .policy import AttemptObserver, Deadline, RetryPolicy, observing_attempts
@@ -129,5 +129,5 @@ class ToolCallDispatcher(BasicCommandDispatcher):
         try:
             deadline = Deadline.after(timeout)
         except ValueError as error:  # still one Result per command, never an exception
-            return self.generate_error_results([with_call_id(command) for command in commands], error)
+            return self.generate_error_results(assign_call_ids(commands), error)
         return await run_batch(commands, self.execute_command, deadline, self.batch, on_result)

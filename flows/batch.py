@@ -29,23 +29,24 @@ from aip.controller import HubLink
 from aip.messages import AgentContext, Command, Result, ResultStatus
 from dispatchers import (
     BasicCommandDispatcher,
-    BatchPolicy,
     Deadline,
     ExecutionMode,
     LocalCommandDispatcher,
     RetryPolicy,
     WebSocketCommandDispatcher,
+    assign_call_ids,
+    check_unique_call_ids,
     error_result,
     plural,
     run_batch,
     shared_manager,
-    with_call_id,
 )
-from dispatchers.batch_file import load_batch, run_options
 from dispatchers.interrupt import was_interrupted
 from tasks import BatchContext, CommandReport, execute_as_task
 
+from .batch_file import load_batch
 from .reporting import Progress, emit_batch_finished, publish_results
+from .run_settings import RunSettings
 from .trust import check_deployment_parameters
 from .watching import Watch
 
@@ -73,21 +74,6 @@ def flow_run_name() -> str:
     if parameters.get("backend") == Backend.REMOTE and parameters.get("device"):
         name += f"-on-{parameters['device']}"
     return name + ("-resumed" if parameters.get("resume_from") else "") + f"-{str(flow_run.id)[:8]}"
-
-
-def derived_call_ids(commands: Sequence[Command], namespace: str) -> list[Command]:
-    """Commands without a call_id get one derived from the batch's namespace and their place in it.
-
-    The same on every retry of a flow run (so stored Results are found, and a
-    device recognises a repeat), different for every other run (so a schedule
-    never reuses an earlier run's Results, nor a device's memory of them).
-    """
-    return [
-        command
-        if command.call_id
-        else command.model_copy(update={"call_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"dispatch:{namespace}:{i}"))})
-        for i, command in enumerate(commands)
-    ]
 
 
 @flow(name="dispatch-batch", flow_run_name=flow_run_name, persist_result=False, log_prints=False)
@@ -136,7 +122,7 @@ async def dispatch_batch(
     spec = load_batch(batch_file) if batch_file else None
     if not commands and spec is None:
         raise ValueError("no commands: give commands, or a batch_file that has them")
-    options = run_options(
+    settings = RunSettings.resolve(
         spec,
         timeout=timeout,
         mode=mode,
@@ -146,13 +132,11 @@ async def dispatch_batch(
     )
     run_id = str(flow_run.id)
     context = BatchContext(namespace=resume_from or run_id, flow_run_id=run_id, device=device)
-    batch = derived_call_ids(commands or (spec.commands if spec else []), context.namespace)
-    deadline = Deadline.after(options["timeout"])
-    policy = BatchPolicy(options["mode"], options["stop_on_failure"], options["max_concurrency"])
-    retry = RetryPolicy(attempts=options["retries"] + 1)
+    batch = assign_call_ids(commands or (spec.commands if spec else []), context.namespace)
+    check_unique_call_ids(batch)
+    deadline = Deadline.after(settings.timeout)
+    retry = settings.retry_policy
     servers = config or (spec.config if spec else None) or "mcp.json"
-    if len({command.call_id for command in batch}) < len(batch):
-        raise ValueError("two commands share a call_id: each command of a batch needs its own (or none)")
     watch = Watch()
     watch.batch_started(run_id, flow_run_name(), batch)
     await _best_effort(_tag(backend, device), "tagging the flow run")
@@ -178,7 +162,7 @@ async def dispatch_batch(
             watch.command_finished(at, result, reports[at])
 
         # Task runs that end at the deadline (or are interrupted) report Failed before they are cancelled.
-        results = await run_batch(batch, run_one, deadline, policy, finished, settle=TASK_REPORT_GRACE)
+        results = await run_batch(batch, run_one, deadline, settings.batch_policy, finished, settle=TASK_REPORT_GRACE)
         # Every failure names its server when it is known: interrupted, skipped and timed-out ones too.
         results = [
             dispatcher.naming_the_server(command, result) for command, result in zip(batch, results, strict=True)
@@ -276,7 +260,7 @@ async def resume_batch_flow(flow_run_id: str) -> tuple[list[Command], list[Resul
     listed = [Command.model_validate(command) for command in parameters.pop("commands", None) or []]
     if not listed and parameters.get("batch_file"):
         listed = load_batch(parameters["batch_file"]).commands
-    commands = derived_call_ids(listed, namespace)
+    commands = assign_call_ids(listed, namespace)
     return commands, await run_batch_flow(commands, **parameters)
 
 
@@ -286,7 +270,7 @@ async def run_batch_flow(commands: Sequence[Command], **options: Any) -> list[Re
     A flow run that crashes or cannot reach the Prefect API still answers:
     every command gets a failure Result naming the cause.
     """
-    batch = [with_call_id(command) for command in commands]
+    batch = assign_call_ids(commands)
     try:
         if options.get("hub"):  # refused before it could be stored with the flow run's parameters
             endpoint(options["hub"], CONTROLLER_PATH)

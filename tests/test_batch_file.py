@@ -13,8 +13,8 @@ from pydantic import ValidationError
 
 from aip.messages import Command, ResultStatus
 from dispatchers import LocalCommandDispatcher, MCPServerManager, load_config
-from dispatchers.batch_file import BatchFile, BatchFileError, check_tool_types, load_batch
 from dispatchers.errors import validation_message
+from flows.batch_file import BatchFile, BatchFileError, check_tool_types, load_batch
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -169,8 +169,8 @@ async def test_the_helper_always_answers_even_when_the_flow_cannot_start_servers
         assert "/nonexistent/mcp.json: no such file" in result.error
 
 
-def test_aip_and_dispatchers_never_import_prefect() -> None:
-    check = "import sys, aip.messages, dispatchers, dispatchers.batch_file; print('prefect' in sys.modules)"
+def test_aip_dispatchers_and_the_batch_file_reader_never_import_prefect() -> None:
+    check = "import sys, aip.messages, dispatchers, flows.batch_file; print('prefect' in sys.modules)"
     output = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True, timeout=60)
     assert output.stdout.strip() == "False"
 
@@ -225,4 +225,4 @@ async def test_two_commands_with_one_call_id_are_refused_before_anything_runs(de
     twins = [Command(tool_name="count", parameters={"key": "twins"}, call_id="same")] * 2
     results = await run_batch_flow(twins, config=demo_config)
     assert [r.status for r in results] == [ResultStatus.FAILURE, ResultStatus.FAILURE]
-    assert all("two commands share a call_id" in (r.error or "") for r in results)
+    assert all("call_ids must be unique within a batch; repeated: same" in (r.error or "") for r in results)

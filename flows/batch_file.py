@@ -29,20 +29,12 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
 
 from aip.messages import AgentContext, Command
+from dispatchers.base import DuplicateCallIds, check_unique_call_ids
+from dispatchers.batch import ExecutionMode
+from dispatchers.errors import validation_message
+from dispatchers.router import tool_type_problem
 
-from .base import DEFAULT_TIMEOUT
-from .batch import ExecutionMode
-from .errors import validation_message
-from .router import tool_type_problem
-
-#: How a batch runs when neither the caller nor the batch file says.
-RUN_DEFAULTS: dict[str, Any] = {
-    "timeout": DEFAULT_TIMEOUT,
-    "mode": ExecutionMode.SEQUENTIAL,
-    "stop_on_failure": False,
-    "retries": 2,
-    "max_concurrency": 8,
-}
+from .run_settings import Concurrency, Retries, Seconds
 
 
 class BatchFileError(ValueError):
@@ -72,11 +64,12 @@ class BatchFile(BaseModel):
 
     commands: list[Annotated[Command, BeforeValidator(_no_unknown_keys)]] = Field(min_length=1)
     config: str | None = None
-    timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    # The run settings it may set (``RunSettings`` says what each is, and its default).
+    timeout: Seconds | None = None
     mode: ExecutionMode | None = None
     stop_on_failure: bool | None = None
-    retries: int | None = Field(default=None, ge=0)
-    max_concurrency: int | None = Field(default=None, ge=1)
+    retries: Retries | None = None
+    max_concurrency: Concurrency | None = None
     agent_context: AgentContext | None = None
     _source: str | None = PrivateAttr(default=None)
 
@@ -84,17 +77,6 @@ class BatchFile(BaseModel):
     def source(self) -> str | None:
         """The file it was read from (``load_batch``), for messages about it; None when built in code."""
         return self._source
-
-
-def run_options(batch: BatchFile | None, **given: Any) -> dict[str, Any]:
-    """Each of ``RUN_DEFAULTS``: the value given (not None), else the batch file's, else the default."""
-    options = {}
-    for name, default in RUN_DEFAULTS.items():
-        value = given.get(name)
-        if value is None and batch is not None:
-            value = getattr(batch, name)
-        options[name] = default if value is None else value
-    return options
 
 
 def load_batch(path: str | Path) -> BatchFile:
@@ -120,10 +102,10 @@ def load_batch(path: str | Path) -> BatchFile:
     except ValidationError as error:
         raise BatchFileError(f"{path}: {validation_message(error, BatchFile)}") from None
     batch._source = str(path)
-    ids = [command.call_id for command in batch.commands if command.call_id]
-    if len(set(ids)) < len(ids):
-        repeated = sorted({call_id for call_id in ids if ids.count(call_id) > 1})
-        raise BatchFileError(f"{path}: call_ids must be unique within a batch; repeated: {', '.join(repeated)}")
+    try:
+        check_unique_call_ids(batch.commands)
+    except DuplicateCallIds as error:
+        raise BatchFileError(f"{path}: {error}") from None
     if batch.config is not None:
         folder = path.parent.resolve()
         config = (folder / batch.config).resolve()
