@@ -70,20 +70,32 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 
-import argparse
 import asyncio
-import contextlib
-import json
 import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from harness import (
+    ROOT,
+    Provenance,
+    Timed,
+    arguments,
+    broken,
+    echo_commands,
+    interleaved,
+    ms,
+    print_json,
+    rotation,
+    table,
+    timed,
+    verdict,
+    wait_quiet,
+)
 from mcp import Client, StdioServerParameters
-from provenance import code_fingerprint, code_version
+from processes import child_pids, cpu_seconds
 
 from aip.messages import Command, Result, ResultStatus
 from dispatchers import (
@@ -96,8 +108,7 @@ from dispatchers import (
 )
 from dispatchers.mcp_servers import ServerConnection
 
-ROOT = Path(__file__).resolve().parent.parent
-#: Where the code under test was imported from (``ROOT``, unless ``PYTHONPATH`` points elsewhere).
+#: The code under test.
 CODE_PACKAGES = ("aip", "dispatchers", "flows", "tasks")
 DEMO_SERVER = ROOT / "examples" / "demo_server.py"
 UFO_NOTE = "Microsoft UFO's local path costs 110\u2013180 ms per command on this kind of machine"
@@ -105,9 +116,6 @@ UFO_NOTE = "Microsoft UFO's local path costs 110\u2013180 ms per command on this
 #: Targets from the project brief: subject/baseline of the medians.
 TARGET_SINGLE = 1.15
 TARGET_FLOW = 1.2
-
-Timed = Callable[[], Awaitable[Any]]
-Settle = Callable[[], Awaitable[dict[str, float]]]
 
 
 def server_params() -> StdioServerParameters:
@@ -119,60 +127,10 @@ def mcp_config() -> dict[str, Any]:
     return {"mcpServers": {"demo": {"command": sys.executable, "args": [str(DEMO_SERVER)]}}}
 
 
-def echo_commands(count: int, prefix: str) -> list[Command]:
-    """Commands with call_ids, as a UFO peer sends them."""
-    return [Command(tool_name="echo", parameters={"value": i}, call_id=f"{prefix}-{i}") for i in range(count)]
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)
-
-
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values)
-
-
-@dataclass
-class Samples:
-    """Figures in seconds (wall times, CPU times), by label, gathered over repetitions."""
-
-    times: dict[str, list[float]] = field(default_factory=dict)
-
-    def add(self, label: str, seconds: float) -> None:
-        self.times.setdefault(label, []).append(seconds)
-
-    def median(self, label: str) -> float:
-        return median(self.times[label])
-
-
-async def timed(action: Timed) -> float:
-    start = time.perf_counter()
-    await action()
-    return time.perf_counter() - start
-
-
-async def interleaved(runs: dict[str, Timed], repeats: int, settle: Settle | None = None) -> Samples:
-    """Run every action once per repetition, the order rotating, and time each.
-
-    ``settle``, when given, runs after each timed action (untimed) and returns
-    extra figures to record under ``label:name``.
-    """
-    samples = Samples()
-    labels = list(runs)
-    for rep in range(repeats):
-        shift = rep % len(labels)
-        for label in labels[shift:] + labels[:shift]:
-            samples.add(label, await timed(runs[label]))
-            if settle is not None:
-                for name, value in (await settle()).items():
-                    samples.add(f"{label}:{name}", value)
-    return samples
-
-
 def check_results(results: Sequence[Result], expected: int) -> None:
     bad = [r for r in results if r.status is not ResultStatus.SUCCESS]
     if len(results) != expected or bad:
-        raise SystemExit(f"benchmark broken: {len(bad)} of {len(results)} results failed, e.g. {bad[:1]}")
+        raise broken(f"{len(bad)} of {len(results)} results failed, e.g. {bad[:1]}")
 
 
 async def live_client(connection: ServerConnection) -> Client:
@@ -200,8 +158,7 @@ class CallTimes:
         labels = list(subjects)
         before = {label: len(self.wall.setdefault(label, [])) for label in labels}
         for i, command in enumerate(commands):
-            shift = (i + rep) % len(labels)
-            for label in labels[shift:] + labels[:shift]:
+            for label in rotation(labels, i + rep):
                 cpu_start, start = time.process_time(), time.perf_counter()
                 await subjects[label](i, command)
                 self.wall[label].append(time.perf_counter() - start)
@@ -211,7 +168,11 @@ class CallTimes:
 
     def figures(self, label: str) -> tuple[float, float, float]:
         """Median wall time per call, mean CPU per call, median of the repetitions' mean wall times."""
-        return median(self.wall[label]), statistics.fmean(self.cpu[label]), median(self.means[label])
+        return (
+            statistics.median(self.wall[label]),
+            statistics.fmean(self.cpu[label]),
+            statistics.median(self.means[label]),
+        )
 
 
 async def bench_single(
@@ -235,7 +196,7 @@ async def bench_single(
         async def call(i: int, command: Command) -> None:
             answer = await client.call_tool("echo", {"value": i})
             if answer.is_error:
-                raise SystemExit(f"benchmark broken: raw echo failed: {answer}")
+                raise broken(f"raw echo failed: {answer}")
 
         return call
 
@@ -252,7 +213,7 @@ async def bench_single(
         for name in order:
             await times[name].rotate(groups[name], echo_commands(calls, f"a{rep}{name}"), rep)
     if await live_client(dispatcher.servers.connections["demo"]) is not same:
-        raise SystemExit("benchmark broken: the dispatcher's server restarted during (a)")
+        raise broken("the dispatcher's server restarted during (a)")
     same_w, same_c, same_m = times["same"].figures("same")
     aa_w, _, _ = times["same"].figures("same_aa")
     ours_w, ours_c, ours_m = times["same"].figures("ours")
@@ -302,7 +263,7 @@ async def bench_batch(
     async def raw_batch() -> None:
         answers = await asyncio.gather(*(raw.call_tool("echo", {"value": i}) for i in range(size)))
         if any(answer.is_error for answer in answers):
-            raise SystemExit("benchmark broken: a raw echo failed")
+            raise broken("a raw echo failed")
 
     def ours(dispatcher: LocalCommandDispatcher) -> Timed:
         async def run() -> None:
@@ -335,7 +296,7 @@ async def bench_dispatcher(calls: int, batch: int, repeats: int) -> dict[str, An
         Client(server_params()) as control,
     ):
         if not manager.connections["demo"].available:
-            raise SystemExit(f"benchmark broken: the demo server did not start: {manager.connections['demo'].error}")
+            raise broken(f"the demo server did not start: {manager.connections['demo'].error}")
         dispatcher = LocalCommandDispatcher(manager)
         await bench_single(raw, control, dispatcher, min(calls, 20), 1)  # warm-up: imports, first-call caches
         single = await bench_single(raw, control, dispatcher, calls, repeats)
@@ -344,28 +305,6 @@ async def bench_dispatcher(calls: int, batch: int, repeats: int) -> dict[str, An
 
 
 # -- (c): the dispatch_batch flow against a bare Prefect flow --------------------------------------
-
-
-def child_pids(word: str) -> list[int]:
-    """This process's children whose command line contains ``word`` (Linux ``/proc``; else none)."""
-    found: list[int] = []
-    with contextlib.suppress(OSError):
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                if parent == os.getpid() and word in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    found.append(int(entry.name))
-            except (OSError, ValueError, IndexError):
-                continue
-    return found
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU of ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class ApiSettle:
@@ -401,12 +340,7 @@ class ApiSettle:
         if self.pid is None:
             await asyncio.sleep(3.0)  # no /proc view of the server: a fixed pause instead
         else:
-            calm, before = 0, self._server_cpu()
-            while calm < 2 and time.perf_counter() - started < self.limit:
-                await asyncio.sleep(self.window)
-                now = self._server_cpu()
-                calm = calm + 1 if now - before <= self.quiet * self.window else 0
-                before = now
+            await wait_quiet(self._server_cpu, self.quiet, self.limit, self.window)
         server, client = self._server_cpu(), time.process_time()
         figures = {
             "server_cpu": server - self.server_mark,
@@ -466,10 +400,10 @@ async def bench_flow(batch: int, repeats: int, raw: Client) -> dict[str, Any]:
                 commands, config=config, mode="parallel", max_concurrency=max(count, 1), return_state=True
             )
             if not state.is_completed():
-                raise SystemExit(f"benchmark broken: dispatch_batch ended {state.name}: {state.message}")
+                raise broken(f"dispatch_batch ended {state.name}: {state.message}")
             results = await state.aresult()
             if not isinstance(results, list):
-                raise SystemExit(f"benchmark broken: dispatch_batch returned {type(results).__name__}")
+                raise broken(f"dispatch_batch returned {type(results).__name__}")
             check_results(results, count)
 
         return run
@@ -477,7 +411,7 @@ async def bench_flow(batch: int, repeats: int, raw: Client) -> dict[str, Any]:
     def baseline(count: int, kind: Any = bare) -> Timed:
         async def run() -> None:
             if len(await kind(count)) != count:
-                raise SystemExit("benchmark broken: a bare flow lost results")
+                raise broken("a bare flow lost results")
 
         return run
 
@@ -488,7 +422,7 @@ async def bench_flow(batch: int, repeats: int, raw: Client) -> dict[str, Any]:
         await manager.start()
         up = time.perf_counter()
         if not manager.connections["demo"].available:
-            raise SystemExit(f"benchmark broken: {manager.connections['demo'].error}")
+            raise broken(f"{manager.connections['demo'].error}")
         await manager.close()
         start_stop["start"].append(up - begin)
         start_stop["stop"].append(time.perf_counter() - up)
@@ -514,7 +448,7 @@ async def bench_flow(batch: int, repeats: int, raw: Client) -> dict[str, Any]:
     for _ in range(repeats):  # context only, so not in the rotation: it makes no API calls to wait for
         await server_cold()
     if shared_manager(config) is not shared or await live_client(shared.connections["demo"]) is not session:
-        raise SystemExit("benchmark broken: the timed flow runs did not all use the one warm MCP server")
+        raise broken("the timed flow runs did not all use the one warm MCP server")
 
     # What every run still pays for the sharing: the warm lookup (config parsed, key built, start a no-op).
     async def warm_lookup() -> None:
@@ -547,11 +481,11 @@ async def bench_flow(batch: int, repeats: int, raw: Client) -> dict[str, Any]:
         "aa_ratio": round(m["bare_n_aa"] / m["bare_n"], 3),
         "per_command_ours_ms": ms((m["ours_n"] - m["ours_1"]) / (batch - 1)),
         "per_command_bare_ms": ms((m["bare_n"] - m["bare_1"]) / (batch - 1)),
-        "server_cold_start_ms": ms(median(start_stop["start"])),
-        "server_stop_ms": ms(median(start_stop["stop"])),
-        "shared_manager_warm_ms": ms(median(warm)),
+        "server_cold_start_ms": ms(statistics.median(start_stop["start"])),
+        "server_stop_ms": ms(statistics.median(start_stop["stop"])),
+        "shared_manager_warm_ms": ms(statistics.median(warm)),
         "settle_median_s": round(
-            median([v for k, vs in samples.times.items() if k.endswith(":settle") for v in vs]), 2
+            statistics.median([v for k, vs in samples.times.items() if k.endswith(":settle") for v in vs]), 2
         ),
         **cpu,
         "target": TARGET_FLOW,
@@ -575,10 +509,6 @@ def run_flow_bench(batch: int, repeats: int) -> dict[str, Any]:
 
 
 # -- report -------------------------------------------------------------------------------------
-
-
-def verdict(ratio: float, target: float) -> str:
-    return "ok" if ratio <= target else "MISSED"
 
 
 def print_table(figures: dict[str, Any]) -> None:
@@ -703,19 +633,16 @@ def print_table(figures: dict[str, Any]) -> None:
             ),
             ("    shared_manager(), warm", "", f"{c['shared_manager_warm_ms']:.3f} ms", ""),
         ]
-    header = ("case (* = headline)", "baseline", "ours", "ratio")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
-    for row in [header, *rows]:
-        print(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}")
+    table(("case (* = headline)", "baseline", "ours", "ratio"), rows)
     if a:
         print(
             f"(a) target ratio <= {TARGET_SINGLE} (headline: raw call_tool on the dispatcher's own connection): "
-            f"{verdict(a['ratio'], TARGET_SINGLE)}"
+            f"{verdict(a['ratio'] <= TARGET_SINGLE)}"
         )
     if c:
         print(
             f"(c) target ratio <= {TARGET_FLOW} (headline: {n} commands, servers warm, vs bare flow of no-op tasks): "
-            f"{verdict(c['ratio'], TARGET_FLOW)}; with none of our code, the same MCP calls alone score "
+            f"{verdict(c['ratio'] <= TARGET_FLOW)}; with none of our code, the same MCP calls alone score "
             f"{c['floor_ratio']:.2f}"
         )
         print(
@@ -727,7 +654,7 @@ def print_table(figures: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--repeats", type=int, default=5, help="repetitions per figure (default 5)")
     parser.add_argument("--calls", type=int, default=200, help="sequential calls per repetition in (a) (default 200)")
     parser.add_argument("--batch", type=int, default=100, help="commands per batch in (b) and (c) (default 100)")
@@ -736,25 +663,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.repeats < 1 or args.calls < 1 or args.batch < 2:
         parser.error("--repeats and --calls must be at least 1, --batch at least 2")
 
-    started = time.perf_counter()
+    provenance = Provenance(CODE_PACKAGES)
     figures: dict[str, Any] = {
         "repeats": args.repeats,
         "calls": args.calls,
         "batch": args.batch,
-        "code": code_version(CODE_PACKAGES),
+        "code": provenance.code,
     }
     figures.update(asyncio.run(bench_dispatcher(args.calls, args.batch, args.repeats)))
     if not args.skip_flow:
         figures["c"] = run_flow_bench(args.batch, args.repeats)
-    figures["elapsed_s"] = round(time.perf_counter() - started, 1)
-    figures["code"]["changed_during_run"] = code_fingerprint(CODE_PACKAGES) != figures["code"]["fingerprint"]
+    provenance.finish(figures)
     print_table(figures)
-    code = figures["code"]
-    state = "uncommitted changes" if code["dirty"] else "clean" if code["dirty"] is False else "not a git checkout"
-    print(f"Code under test: {code['source']}, commit {code['commit']} ({state}), fingerprint {code['fingerprint']}.")
-    if code["changed_during_run"]:
-        print("WARNING: the code under test changed on disk during the run; the figures may mix two versions.")
-    print(json.dumps(figures, sort_keys=True))
+    provenance.print()
+    print_json(figures)
 
 
 if __name__ == "__main__":
