@@ -85,12 +85,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -103,9 +101,9 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from provenance import code_fingerprint, code_version
+from harness import ROOT, Provenance, arguments, broken, interleaved, ms, print_json, table, wait_quiet
+from processes import Children, free_port, proc_table, subtree
 
-ROOT = Path(__file__).resolve().parent.parent
 CODE_PACKAGES = ("aip", "dispatchers", "flows", "tasks", "cli")
 POOL = "dispatch"
 DEPLOYMENT = "dispatch-batch/on-demand"
@@ -113,25 +111,12 @@ DEPLOYMENT = "dispatch-batch/on-demand"
 QUEUES = {"default": 1, "slow": 10}
 CONFIG = "examples/mcp.json"  # as a deployment gets it: relative to the worker's working directory (ROOT)
 POLL = 0.2  # seconds between two reads of a deployment run's state
-STOP_GRACE = 5.0  # seconds a child gets after SIGTERM
 RUN_LIMIT = 120.0  # seconds a deployment run may take, trigger to exit, before the benchmark gives up
 SETTLE_LIMIT = 10.0  # seconds the wait for an idle API server may take after a run
 #: Above this idle CPU rate (cores) of the API server, the figures are suspect and the script says so.
 IDLE_WARNING = 0.1
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1000, 1)
-
-
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+#: The Prefect CLI of this environment.
+PREFECT = str(Path(sys.executable).parent / "prefect")
 
 
 def batch(count: int) -> list[dict[str, Any]]:
@@ -145,79 +130,6 @@ def batch(count: int) -> list[dict[str, Any]]:
 
 
 # -- processes ----------------------------------------------------------------------------------
-
-
-def proc_table() -> dict[int, tuple[int, float]]:
-    """Every process: pid -> (parent pid, CPU seconds: its own plus that of its reaped children)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    table: dict[int, tuple[int, float]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        table[int(entry)] = (int(fields[1]), sum(int(f) for f in fields[11:15]) / tick)
-    return table
-
-
-def subtree(root: int, table: dict[int, tuple[int, float]]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, (parent, _) in table.items():
-        children.setdefault(parent, []).append(pid)
-    found, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        if pid in table and pid not in found:
-            found.add(pid)
-            todo.extend(children.get(pid, []))
-    return found
-
-
-@dataclass
-class Children:
-    """The processes this script starts, each in a session (process group) of its own."""
-
-    log_dir: Path
-    started: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def start(self, name: str, argv: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with (self.log_dir / f"{name}.log").open("ab") as log:
-            process = subprocess.Popen(
-                list(argv), env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self.started[name] = process
-        return process
-
-    def died(self) -> str | None:
-        return next((name for name, process in self.started.items() if process.poll() is not None), None)
-
-    def stop(self, names: Sequence[str] | None = None) -> float:
-        """SIGTERM the groups, SIGKILL them after the grace, then kill any descendant left; the seconds it took."""
-        begin = time.monotonic()
-        chosen = {name: self.started.pop(name) for name in list(names or self.started) if name in self.started}
-        table = proc_table()
-        descendants = set().union(*(subtree(p.pid, table) for p in chosen.values())) if chosen else set()
-        for signum in (signal.SIGTERM, signal.SIGKILL):
-            for process in chosen.values():
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(process.pid, signum)
-            until = time.monotonic() + (STOP_GRACE if signum == signal.SIGTERM else 5.0)
-            for process in chosen.values():
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(timeout=max(0.0, until - time.monotonic()))
-            if all(process.poll() is not None for process in chosen.values()):
-                break
-        for process in chosen.values():  # the leader is gone; its group may still hold what it started
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
-        alive = set(proc_table())
-        for pid in descendants & alive:  # e.g. flow processes a worker started in sessions of their own
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        return time.monotonic() - begin
 
 
 class Meter:
@@ -259,19 +171,14 @@ class Settle:
         """Wait; then each process's CPU since the last call, less its idle rate over that time."""
         started = time.perf_counter()
         quiet_rate = self.idle.get("server", 0.0) * 1.5 + 0.04
-        calm, before = 0, self.meter.read()["server"]
-        while calm < 2 and time.perf_counter() - started < SETTLE_LIMIT:
-            await asyncio.sleep(self.window)
-            now = self.meter.read()["server"]
-            calm = calm + 1 if (now - before) / self.window <= quiet_rate else 0
-            before = now
+        quiet = await wait_quiet(lambda: self.meter.read()["server"], quiet_rate, SETTLE_LIMIT, self.window)
         now_all, at = self.meter.read(), time.perf_counter()
         elapsed = at - self.mark_at
         figures = {
             f"{name}_cpu": now_all[name] - self.mark[name] - self.idle.get(name, 0.0) * elapsed for name in now_all
         }
         figures["settle"] = at - started
-        figures["settle_limit_hit"] = float(calm < 2)
+        figures["settle_limit_hit"] = float(not quiet)
         self.mark, self.mark_at = now_all, at
         return figures
 
@@ -306,7 +213,7 @@ async def phases(client: Any, flow_run_id: UUID, t0: float, count: int) -> Run:
         found["first_task"], found["last_task"] = min(starts), max(ends)
     durations = [(t.end_time - t.start_time).total_seconds() for t in tasks if t.start_time and t.end_time]
     if durations:
-        found["task_median"] = median(durations)
+        found["task_median"] = statistics.median(durations)
     return found
 
 
@@ -348,14 +255,14 @@ class Bench:
             if run.state is not None and run.state.is_final():
                 break
             if time.perf_counter() - begin > RUN_LIMIT:
-                raise SystemExit(f"benchmark broken: flow run {flow_run_id} not final after {RUN_LIMIT:g} s")
+                raise broken(f"flow run {flow_run_id} not final after {RUN_LIMIT:g} s")
             await asyncio.sleep(POLL)
         seen = time.perf_counter() - begin
         if not run.state.is_completed():
-            raise SystemExit(f"benchmark broken: deployment run ended {run.state.name}: {run.state.message}")
+            raise broken(f"deployment run ended {run.state.name}: {run.state.message}")
         while self.meter.busy_workers(worker):
             if time.perf_counter() - begin > RUN_LIMIT:
-                raise SystemExit(f"benchmark broken: the flow process of {flow_run_id} did not exit")
+                raise broken(f"the flow process of {flow_run_id} did not exit")
             await asyncio.sleep(0.05)
         return run, seen, time.time()
 
@@ -374,13 +281,12 @@ class Bench:
 
     async def cli(self, label: str) -> None:
         """``prefect deployment run`` (the CLI, no --watch) on the default queue, then the same polling."""
-        prefect = str(Path(sys.executable).parent / "prefect")
         parameters = json.dumps({"commands": batch(self.size), "batch_file": None, "config": CONFIG})
         files = self.stored_files()
         t0, begin = time.time(), time.perf_counter()
         done = await asyncio.to_thread(
             subprocess.run,
-            [prefect, "deployment", "run", DEPLOYMENT, "--params", parameters],
+            [PREFECT, "deployment", "run", DEPLOYMENT, "--params", parameters],
             capture_output=True,
             text=True,
             timeout=60,
@@ -389,7 +295,7 @@ class Bench:
         returned = time.perf_counter() - begin
         ids = [word for word in done.stdout.split() if len(word) == 36 and word.count("-") == 4]
         if done.returncode != 0 or not ids:
-            raise SystemExit(f"benchmark broken: prefect deployment run failed:\n{done.stdout}\n{done.stderr}")
+            raise broken(f"prefect deployment run failed:\n{done.stdout}\n{done.stderr}")
         run, seen, exited = await self.wait_final(UUID(ids[0]), begin, "worker_default")
         await self.record_deployment_run(label, run, t0, files, returned, seen, exited)
 
@@ -428,13 +334,13 @@ class Bench:
         state = await dispatch_batch(commands=batch(count), config=config, persist_results=persist, return_state=True)
         wall = time.perf_counter() - begin
         if manager is not None and shared_manager(config) is not manager:
-            raise SystemExit("benchmark broken: a warm in-process run did not use the warm MCP servers")
+            raise broken("a warm in-process run did not use the warm MCP servers")
         results = await state.aresult(raise_on_failure=False)
         if not state.is_completed() or not isinstance(results, list) or len(results) != count:
-            raise SystemExit(f"benchmark broken: dispatch_batch ended {state.name}: {state.message}")
+            raise broken(f"dispatch_batch ended {state.name}: {state.message}")
         cpu = await self.settle()
         if state.state_details.flow_run_id is None:
-            raise SystemExit("benchmark broken: the flow's final state names no flow run")
+            raise broken("the flow's final state names no flow run")
         times = await phases(self.client, state.state_details.flow_run_id, t0, count)
         self.check(state.message, times, files + (count if persist else 0), label, count)
         self.record(label, {**split(times, "t0"), "wall": wall, "returned": wall - times["completed"], **cpu})
@@ -442,24 +348,14 @@ class Bench:
     def check(self, message: str | None, times: Run, files: int, label: str, count: int | None = None) -> None:
         count = count or self.size
         if message != f"{count} commands succeeded":
-            raise SystemExit(f"benchmark broken: {label}: {message}")
+            raise broken(f"{label}: {message}")
         missing = [key for key in ("running", "completed", "first_task", "last_task") if key not in times]
         if missing or times.get("tasks") != count:
             raise SystemExit(
                 f"benchmark broken: {label}: no {missing} in the run's history, {times.get('tasks')} tasks"
             )
         if self.stored_files() != files:
-            raise SystemExit(f"benchmark broken: {label}: {self.stored_files()} result files, expected {files}")
-
-
-async def rotate(subjects: dict[str, Callable[[], Awaitable[None]]], repeats: dict[str, int]) -> None:
-    """Each subject once per repetition (up to its own count), the order rotating by repetition."""
-    labels = list(subjects)
-    for rep in range(max(repeats.values())):
-        shift = rep % len(labels)
-        for label in labels[shift:] + labels[:shift]:
-            if rep < repeats[label]:
-                await subjects[label]()
+            raise broken(f"{label}: {self.stored_files()} result files, expected {files}")
 
 
 # -- the whole run -------------------------------------------------------------------------------
@@ -504,8 +400,8 @@ async def mcp_cold_starts(repeats: int) -> dict[str, float]:
             down = [name for name, connection in manager.connections.items() if not connection.available]
             await manager.close()
             if down:
-                raise SystemExit(f"benchmark broken: MCP server(s) {down} did not start")
-    return {label: median(values) for label, values in times.items()}
+                raise broken(f"MCP server(s) {down} did not start")
+    return {label: statistics.median(values) for label, values in times.items()}
 
 
 async def measure(args: argparse.Namespace, children: Children, home: Path, env: dict[str, str]) -> dict[str, Any]:
@@ -514,7 +410,6 @@ async def measure(args: argparse.Namespace, children: Children, home: Path, env:
     from cli.up import run_step
     from dispatchers import close_shared_managers
 
-    prefect = str(Path(sys.executable).parent / "prefect")
     queues = {queue: seconds for queue, seconds in QUEUES.items() if queue == "default" or not args.skip_slow}
     figures: dict[str, Any] = {}
     async with get_client() as client:
@@ -525,12 +420,12 @@ async def measure(args: argparse.Namespace, children: Children, home: Path, env:
             await asyncio.to_thread(
                 children.start,
                 f"worker_{queue}",
-                [prefect, "worker", "start", "--pool", POOL, "--work-queue", queue],
+                [PREFECT, "worker", "start", "--pool", POOL, "--work-queue", queue],
                 {**env, "PREFECT_WORKER_QUERY_SECONDS": str(seconds)},
             )
         deploy = asyncio.create_task(
             asyncio.to_thread(
-                run_step, [prefect, "--no-prompt", "deploy", "--name", "on-demand"], env, ROOT, "deploying on-demand"
+                run_step, [PREFECT, "--no-prompt", "deploy", "--name", "on-demand"], env, ROOT, "deploying on-demand"
             )
         )
         while True:  # the workers register with the pool once they poll
@@ -538,9 +433,9 @@ async def measure(args: argparse.Namespace, children: Children, home: Path, env:
             if len([w for w in workers if w.status.value == "ONLINE"]) >= len(queues):
                 break
             if (dead := children.died()) is not None:
-                raise SystemExit(f"benchmark broken: {dead} exited at start (see {children.log_dir})")
+                raise broken(f"{dead} exited at start (see {children.log_dir})")
             if time.perf_counter() - begin > 90:
-                raise SystemExit("benchmark broken: the workers did not come online within 90 s")
+                raise broken("the workers did not come online within 90 s")
             await asyncio.sleep(0.25)
         figures["workers_online_s"] = round(time.perf_counter() - begin, 1)
         await asyncio.wait_for(deploy, timeout=200)
@@ -559,7 +454,7 @@ async def measure(args: argparse.Namespace, children: Children, home: Path, env:
         await bench.deployment("default", "warmup")
         await bench.in_process("warmup", args.persist_batch, cold=False, persist=False)
         await settle.calibrate()
-        figures["idle_cpu_ms_per_s"] = {name: ms(rate) for name, rate in settle.idle.items()}
+        figures["idle_cpu_ms_per_s"] = {name: ms(rate, 1) for name, rate in settle.idle.items()}
 
         subjects: dict[str, Callable[[], Awaitable[None]]] = {
             "deploy_1": lambda: bench.deployment("default", "deploy_1"),
@@ -574,7 +469,7 @@ async def measure(args: argparse.Namespace, children: Children, home: Path, env:
         if args.cli_runs:
             subjects["cli_1"] = lambda: bench.cli("cli_1")
             counts["cli_1"] = args.cli_runs
-        await rotate(subjects, counts)
+        await interleaved(subjects, counts)
 
         n = args.persist_batch
         persist: dict[str, Callable[[], Awaitable[None]]] = {
@@ -582,9 +477,9 @@ async def measure(args: argparse.Namespace, children: Children, home: Path, env:
             "persist_off": lambda: bench.in_process("persist_off", n, cold=False, persist=False),
             "persist_off_aa": lambda: bench.in_process("persist_off_aa", n, cold=False, persist=False),
         }
-        await rotate(persist, dict.fromkeys(persist, args.persist_repeats))
+        await interleaved(persist, args.persist_repeats)
         await close_shared_managers()
-        figures["mcp_cold_start_ms"] = {k: ms(v) for k, v in (await mcp_cold_starts(1)).items()}
+        figures["mcp_cold_start_ms"] = {k: ms(v, 1) for k, v in (await mcp_cold_starts(1)).items()}
     figures["runs"] = {label: runs for label, runs in bench.runs.items() if label != "warmup"}
     return figures
 
@@ -594,7 +489,7 @@ def summarise(runs: dict[str, list[Run]], persist_size: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for label, items in runs.items():
         keys = sorted(set().union(*(item.keys() for item in items)) - {"settle_limit_hit"})
-        out[label] = {key: ms(median([item[key] for item in items if key in item])) for key in keys}
+        out[label] = {key: ms(statistics.median([item[key] for item in items if key in item]), 1) for key in keys}
         out[label]["n"] = len(items)
         out[label]["settle_limit_hits"] = int(sum(item.get("settle_limit_hit", 0) for item in items))
     warm = out["inproc_warm"]["total"]
@@ -625,13 +520,6 @@ def summarise(runs: dict[str, list[Run]], persist_size: int) -> dict[str, Any]:
     return out
 
 
-def aligned(rows: list[list[str]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        cells = [row[0].ljust(widths[0]), *(v.rjust(w) for v, w in zip(row[1:], widths[1:], strict=True))]
-        print("  ".join(cells).rstrip())
-
-
 def quotient(a: float, b: float) -> str:
     """``a / b`` to two places; blank unless both are positive (CPU above idle can be negative)."""
     return f"{a / b:.2f}" if a > 0 and b > 0 else ""
@@ -656,7 +544,6 @@ def print_table(s: dict[str, Any], figures: dict[str, Any]) -> None:
 
     print(f"(1) one batch of {figures['batch']} commands, trigger to completion (medians)")
     rows = [
-        ["", *(names[c] for c in columns)],
         ["runs", *(str(s[c]["n"]) for c in columns)],
         row("trigger -> Pending (worker picks it up)", "pickup"),
         row("-> Running (deploy: flow process start)", "to_running"),
@@ -673,7 +560,7 @@ def print_table(s: dict[str, Any], figures: dict[str, Any]) -> None:
     for worker, title in (("worker_default", "worker poll 1s"), ("worker_slow", "worker poll 10s")):
         if any(f"{worker}_cpu" in s[c] for c in columns):
             rows.append(row(f"CPU above idle: {title} + flow proc.", f"{worker}_cpu"))
-    aligned(rows)
+    table(["", *(names[c] for c in columns)], rows)
     r = s["ratios"]
     line = (
         f"total, deployment (poll 1s) / in-process warm: {r['deploy_1_vs_inproc_warm']:.1f}x, "
@@ -687,9 +574,9 @@ def print_table(s: dict[str, Any], figures: dict[str, Any]) -> None:
     on, off, aa = s["persist_on"], s["persist_off"], s["persist_off_aa"]
     print()
     print(f"(2) {n} commands in-process, MCP servers warm, persist_results on/off ({on['n']} runs each, medians)")
-    aligned(
+    table(
+        ["", "off", "on", "on/off", "per command"],
         [
-            ["", "off", "on", "on/off", "per command"],
             [
                 "* 1st command starts -> last one ends",
                 f"{off['commands']:,.0f} ms",
@@ -734,7 +621,7 @@ def print_table(s: dict[str, Any], figures: dict[str, Any]) -> None:
                 quotient(on["server_cpu"], off["server_cpu"]),
                 f"{r['persist_server_cpu_ms_per_command']:+.2f} ms",
             ],
-        ]
+        ],
     )
     idle = figures["idle_cpu_ms_per_s"]
     cold = figures["mcp_cold_start_ms"]
@@ -766,7 +653,7 @@ def print_table(s: dict[str, Any], figures: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, no 10 s worker, small (2)")
     parser.add_argument("--repeats", type=int, default=5, help="repetitions of each subject in (1) (default 5)")
     parser.add_argument("--slow-repeats", type=int, default=2, help="runs through the 10 s worker (default 2)")
@@ -793,13 +680,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--server-env takes NAME=VALUE")
     overrides = dict(item.split("=", 1) for item in args.server_env)
 
-    started = time.perf_counter()
+    provenance = Provenance(CODE_PACKAGES)
     figures: dict[str, Any] = {
         "date": date.today().isoformat(),
         "repeats": args.repeats,
         "batch": args.batch,
         "persist_batch": args.persist_batch,
-        "code": code_version(CODE_PACKAGES),
+        "code": provenance.code,
     }
     home = Path(tempfile.mkdtemp(prefix="bench-deployment-"))
     port = free_port()
@@ -816,34 +703,28 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from cli.up import StackError, run_step, wait_healthy
 
-    children = Children(home)
-    prefect = str(Path(sys.executable).parent / "prefect")
+    children = Children(home, ROOT)
     try:
         begin = time.perf_counter()
-        server = children.start("server", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
+        server = children.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
         wait_healthy(api_url, server, timeout=120)
         figures["server_start_s"] = round(time.perf_counter() - begin, 1)
         begin = time.perf_counter()
-        run_step([prefect, "work-pool", "create", POOL, "--type", "process"], env, ROOT, "creating the pool")
+        run_step([PREFECT, "work-pool", "create", POOL, "--type", "process"], env, ROOT, "creating the pool")
         figures["pool_s"] = round(time.perf_counter() - begin, 1)
         figures.update(asyncio.run(measure(args, children, home, env)))
     except StackError as error:
-        raise SystemExit(f"benchmark broken: {error} (logs in {home}; --keep-home keeps them)") from None
+        raise broken(f"{error} (logs in {home}; --keep-home keeps them)") from None
     finally:
         figures["stop_s"] = round(children.stop(), 1)
         if not args.keep_home:
             shutil.rmtree(home, ignore_errors=True)
     figures["summary"] = summarise(figures["runs"], args.persist_batch)
-    figures["elapsed_s"] = round(time.perf_counter() - started, 1)
-    figures["code"]["changed_during_run"] = code_fingerprint(CODE_PACKAGES) != figures["code"]["fingerprint"]
+    provenance.finish(figures)
     print_table(figures["summary"], figures)
-    code = figures["code"]
-    state = "uncommitted changes" if code["dirty"] else "clean" if code["dirty"] is False else "not a git checkout"
-    print(f"Code under test: {code['source']}, commit {code['commit']} ({state}), fingerprint {code['fingerprint']}.")
-    if code["changed_during_run"]:
-        print("WARNING: the code under test changed on disk during the run; the figures may mix two versions.")
+    provenance.print()
     print(f"Elapsed {figures['elapsed_s']} s.")
-    print(json.dumps({k: v for k, v in figures.items() if k != "runs"}, sort_keys=True, default=str))
+    print_json({k: v for k, v in figures.items() if k != "runs"})
 
 
 if __name__ == "__main__":
