@@ -77,13 +77,10 @@ import base64
 import contextlib
 import cProfile
 import hashlib
-import json
 import os
 import pstats
-import resource
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -93,7 +90,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from provenance import code_fingerprint, code_version
+from harness import (
+    Provenance,
+    arguments,
+    broken,
+    echo_commands,
+    ms,
+    p99,
+    print_json,
+    rotation,
+    table,
+    us,
+    verdict,
+)
+from processes import Noise, Role, memory_kib, process_cpu, raise_file_limit, say, stdin_reader
+from processes import role as role_process
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, serve
 
@@ -134,33 +145,11 @@ TARGET_RATIO = 3.0
 TARGET_KIB_PER_CONNECTION = 100.0
 
 #: Bounds on every wait, in seconds.
-START_TIMEOUT = 30.0
+START_TIMEOUT = 30.0  # as processes.START_TIMEOUT
 CALL_TIMEOUT = 30.0
 PHASE_TIMEOUT = 300.0
 #: A role subprocess exits by itself after this long, whatever happens to its parent.
 ROLE_LIFETIME = 900.0
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)
-
-
-def us(seconds: float) -> float:
-    return round(seconds * 1e6, 1)
-
-
-def p99(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-
-
-def echo_commands(count: int, prefix: str, blob: str = "") -> list[Command]:
-    """Commands with unique call_ids (the device answers a repeated call_id from memory, without running it).
-
-    ``blob``, when given, travels as a parameter and so comes back in the result, as a screenshot would.
-    """
-    extra = {"blob": blob} if blob else {}
-    return [Command(tool_name="echo", parameters={"value": i, **extra}, call_id=f"{prefix}-{i}") for i in range(count)]
 
 
 def screenshot_like(kib: int) -> str:
@@ -175,7 +164,7 @@ def check_results(results: Sequence[Result], commands: Sequence[Command]) -> Non
     )
     if not ok:
         bad = [r for r in results if r.status is not ResultStatus.SUCCESS]
-        raise SystemExit(f"benchmark broken: {len(results)} results for {len(commands)} commands, e.g. {bad[:1]}")
+        raise broken(f"{len(results)} results for {len(commands)} commands, e.g. {bad[:1]}")
 
 
 # -- credentials ---------------------------------------------------------------------------------
@@ -201,67 +190,6 @@ def bench_credentials(device_ids: Iterable[str]) -> CredentialStore:
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-# -- /proc ---------------------------------------------------------------------------------------
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds ``pid`` has used so far (all its threads; nanosecond ``schedstat`` where available)."""
-    total = 0.0
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            total += int((task / "schedstat").read_text().split()[0]) / 1e9
-        return total
-    except (OSError, ValueError, IndexError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-_RUN_DELAY: dict[tuple[int, float], float] = {}
-
-
-def run_delay(pid: int) -> float | None:
-    """Seconds ``pid``'s threads have spent runnable but waiting for a CPU (``schedstat``), if the kernel says."""
-    try:
-        tasks = Path(f"/proc/{pid}/task").iterdir()
-        return sum(int((task / "schedstat").read_text().split()[1]) / 1e9 for task in tasks)
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def waited(pid: int, since: float) -> float | None:
-    """The share of the wall time since ``since`` that ``pid`` spent waiting for a CPU (first call: marks the start).
-
-    A machine shared with other work shows here: a process that waits for a
-    CPU for a large share of a phase was measured on a loaded machine.
-    """
-    now = run_delay(pid)
-    if now is None:
-        return None
-    start = _RUN_DELAY.setdefault((pid, since), now)
-    elapsed = time.perf_counter() - since
-    return round((now - start) / elapsed, 3) if elapsed > 0.01 else 0.0
-
-
-def memory_kib(pid: int) -> dict[str, int]:
-    """``VmRSS`` and ``RssAnon`` of ``pid``, in KiB."""
-    found: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "RssAnon"):
-            found[name] = int(value.split()[0])
-    return found
-
-
-def raise_file_limit(needed: int) -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE to ``needed`` if the hard limit allows (subprocesses inherit it)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
-    return soft, hard
 
 
 # -- raw websockets: the baselines ----------------------------------------------------------------
@@ -339,7 +267,7 @@ class RawEcho:
         await self.connection.send(command_frame(commands, response_id, self.target))
         reply = ClientMessage.model_validate_json(await self.connection.recv())
         if reply.prev_response_id != response_id:
-            raise SystemExit("benchmark broken: the raw echo answered another frame")
+            raise broken("the raw echo answered another frame")
         check_results(reply.action_results or [], commands)
 
 
@@ -435,7 +363,7 @@ async def raw_device(hub_url: str, device_id: str) -> AsyncIterator[None]:
         async with asyncio.timeout(START_TIMEOUT):
             ack = ServerMessage.model_validate_json(await connection.recv())
         if ack.type is not ServerMessageType.HEARTBEAT:
-            raise SystemExit(f"benchmark broken: the hub refused the raw device: {ack.error}")
+            raise broken(f"the hub refused the raw device: {ack.error}")
 
         async def answer() -> None:
             async for frame in connection:
@@ -487,64 +415,12 @@ async def in_process_path(with_raw_device: bool = False) -> AsyncIterator[InProc
 # -- role subprocesses ----------------------------------------------------------------------------
 
 
-@dataclass
-class Role:
-    """A subprocess running one role of this script (hub, device, echo server); ends when its stdin closes."""
-
-    process: asyncio.subprocess.Process
-    line: str
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def port(self) -> int:
-        return int(self.line.split()[1])
-
-    async def expect(self, word: str, timeout: float = START_TIMEOUT) -> str:
-        assert self.process.stdout is not None
-        async with asyncio.timeout(timeout):
-            line = (await self.process.stdout.readline()).decode().strip()
-        if not line.startswith(word):
-            raise SystemExit(f"benchmark broken: a role subprocess said {line!r}, expected {word}")
-        self.line = line
-        return line
-
-    def tell(self, text: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(text.encode() + b"\n")
-
-
 @contextlib.asynccontextmanager
 async def role(*args: str) -> AsyncIterator[Role]:
     """Start ``python bench/remote_rtt.py --role ...``, wait for its READY/WARM line; stop it on exit."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(SCRIPT),
-        "--role",
-        *args,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env={**os.environ, SECRET_VARIABLE: RUN_SECRET},
-    )
-    started = Role(process, "")
-    try:
-        assert process.stdout is not None
-        async with asyncio.timeout(START_TIMEOUT):
-            started.line = (await process.stdout.readline()).decode().strip()
-        if not started.line:
-            raise SystemExit(f"benchmark broken: the {args[0]} subprocess exited before it was ready")
+    argv = [sys.executable, str(SCRIPT), "--role", *args]
+    async with role_process(args[0], argv, {**os.environ, SECRET_VARIABLE: RUN_SECRET}) as started:
         yield started
-    finally:
-        if process.stdin is not None:
-            process.stdin.close()
-        try:
-            async with asyncio.timeout(30):
-                await process.wait()
-        except TimeoutError:
-            process.kill()
-            await process.wait()
 
 
 def fleet_ids(prefix: str, count: int) -> list[str]:
@@ -560,18 +436,6 @@ async def hub_role(device_ids: Iterable[str]) -> AsyncIterator[Role]:
         write_store(path, bench_credentials(device_ids))
         async with role("hub", "--credentials", str(path)) as hub:
             yield hub
-
-
-async def stdin_reader() -> asyncio.StreamReader:
-    reader = asyncio.StreamReader()
-    loop = asyncio.get_running_loop()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    return reader
-
-
-def say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 async def role_main(args: argparse.Namespace) -> None:
@@ -657,10 +521,8 @@ async def bench_single(
     for rnd in range(-1, rounds):  # round -1 is a warm-up, not recorded
         order = list(groups) if rnd % 2 == 0 else list(reversed(groups))
         for name in order:
-            labels = list(groups[name])
-            shift = rnd % len(labels)
             target = times[name] if rnd >= 0 else RoundTimes()
-            for label in labels[shift:] + labels[:shift]:
+            for label in rotation(list(groups[name]), rnd):
                 batches = [[command] for command in echo_commands(calls, f"a{rnd}-{name}-{label}", blob)]
                 await target.block(label, groups[name][label], batches)
     return times
@@ -722,8 +584,7 @@ async def bench_throughput(
     rates: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
     for rep in range(-1, repeats):
-        shift = rep % len(runs)
-        for label, subject, load in runs[shift:] + runs[:shift]:
+        for label, subject, load in rotation(runs, rep):
             before = sum(process_cpu(pid) for pid in subject.processes.values())
             rate = await load_rate(subject.run, load, f"b{rep}-{label.replace(' ', '')}")
             used = sum(process_cpu(pid) for pid in subject.processes.values()) - before
@@ -783,7 +644,7 @@ async def connect_ufo_devices(port: int, ids: Sequence[str], concurrency: int = 
             async with asyncio.timeout(START_TIMEOUT):
                 ack = ServerMessage.model_validate_json(await connection.recv())
             if ack.type is not ServerMessageType.HEARTBEAT:
-                raise SystemExit(f"benchmark broken: the hub refused device {device_id}: {ack.error}")
+                raise broken(f"the hub refused device {device_id}: {ack.error}")
 
     try:
         async with asyncio.timeout(PHASE_TIMEOUT):
@@ -839,7 +700,7 @@ async def bench_memory(count: int, warm: int) -> dict[str, Any]:
         finally:
             await close_all(warm_connections)
     if connected != count:
-        raise SystemExit(f"benchmark broken: {connected} of {count} raw devices were connected at the measurement")
+        raise broken(f"{connected} of {count} raw devices were connected at the measurement")
     figures["hub_ufo"] = {**per_connection(before, after, count), "connect_s": round(connect_s, 2)}
     # 2. our DeviceClient, all in one subprocess; a fresh hub in another.
     async with hub_role(fleet_ids("ours", count + warm)) as hub:
@@ -852,7 +713,7 @@ async def bench_memory(count: int, warm: int) -> dict[str, Any]:
             hub_after, fleet_after = await settled_memory(hub.pid), memory_kib(fleet.pid)
             connected = await count_devices(hub.port, "ours-")
     if connected != count + warm:
-        raise SystemExit(f"benchmark broken: {connected} of {count + warm} DeviceClients were connected")
+        raise broken(f"{connected} of {count + warm} DeviceClients were connected")
     figures["hub_ours"] = per_connection(hub_before, hub_after, count)
     figures["device_client"] = per_connection(fleet_before, fleet_after, count)
     return figures
@@ -965,8 +826,7 @@ async def bench_all(args: argparse.Namespace) -> dict[str, Any]:
                 "raw_aa": Subject(RawEcho(far_raw_b).run, {"here": here, "server": far_echo_b.pid}),
             },
         }
-        started = time.perf_counter()
-        waited(here, started)
+        noise = Noise()
         async with asyncio.timeout(PHASE_TIMEOUT):
             times = await bench_single(groups, args.calls, args.rounds)
         if args.payload_kib > 0:
@@ -983,8 +843,8 @@ async def bench_all(args: argparse.Namespace) -> dict[str, Any]:
                 "calls": args.payload_calls * min(args.rounds, 10),
                 **single_figures(big["large"], "ours", "raw"),
             }
-        figures["a_s"] = round(time.perf_counter() - started, 1)
-        figures["a_wait"] = waited(here, started)
+        figures["a_s"] = round(time.perf_counter() - noise.since, 1)
+        figures["a_wait"] = noise.share()
         inner, outer = times["in_process"], times["processes"]
         figures["a"] = {
             "calls": args.calls * args.rounds,
@@ -1003,8 +863,7 @@ async def bench_all(args: argparse.Namespace) -> dict[str, Any]:
         stack.push_async_callback(pipe_near.close)
         pipe_far = RawPipelined(await connect(f"ws://{HOST}:{far_echo_b.port}"))
         stack.push_async_callback(pipe_far.close)
-        started = time.perf_counter()
-        waited(here, started)
+        noise = Noise()
         subjects = {
             "in-process ours": Subject(Ours(dispatcher).run, {"here": here}),
             "in-process raw": Subject(pipe_near.run, {"here": here}),
@@ -1018,8 +877,8 @@ async def bench_all(args: argparse.Namespace) -> dict[str, Any]:
             "rates": rates,
             "cpu_us_per_command": cpu,
         }
-        figures["b_s"] = round(time.perf_counter() - started, 1)
-        figures["b_wait"] = waited(here, started)
+        figures["b_s"] = round(time.perf_counter() - noise.since, 1)
+        figures["b_wait"] = noise.share()
     if not args.skip_memory:
         soft, hard = raise_file_limit(2 * (args.devices + args.warm) + 256)
         count = args.devices
@@ -1034,18 +893,6 @@ async def bench_all(args: argparse.Namespace) -> dict[str, Any]:
         figures["c"]["nofile_limit"] = soft
         figures["c_s"] = round(time.perf_counter() - started, 1)
     return figures
-
-
-def verdict(ok: bool) -> str:
-    return "ok" if ok else "MISSED"
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        rest = (f"{cell:>{width}}" for cell, width in zip(row[1:], widths[1:], strict=True))
-        cells = [f"{row[0]:<{widths[0]}}", *rest]
-        print("  ".join(cells))
 
 
 def cpu_text(cpu: dict[str, float], names: Sequence[str]) -> str:
@@ -1190,7 +1037,7 @@ def print_figures(figures: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--quick", action="store_true", help="a smoke run: few rounds, 100 devices")
     parser.add_argument("--rounds", type=int, default=20, help="rounds in (a) (default 20)")
     parser.add_argument("--calls", type=int, default=200, help="calls per subject and round in (a) (default 200)")
@@ -1218,28 +1065,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     if min(args.rounds, args.calls, args.repeats, args.batches_1, args.batches_50, args.devices) < 1:
         parser.error("every count must be at least 1")
 
-    started = time.perf_counter()
+    provenance = Provenance(CODE_PACKAGES)
     figures: dict[str, Any] = {
         "args": {k: v for k, v in vars(args).items() if v is not None and k not in ("role", "hub", "count", "prefix")},
-        "code": code_version(CODE_PACKAGES),
+        "code": provenance.code,
         "load_average_start": [round(value, 2) for value in os.getloadavg()],
     }
     figures.update(asyncio.run(bench_all(args)))
-    figures["elapsed_s"] = round(time.perf_counter() - started, 1)
+    provenance.finish(figures)
     figures["load_average_end"] = [round(value, 2) for value in os.getloadavg()]
-    figures["code"]["changed_during_run"] = code_fingerprint(CODE_PACKAGES) != figures["code"]["fingerprint"]
     print_figures(figures)
-    code = figures["code"]
-    state = "uncommitted changes" if code["dirty"] else "clean" if code["dirty"] is False else "not a git checkout"
-    print(
-        f"Code under test: {code['source']}, commit {code['commit']} ({state}), fingerprint {code['fingerprint']}; "
-        f"{figures['elapsed_s']} s in all."
-    )
-    if code["changed_during_run"]:
-        print("WARNING: the code under test changed on disk during the run; the figures may mix two versions.")
+    provenance.print(f"; {figures['elapsed_s']} s in all.")
     if args.profile:
         asyncio.run(profile_in_process(args.profile))
-    print(json.dumps(figures, sort_keys=True))
+    print_json(figures)
 
 
 if __name__ == "__main__":
