@@ -513,126 +513,42 @@ def run_flow_bench(batch: int, repeats: int) -> dict[str, Any]:
 
 def print_table(figures: dict[str, Any]) -> None:
     rows: list[tuple[str, str, str, str]] = []
+
+    def row(label: str, f: dict[str, Any], baseline: str, ours: str, ratio: str | float, places: int) -> None:
+        """A row: the figures ``f[baseline]`` and ``f[ours]`` in ms, and the ratio (a key of ``f``, or a value)."""
+        value = f[ratio] if isinstance(ratio, str) else ratio
+        rows.append((label, f"{f[baseline]:.{places}f} ms", f"{f[ours]:.{places}f} ms", f"{value:.2f}"))
+
     a = figures.get("a")
     if a:
-        rows += [
-            (
-                "(a) 1 command, raw on same connection *",
-                f"{a['same_ms']:.3f} ms",
-                f"{a['ours_ms']:.3f} ms",
-                f"{a['ratio']:.2f}",
-            ),
-            (
-                "    same, mean per call",
-                f"{a['same_mean_ms']:.3f} ms",
-                f"{a['ours_mean_ms']:.3f} ms",
-                f"{a['mean_ratio']:.2f}",
-            ),
-            (
-                "    client CPU per call",
-                f"{a['same_cpu_ms']:.3f} ms",
-                f"{a['ours_cpu_ms']:.3f} ms",
-                f"{a['cpu_ratio']:.2f}",
-            ),
-            (
-                "    A/A: the raw call again",
-                f"{a['same_ms']:.3f} ms",
-                f"{a['same_aa_ms']:.3f} ms",
-                f"{a['same_aa_ratio']:.2f}",
-            ),
-            (
-                "(a) 1 command, raw on own server",
-                f"{a['raw_ms']:.3f} ms",
-                f"{a['ours_own_ms']:.3f} ms",
-                f"{a['ratio_own_server']:.2f}",
-            ),
-            (
-                "    same, mean per call",
-                f"{a['raw_mean_ms']:.3f} ms",
-                f"{a['ours_own_mean_ms']:.3f} ms",
-                f"{a['mean_ratio_own_server']:.2f}",
-            ),
-            (
-                "    A/A: 2nd raw client, 3rd server",
-                f"{a['raw_ms']:.3f} ms",
-                f"{a['control_ms']:.3f} ms",
-                f"{a['control_ratio']:.2f}",
-            ),
-        ]
+        row("(a) 1 command, raw on same connection *", a, "same_ms", "ours_ms", "ratio", 3)
+        row("    same, mean per call", a, "same_mean_ms", "ours_mean_ms", "mean_ratio", 3)
+        row("    client CPU per call", a, "same_cpu_ms", "ours_cpu_ms", "cpu_ratio", 3)
+        row("    A/A: the raw call again", a, "same_ms", "same_aa_ms", "same_aa_ratio", 3)
+        row("(a) 1 command, raw on own server", a, "raw_ms", "ours_own_ms", "ratio_own_server", 3)
+        row("    same, mean per call", a, "raw_mean_ms", "ours_own_mean_ms", "mean_ratio_own_server", 3)
+        row("    A/A: 2nd raw client, 3rd server", a, "raw_ms", "control_ms", "control_ratio", 3)
     b = figures.get("b")
     if b:
-        label = f"(b) {b['size']} parallel, limit {b['default_max_concurrency']}"
-        rows.append(
-            (label, f"{b['raw_gather_ms']:.1f} ms", f"{b['ours_default_ms']:.1f} ms", f"{b['ratio_default']:.2f}")
-        )
-        rows.append(
-            (
-                f"(b) {b['size']} parallel, limit {b['size']}",
-                f"{b['raw_gather_ms']:.1f} ms",
-                f"{b['ours_wide_ms']:.1f} ms",
-                f"{b['ratio_wide']:.2f}",
-            )
-        )
+        limit = b["default_max_concurrency"]
+        row(f"(b) {b['size']} parallel, limit {limit}", b, "raw_gather_ms", "ours_default_ms", "ratio_default", 1)
+        row(f"(b) {b['size']} parallel, limit {b['size']}", b, "raw_gather_ms", "ours_wide_ms", "ratio_wide", 1)
     c = figures.get("c")
     if c:
         n = c["size"]
-        rows += [
-            (
-                f"(c) flow, {n} commands, servers warm *",
-                f"{c['bare_n_ms']:.0f} ms",
-                f"{c['ours_n_ms']:.0f} ms",
-                f"{c['ratio']:.2f}",
-            ),
-            (
-                "    vs bare flow of raw call_tools",
-                f"{c['bare_mcp_n_ms']:.0f} ms",
-                f"{c['ours_n_ms']:.0f} ms",
-                f"{c['ratio_vs_bare_mcp']:.2f}",
-            ),
-            (
-                "    floor: raw call_tools vs no-op",
-                f"{c['bare_n_ms']:.0f} ms",
-                f"{c['bare_mcp_n_ms']:.0f} ms",
-                f"{c['floor_ratio']:.2f}",
-            ),
-            (
-                "    A/A: the no-op flow again",
-                f"{c['bare_n_ms']:.0f} ms",
-                f"{c['bare_n_aa_ms']:.0f} ms",
-                f"{c['aa_ratio']:.2f}",
-            ),
-            (
-                "(c) flow, 1 command",
-                f"{c['bare_1_ms']:.0f} ms",
-                f"{c['ours_1_ms']:.0f} ms",
-                f"{c['ratio_1']:.2f}",
-            ),
-            (
-                "    per command ((n) - (1))/(n-1)",
-                f"{c['per_command_bare_ms']:.2f} ms",
-                f"{c['per_command_ours_ms']:.2f} ms",
-                f"{c['ratio_marginal']:.2f}",
-            ),
-            (
-                f"    client CPU, flow of {n}",
-                f"{c['bare_n_client_cpu_ms']:.0f} ms",
-                f"{c['ours_n_client_cpu_ms']:.0f} ms",
-                f"{c['ours_n_client_cpu_ms'] / c['bare_n_client_cpu_ms']:.2f}",
-            ),
-            (
-                f"    API server CPU, flow of {n}",
-                f"{c['bare_n_server_cpu_ms']:.0f} ms",
-                f"{c['ours_n_server_cpu_ms']:.0f} ms",
-                f"{c['ours_n_server_cpu_ms'] / max(c['bare_n_server_cpu_ms'], 1e-3):.2f}",
-            ),
-            (
-                "    MCP server cold start / stop",
-                "",
-                f"{c['server_cold_start_ms']:.0f} / {c['server_stop_ms']:.0f} ms",
-                "",
-            ),
-            ("    shared_manager(), warm", "", f"{c['shared_manager_warm_ms']:.3f} ms", ""),
-        ]
+        row(f"(c) flow, {n} commands, servers warm *", c, "bare_n_ms", "ours_n_ms", "ratio", 0)
+        row("    vs bare flow of raw call_tools", c, "bare_mcp_n_ms", "ours_n_ms", "ratio_vs_bare_mcp", 0)
+        row("    floor: raw call_tools vs no-op", c, "bare_n_ms", "bare_mcp_n_ms", "floor_ratio", 0)
+        row("    A/A: the no-op flow again", c, "bare_n_ms", "bare_n_aa_ms", "aa_ratio", 0)
+        row("(c) flow, 1 command", c, "bare_1_ms", "ours_1_ms", "ratio_1", 0)
+        row("    per command ((n) - (1))/(n-1)", c, "per_command_bare_ms", "per_command_ours_ms", "ratio_marginal", 2)
+        client = c["ours_n_client_cpu_ms"] / c["bare_n_client_cpu_ms"]
+        row(f"    client CPU, flow of {n}", c, "bare_n_client_cpu_ms", "ours_n_client_cpu_ms", client, 0)
+        server = c["ours_n_server_cpu_ms"] / max(c["bare_n_server_cpu_ms"], 1e-3)
+        row(f"    API server CPU, flow of {n}", c, "bare_n_server_cpu_ms", "ours_n_server_cpu_ms", server, 0)
+        cold = f"{c['server_cold_start_ms']:.0f} / {c['server_stop_ms']:.0f} ms"
+        rows.append(("    MCP server cold start / stop", "", cold, ""))
+        rows.append(("    shared_manager(), warm", "", f"{c['shared_manager_warm_ms']:.3f} ms", ""))
     table(("case (* = headline)", "baseline", "ours", "ratio"), rows)
     if a:
         print(
