@@ -574,55 +574,31 @@ def print_table(s: dict[str, Any], figures: dict[str, Any]) -> None:
     on, off, aa = s["persist_on"], s["persist_off"], s["persist_off_aa"]
     print()
     print(f"(2) {n} commands in-process, MCP servers warm, persist_results on/off ({on['n']} runs each, medians)")
-    table(
-        ["", "off", "on", "on/off", "per command"],
-        [
-            [
-                "* 1st command starts -> last one ends",
-                f"{off['commands']:,.0f} ms",
-                f"{on['commands']:,.0f} ms",
-                f"{r['persist_ratio']:.2f}",
-                f"{r['persist_ms_per_command']:+.2f} ms",
-            ],
-            [
-                "  A/A: off again",
-                f"{off['commands']:,.0f} ms",
-                f"{aa['commands']:,.0f} ms",
-                f"{r['persist_aa']:.2f}",
-                "",
-            ],
-            [
-                "  one task run, start to end",
-                f"{off['task']:,.1f} ms",
-                f"{on['task']:,.1f} ms",
-                f"{r['persist_task_ratio']:.2f}",
-                f"{r['persist_task_ms']:+.2f} ms",
-            ],
-            ["  A/A: off again", f"{off['task']:,.1f} ms", f"{aa['task']:,.1f} ms", f"{r['persist_task_aa']:.2f}", "-"],
-            [
-                "  flow call, wall",
-                f"{off['wall']:,.0f} ms",
-                f"{on['wall']:,.0f} ms",
-                f"{r['persist_wall_ratio']:.2f}",
-                f"{r['persist_wall_ms_per_command']:+.2f} ms",
-            ],
-            ["  A/A: off again", f"{off['wall']:,.0f} ms", f"{aa['wall']:,.0f} ms", f"{r['persist_wall_aa']:.2f}", "-"],
-            [
-                "  CPU above idle, this process + MCP",
-                f"{off['client_cpu']:,.0f} ms",
-                f"{on['client_cpu']:,.0f} ms",
-                quotient(on["client_cpu"], off["client_cpu"]),
-                f"{r['persist_client_cpu_ms_per_command']:+.2f} ms",
-            ],
-            [
-                "  CPU above idle, API server",
-                f"{off['server_cpu']:,.0f} ms",
-                f"{on['server_cpu']:,.0f} ms",
-                quotient(on["server_cpu"], off["server_cpu"]),
-                f"{r['persist_server_cpu_ms_per_command']:+.2f} ms",
-            ],
-        ],
-    )
+
+    def pair(label: str, key: str, other: dict[str, Any], ratio: str, per_command: str, places: int = 0) -> list[str]:
+        return [label, f"{off[key]:,.{places}f} ms", f"{other[key]:,.{places}f} ms", ratio, per_command]
+
+    def per(key: str) -> str:
+        return f"{r[key]:+.2f} ms"
+
+    rows_2 = [
+        pair(
+            "* 1st command starts -> last one ends",
+            "commands",
+            on,
+            f"{r['persist_ratio']:.2f}",
+            per("persist_ms_per_command"),
+        ),
+        pair("  A/A: off again", "commands", aa, f"{r['persist_aa']:.2f}", ""),
+        pair("  one task run, start to end", "task", on, f"{r['persist_task_ratio']:.2f}", per("persist_task_ms"), 1),
+        pair("  A/A: off again", "task", aa, f"{r['persist_task_aa']:.2f}", "-", 1),
+        pair("  flow call, wall", "wall", on, f"{r['persist_wall_ratio']:.2f}", per("persist_wall_ms_per_command")),
+        pair("  A/A: off again", "wall", aa, f"{r['persist_wall_aa']:.2f}", "-"),
+    ]
+    for label, key in (("this process + MCP", "client_cpu"), ("API server", "server_cpu")):
+        ratio = quotient(on[key], off[key])
+        rows_2.append(pair(f"  CPU above idle, {label}", key, on, ratio, per(f"persist_{key}_ms_per_command")))
+    table(["", "off", "on", "on/off", "per command"], rows_2)
     idle = figures["idle_cpu_ms_per_s"]
     cold = figures["mcp_cold_start_ms"]
     print()
