@@ -103,7 +103,7 @@ from harness import (
     us,
     verdict,
 )
-from processes import Noise, Role, memory_kib, process_cpu, raise_file_limit, say, stdin_reader
+from processes import START_TIMEOUT, Noise, Role, memory_kib, process_cpu, raise_file_limit, say, stdin_reader
 from processes import role as role_process
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -145,7 +145,6 @@ TARGET_RATIO = 3.0
 TARGET_KIB_PER_CONNECTION = 100.0
 
 #: Bounds on every wait, in seconds.
-START_TIMEOUT = 30.0  # as processes.START_TIMEOUT
 CALL_TIMEOUT = 30.0
 PHASE_TIMEOUT = 300.0
 #: A role subprocess exits by itself after this long, whatever happens to its parent.
@@ -902,20 +901,12 @@ def cpu_text(cpu: dict[str, float], names: Sequence[str]) -> str:
 def print_figures(figures: dict[str, Any]) -> None:
     a = figures["a"]
     print()
-    rows: list[tuple[str, str, str, str, str, str, str]] = []
+    rows: list[tuple[str, ...]] = []
 
     def add(label: str, f: dict[str, Any]) -> None:
-        rows.append(
-            (
-                label,
-                f"{f['baseline_ms']:.3f}",
-                f"{f['ours_ms']:.3f}",
-                f"{f['ratio']:.2f}",
-                f"{f['baseline_p99_ms']:.3f}",
-                f"{f['ours_p99_ms']:.3f}",
-                f"{f['p99_ratio']:.2f}",
-            )
-        )
+        medians = (f"{f['baseline_ms']:.3f}", f"{f['ours_ms']:.3f}", f"{f['ratio']:.2f}")
+        tails = (f"{f['baseline_p99_ms']:.3f}", f"{f['ours_p99_ms']:.3f}", f"{f['p99_ratio']:.2f}")
+        rows.append((label, *medians, *tails))
 
     add("(a) in-process, ours vs raw echo *", a["in_process"])
     add("    A/A: 2nd raw client, 2nd echo server", a["in_process_aa"])
@@ -1005,28 +996,20 @@ def print_figures(figures: dict[str, Any]) -> None:
     if c:
         print()
         print(f"(c) memory per idle device connection, {c['devices']} devices (VmRSS delta / devices)")
+        processes = {
+            "hub_ufo": "hub process, raw UFO-style devices *",
+            "hub_ours": "hub process, our DeviceClients",
+            "device_client": "client process, per DeviceClient",
+        }
         rows_c = [
             (
-                "hub process, raw UFO-style devices *",
-                f"{c['hub_ufo']['before_kib'] / 1024:.1f} MiB",
-                f"{c['hub_ufo']['after_kib'] / 1024:.1f} MiB",
-                f"{c['hub_ufo']['kib_per_connection']:.1f}",
-                f"{c['hub_ufo']['anon_kib_per_connection']:.1f}",
-            ),
-            (
-                "hub process, our DeviceClients",
-                f"{c['hub_ours']['before_kib'] / 1024:.1f} MiB",
-                f"{c['hub_ours']['after_kib'] / 1024:.1f} MiB",
-                f"{c['hub_ours']['kib_per_connection']:.1f}",
-                f"{c['hub_ours']['anon_kib_per_connection']:.1f}",
-            ),
-            (
-                "client process, per DeviceClient",
-                f"{c['device_client']['before_kib'] / 1024:.1f} MiB",
-                f"{c['device_client']['after_kib'] / 1024:.1f} MiB",
-                f"{c['device_client']['kib_per_connection']:.1f}",
-                f"{c['device_client']['anon_kib_per_connection']:.1f}",
-            ),
+                label,
+                f"{c[key]['before_kib'] / 1024:.1f} MiB",
+                f"{c[key]['after_kib'] / 1024:.1f} MiB",
+                f"{c[key]['kib_per_connection']:.1f}",
+                f"{c[key]['anon_kib_per_connection']:.1f}",
+            )
+            for key, label in processes.items()
         ]
         table(("process", "before", "after", "KiB/conn", "anon KiB/conn"), rows_c)
         print(
