@@ -39,6 +39,7 @@ from websockets.exceptions import ConnectionClosed
 
 from .access import DEVICE_PATH
 from .backoff import Backoff
+from .budget import Budget
 from .call_memory import CallMemory
 from .connect import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -51,7 +52,6 @@ from .connect import (
     safe_url,
 )
 from .messages import (
-    UFO_BATCH_TIMEOUT,
     ClientMessage,
     ClientMessageType,
     CloseCode,
@@ -118,6 +118,7 @@ class DeviceClient:
         tools: Callable[[], list[dict[str, Any]]] = list,
         heartbeat_interval: float = 10.0,
         backoff: Backoff = Backoff(),
+        budget: Budget = Budget(),
         memory: CallMemory | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         ssl_context: ssl.SSLContext | None = None,
@@ -132,6 +133,7 @@ class DeviceClient:
         self.tools = tools
         self.heartbeat_interval = heartbeat_interval
         self.backoff = backoff
+        self.budget = budget
         self.memory = memory if memory is not None else CallMemory()
         self.max_message_bytes = max_message_bytes
         self.ssl_context = ssl_context
@@ -343,9 +345,7 @@ class DeviceClient:
         """
         connection = run.connection
         commands = list(message.actions or [])
-        # The sender stops waiting after ``timeout``; our answer needs the way back to the hub too.
-        timeout = message.timeout or UFO_BATCH_TIMEOUT
-        timeout = max(timeout - 2 * (connection.latency or self._first_latency), timeout / 2)
+        timeout = self.budget.on_device(message.timeout, connection.latency or self._first_latency)
         loop = asyncio.get_running_loop()
         expires = loop.time() + timeout
         executor = self.executor
@@ -354,7 +354,7 @@ class DeviceClient:
         async def execute(fresh: list[Command]) -> list[Result]:
             rule = requested_retry.set(message.retry)  # the controller's --retries, for the executor to apply
             try:
-                return await executor.execute_commands(fresh, max(expires - loop.time(), 1e-3))
+                return await executor.execute_commands(fresh, self.budget.handed_on(expires - loop.time()))
             finally:
                 requested_retry.reset(rule)
 

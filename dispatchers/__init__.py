@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from .mcp_config import ConfigError, load_config
     from .mcp_servers import MCPServerManager, close_shared_managers, shared_manager
     from .memory import InMemoryCommandDispatcher
-    from .policy import AttemptObserver, Deadline, RetryPolicy, observing_attempts
+    from .policy import AttemptObserver, RetryPolicy, observing_attempts
     from .remote import WebSocketCommandDispatcher
     from .router import CommandRouter
     from .tool_call import ToolCallDispatcher
@@ -65,7 +65,6 @@ _EXPORTS: dict[str, str] = {
     "shared_manager": "mcp_servers",
     "InMemoryCommandDispatcher": "memory",
     "AttemptObserver": "policy",
-    "Deadline": "policy",
     "RetryPolicy": "policy",
     "observing_attempts": "policy",
     "WebSocketCommandDispatcher": "remote",
@@ -81,7 +80,6 @@ __all__ = [
     "CommandRouter",
     "ConcurrencyLimits",
     "ConfigError",
-    "Deadline",
     "DuplicateCallIds",
     "ExecutionMode",
     "InMemoryCommandDispatcher",

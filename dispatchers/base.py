@@ -11,10 +11,10 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Sequence
 
+from aip.budget import Budget, Deadline
 from aip.messages import UFO_BATCH_TIMEOUT, Command, Result, ResultStatus
 
 from .errors import describe
-from .policy import Deadline
 
 #: How long a batch that names no timeout may take: UFO's default.
 DEFAULT_TIMEOUT = UFO_BATCH_TIMEOUT
@@ -105,13 +105,18 @@ class BasicCommandDispatcher(ABC):
     an answer within ``timeout`` seconds.
     """
 
+    #: The margins it keeps within a deadline (transports that wait on others set their own).
+    budget: Budget = Budget()
+
     @abstractmethod
     async def execute_commands(self, commands: Sequence[Command], timeout: float = DEFAULT_TIMEOUT) -> list[Result]:
         """Run ``commands`` and return their Results, within ``timeout`` seconds."""
 
     async def execute_command(self, command: Command, deadline: Deadline) -> Result:
         """Run one command by ``deadline``: a batch of one, unless a transport does better."""
-        [result] = await self.execute_commands(assign_call_ids([command]), timeout=max(deadline.remaining(), 1e-3))
+        [result] = await self.execute_commands(
+            assign_call_ids([command]), timeout=self.budget.handed_on(deadline.remaining())
+        )
         return result
 
     def server_for(self, command: Command) -> str | None:

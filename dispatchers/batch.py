@@ -17,18 +17,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from aip.budget import Budget, Deadline
 from aip.messages import Command, Result, ResultStatus
 
 from .base import assign_call_ids, error_result, skipped_result
 from .errors import CommandTimeout
 from .interrupt import Interrupted, Interruption, current_interruption
-from .policy import Deadline
-
-#: How long commands in flight at the deadline get, by default, to end by their
-#: own timeouts (which fire at the same instant) before they are cancelled.
-SETTLE_GRACE = 0.2
-#: How long cancelled work may take to unwind after that.
-CANCEL_GRACE = 0.5
 
 logger = logging.getLogger("dispatchers")
 
@@ -66,13 +60,14 @@ async def run_batch(
     deadline: Deadline,
     policy: BatchPolicy = BatchPolicy(),
     on_result: ResultListener | None = None,
-    settle: float = SETTLE_GRACE,
+    budget: Budget = Budget(),
 ) -> list[Result]:
     """Run ``commands`` through ``run_one`` and return one Result each, by ``deadline``.
 
     At the deadline, or when the batch is interrupted, commands in flight get
-    ``settle`` seconds to end by their own timeouts (or answer the
-    interruption); whatever is still running then is cancelled.
+    ``budget.settle`` seconds to end by their own timeouts (or answer the
+    interruption); whatever is still running then is cancelled, and given
+    ``budget.unwind`` seconds to unwind.
     """
     batch = assign_call_ids(commands)
     results: list[Result | None] = [None] * len(batch)
@@ -121,12 +116,12 @@ async def run_batch(
 
     driver = asyncio.ensure_future(run_all())
     try:
-        await _until_done_or_interrupted(driver, interruption, deadline.remaining() + settle, settle)
+        await _until_done_or_interrupted(driver, interruption, deadline.remaining() + budget.settle, budget.settle)
     finally:
         finished = list(results)
         if not driver.done():
             driver.cancel()
-            await asyncio.wait({driver}, timeout=CANCEL_GRACE)
+            await asyncio.wait({driver}, timeout=budget.unwind)
         elif not driver.cancelled() and driver.exception() is not None:
             raise driver.exception()  # type: ignore[misc]  # a bug in run(): never swallow it
     if interruption is not None and interruption.asked:

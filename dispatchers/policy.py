@@ -1,8 +1,9 @@
-"""Deadline and retry policy as values: printable, comparable, passed around.
+"""Retry policy as a value: printable, comparable, passed around.
 
-Modelled on tenacity's small policy objects. A ``RetryPolicy`` says how often
-and how patiently to try a command again; a ``Deadline`` says when nobody waits
-for it any more. The retry loop itself is tenacity's, built by
+Modelled on tenacity's small policy objects. A ``RetryPolicy`` says how often,
+how patiently (``aip.backoff.Backoff``) and on which failures
+(``retry_conditions``) to try a command again, within its ``Deadline``
+(``aip.budget``). The retry loop itself is tenacity's, built by
 ``RetryPolicy.retrying`` for one command at a time, because the stop condition
 depends on that command's remaining time.
 """
@@ -10,7 +11,6 @@ depends on that command's remaining time.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -22,46 +22,20 @@ from tenacity import (
     retry_if_exception,
     stop_after_attempt,
     stop_before_delay,
-    wait_exponential_jitter,
 )
 
+from aip.backoff import Backoff
+from aip.budget import Deadline
 from aip.messages import RetryRule
 
-
-@dataclass(frozen=True)
-class Deadline:
-    """A point on the monotonic clock, with the budget it was set from.
-
-    The budget is kept so that a timeout can say what it was ("no result
-    within 30.0s") long after the deadline was computed.
-    """
-
-    expires_at: float
-    seconds: float
-
-    @classmethod
-    def after(cls, seconds: float) -> Deadline:
-        if not seconds > 0 or math.isinf(seconds):
-            raise ValueError(f"a deadline needs a finite number of seconds above 0, not {seconds!r}")
-        return cls(expires_at=time.monotonic() + seconds, seconds=seconds)
-
-    def remaining(self) -> float:
-        return max(0.0, self.expires_at - time.monotonic())
-
-    @property
-    def expired(self) -> bool:
-        return time.monotonic() >= self.expires_at
-
-    def within(self, seconds: float | None) -> Deadline:
-        """The earlier of this deadline and one ``seconds`` from now."""
-        if seconds is None:
-            return self
-        other = Deadline.after(seconds)
-        return other if other.expires_at < self.expires_at else self
-
-    def __str__(self) -> str:
-        return f"{self.seconds:g}s deadline, {self.remaining():.3f}s left"
-
+from .retry_conditions import (
+    RETRY_TOOL_ERRORS_TOO,
+    RETRY_TRANSIENT,
+    FailedAttempt,
+    RetryCondition,
+    never_repeatable,
+    tool_error,
+)
 
 T = TypeVar("T")
 
@@ -86,46 +60,49 @@ RetryListener = Callable[[int, BaseException, float], None]
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How to try a failed command again: exponential backoff with jitter.
+    """How to try a failed command again: how often, how patiently, and which failures.
 
-    ``attempts`` counts the first try. Delays grow from ``initial_delay`` by
-    doubling up to ``max_delay``, each plus up to ``jitter`` seconds at random.
-    Only transient failures are retried (see ``errors.CommandError``), a
-    tool's own reported error only when ``retry_tool_errors`` is set, and no
-    retry is scheduled to start after the command's deadline.
+    ``attempts`` counts the first try; None means as many as the deadline
+    allows. ``backoff`` spaces the tries; ``when`` says which failures are
+    worth another (``retry_conditions``); no retry is scheduled to start
+    after the command's deadline. ``attempt_timeout`` caps one attempt (which,
+    time permitting, is then retried); by default an attempt may use all the
+    time left.
     """
 
-    attempts: int = 3
-    initial_delay: float = 0.2
-    max_delay: float = 5.0
-    jitter: float = 0.2
-    retry_tool_errors: bool = False
-    #: Seconds one attempt may take before it is abandoned (and, time
-    #: permitting, retried); by default an attempt may use all the time left.
+    attempts: int | None = 3
+    backoff: Backoff = Backoff(initial=0.4, maximum=5.0, jitter=0.5)
+    when: RetryCondition = RETRY_TRANSIENT
     attempt_timeout: float | None = None
 
     def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError(f"attempts must be at least 1, not {self.attempts}")
-        for name in ("initial_delay", "max_delay", "jitter"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
+        if self.attempts is not None and self.attempts < 1:
+            raise ValueError(f"attempts must be at least 1 (or None: until the deadline), not {self.attempts}")
         if self.attempt_timeout is not None and not 0 < self.attempt_timeout < math.inf:
             raise ValueError(f"attempt_timeout must be a number of seconds above 0, not {self.attempt_timeout!r}")
 
     def to_rule(self) -> RetryRule:
-        """This policy as it travels to a device (the attempt timeout stays the device's own)."""
+        """This policy as it travels to a device (the attempt timeout stays the device's own).
+
+        A condition travels as whether it retries tools' own errors: the
+        device applies the standard condition, or the one with tool errors.
+        """
         return RetryRule(
             attempts=self.attempts,
-            initial_delay=self.initial_delay,
-            max_delay=self.max_delay,
-            jitter=self.jitter,
-            retry_tool_errors=self.retry_tool_errors,
+            initial_delay=self.backoff.initial,
+            max_delay=self.backoff.maximum,
+            jitter=self.backoff.jitter,
+            retry_tool_errors=tool_error in self.when,
         )
 
     def following(self, rule: RetryRule) -> RetryPolicy:
-        """This policy, with what a batch's retry rule says."""
-        return replace(self, **rule.model_dump())
+        """This policy, with what a batch's retry rule says (a jitter above 1 is read as 1)."""
+        return replace(
+            self,
+            attempts=rule.attempts,
+            backoff=Backoff(rule.initial_delay, rule.max_delay, min(rule.jitter, 1.0)),
+            when=RETRY_TOOL_ERRORS_TOO if rule.retry_tool_errors else RETRY_TRANSIENT,
+        )
 
     def retrying(
         self,
@@ -141,9 +118,10 @@ class RetryPolicy:
                 if error is not None:
                     on_retry(state.attempt_number, error, state.upcoming_sleep)
 
+        stop = stop_before_delay(deadline.remaining())
         return AsyncRetrying(
-            stop=stop_after_attempt(self.attempts) | stop_before_delay(deadline.remaining()),
-            wait=wait_exponential_jitter(multiplier=self.initial_delay, max=self.max_delay, jitter=self.jitter),
+            stop=stop if self.attempts is None else stop_after_attempt(self.attempts) | stop,
+            wait=lambda state: self.backoff.delay(state.attempt_number),
             retry=retry_if_exception(should_retry),
             before_sleep=before_sleep,
             reraise=True,
@@ -153,14 +131,21 @@ class RetryPolicy:
         self,
         attempt: Callable[[], Awaitable[T]],
         deadline: Deadline,
-        should_retry: Callable[[BaseException], bool],
+        *,
+        repeatable: Callable[[], bool] = never_repeatable,
         on_retry: RetryListener | None = None,
     ) -> T:
         """``attempt()``, retried by this policy until it succeeds or must stop; then its last error is raised.
 
-        The first attempt runs outside tenacity: most calls succeed at once,
-        and building a retry loop per call is most of the per-call cost.
+        ``repeatable`` is the transport's word on whether the command may run
+        twice, asked only when ``when`` needs it. The first attempt runs
+        outside tenacity: most calls succeed at once, and building a retry
+        loop per call is most of the per-call cost.
         """
+
+        def should_retry(error: BaseException) -> bool:
+            return self.when(FailedAttempt(error, repeatable))
+
         observer = observing_attempts.get()
         if observer is not None:
             observer.attempt(1)

@@ -13,11 +13,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from aip.budget import Budget, Deadline
 from aip.connect import HubRefused, HubUnavailable
 from aip.controller import HubLink
 from aip.messages import (
@@ -34,18 +34,10 @@ from aip.switchboard import Reason, now_iso
 
 from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, assign_call_ids, error_result
 from .errors import CommandError, CommandTimeout, ConnectionLost, ProtocolError, ServerUnavailable, describe
-from .policy import Deadline, RetryPolicy, observing_attempts
+from .policy import RetryPolicy, observing_attempts
+from .retry_conditions import Fact, transient, unsent
 
 logger = logging.getLogger("dispatchers.remote")
-
-#: How long past the deadline the device's own answer is still awaited.
-REPLY_GRACE = 0.5
-#: The device is told to stop this much before our deadline (plus twice the
-#: measured latency to the hub, at most a fifth of the time left), so that
-#: its answer, with the Results of the commands that did finish, arrives in time.
-REPLY_MARGIN = 0.3
-#: Attempts at delivering a batch: in effect, as many as the deadline allows.
-DELIVERY_ATTEMPTS = 1_000_000
 
 
 class AccessDenied(CommandError):
@@ -59,6 +51,12 @@ class AccessDenied(CommandError):
 
 class HubDropped(ConnectionLost):
     """The connection to the hub ended while a batch was out: it is sent again (same response_id) once back."""
+
+
+#: A batch lost with the hub's connection: sent again, the same frame, once back (the device dedupes).
+hub_dropped = Fact("hub_dropped", lambda failed: isinstance(failed.error, HubDropped))
+#: Which failures a batch is delivered again after: what never got through, and what the hub lost.
+DELIVER_AGAIN = hub_dropped | (transient & unsent)
 
 
 class _Delivery:
@@ -114,6 +112,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
         session_id: str | None = None,
         task_name: str | None = None,
         retry: RetryPolicy = RetryPolicy(),
+        budget: Budget = Budget(),
     ) -> None:
         if protocol is None:
             raise ValueError(
@@ -132,7 +131,9 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
             task_name=task_name,
         )
         self.retry = retry
-        self.delivery = dataclasses.replace(retry, attempts=DELIVERY_ATTEMPTS)
+        self.budget = budget
+        #: Delivering a batch: as often as the deadline allows, spaced as the retries are.
+        self.delivery = dataclasses.replace(retry, attempts=None, when=DELIVER_AGAIN)
         self.pending: dict[str, asyncio.Future[ClientMessage]] = {}
         self._cancels: set[asyncio.Task[None]] = set()
         protocol.attach(self._on_frame, self.connection_lost)
@@ -144,8 +145,8 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
     async def connect(
         cls, hub_url: str, device: str, token: str | None = None, **options: Any
     ) -> WebSocketCommandDispatcher:
-        """Connect to the hub now (``token`` defaults to ``$DISPATCH_TOKEN``); raises if it cannot be reached."""
-        link = HubLink(hub_url, token if token is not None else os.environ.get("DISPATCH_TOKEN"))
+        """Connect to the hub now, with the controller credential ``token``; raises if it cannot be reached."""
+        link = HubLink(hub_url, token)
         await link.open()
         return cls(link, device, **options)
 
@@ -201,17 +202,10 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
         delivery = _Delivery()
         try:
             return await self.delivery.call(
-                lambda: self._exchange(batch, deadline, delivery), deadline, self._should_retry, log_retry
+                lambda: self._exchange(batch, deadline, delivery), deadline, on_retry=log_retry
             )
         except Exception as error:
             return self.generate_error_results(batch, delivery.final(error))
-
-    @staticmethod
-    def _should_retry(error: BaseException) -> bool:
-        """Send again what never got through, and what the hub lost with its connection (the device dedupes)."""
-        if isinstance(error, HubDropped):
-            return True
-        return isinstance(error, CommandError) and error.transient and not error.sent
 
     async def _exchange(self, batch: list[Command], deadline: Deadline, delivery: _Delivery) -> list[Result]:
         """One round trip: send the batch, wait for its answer, check it."""
@@ -227,13 +221,13 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
             response_id=response_id,
             timestamp=now_iso(),
             target_id=self.device,
-            timeout=self._device_budget(deadline),
+            timeout=self.budget.for_device(deadline.remaining(), self.protocol.latency),
             retry=self.retry.to_rule(),
             resent=delivery.delivered or None,
             **self.context.model_dump(),
         )
         try:
-            async with asyncio.timeout(deadline.remaining() + REPLY_GRACE):
+            async with asyncio.timeout(self.budget.awaiting_reply(deadline.remaining())):
                 await self._send(message)
                 delivery.delivered = True
                 reply = await answer
@@ -253,7 +247,8 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
         """The tries the device made show where local ones do: the run's logs and the command's report."""
         observer = observing_attempts.get()
         for command, result in zip(batch, results, strict=True):
-            attempts = min(result.attempts or 1, self.retry.attempts)  # what a device claims, bounded by what we asked
+            attempts = result.attempts or 1  # what a device claims, bounded by what we asked
+            attempts = attempts if self.retry.attempts is None else min(attempts, self.retry.attempts)
             if attempts > 1:
                 logger.warning(
                     "%s[%s] took %d attempts on device %r (%s)",
@@ -265,12 +260,6 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
                 )
             if observer is not None and len(batch) == 1:
                 observer.attempt(attempts)
-
-    def _device_budget(self, deadline: Deadline) -> float:
-        """The seconds the device gets: ours, less the time its answer needs to come back."""
-        remaining = deadline.remaining()
-        margin = min(remaining / 5, REPLY_MARGIN + 2 * self.protocol.latency)
-        return max(remaining - margin, 1e-3)
 
     async def _send(self, message: ServerMessage) -> None:
         try:

@@ -1,7 +1,8 @@
 """Dispatchers that run a batch one tool call at a time, with retries.
 
 Subclasses implement a single attempt (``call``) and say which commands are
-safe to repeat; this base adds the retry loop, the per-command deadline and
+safe to repeat (``is_repeatable``, for the retry policy's ``repeatable``);
+this base adds the retry loop, the per-command deadline and
 the batch engine, so every such transport behaves the same way.
 """
 
@@ -12,13 +13,14 @@ import logging
 from abc import abstractmethod
 from collections.abc import Sequence
 
+from aip.budget import Budget, Deadline
 from aip.messages import Command, Result
 from aip.retry import requested_retry
 
 from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, assign_call_ids, error_result
 from .batch import BatchPolicy, ResultListener, run_batch
-from .errors import AttemptTimeout, CommandError, CommandTimeout, ToolReportedError, describe
-from .policy import AttemptObserver, Deadline, RetryPolicy, observing_attempts
+from .errors import AttemptTimeout, CommandTimeout, describe
+from .policy import AttemptObserver, RetryPolicy, observing_attempts
 
 logger = logging.getLogger("dispatchers")
 
@@ -49,12 +51,14 @@ class ToolCallDispatcher(BasicCommandDispatcher):
         retry: RetryPolicy = RetryPolicy(),
         batch: BatchPolicy = BatchPolicy(),
         command_timeout: float | None = None,
+        budget: Budget = Budget(),
     ) -> None:
         if command_timeout is not None and not 0 < command_timeout < float("inf"):
             raise ValueError(f"command_timeout must be a number of seconds above 0, not {command_timeout!r}")
         self.retry = retry
         self.batch = batch
         self.command_timeout = command_timeout
+        self.budget = budget
 
     @abstractmethod
     async def call(self, command: Command) -> Result:
@@ -64,21 +68,14 @@ class ToolCallDispatcher(BasicCommandDispatcher):
         """Whether running ``command`` twice is harmless; only then is a sent call retried."""
         return False
 
-    def should_retry(self, command: Command, error: BaseException) -> bool:
-        if not isinstance(error, CommandError):
-            return False
-        retryable = error.transient or (isinstance(error, ToolReportedError) and self.retry.retry_tool_errors)
-        return retryable and (not error.sent or self.is_repeatable(command))
-
     async def execute_command(self, command: Command, deadline: Deadline) -> Result:
         """Run one command with retries, by ``deadline`` (and its own timeout)."""
         deadline = deadline.within(self.command_timeout)
 
-        limit = self.retry.attempt_timeout
+        limit = self.retry.attempt_timeout  # the device's own, whatever rule a batch brings
 
         async def attempt() -> Result:
-            remaining = deadline.remaining()
-            scope = asyncio.timeout(remaining if limit is None else min(remaining, limit))
+            scope = asyncio.timeout(self.budget.for_attempt(deadline.remaining(), limit))
             try:
                 async with scope:
                     return await self.call(command)
@@ -99,12 +96,14 @@ class ToolCallDispatcher(BasicCommandDispatcher):
                 delay,
             )
 
-        def should_retry(error: BaseException) -> bool:
-            return self.should_retry(command, error)
-
         async def run(policy: RetryPolicy) -> Result:
             try:
-                return await policy.call(attempt, deadline, should_retry, log_retry)
+                return await policy.call(
+                    attempt,
+                    deadline,
+                    repeatable=lambda: self.is_repeatable(command),
+                    on_retry=log_retry,
+                )
             except Exception as error:
                 return self.naming_the_server(command, error_result(command, error))
 
@@ -130,4 +129,4 @@ class ToolCallDispatcher(BasicCommandDispatcher):
             deadline = Deadline.after(timeout)
         except ValueError as error:  # still one Result per command, never an exception
             return self.generate_error_results(assign_call_ids(commands), error)
-        return await run_batch(commands, self.execute_command, deadline, self.batch, on_result)
+        return await run_batch(commands, self.execute_command, deadline, self.batch, on_result, self.budget)

@@ -22,6 +22,7 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Completed, Failed
+from aip.budget import Budget, Deadline
 
 from aip.access import CONTROLLER_PATH
 from aip.connect import endpoint
@@ -29,7 +30,6 @@ from aip.controller import HubLink
 from aip.messages import AgentContext, Command, Result, ResultStatus
 from dispatchers import (
     BasicCommandDispatcher,
-    Deadline,
     ExecutionMode,
     LocalCommandDispatcher,
     RetryPolicy,
@@ -50,9 +50,10 @@ from .run_settings import RunSettings
 from .trust import check_deployment_parameters
 from .watching import Watch
 
-#: How long task runs in flight at the batch deadline get to report their own
-#: timeout (Failed) before they are cancelled (and show as Crashed).
-TASK_REPORT_GRACE = 1.0
+#: The engine's margins in a flow run: task runs in flight at the batch deadline
+#: get a second to report their own timeout (Failed) before they are cancelled
+#: (and would show as Crashed).
+FLOW_BUDGET = Budget(settle=1.0)
 
 
 class Backend(StrEnum):
@@ -162,7 +163,7 @@ async def dispatch_batch(
             watch.command_finished(at, result, reports[at])
 
         # Task runs that end at the deadline (or are interrupted) report Failed before they are cancelled.
-        results = await run_batch(batch, run_one, deadline, settings.batch_policy, finished, settle=TASK_REPORT_GRACE)
+        results = await run_batch(batch, run_one, deadline, settings.batch_policy, finished, FLOW_BUDGET)
         # Every failure names its server when it is known: interrupted, skipped and timed-out ones too.
         results = [
             dispatcher.naming_the_server(command, result) for command, result in zip(batch, results, strict=True)

@@ -31,10 +31,10 @@ from prefect.runtime import task_run
 from prefect.states import Failed
 from prefect.utilities.annotations import quote
 
+from aip.budget import Deadline
 from aip.messages import Command, Result, ResultStatus
 from dispatchers import (
     BasicCommandDispatcher,
-    Deadline,
     error_result,
     failure_cause,
     observing_attempts,

@@ -22,6 +22,7 @@ import pytest_asyncio
 from conftest import demo_server_spec
 from mcp.types import Tool, ToolAnnotations
 
+from aip.backoff import Backoff
 from aip.messages import Command, Result, ResultStatus
 from dispatchers import (
     BatchPolicy,
@@ -474,7 +475,7 @@ async def test_a_batch_cancelled_mid_call_gives_the_slot_back(demo: MCPServerMan
 async def test_a_server_crash_mid_call_gives_the_slot_back() -> None:
     async with running({"mcpServers": {"demo": demo_server_spec()}}) as manager:
         slots = manager.connections["demo"].slots
-        patient = RetryPolicy(attempts=20, initial_delay=0.1, max_delay=0.5, jitter=0)
+        patient = RetryPolicy(attempts=20, backoff=Backoff(initial=0.1, maximum=0.5, jitter=0))
         dispatcher = LocalCommandDispatcher(manager, batch=PARALLEL, retry=patient)
         crash = Command(tool_name="crash", call_id="crash")  # no hints: an action, holding the slot as it dies
         queued = timed("timed_action", 0.05, key(), call_id="queued")  # waits for that slot

@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import logging
 import math
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -20,11 +19,12 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from aip.backoff import Backoff
+from aip.budget import Deadline
 from aip.messages import Command, Result, ResultStatus
 from dispatchers import (
     DEFAULT_TIMEOUT,
     BatchPolicy,
-    Deadline,
     ExecutionMode,
     InMemoryCommandDispatcher,
     RetryPolicy,
@@ -39,9 +39,10 @@ from dispatchers.errors import (
     ServerUnavailable,
     ToolReportedError,
 )
+from dispatchers.retry_conditions import RETRY_TOOL_ERRORS_TOO
 
 #: Retries without waiting, so that retry tests take no time.
-NO_WAIT = RetryPolicy(attempts=3, initial_delay=0, max_delay=0, jitter=0)
+NO_WAIT = RetryPolicy(attempts=3, backoff=Backoff(initial=0, maximum=0, jitter=0))
 SEQUENTIAL = BatchPolicy(mode=ExecutionMode.SEQUENTIAL)
 PARALLEL = BatchPolicy(mode=ExecutionMode.PARALLEL)
 MODES = pytest.mark.parametrize("batch", [SEQUENTIAL, PARALLEL], ids=["sequential", "parallel"])
@@ -530,7 +531,7 @@ async def test_dispatcher_command_timeout_bounds_every_command() -> None:
 async def test_retries_stop_at_the_deadline() -> None:
     tool, seen = recorder(lambda command, number: (_ for _ in ()).throw(ConnectionLost(f"lost {number}")))
     dispatcher = InMemoryCommandDispatcher(
-        {"lost": tool}, retry=RetryPolicy(attempts=1000, initial_delay=0.1, max_delay=0.1, jitter=0)
+        {"lost": tool}, retry=RetryPolicy(attempts=1000, backoff=Backoff(initial=0.1, maximum=0.1, jitter=0))
     )
     begin = time.monotonic()
 
@@ -743,7 +744,9 @@ async def test_a_non_retryable_error_is_called_exactly_once(error: Exception) ->
         raise error
 
     tool, seen = recorder(fails)
-    dispatcher = InMemoryCommandDispatcher({"t": tool}, retry=RetryPolicy(attempts=5, initial_delay=0, jitter=0))
+    dispatcher = InMemoryCommandDispatcher(
+        {"t": tool}, retry=RetryPolicy(attempts=5, backoff=Backoff(initial=0, jitter=0))
+    )
     command = Command(tool_name="t", call_id="once")
 
     [result] = await dispatcher.execute_commands([command], timeout=5)
@@ -761,7 +764,7 @@ async def test_a_tool_error_is_retried_when_configured() -> None:
 
     tool, seen = recorder(fails)
     dispatcher = InMemoryCommandDispatcher(
-        {"t": tool}, retry=RetryPolicy(attempts=3, initial_delay=0, jitter=0, retry_tool_errors=True)
+        {"t": tool}, retry=RetryPolicy(attempts=3, when=RETRY_TOOL_ERRORS_TOO, backoff=Backoff(initial=0, jitter=0))
     )
 
     [result] = await dispatcher.execute_commands([Command(tool_name="t", call_id="r")], timeout=5)
@@ -777,7 +780,9 @@ async def test_a_transient_error_is_retried_up_to_the_attempts(attempts: int) ->
         raise ConnectionLost(f"dropped {number}")
 
     tool, seen = recorder(fails)
-    dispatcher = InMemoryCommandDispatcher({"t": tool}, retry=RetryPolicy(attempts=attempts, initial_delay=0, jitter=0))
+    dispatcher = InMemoryCommandDispatcher(
+        {"t": tool}, retry=RetryPolicy(attempts=attempts, backoff=Backoff(initial=0, jitter=0))
+    )
     command = Command(tool_name="t", call_id="same")
 
     [result] = await dispatcher.execute_commands([command], timeout=5)
@@ -860,7 +865,7 @@ async def test_the_retry_log_line_names_the_reason_and_the_delay(caplog: pytest.
 
     tool, _ = recorder(flaky)
     dispatcher = InMemoryCommandDispatcher(
-        {"flaky": tool}, retry=RetryPolicy(attempts=3, initial_delay=0.01, max_delay=1.0, jitter=0)
+        {"flaky": tool}, retry=RetryPolicy(attempts=3, backoff=Backoff(initial=0.01, maximum=1.0, jitter=0))
     )
     caplog.set_level(logging.WARNING, logger="dispatchers")
 
@@ -891,13 +896,13 @@ async def test_no_retry_log_line_for_a_permanent_failure(caplog: pytest.LogCaptu
 
 
 def test_retry_policy_is_a_value() -> None:
-    assert RetryPolicy() == RetryPolicy(attempts=3, initial_delay=0.2, max_delay=5.0, jitter=0.2)
+    assert RetryPolicy() == RetryPolicy(attempts=3, backoff=Backoff(initial=0.4, maximum=5.0, jitter=0.5))
     assert hash(RetryPolicy()) == hash(RetryPolicy())
     assert RetryPolicy(attempts=4) != RetryPolicy()
-    text = repr(RetryPolicy(attempts=7, initial_delay=0.5))
+    text = repr(RetryPolicy(attempts=7, backoff=Backoff(initial=0.5)))
     assert "RetryPolicy(" in text
     assert "attempts=7" in text
-    assert "initial_delay=0.5" in text
+    assert "initial=0.5" in text and "when=transient & (unsent | repeatable)" in text
     assert str(RetryPolicy()) == repr(RetryPolicy())
     with pytest.raises(dataclasses.FrozenInstanceError):
         RetryPolicy().attempts = 9  # type: ignore[misc]
@@ -905,46 +910,11 @@ def test_retry_policy_is_a_value() -> None:
 
 @pytest.mark.parametrize(
     "fields",
-    [{"attempts": 0}, {"attempts": -1}, {"initial_delay": -0.1}, {"max_delay": -1}, {"jitter": -0.5}],
+    [{"attempts": 0}, {"attempts": -1}, {"attempt_timeout": 0}, {"attempt_timeout": float("inf")}],
 )
 def test_invalid_retry_policies_raise_value_error(fields: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(fields))):
         RetryPolicy(**fields)
-
-
-def test_deadline_is_a_value() -> None:
-    assert Deadline(expires_at=10.0, seconds=2.0) == Deadline(10.0, 2.0)
-    assert Deadline(10.0, 2.0) != Deadline(10.0, 3.0)
-    assert hash(Deadline(10.0, 2.0)) == hash(Deadline(10.0, 2.0))
-    assert "seconds=2.0" in repr(Deadline(10.0, 2.0))
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        Deadline(10.0, 2.0).seconds = 1  # type: ignore[misc]
-
-
-def test_deadline_after_counts_down_and_prints() -> None:
-    deadline = Deadline.after(30)
-    assert deadline.seconds == 30
-    assert 0 < deadline.remaining() <= 30
-    assert not deadline.expired
-    assert re.fullmatch(r"30s deadline, \d+\.\d{3}s left", str(deadline))
-    past = Deadline(expires_at=time.monotonic() - 1, seconds=1.0)
-    assert past.expired
-    assert past.remaining() == 0.0
-
-
-def test_deadline_within_picks_the_earlier() -> None:
-    deadline = Deadline.after(30)
-    assert deadline.within(None) is deadline
-    assert deadline.within(60) is deadline
-    shorter = deadline.within(1)
-    assert shorter.seconds == 1
-    assert shorter.expires_at < deadline.expires_at
-
-
-@pytest.mark.parametrize("seconds", [0, -1, math.inf, math.nan])
-def test_invalid_deadlines_raise_value_error(seconds: float) -> None:
-    with pytest.raises(ValueError):
-        Deadline.after(seconds)
 
 
 def test_command_timeout_text() -> None:
@@ -1000,7 +970,8 @@ async def test_an_attempt_timeout_lets_a_hung_attempt_be_retried() -> None:
         return "second time lucky"
 
     dispatcher = InMemoryCommandDispatcher(
-        {"hangs_once": hangs_once}, retry=RetryPolicy(attempts=3, initial_delay=0.01, jitter=0, attempt_timeout=0.2)
+        {"hangs_once": hangs_once},
+        retry=RetryPolicy(attempts=3, attempt_timeout=0.2, backoff=Backoff(initial=0.01, jitter=0)),
     )
     [result] = await dispatcher.execute_commands([Command(tool_name="hangs_once", call_id="h")], timeout=10)
 
@@ -1013,7 +984,7 @@ async def test_without_an_attempt_timeout_a_hung_command_times_out_once_with_the
         await asyncio.Event().wait()
         return "never"
 
-    dispatcher = InMemoryCommandDispatcher({"hangs": hangs}, retry=RetryPolicy(initial_delay=0.01))
+    dispatcher = InMemoryCommandDispatcher({"hangs": hangs}, retry=RetryPolicy(backoff=Backoff(initial=0.01)))
     [result] = await dispatcher.execute_commands([Command(tool_name="hangs")], timeout=0.3)
 
     assert (result.error or "").endswith("TimeoutError: no result within 0.3s")

@@ -19,6 +19,7 @@ import pytest
 from hub_support import QUICK_BACKOFF, TOKEN, echo_tools, running_device, running_hub
 from websockets.asyncio.server import ServerConnection, serve
 
+from aip.backoff import Backoff
 from aip.connect import CredentialRefused
 from aip.controller import HubLink
 from aip.device import DeviceClient
@@ -185,7 +186,7 @@ def flaky_tool(failures: int) -> tuple[Any, list[int]]:
 @pytest.mark.parametrize(("attempts", "status"), [(5, ResultStatus.SUCCESS), (2, ResultStatus.FAILURE)])
 async def test_the_controllers_retry_policy_is_the_one_the_device_applies(attempts: int, status: ResultStatus) -> None:
     tool, tries = flaky_tool(failures=3)  # the device's own default (3 attempts) would give up on it
-    quick = RetryPolicy(attempts=attempts, initial_delay=0.01, max_delay=0.02, jitter=0.0)
+    quick = RetryPolicy(attempts=attempts, backoff=Backoff(initial=0.01, maximum=0.02, jitter=0.0))
     async with (
         running_hub() as hub,
         running_device(hub, tools={"flaky": tool}),

@@ -38,8 +38,9 @@ from typing import Any, TypeVar
 import pytest
 from process_support import processes_mentioning
 
+from aip.budget import Budget, Deadline
 from aip.messages import Command, Result, ResultStatus
-from dispatchers import BatchPolicy, Deadline, ExecutionMode, InMemoryCommandDispatcher, run_batch
+from dispatchers import BatchPolicy, ExecutionMode, InMemoryCommandDispatcher, run_batch
 from dispatchers.interrupt import interruptible, unless_interrupted
 
 T = TypeVar("T")
@@ -701,7 +702,7 @@ async def test_run_batch_interrupted_while_the_second_command_runs(policy: Batch
 
     commands = [Command(tool_name=name) for name in ("add", "hold", "last")]
     with interruptible() as interruption:
-        batch = asyncio.ensure_future(run_batch(commands, run_one, Deadline.after(120), policy, settle=0.2))
+        batch = asyncio.ensure_future(run_batch(commands, run_one, Deadline.after(120), policy, Budget(settle=0.2)))
         async with asyncio.timeout(10):
             await running.wait()
         began = time.monotonic()

@@ -24,6 +24,7 @@ import pytest_asyncio
 from conftest import DEMO_SERVER, EXAMPLES, demo_server_spec
 from mcp.types import CallToolResult, ImageContent, TextContent
 
+from aip.backoff import Backoff
 from aip.messages import Command, Result, ResultStatus
 from dispatchers import (
     BatchPolicy,
@@ -40,7 +41,7 @@ pytestmark = pytest.mark.timeout(60)
 
 TIME_SERVER = {"command": sys.executable, "args": ["-m", "mcp_server_time", "--local-timezone", "UTC"]}
 #: Quick retries, for tests that expect some.
-QUICK = RetryPolicy(attempts=3, initial_delay=0.05, max_delay=0.2, jitter=0)
+QUICK = RetryPolicy(attempts=3, backoff=Backoff(initial=0.05, maximum=0.2, jitter=0))
 SUFFIX = ", please retry or execute a different command."
 
 
@@ -218,7 +219,7 @@ async def test_a_tool_reporting_an_error_fails_with_its_message_and_runs_once(
     shared: MCPServerManager, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     calls = count_calls(shared, "demo", monkeypatch)
-    dispatcher = LocalCommandDispatcher(shared, retry=RetryPolicy(attempts=5, initial_delay=0, jitter=0))
+    dispatcher = LocalCommandDispatcher(shared, retry=RetryPolicy(attempts=5, backoff=Backoff(initial=0, jitter=0)))
     message = f"disk on fire {key()}"
     command = Command(tool_name="fail", parameters={"message": message}, call_id="f1")
     caplog.set_level(logging.WARNING, logger="dispatchers")
@@ -434,7 +435,7 @@ async def test_a_server_that_failed_its_first_start_comes_back(tmp_path: Path) -
         connection = manager.connections["flappy"]
         assert not connection.available
         assert "first start fails on purpose" in (connection.error or "")
-        patient = RetryPolicy(attempts=8, initial_delay=0.25, max_delay=0.5, jitter=0)
+        patient = RetryPolicy(attempts=8, backoff=Backoff(initial=0.25, maximum=0.5, jitter=0))
         dispatcher = LocalCommandDispatcher(manager, retry=patient)
         begin = time.monotonic()
         [result] = await run(dispatcher, Command(tool_name="echo", parameters={"value": 1}, namespace="flappy"))
