@@ -11,9 +11,8 @@ what never started, it starts nothing new for a batch whose connection or
 controller is gone, it applies the batch's retry rule, and it reconnects
 with capped, jittered backoff until it is stopped or its credential refused.
 
-The executor is anything with the dispatcher interface (``execute_commands``
-and ``generate_error_results``); this module knows nothing of MCP or Prefect,
-so a device starts fast.
+The executor is anything with the dispatcher interface (``execute_commands``);
+this module knows nothing of MCP or Prefect, so a device starts fast.
 """
 
 from __future__ import annotations
@@ -51,6 +50,7 @@ from .connect import (
     open_connection,
     safe_url,
 )
+from .failure import error_result
 from .messages import (
     ClientMessage,
     ClientMessageType,
@@ -82,8 +82,6 @@ class Executor(Protocol):
     """What runs the commands: any dispatcher (``dispatchers.BasicCommandDispatcher``)."""
 
     async def execute_commands(self, commands: Sequence[Command], timeout: float = ...) -> list[Result]: ...
-
-    def generate_error_results(self, commands: Sequence[Command], error: BaseException | str) -> list[Result]: ...
 
 
 def system_info(device_id: str) -> dict[str, Any]:
@@ -362,10 +360,10 @@ class DeviceClient:
         try:
             for command in commands:
                 if run.orphaned is not None:
-                    results += executor.generate_error_results([command], f"ServerUnavailable: not run: {run.orphaned}")
+                    results += _failures([command], f"ServerUnavailable: not run: {run.orphaned}")
                     continue
                 results += await self.memory.execute(
-                    [command], execute, executor.generate_error_results, controller=controller, delivery=response_id
+                    [command], execute, _failures, controller=controller, delivery=response_id
                 )
         except asyncio.CancelledError:
             if run.cancelled is None:
@@ -373,10 +371,10 @@ class DeviceClient:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            results += executor.generate_error_results(commands[len(results) :], f"Cancelled: {run.cancelled}")
+            results += _failures(commands[len(results) :], f"Cancelled: {run.cancelled}")
         except Exception as error:  # the executor broke: answer anyway
             logger.exception("device %r: the executor failed on batch %s", self.device_id, response_id)
-            results += executor.generate_error_results(commands[len(results) :], error)
+            results += _failures(commands[len(results) :], error)
         if run.orphaned is not None and run.cancelled is None:
             logger.info(
                 "device %r: batch %s orphaned (%s); its results stay in memory",
@@ -401,7 +399,7 @@ class DeviceClient:
             ValueError,
             RecursionError,
         ):  # a tool's result that JSON can't carry: that command fails, the others stand
-            sendable = [_sendable(command, result, executor) for command, result in zip(commands, results, strict=True)]
+            sendable = [_sendable(command, result) for command, result in zip(commands, results, strict=True)]
             text = reply.model_copy(update={"action_results": sendable}).model_dump_json()
         try:
             await connection.send(_fragments(text))
@@ -443,13 +441,17 @@ def _failure_text(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _sendable(command: Command, result: Result, executor: Executor) -> Result:
+def _failures(commands: Sequence[Command], cause: BaseException | str) -> list[Result]:
+    return [error_result(command, cause) for command in commands]
+
+
+def _sendable(command: Command, result: Result) -> Result:
     """``result`` if it serialises, else a failure Result that says why."""
     try:
         result.model_dump_json()
     except (ValueError, RecursionError) as error:
         cause = f"ProtocolError: the result could not be sent as JSON ({error})"
-        return executor.generate_error_results([command], cause)[0]
+        return error_result(command, cause)
     return result
 
 

@@ -1,4 +1,4 @@
-"""The dispatcher interface, and the one format every failure takes.
+"""The dispatcher interface, and the helpers every transport shares.
 
 A dispatcher is a transport in the httpx sense: callers hand it a batch and
 get one ``Result`` per command back, whatever runs the commands.
@@ -12,9 +12,9 @@ from collections import Counter
 from collections.abc import Sequence
 
 from aip.budget import Budget, Deadline
+from aip.failure import error_result as error_result  # every transport's failures: UFO's format
+from aip.failure import failure_cause
 from aip.messages import UFO_BATCH_TIMEOUT, Command, Result, ResultStatus
-
-from .errors import describe
 
 #: How long a batch that names no timeout may take: UFO's default.
 DEFAULT_TIMEOUT = UFO_BATCH_TIMEOUT
@@ -62,28 +62,6 @@ def short_id(call_id: str | None) -> str:
 def plural(count: int, noun: str) -> str:
     """``1 command``, ``3 commands``: every count a person reads."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-def _error_prefix(command: Command) -> str:
-    return f"Error occurred while executing command {command}: "
-
-
-def error_result(command: Command, error: BaseException | str) -> Result:
-    """A failure ``Result`` in the documented (UFO) format."""
-    text = error if isinstance(error, str) else describe(error)
-    message = _error_prefix(command) + text
-    return Result(
-        status=ResultStatus.FAILURE,
-        error=message,
-        result=f"{message}, please retry or execute a different command.",
-        namespace=command.namespace,
-        call_id=command.call_id,
-    )
-
-
-def failure_cause(command: Command, result: Result) -> str:
-    """The cause part of a failure Result's error, without the command it quotes."""
-    return (result.error or "").removeprefix(_error_prefix(command))
 
 
 def not_done_cause(command: Command, result: Result) -> str:

@@ -15,6 +15,8 @@ from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
+from aip.failure import describe as describe  # the cause every failure Result names: the wire's format
+
 
 class CommandError(Exception):
     """A command failed for a reason we can name."""
@@ -158,13 +160,6 @@ def did_you_mean(name: str, options: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the options close to ``name`` (difflib), else ``""``: a typo names its fix."""
     close = difflib.get_close_matches(name, list(options), n=3)
     return f" (did you mean {', '.join(repr(option) for option in close)}?)" if close else ""
-
-
-def describe(error: BaseException) -> str:
-    """One line naming the cause, never empty: ``"Kind: message"``."""
-    kind = error.kind if isinstance(error, CommandError) else type(error).__name__
-    message = str(error).strip() or repr(error)
-    return f"{kind}: {message}"
 
 
 def candidates_text(names: Iterable[str]) -> str:

@@ -15,9 +15,10 @@ from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
+from aip.failure import failure_cause
 from aip.messages import Command, Result
 
-from .base import error_result, failure_cause
+from .base import error_result
 from .errors import CommandError
 
 

@@ -32,11 +32,11 @@ from prefect.states import Failed
 from prefect.utilities.annotations import quote
 
 from aip.budget import Deadline
+from aip.failure import failure_cause
 from aip.messages import Command, Result, ResultStatus
 from dispatchers import (
     BasicCommandDispatcher,
     error_result,
-    failure_cause,
     observing_attempts,
     short_id,
 )

@@ -23,6 +23,7 @@ from conftest import demo_server_spec
 from mcp.types import Tool, ToolAnnotations
 
 from aip.backoff import Backoff
+from aip.failure import failure_cause
 from aip.messages import Command, Result, ResultStatus
 from dispatchers import (
     BatchPolicy,
@@ -32,7 +33,6 @@ from dispatchers import (
     LocalCommandDispatcher,
     MCPServerManager,
     RetryPolicy,
-    failure_cause,
     load_config,
 )
 from dispatchers.concurrency import Slots, command_kind
