@@ -8,8 +8,6 @@ command, whatever happens to the flow run itself.
 
 from __future__ import annotations
 
-import os
-import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
@@ -45,6 +43,7 @@ from dispatchers.interrupt import was_interrupted
 from tasks import BatchContext, CommandReport, execute_as_task
 
 from .batch_file import load_batch
+from .hub_access import current_hub_access
 from .reporting import Progress, emit_batch_finished, publish_results
 from .run_settings import RunSettings
 from .trust import check_deployment_parameters
@@ -118,7 +117,7 @@ async def dispatch_batch(
             hub=hub,
             resume_from=resume_from,
             project=Path.cwd(),
-            worker_hub=os.environ.get("DISPATCH_HUB"),
+            worker_hub=current_hub_access().hub,
         )
     spec = load_batch(batch_file) if batch_file else None
     if not commands and spec is None:
@@ -222,12 +221,11 @@ async def _dispatcher(
     if backend is Backend.LOCAL:
         yield LocalCommandDispatcher(shared_manager(config), retry=retry)
         return
-    hub = hub or os.environ.get("DISPATCH_HUB")
+    access = current_hub_access()  # the token and CA: never parameters, which the dashboard shows
+    hub = hub or access.hub
     if not hub or not device:
         raise ValueError("the remote backend needs a device and a hub (the hub parameter or $DISPATCH_HUB)")
-    cafile = os.environ.get("DISPATCH_CAFILE")  # a private CA for a wss:// hub (dispatch run --cafile)
-    trusted = ssl.create_default_context(cafile=cafile) if cafile else None
-    link = HubLink(hub, os.environ.get("DISPATCH_TOKEN"), ssl_context=trusted)
+    link = HubLink(hub, access.token, ssl_context=access.ssl_context())
     dispatcher = WebSocketCommandDispatcher(link, device, retry=retry, **context.model_dump())
     try:
         yield dispatcher
