@@ -277,6 +277,15 @@ def analytics_off(environ: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+def quiet_prefect_defaults() -> None:
+    """No telemetry from this process, nor the notice about it, unless the user asked for it (``analytics_off``).
+
+    Written to this process's own environment, which is where Prefect looks
+    for them (``DO_NOT_TRACK`` nowhere else); call it before Prefect is imported.
+    """
+    os.environ.update(analytics_off(os.environ))
+
+
 def child_environment(environ: Mapping[str, str], project: Path, port: int, auth: str) -> dict[str, str]:
     """What every child of the stack runs with: ``environ`` and the stack's settings (the user's tuning kept)."""
     api_url = f"http://127.0.0.1:{port}/api"
@@ -304,7 +313,7 @@ def running_stack(
     template, the tidy-up on stop) with the user's terminal as its stderr,
     which is where Prefect's notice would appear.
     """
-    os.environ.update(analytics_off(os.environ))
+    quiet_prefect_defaults()
     bin_dir = Path(sys.executable).parent
     prefect = str(bin_dir / "prefect") if (bin_dir / "prefect").exists() else "prefect"
     api_url = f"http://127.0.0.1:{port}/api"

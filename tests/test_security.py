@@ -37,7 +37,8 @@ from aip.credential_file import write_store
 from aip.credentials import Role
 from aip.messages import Command, ResultStatus
 from aip.registration import MAX_REGISTRATION_BYTES, MAX_TOOLS
-from cli.main import app, listens_in_clear
+from cli.main import app
+from cli.serve_command import listens_in_clear
 from dispatchers import WebSocketCommandDispatcher
 
 WAIT = 10.0
