@@ -1,4 +1,4 @@
-"""How many commands of each kind may run at once: limits as values, slots to hold.
+"""How many commands of each category may run at once: limits as values, slots to hold.
 
 A command is an ``action`` (it may change something) or ``data_collection``
 (it only reads). By default at most one action runs at a time on a server (or,
@@ -6,8 +6,8 @@ with a shared ``Slots``, on a whole device), so two actions never race on the
 same screen, file or account, while reads run in parallel.
 
 ``ConcurrencyLimits`` is the policy value, printable and comparable like
-``RetryPolicy``. ``Slots`` holds one ``asyncio.Semaphore`` per limited kind;
-``async with slots.slot(kind):`` waits for a free slot and gives it back
+``RetryPolicy``. ``Slots`` holds one ``asyncio.Semaphore`` per limited category;
+``async with slots.slot(category):`` waits for a free slot and gives it back
 however the block ends (result, error, timeout or cancellation), so no slot
 leaks. A wait for a slot is an ordinary await: it ends at the deadline of
 whatever awaits it, and a waiter that gives up never takes the slot.
@@ -20,18 +20,17 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Literal
+from typing import Final
 
 from mcp.types import Tool
 
 from aip.messages import Command, ToolType
 
-Kind = Literal["action", "data_collection"]
-#: The kinds of command that limits count separately.
-KINDS: Final[tuple[Kind, ...]] = ("action", "data_collection")
+#: The categories of command that limits count separately: UFO's tool_types.
+CATEGORIES: Final[tuple[ToolType, ...]] = tuple(ToolType)
 
 
-def command_kind(command: Command, tool: Tool) -> Kind:
+def command_category(command: Command, tool: Tool) -> ToolType:
     """Which limit ``command``, routed to ``tool``, counts against.
 
     ``data_collection`` when the command says so (``tool_type``), or when it
@@ -40,15 +39,15 @@ def command_kind(command: Command, tool: Tool) -> Kind:
     side effects.
     """
     if command.tool_type == ToolType.DATA_COLLECTION:
-        return "data_collection"
+        return ToolType.DATA_COLLECTION
     if command.tool_type != ToolType.ACTION and tool.annotations is not None and tool.annotations.read_only_hint:
-        return "data_collection"
-    return "action"
+        return ToolType.DATA_COLLECTION
+    return ToolType.ACTION
 
 
 @dataclass(frozen=True)
 class ConcurrencyLimits:
-    """At most how many commands of each kind run at once; ``None`` means no limit.
+    """At most how many commands of each category run at once; ``None`` means no limit.
 
     The default lets one ``action`` run at a time and any number of
     ``data_collection`` commands.
@@ -58,47 +57,49 @@ class ConcurrencyLimits:
     data_collection: int | None = None
 
     def __post_init__(self) -> None:
-        for kind in KINDS:
-            value = getattr(self, kind)
+        for category in CATEGORIES:
+            value = getattr(self, category)
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{kind} must be a whole number of at least 1, or None for no limit, not {value!r}")
+                raise ValueError(
+                    f"{category} must be a whole number of at least 1, or None for no limit, not {value!r}"
+                )
 
-    def limit(self, kind: str) -> int | None:
-        """The limit for ``kind``; ``None`` when unlimited."""
-        if kind not in KINDS:
-            raise ValueError(f"no concurrency limit for kind {kind!r}; kinds: {', '.join(KINDS)}")
-        value: int | None = getattr(self, kind)
+    def limit(self, category: str) -> int | None:
+        """The limit for ``category``; ``None`` when unlimited."""
+        if category not in CATEGORIES:
+            raise ValueError(f"no concurrency limit for category {category!r}; categories: {', '.join(CATEGORIES)}")
+        value: int | None = getattr(self, category)
         return value
 
 
 class _Held:
-    """One slot of one kind, held for the length of an ``async with``."""
+    """One slot of one category, held for the length of an ``async with``."""
 
-    __slots__ = ("_kind", "_semaphore", "_slots")
+    __slots__ = ("_category", "_semaphore", "_slots")
 
-    def __init__(self, slots: Slots, kind: str, semaphore: asyncio.Semaphore) -> None:
-        self._slots, self._kind, self._semaphore = slots, kind, semaphore
+    def __init__(self, slots: Slots, category: str, semaphore: asyncio.Semaphore) -> None:
+        self._slots, self._category, self._semaphore = slots, category, semaphore
 
     async def __aenter__(self) -> None:
         waiting = self._slots._waiting
-        waiting[self._kind] += 1
+        waiting[self._category] += 1
         try:
             await self._semaphore.acquire()  # cancelled while waiting: nothing taken (asyncio's guarantee)
         finally:
-            waiting[self._kind] -= 1
-        self._slots._in_use[self._kind] += 1  # no await between acquire and here: nothing can intervene
+            waiting[self._category] -= 1
+        self._slots._in_use[self._category] += 1  # no await between acquire and here: nothing can intervene
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        self._slots._in_use[self._kind] -= 1
+        self._slots._in_use[self._category] -= 1
         self._semaphore.release()
 
 
 class Slots:
-    """The slots for the limits of one server, or of one device: one semaphore per limited kind.
+    """The slots for the limits of one server, or of one device: one semaphore per limited category.
 
     ``within`` names another ``Slots`` whose limits apply too (a device's,
     shared by all its servers): a command takes its slot here first, then
@@ -114,36 +115,38 @@ class Slots:
         self.limits = limits if limits is not None else ConcurrencyLimits()
         self.within = within
         self._semaphores: dict[str, asyncio.Semaphore] = {}
-        for kind in KINDS:
-            limit = self.limits.limit(kind)
+        for category in CATEGORIES:
+            limit = self.limits.limit(category)
             if limit is not None:
-                self._semaphores[kind] = asyncio.Semaphore(limit)
-        self._in_use: dict[str, int] = dict.fromkeys(KINDS, 0)
-        self._waiting: dict[str, int] = dict.fromkeys(KINDS, 0)
+                self._semaphores[category] = asyncio.Semaphore(limit)
+        self._in_use: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
+        self._waiting: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
 
-    def slot(self, kind: str) -> AbstractAsyncContextManager[None]:
-        """Hold a slot of ``kind`` for an ``async with`` block (no wait at all for an unlimited kind)."""
-        if kind not in self._in_use:
-            raise ValueError(f"no slots for kind {kind!r}; kinds: {', '.join(KINDS)}")
-        semaphore = self._semaphores.get(kind)
-        own: AbstractAsyncContextManager[None] = nullcontext() if semaphore is None else _Held(self, kind, semaphore)
+    def slot(self, category: str) -> AbstractAsyncContextManager[None]:
+        """Hold a slot of ``category`` for an ``async with`` block (no wait at all for an unlimited category)."""
+        if category not in self._in_use:
+            raise ValueError(f"no slots for category {category!r}; categories: {', '.join(CATEGORIES)}")
+        semaphore = self._semaphores.get(category)
+        own: AbstractAsyncContextManager[None] = (
+            nullcontext() if semaphore is None else _Held(self, category, semaphore)
+        )
         if self.within is None:
             return own
-        return _both(own, self.within.slot(kind))
+        return _both(own, self.within.slot(category))
 
-    def in_use(self, kind: str) -> int:
-        """How many slots of ``kind`` are held right now (here, not in ``within``; 0 for an unlimited kind)."""
-        return self._in_use[kind]
+    def in_use(self, category: str) -> int:
+        """How many slots of ``category`` are held right now (here, not in ``within``; 0 for an unlimited category)."""
+        return self._in_use[category]
 
-    def waiting(self, kind: str) -> int:
-        """How many commands wait for a slot of ``kind`` right now (here, not counting ``within``)."""
-        return self._waiting[kind]
+    def waiting(self, category: str) -> int:
+        """How many commands wait for a slot of ``category`` right now (here, not counting ``within``)."""
+        return self._waiting[category]
 
     def __repr__(self) -> str:
         counts = ", ".join(
-            f"{kind} {self._in_use[kind]}/{self.limits.limit(kind) or 'unlimited'}"
-            + (f" (+{self._waiting[kind]} waiting)" if self._waiting[kind] else "")
-            for kind in KINDS
+            f"{category} {self._in_use[category]}/{self.limits.limit(category) or 'unlimited'}"
+            + (f" (+{self._waiting[category]} waiting)" if self._waiting[category] else "")
+            for category in CATEGORIES
         )
         within = f" within {self.within!r}" if self.within is not None else ""
         return f"<Slots {counts}{within}>"

@@ -8,7 +8,7 @@ from typing import Any
 
 from aip.messages import Command, Result, ResultStatus, ToolType
 
-from .concurrency import command_kind
+from .concurrency import command_category
 from .errors import CommandError, ToolReportedError
 from .mcp_results import tool_error, tool_output
 from .mcp_servers import MCPServerManager
@@ -76,18 +76,18 @@ class LocalCommandDispatcher(ToolCallDispatcher):
         parameters = command.parameters or {}
         check_parameters(route.tool.input_schema, parameters)
         connection = self.servers.connections[route.server]
-        kind = command_kind(command, route.tool)
+        category = command_category(command, route.tool)
         logger.debug(
             "session %s: %s[%s] -> %s (%s, %r)",
             self.session,
             command.tool_name,
             command.call_id,
             route.server,
-            kind,
+            category,
             connection.slots,
         )
         # Only the call holds a slot: a command that can't be routed or has bad parameters never waits for one.
-        async with connection.slots.slot(kind):
+        async with connection.slots.slot(category):
             answer = await connection.call_tool(route.tool.name, parameters)
         if answer.is_error:
             raise ToolReportedError(tool_error(answer))

@@ -136,7 +136,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
         self.delivery = dataclasses.replace(retry, attempts=None, when=DELIVER_AGAIN)
         self.pending: dict[str, asyncio.Future[ClientMessage]] = {}
         self._cancels: set[asyncio.Task[None]] = set()
-        protocol.attach(self._on_frame, self.connection_lost)
+        protocol.attach(self._on_frame, self._on_hub_lost)
 
     def __repr__(self) -> str:
         return f"WebSocketCommandDispatcher({self.protocol!r}, device={self.device!r})"
@@ -152,7 +152,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
 
     async def close(self) -> None:
         await self.protocol.close()
-        self.connection_lost(HubUnavailable("the dispatcher was closed"))
+        self._on_hub_lost(HubUnavailable("the dispatcher was closed"))
 
     async def __aenter__(self) -> WebSocketCommandDispatcher:
         return self
@@ -162,17 +162,13 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
 
     # -- answers from the hub ----------------------------------------------
 
-    def set_result(self, response_id: str, message: ClientMessage) -> None:
-        """The hub's answer for batch ``response_id``: results, or why there are none."""
-        future = self.pending.get(response_id)
+    def _on_frame(self, message: ClientMessage) -> None:
+        """A frame from the hub: the answer for the batch it names (results, or why there are none)."""
+        future = self.pending.get(message.prev_response_id or "")
         if future is not None and not future.done():
             future.set_result(message)
 
-    def _on_frame(self, message: ClientMessage) -> None:
-        if message.prev_response_id:
-            self.set_result(message.prev_response_id, message)
-
-    def connection_lost(self, error: Exception) -> None:
+    def _on_hub_lost(self, error: Exception) -> None:
         """The hub connection ended: every batch waiting on it fails now, not at its deadline."""
         for future in self.pending.values():
             if not future.done():

@@ -1,6 +1,6 @@
 """Concurrency limits: at most N actions (and M reads) at once per server or per device, and no slot ever leaks.
 
-The pure parts (``ConcurrencyLimits``, ``Slots``, which kind a command is, the
+The pure parts (``ConcurrencyLimits``, ``Slots``, which category a command is, the
 ``mcp.json`` keys) are tested directly; the rest against the demo server over
 stdio, whose ``timed_action``/``timed_read`` tools report when they ran, so
 overlap is measured where the work happens, not guessed from the client.
@@ -35,7 +35,7 @@ from dispatchers import (
     RetryPolicy,
     load_config,
 )
-from dispatchers.concurrency import Slots, command_kind
+from dispatchers.concurrency import Slots, command_category
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -117,15 +117,15 @@ def test_limits_are_small_comparable_printable_values() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         default.action = 2  # type: ignore[misc]
     assert default.limit("action") == 1 and default.limit("data_collection") is None
-    with pytest.raises(ValueError, match="kind 'write'"):
+    with pytest.raises(ValueError, match="category 'write'"):
         default.limit("write")
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 1.5, "2"])
-@pytest.mark.parametrize("kind", ["action", "data_collection"])
-def test_limits_must_be_whole_numbers_of_at_least_one(kind: str, bad: Any) -> None:
-    with pytest.raises(ValueError, match=f"{kind} must be a whole number of at least 1, or None"):
-        ConcurrencyLimits(**{kind: bad})
+@pytest.mark.parametrize("category", ["action", "data_collection"])
+def test_limits_must_be_whole_numbers_of_at_least_one(category: str, bad: Any) -> None:
+    with pytest.raises(ValueError, match=f"{category} must be a whole number of at least 1, or None"):
+        ConcurrencyLimits(**{category: bad})
 
 
 # --- the values: Slots ---------------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ async def test_an_unlimited_kind_is_a_no_op() -> None:
     async with asyncio.timeout(5), AsyncExitStack() as stack:
         for _ in range(100):
             await stack.enter_async_context(everything.slot("action"))
-    with pytest.raises(ValueError, match="kind 'write'"):
+    with pytest.raises(ValueError, match="category 'write'"):
         slots.slot("write")
     assert repr(Slots()) == "<Slots action 0/1, data_collection 0/unlimited>"
 
@@ -251,13 +251,13 @@ async def test_slots_within_shared_slots_respect_both_limits() -> None:
     assert "within <Slots action 0/1" in repr(one)
 
 
-# --- which kind a command is ---------------------------------------------------------------------------------
+# --- which category a command is ---------------------------------------------------------------------------------
 
 READ_ONLY = ToolAnnotations(read_only_hint=True)
 
 
 @pytest.mark.parametrize(
-    ("tool_type", "annotations", "kind"),
+    ("tool_type", "annotations", "category"),
     [
         ("data_collection", None, "data_collection"),  # the command says so
         ("data_collection", ToolAnnotations(destructive_hint=True), "data_collection"),
@@ -270,9 +270,9 @@ READ_ONLY = ToolAnnotations(read_only_hint=True)
         ("demo", None, "action"),
     ],
 )
-def test_which_kind_a_command_is(tool_type: str, annotations: ToolAnnotations | None, kind: str) -> None:
+def test_which_category_a_command_is(tool_type: str, annotations: ToolAnnotations | None, category: str) -> None:
     command = Command(tool_name="t", tool_type=tool_type)
-    assert command_kind(command, tool("t", annotations)) == kind
+    assert command_category(command, tool("t", annotations)) == category
 
 
 # --- mcp.json ------------------------------------------------------------------------------------------------
