@@ -28,6 +28,10 @@ class ToolType(StrEnum):
     DATA_COLLECTION = "data_collection"  # read-only
 
 
+#: Every ``ToolType``, for a membership test of a plain string (``value in ToolType`` needs Python 3.12).
+TOOL_TYPES: tuple[ToolType, ...] = tuple(ToolType)
+
+
 class CloseCode(IntEnum):
     """WebSocket close codes of our hub and device (RFC 6455, and the private range 4000-4999)."""
 

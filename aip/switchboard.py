@@ -44,6 +44,7 @@ from pydantic import ValidationError
 
 from .credentials import Identity, Role
 from .messages import (
+    TOOL_TYPES,
     ClientMessage,
     ClientMessageType,
     CloseCode,
@@ -55,7 +56,6 @@ from .messages import (
 from .registration import MAX_REGISTRATION_BYTES, Profile
 
 #: The tool_types a UFO device accepts; others are sent to it as ``action``.
-UFO_TOOL_TYPES = frozenset(kind.value for kind in ToolType)
 #: Batches whose controller left, remembered so the device's late answer is
 #: dropped quietly instead of being refused as unknown.
 ABANDONED_LIMIT = 10_000
@@ -501,7 +501,7 @@ class Switchboard:
         elif message.actions:
             update["actions"] = [
                 action
-                if action.tool_type in UFO_TOOL_TYPES
+                if action.tool_type in TOOL_TYPES
                 else action.model_copy(update={"tool_type": ToolType.ACTION.value})
                 for action in message.actions
             ]

@@ -20,14 +20,10 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
 
 from mcp.types import Tool
 
-from aip.messages import Command, ToolType
-
-#: The categories of command that limits count separately: UFO's tool_types.
-CATEGORIES: Final[tuple[ToolType, ...]] = tuple(ToolType)
+from aip.messages import TOOL_TYPES, Command, ToolType
 
 
 def command_category(command: Command, tool: Tool) -> ToolType:
@@ -57,7 +53,7 @@ class ConcurrencyLimits:
     data_collection: int | None = None
 
     def __post_init__(self) -> None:
-        for category in CATEGORIES:
+        for category in TOOL_TYPES:
             value = getattr(self, category)
             if value is None:
                 continue
@@ -68,8 +64,8 @@ class ConcurrencyLimits:
 
     def limit(self, category: str) -> int | None:
         """The limit for ``category``; ``None`` when unlimited."""
-        if category not in CATEGORIES:
-            raise ValueError(f"no concurrency limit for category {category!r}; categories: {', '.join(CATEGORIES)}")
+        if category not in TOOL_TYPES:
+            raise ValueError(f"no concurrency limit for category {category!r}; categories: {', '.join(TOOL_TYPES)}")
         value: int | None = getattr(self, category)
         return value
 
@@ -115,17 +111,17 @@ class Slots:
         self.limits = limits if limits is not None else ConcurrencyLimits()
         self.within = within
         self._semaphores: dict[str, asyncio.Semaphore] = {}
-        for category in CATEGORIES:
+        for category in TOOL_TYPES:
             limit = self.limits.limit(category)
             if limit is not None:
                 self._semaphores[category] = asyncio.Semaphore(limit)
-        self._in_use: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
-        self._waiting: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
+        self._in_use: dict[str, int] = dict.fromkeys(TOOL_TYPES, 0)
+        self._waiting: dict[str, int] = dict.fromkeys(TOOL_TYPES, 0)
 
     def slot(self, category: str) -> AbstractAsyncContextManager[None]:
         """Hold a slot of ``category`` for an ``async with`` block (no wait at all for an unlimited category)."""
         if category not in self._in_use:
-            raise ValueError(f"no slots for category {category!r}; categories: {', '.join(CATEGORIES)}")
+            raise ValueError(f"no slots for category {category!r}; categories: {', '.join(TOOL_TYPES)}")
         semaphore = self._semaphores.get(category)
         own: AbstractAsyncContextManager[None] = (
             nullcontext() if semaphore is None else _Held(self, category, semaphore)
@@ -146,7 +142,7 @@ class Slots:
         counts = ", ".join(
             f"{category} {self._in_use[category]}/{self.limits.limit(category) or 'unlimited'}"
             + (f" (+{self._waiting[category]} waiting)" if self._waiting[category] else "")
-            for category in CATEGORIES
+            for category in TOOL_TYPES
         )
         within = f" within {self.within!r}" if self.within is not None else ""
         return f"<Slots {counts}{within}>"

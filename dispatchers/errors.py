@@ -158,7 +158,7 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 
 def did_you_mean(name: str, options: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the options close to ``name`` (difflib), else ``""``: a typo names its fix."""
-    close = difflib.get_close_matches(name, list(options), n=3)
+    close = difflib.get_close_matches(name, [str(option) for option in options], n=3)  # a StrEnum as its value
     return f" (did you mean {', '.join(repr(option) for option in close)}?)" if close else ""
 
 

@@ -27,16 +27,13 @@ import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aip.messages import ToolType
 
 from .errors import validation_message
-
-#: The categories of servers that a command's ``tool_type`` may name.
-CATEGORIES = tuple(kind.value for kind in ToolType)
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -49,7 +46,7 @@ class _ServerBase(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     #: The categories this server serves; empty means every category.
-    category: tuple[Literal["data_collection", "action"], ...] = ()
+    category: tuple[ToolType, ...] = ()
     disabled: bool = False
     #: At most how many ``action`` commands run at once on this server; ``null`` for no limit.
     max_actions: int | None = Field(default=None, ge=1)
@@ -71,12 +68,12 @@ class _ServerBase(BaseModel):
         return value
 
     def concurrency_limits(self) -> dict[str, int | None]:
-        """The limits this entry sets, by kind (``action``, ``data_collection``): only those it names.
+        """The limits this entry sets, by category (``action``, ``data_collection``): only those it names.
 
         A key that is absent leaves the limit to the manager; ``null`` means no limit.
         """
-        keys = {"action": "max_actions", "data_collection": "max_data_collection"}
-        return {kind: getattr(self, key) for kind, key in keys.items() if key in self.model_fields_set}
+        keys = {ToolType.ACTION: "max_actions", ToolType.DATA_COLLECTION: "max_data_collection"}
+        return {category: getattr(self, key) for category, key in keys.items() if key in self.model_fields_set}
 
 
 class StdioServer(_ServerBase):

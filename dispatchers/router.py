@@ -22,10 +22,9 @@ from typing import Protocol
 
 from mcp.types import Tool
 
-from aip.messages import Command
+from aip.messages import TOOL_TYPES, Command
 
 from .errors import AmbiguousTool, ServerUnavailable, UnknownTool, candidates_text, did_you_mean
-from .mcp_config import CATEGORIES
 
 
 class ToolServer(Protocol):
@@ -61,7 +60,7 @@ class CommandRouter:
         server, tool_name = self._pinned(command)
         if server is not None:
             return self._on(server, tool_name)
-        if command.tool_type in CATEGORIES:
+        if command.tool_type in TOOL_TYPES:
             names = [name for name, s in self.servers.items() if not s.categories or command.tool_type in s.categories]
             return self._unique(tool_name, names, f" among {command.tool_type} servers")
         return self._unique(tool_name, list(self.servers), "")
@@ -137,10 +136,10 @@ def tool_type_problem(tool_type: str, servers: Iterable[str]) -> str | None:
     the batch file before it runs: one rule, one wording.
     """
     names = list(servers)
-    if not tool_type or tool_type in CATEGORIES or tool_type in names:
+    if not tool_type or tool_type in TOOL_TYPES or tool_type in names:
         return None
-    categories = ", ".join(sorted(CATEGORIES))
+    categories = ", ".join(sorted(TOOL_TYPES))
     return (
         f"{tool_type!r} is neither {categories} nor a server of the config"
-        f"{did_you_mean(tool_type, [*CATEGORIES, *names])}; servers: {candidates_text(names)}"
+        f"{did_you_mean(tool_type, [*TOOL_TYPES, *names])}; servers: {candidates_text(names)}"
     )
