@@ -145,7 +145,9 @@ class _Contest:
 
 
 @dataclass
-class Route:
+class BatchInFlight:
+    """A batch the hub has passed to a device: whose answer it is, and where it goes back (its route)."""
+
     response_id: str
     device: Device
     controller: Hashable
@@ -237,7 +239,7 @@ class Switchboard:
         self.clock = clock
         self.devices: dict[str, Device] = {}
         self.device_by_peer: dict[Hashable, Device] = {}
-        self.routes: dict[str, Route] = {}
+        self.routes: dict[str, BatchInFlight] = {}
         self.routes_by_controller: dict[Hashable, set[str]] = {}
         #: response_id -> (the device it went to, the credential of the controller that sent it)
         self.abandoned: OrderedDict[str, tuple[Hashable, str]] = OrderedDict()
@@ -462,7 +464,7 @@ class Switchboard:
                 "a batch that may have reached it is not sent to it again"
             )
             return [Send(peer, failure_frame(response_id, error, Reason.DEVICE_LOST, device))]
-        route = Route(response_id, device, peer, identity.credential)
+        route = BatchInFlight(response_id, device, peer, identity.credential)
         self.routes[response_id] = route
         self.routes_by_controller.setdefault(peer, set()).add(response_id)
         device.pending.add(response_id)
@@ -526,7 +528,7 @@ class Switchboard:
             actions += self._abandon(route, "the controller that sent this batch disconnected", status)
         return actions
 
-    def _abandon(self, route: Route, why: str, status: TaskStatus) -> list[Action]:
+    def _abandon(self, route: BatchInFlight, why: str, status: TaskStatus) -> list[Action]:
         """Nobody waits for this batch now. ``TASK_END`` tells our device: ``failed``, stop it outright;
         ``ok``, start none of its commands (what runs finishes into the device's memory)."""
         self._forget(route)
@@ -544,7 +546,7 @@ class Switchboard:
         )
         return [Send(route.device.peer, cancel.model_dump_json())]
 
-    def _forget(self, route: Route) -> None:
+    def _forget(self, route: BatchInFlight) -> None:
         self.routes.pop(route.response_id, None)
         route.device.pending.discard(route.response_id)
         mine = self.routes_by_controller.get(route.controller)
