@@ -5,20 +5,8 @@ Imported only then: the hub itself never needs Prefect.
 
 from __future__ import annotations
 
-from prefect.events import emit_event
-
 from aip.switchboard import Device
-
-
-def device_resource(device: Device) -> dict[str, str]:
-    described = device.describe()
-    return {
-        "prefect.resource.id": f"dispatch.device.{device.id}",
-        "prefect.resource.name": device.id,
-        "dispatch.device": device.id,
-        "dispatch.device.kind": described["kind"],
-        "dispatch.device.platform": str(described["platform"] or ""),
-    }
+from tasks.events import DispatchEvent, emit_device_event
 
 
 class PrefectHubEvents:
@@ -26,8 +14,7 @@ class PrefectHubEvents:
 
     def device_connected(self, device: Device) -> None:
         tools = [tool.get("name") for tool in device.describe()["tools"] if isinstance(tool, dict)]
-        emit_event("dispatch.device.connected", resource=device_resource(device), payload={"tools": tools})
+        emit_device_event(DispatchEvent.DEVICE_CONNECTED, device, {"tools": tools})
 
     def device_lost(self, device: Device, why: str, failed_batches: int) -> None:
-        payload = {"reason": why, "failed_batches": failed_batches}
-        emit_event("dispatch.device.lost", resource=device_resource(device), payload=payload)
+        emit_device_event(DispatchEvent.DEVICE_LOST, device, {"reason": why, "failed_batches": failed_batches})

@@ -40,7 +40,7 @@ from dispatchers import (
     shared_manager,
 )
 from dispatchers.interrupt import was_interrupted
-from tasks import BatchContext, CommandReport, execute_as_task
+from tasks import BatchContext, CommandReport, execute_as_task, install_run_logging
 
 from .batch_file import load_batch
 from .hub_access import current_hub_access
@@ -110,6 +110,7 @@ async def dispatch_batch(
     In a deployment run the parameters are data (``flows.trust``): ``config``
     and ``batch_file`` name files inside the project, ``hub`` is the worker's own.
     """
+    install_run_logging()
     if _deployment_run():
         check_deployment_parameters(
             config=config,

@@ -23,11 +23,11 @@ from prefect.artifacts import (
     acreate_table_artifact,
     aupdate_progress_artifact,
 )
-from prefect.events import emit_event
 
 from aip.messages import Command, Result, ResultStatus
 from dispatchers import not_done_cause, plural
 from tasks import BatchContext, CommandReport
+from tasks.events import DispatchEvent, clip, emit_batch_event
 
 #: Characters of a result or error shown per cell of the results table.
 CELL_LIMIT = 200
@@ -90,7 +90,7 @@ class Progress:
 
 def _cell(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= CELL_LIMIT else text[: CELL_LIMIT - 1] + "…"
+    return clip(text, CELL_LIMIT)
 
 
 def _markdown_text(value: str) -> str:
@@ -161,14 +161,7 @@ def summary(
 def emit_batch_finished(
     batch: BatchContext, results: Sequence[Result], reports: Sequence[CommandReport | None]
 ) -> None:
+    """The ``dispatch.batch.finished`` event: how many commands ended how, and how many were reused."""
     counts = {status.value: sum(result.status is status for result in results) for status in ResultStatus}
-    resource = {
-        "prefect.resource.id": f"dispatch.batch.{batch.flow_run_id}",
-        "dispatch.batch": batch.namespace,
-        "dispatch.flow_run": batch.flow_run_id,
-    }
-    if batch.device:
-        resource["dispatch.device"] = batch.device
-    related = [{"prefect.resource.id": f"prefect.flow-run.{batch.flow_run_id}", "prefect.resource.role": "flow-run"}]
-    payload = {"total": len(results), **counts, "reused": sum(bool(report and report.reused) for report in reports)}
-    emit_event("dispatch.batch.finished", resource=resource, related=related, payload=payload)
+    reused = sum(bool(report and report.reused) for report in reports)
+    emit_batch_event(DispatchEvent.BATCH_FINISHED, batch, {"total": len(results), **counts, "reused": reused})

@@ -25,7 +25,6 @@ from typing import Any, cast
 from prefect import State, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
-from prefect.events import emit_event
 from prefect.logging.handlers import APILogHandler
 from prefect.runtime import task_run
 from prefect.states import Failed
@@ -43,26 +42,19 @@ from dispatchers import (
 from dispatchers.errors import describe
 from dispatchers.interrupt import unless_interrupted
 
-
-class _InRun(logging.Filter):
-    """Only records made inside a flow or task run: the API has nowhere else to put them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+from .events import DispatchEvent, emit_command_event
 
 
-def _send_dispatcher_logs_to_prefect() -> None:
-    """Retries and server restarts appear in the run's logs in the dashboard.
+class _RunLogHandler(APILogHandler):
+    """Prefect's API log handler, for records made inside a flow or task run: the API has nowhere else to put them.
 
     (What ``PREFECT_LOGGING_EXTRA_LOGGERS=dispatchers`` would do, minus the
     warnings it gives when the dispatchers are used outside any run.)
     """
-    handler = APILogHandler()
-    handler.addFilter(_InRun())
-    logging.getLogger("dispatchers").addHandler(handler)
 
-
-_send_dispatcher_logs_to_prefect()
+    def filter(self, record: logging.LogRecord) -> bool:
+        in_run = FlowRunContext.get() is not None or TaskRunContext.get() is not None
+        return in_run and bool(super().filter(record))
 
 
 class _NoStateEcho(logging.Filter):
@@ -77,7 +69,21 @@ class _NoStateEcho(logging.Filter):
         return not str(record.msg).startswith("Task run failed with state:")
 
 
-logging.getLogger("prefect.task_runs").addFilter(_NoStateEcho())
+def install_run_logging() -> None:
+    """Shape the logs of the runs this process executes: call it where a flow run starts; once is enough.
+
+    Retries and server restarts (the ``dispatchers`` logger) go to the run's
+    logs in the dashboard, and a failed command logs one line, not two. Done
+    by whoever owns the run rather than on import, so that importing the tasks
+    (the hub does, for events) changes no one's logging; doing it again
+    changes nothing.
+    """
+    dispatchers = logging.getLogger("dispatchers")
+    if not any(isinstance(handler, _RunLogHandler) for handler in dispatchers.handlers):
+        dispatchers.addHandler(_RunLogHandler())
+    task_runs = logging.getLogger("prefect.task_runs")
+    if not any(isinstance(installed, _NoStateEcho) for installed in task_runs.filters):
+        task_runs.addFilter(_NoStateEcho())
 
 
 @dataclass(frozen=True)
@@ -114,29 +120,8 @@ class _Observer:
         self.report.attempts = number
 
     def retry(self, number: int, error: BaseException, delay: float) -> None:
-        emit_command_event(
-            "retrying", self.command, self.batch, {"attempt": number, "error": describe(error), "delay": delay}
-        )
-
-
-def command_resource(command: Command, batch: BatchContext) -> dict[str, str]:
-    """The event resource of a command: its call_id, tool, batch and device, for automations to match on."""
-    resource = {
-        "prefect.resource.id": f"dispatch.command.{command.call_id}",
-        "prefect.resource.name": command.tool_name,
-        "dispatch.call_id": command.call_id or "",
-        "dispatch.tool": command.tool_name,
-        "dispatch.batch": batch.namespace,
-        "dispatch.flow_run": batch.flow_run_id,
-    }
-    if batch.device:
-        resource["dispatch.device"] = batch.device
-    return resource
-
-
-def emit_command_event(what: str, command: Command, batch: BatchContext, payload: dict[str, Any]) -> None:
-    related = [{"prefect.resource.id": f"prefect.flow-run.{batch.flow_run_id}", "prefect.resource.role": "flow-run"}]
-    emit_event(f"dispatch.command.{what}", resource=command_resource(command, batch), related=related, payload=payload)
+        payload = {"attempt": number, "error": describe(error), "delay": delay}
+        emit_command_event(DispatchEvent.COMMAND_RETRYING, self.command, self.batch, payload)
 
 
 def task_run_name() -> str:
@@ -172,9 +157,9 @@ async def _run_command(
     payload = {"attempts": report.attempts, "seconds": round(report.seconds, 3), "status": result.status.value}
     if result.status is ResultStatus.FAILURE:
         cause = failure_cause(command, result)
-        emit_command_event("failed", command, batch, payload | {"error": cause})
+        emit_command_event(DispatchEvent.COMMAND_FAILED, command, batch, payload | {"error": cause})
         return Failed(message=cause, data=result)
-    emit_command_event("succeeded", command, batch, payload)
+    emit_command_event(DispatchEvent.COMMAND_SUCCEEDED, command, batch, payload)
     return result
 
 
