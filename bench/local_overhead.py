@@ -102,11 +102,11 @@ from dispatchers import (
     BatchPolicy,
     ExecutionMode,
     LocalCommandDispatcher,
+    ManagedServer,
     MCPServerManager,
-    close_shared_managers,
+    ServerPool,
     shared_manager,
 )
-from dispatchers.mcp_servers import ServerConnection
 
 #: The code under test.
 CODE_PACKAGES = ("aip", "dispatchers", "flows", "tasks")
@@ -133,9 +133,9 @@ def check_results(results: Sequence[Result], expected: int) -> None:
         raise broken(f"{len(bad)} of {len(results)} results failed, e.g. {bad[:1]}")
 
 
-async def live_client(connection: ServerConnection) -> Client:
+async def live_client(connection: ManagedServer) -> Client:
     """The ``mcp.Client`` a dispatcher's connection calls through, starting the server if need be."""
-    return await connection.session()
+    return await connection.client()
 
 
 # -- (a) and (b): the dispatcher against a raw client ---------------------------------------------
@@ -455,7 +455,6 @@ async def bench_flow(batch: int, repeats: int, raw: Client) -> dict[str, Any]:
         shared_manager(config)
 
     warm = [await timed(warm_lookup) for _ in range(200)]
-    await close_shared_managers()
     m = {label: samples.median(label) for label in runs}
     cpu = {
         f"{label}_{kind}_ms": ms(samples.median(f"{label}:{kind}"))
@@ -493,7 +492,7 @@ async def bench_flow(batch: int, repeats: int, raw: Client) -> dict[str, Any]:
 
 
 async def with_raw_client(body: Callable[[Client], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
-    async with Client(server_params()) as raw:
+    async with Client(server_params()) as raw, ServerPool():  # the pool keeps the flows' servers warm between runs
         return await body(raw)
 
 

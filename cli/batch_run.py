@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.text import Text
 
 from aip.messages import Command, Result, ResultStatus
-from dispatchers import close_shared_managers
+from dispatchers import ServerPool
 from dispatchers.interrupt import Interruption, interruptible, was_interrupted
 from flows.watching import watching
 
@@ -90,10 +90,8 @@ def run_in_terminal(work: Callable[[], Awaitable[tuple[list[Command], list[Resul
             # terminal it is ours again once the run exists, and Prefect restores ours when the run ends.
             loop = asyncio.get_running_loop()
             display.on_started = partial(loop.add_signal_handler, signal.SIGTERM, interrupt, signal.SIGTERM)
-            try:
+            async with ServerPool():  # every flow run of this batch run shares its MCP servers; they stop here
                 commands, results = await work()
-            finally:
-                await close_shared_managers()
             return commands, results, interruption.asked
 
     try:

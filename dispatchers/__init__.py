@@ -32,12 +32,14 @@ if TYPE_CHECKING:
     from .batch import BatchPolicy, ExecutionMode, run_batch
     from .concurrency import ConcurrencyLimits
     from .local import LocalCommandDispatcher
+    from .managed_server import ManagedServer, ServerState
     from .mcp_config import ConfigError, load_config
-    from .mcp_servers import MCPServerManager, close_shared_managers, shared_manager
+    from .mcp_manager import MCPServerManager
     from .memory import InMemoryCommandDispatcher
     from .policy import AttemptObserver, RetryPolicy, observing_attempts
     from .remote import WebSocketCommandDispatcher
     from .router import CommandRouter
+    from .server_pool import ServerPool, ensure_server_pool, shared_manager
     from .tool_call import ToolCallDispatcher
 
 # Each exported name -> the submodule that defines it.
@@ -56,17 +58,20 @@ _EXPORTS: dict[str, str] = {
     "run_batch": "batch",
     "ConcurrencyLimits": "concurrency",
     "LocalCommandDispatcher": "local",
+    "ManagedServer": "managed_server",
+    "ServerState": "managed_server",
     "ConfigError": "mcp_config",
     "load_config": "mcp_config",
-    "MCPServerManager": "mcp_servers",
-    "close_shared_managers": "mcp_servers",
-    "shared_manager": "mcp_servers",
+    "MCPServerManager": "mcp_manager",
     "InMemoryCommandDispatcher": "memory",
     "AttemptObserver": "policy",
     "RetryPolicy": "policy",
     "observing_attempts": "policy",
     "WebSocketCommandDispatcher": "remote",
     "CommandRouter": "router",
+    "ServerPool": "server_pool",
+    "ensure_server_pool": "server_pool",
+    "shared_manager": "server_pool",
     "ToolCallDispatcher": "tool_call",
 }
 
@@ -83,12 +88,15 @@ __all__ = [
     "InMemoryCommandDispatcher",
     "LocalCommandDispatcher",
     "MCPServerManager",
+    "ManagedServer",
     "RetryPolicy",
+    "ServerPool",
+    "ServerState",
     "ToolCallDispatcher",
     "WebSocketCommandDispatcher",
     "assign_call_ids",
     "check_unique_call_ids",
-    "close_shared_managers",
+    "ensure_server_pool",
     "error_result",
     "load_config",
     "not_done_cause",

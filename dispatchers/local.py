@@ -10,8 +10,8 @@ from aip.messages import Command, Result, ResultStatus, ToolType
 
 from .concurrency import command_category
 from .errors import CommandError, ToolReportedError
+from .mcp_manager import MCPServerManager
 from .mcp_results import tool_error, tool_output
-from .mcp_servers import MCPServerManager
 from .parameters import check_parameters
 from .router import CommandRouter, Route
 from .tool_call import ToolCallDispatcher
@@ -25,7 +25,7 @@ class LocalCommandDispatcher(ToolCallDispatcher):
     ``session`` names the agent session this dispatcher serves, for the logs.
     Retry, batch and timeout policies are keyword arguments (see
     ``ToolCallDispatcher``). Each call holds a slot of its server's
-    concurrency limits (``ServerConnection.slots``, shared by every dispatcher
+    concurrency limits (``ManagedServer.slots``, shared by every dispatcher
     on the same manager) while the tool runs; waiting for it counts against
     the attempt's time like the call itself.
     """

@@ -34,6 +34,7 @@ from dispatchers import (
     WebSocketCommandDispatcher,
     assign_call_ids,
     check_unique_call_ids,
+    ensure_server_pool,
     error_result,
     plural,
     run_batch,
@@ -220,7 +221,9 @@ async def _dispatcher(
     context: AgentContext,
 ) -> AsyncIterator[BasicCommandDispatcher]:
     if backend is Backend.LOCAL:
-        yield LocalCommandDispatcher(shared_manager(config), retry=retry)
+        # The caller's pool (dispatch run's, for all its batches), else one whose servers stop with this run.
+        async with ensure_server_pool():
+            yield LocalCommandDispatcher(shared_manager(config), retry=retry)
         return
     access = current_hub_access()  # the token and CA: never parameters, which the dashboard shows
     hub = hub or access.hub

@@ -32,7 +32,7 @@ from dispatchers import (
     LocalCommandDispatcher,
     MCPServerManager,
     RetryPolicy,
-    close_shared_managers,
+    ServerPool,
     shared_manager,
 )
 from dispatchers.mcp_results import tool_output
@@ -77,11 +77,7 @@ def demo_children() -> set[int]:
 @asynccontextmanager
 async def running(config: dict[str, Any], **options: Any) -> AsyncIterator[MCPServerManager]:
     """A started manager, closed on the way out; start and close are bounded."""
-    restart_delay = options.pop("restart_delay", None)
     manager = MCPServerManager.from_config(config, **options)
-    if restart_delay is not None:
-        for connection in manager.connections.values():
-            connection.restart_delay = restart_delay
     try:
         async with asyncio.timeout(45):
             await manager.start()
@@ -499,7 +495,8 @@ async def test_with_no_retry_left_a_server_that_never_listed_its_tools_is_a_tran
 ) -> None:
     caplog.set_level(logging.WARNING, logger="dispatchers")
     config = {"mcpServers": {"flappy": first_start_fails(tmp_path), "time": TIME_SERVER}}
-    async with running(config, restart_delay=60) as manager:  # flappy's restart is not due while the test runs
+    # flappy's restart is not due while the test runs
+    async with running(config, restart_backoff=Backoff(initial=60, maximum=60, jitter=0)) as manager:
         assert not manager.connections["flappy"].available
         assert manager.connections["time"].available, manager.connections["time"].error
         dispatcher = LocalCommandDispatcher(manager, retry=RetryPolicy(attempts=1))
@@ -695,15 +692,13 @@ async def test_a_server_that_hangs_at_start_does_not_hold_up_commands_for_the_ot
             "hangs": {"command": sys.executable, "args": ["-c", "import time; time.sleep(120)"]},
         }
     }
-    try:
+    async with ServerPool():
         manager = shared_manager(config)  # launches the servers, does not wait for them
         dispatcher = LocalCommandDispatcher(manager)
         started = time.monotonic()
         add = Command(tool_name="add", parameters={"a": 2, "b": 2})
         [result] = await run(dispatcher, add, timeout=15)
         elapsed = time.monotonic() - started
-    finally:
-        await close_shared_managers()
 
     assert result.status is ResultStatus.SUCCESS and result.result == {"result": 4.0}
     assert elapsed < 10  # the demo server's start, not the hanging server's 30 s start timeout
