@@ -18,7 +18,6 @@ refuses is logged and dropped.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +32,8 @@ if TYPE_CHECKING:
 
 #: Characters of any one string of a payload: a tool's error begins with what an automation matches on.
 TEXT_LIMIT = 4000
+#: Characters of a resource id quoted in the warning about an event Prefect refused.
+_QUOTED_ID_CHARS = 200
 
 logger = logging.getLogger("dispatchers")
 
@@ -92,16 +93,17 @@ def _batch_labels(batch: BatchContext) -> dict[str, str]:
 
 
 def _flow_run(batch: BatchContext) -> list[dict[str, str]]:
+    """The batch's flow run as a related resource: the dashboard links the event to it."""
     return [{"prefect.resource.id": f"prefect.flow-run.{batch.flow_run_id}", "prefect.resource.role": "flow-run"}]
 
 
 def _bounded(value: Any) -> Any:
-    """``value`` with every string in it (in lists and mappings too) cut to ``TEXT_LIMIT`` characters."""
+    """``value`` with every string in it (a payload's values, the items of its lists) cut to ``TEXT_LIMIT``."""
     if isinstance(value, str):
         return clip(value, TEXT_LIMIT)
     if isinstance(value, list):
         return [_bounded(item) for item in value]
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         return {key: _bounded(item) for key, item in value.items()}
     return value
 
@@ -113,4 +115,6 @@ def _emit(
     try:
         emit_event(event.value, resource=resource, related=related, payload=_bounded(payload))
     except EventTooLarge as error:  # labels from the batch itself (call_id, tool) can still be too long
-        logger.warning("event %s for %s not sent: %s", event.value, clip(resource["prefect.resource.id"], 200), error)
+        logger.warning(
+            "event %s for %s not sent: %s", event.value, clip(resource["prefect.resource.id"], _QUOTED_ID_CHARS), error
+        )
