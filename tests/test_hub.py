@@ -1021,11 +1021,11 @@ async def test_a_controller_that_disconnects_mid_batch_lets_the_running_command_
         async with dispatcher_for(hub, "worker") as dispatcher:
             commands = echo_batch("behind-the-notice")
             assert_echoed(commands, await dispatcher.execute_commands(commands, timeout=10))
-        run = device._batches["leaving-1"]
-        assert run.orphaned is not None and run.task is not None
+        batch = device.session.batches["leaving-1"]
+        assert batch.orphaned is not None
         gate.release.set()
         async with asyncio.timeout(WAIT):
-            await run.task
+            await device._tasks[batch]
         assert not gate.cancelled.is_set() and gate.runs == 1
         assert later == [], "a command of an orphaned batch was started"
         assert "gated-1" in [call_id for _, call_id in device.memory._done], "the command that ran is not remembered"
