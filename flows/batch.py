@@ -20,9 +20,9 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Completed, Failed
-from aip.budget import Budget, Deadline
 
 from aip.access import CONTROLLER_PATH
+from aip.budget import Budget, Deadline
 from aip.connect import endpoint
 from aip.controller import HubLink
 from aip.messages import AgentContext, Command, Result, ResultStatus
@@ -98,9 +98,11 @@ async def dispatch_batch(
 
     Locally on the MCP servers of ``config`` (a path to mcp.json, or its
     content; default the batch file's, else ./mcp.json), or with
-    ``backend="remote"`` on ``device`` through the hub at ``hub`` (default
-    ``$DISPATCH_HUB``; the token is ``$DISPATCH_TOKEN`` on the machine that runs
-    the flow, never a parameter, since parameters are shown in the dashboard).
+    ``backend="remote"`` on ``device`` through the hub at ``hub`` (default the
+    ``HubAccess`` of this run: what ``dispatch run`` was given, else
+    ``$DISPATCH_HUB``). The token and CA come from that ``HubAccess`` too
+    (``flows.hub_access``), never from a parameter, since parameters are shown
+    in the dashboard.
 
     With ``persist_results`` each command's Result is stored, so a retry of
     this flow run re-executes only the commands that did not succeed;
