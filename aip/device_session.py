@@ -1,7 +1,7 @@
 """The device's protocol rules, free of I/O.
 
 Like the protocol core of websockets, and like the hub's ``Switchboard``, a
-``DeviceSession`` never touches a socket, starts no task and reads no clock of
+``DeviceSession`` never touches a socket, starts no task and keeps no time of
 its own: the device client (``aip.device``) tells it what happened (a frame
 arrived at such a time, a connection ended, a batch finished, an attempt to
 stay connected failed) and carries out the actions it returns. Every
@@ -136,6 +136,8 @@ class CancelBatch(Generic[Peer]):
 
 @dataclass(frozen=True)
 class Log:
+    """A line for the device's log (``aip.device``): the session says what is worth telling, and how loudly."""
+
     level: int
     message: str
 
@@ -154,6 +156,7 @@ class GiveUp:
     error: BaseException
 
 
+#: What a frame, or the device stopping, asks the client to do.
 Action = Send[Peer] | StartBatch[Peer] | CancelBatch[Peer] | Log
 
 
@@ -377,7 +380,7 @@ class DeviceSession(Generic[Peer]):
     # -- connections ---------------------------------------------------------
 
     def closed(self, error: ConnectionClosed | None) -> HubUnavailable:
-        """What the end of a registered connection means (``None``: the hub closed it cleanly)."""
+        """What the end of a connection means (``None``: the hub closed it cleanly)."""
         if error is None:
             return HubUnavailable("the hub closed the connection")
         received = error.rcvd
