@@ -731,7 +731,10 @@ def bucket(filename: str, name: str) -> str:
         ("_socket.socket" in name, "socket send/recv"),
         (path.endswith("aip/messages.py"), "aip/messages.py (serialiser)"),
         (path.endswith(("aip/hub.py", "aip/switchboard.py")), "hub (hub.py, switchboard.py)"),
-        (path.endswith(("aip/device.py", "aip/call_memory.py")), "device (device.py, call_memory.py)"),
+        (
+            path.endswith(("aip/device.py", "aip/device_session.py", "aip/call_memory.py")),
+            "device (device.py, call_memory.py)",
+        ),
         (path.endswith(("aip/controller.py", "dispatchers/remote.py")), "controller (controller.py, remote.py)"),
         ("/dispatchers/" in path, "executor (dispatchers/*)"),
         ("/asyncio/" in path or "select" in path or "epoll" in name or "_contextvars" in name, "asyncio"),
