@@ -30,6 +30,7 @@ from prefect.client.schemas.filters import (
 from prefect.logging.handlers import APILogHandler
 
 from aip.messages import Command, Result, ResultStatus
+from dispatchers import ServerPool
 from flows.batch import dispatch_batch, run_batch_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -194,12 +195,13 @@ async def test_a_server_killed_mid_call_fails_only_that_command_promptly(demo_co
     assert elapsed < 30  # detected at the crash, not at the 60 s deadline nor after the 60 s sleep
 
 
-async def test_batches_in_one_event_loop_share_their_servers(demo_config: dict[str, Any]) -> None:
+async def test_batches_run_in_one_server_pool_share_their_servers(demo_config: dict[str, Any]) -> None:
     key = f"shared-{time.monotonic_ns()}"
     count = [Command(tool_name="count", parameters={"key": key})]
 
-    first = await run_batch_flow(count, config=demo_config, timeout=60)
-    second = await run_batch_flow(count, config=demo_config, timeout=60)
+    async with ServerPool():  # its owner: the servers live as long as the pool (as in `dispatch run`)
+        first = await run_batch_flow(count, config=demo_config, timeout=60)
+        second = await run_batch_flow(count, config=demo_config, timeout=60)
 
     # The same server process counted both calls: it was started once, not per flow run.
     assert (first[0].result, second[0].result) == ({"result": 1}, {"result": 2})
