@@ -327,7 +327,7 @@ class Bench:
             manager = None
         else:  # the servers of this loop, started (untimed) if need be: the run must find them warm
             manager = shared_manager(config)
-            for connection in manager.connections.values():
+            for connection in manager.servers.values():
                 await connection.session()
         files = self.stored_files()
         t0, begin = time.time(), time.perf_counter()
@@ -397,7 +397,7 @@ async def mcp_cold_starts(repeats: int) -> dict[str, float]:
             begin = time.perf_counter()
             await manager.start()
             times.setdefault(label, []).append(time.perf_counter() - begin)
-            down = [name for name, connection in manager.connections.items() if not connection.available]
+            down = [name for name, connection in manager.servers.items() if not connection.available]
             await manager.close()
             if down:
                 raise broken(f"MCP server(s) {down} did not start")

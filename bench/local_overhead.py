@@ -190,7 +190,7 @@ async def bench_single(
     faster than one idle for a few calls, so mixing the groups in one
     rotation would favour whichever subject follows another on its server.
     """
-    same = await live_client(dispatcher.servers.connections["demo"])
+    same = await live_client(dispatcher.manager.servers["demo"])
 
     def client_call(client: Client) -> Call:
         async def call(i: int, command: Command) -> None:
@@ -212,7 +212,7 @@ async def bench_single(
         order = list(groups) if rep % 2 == 0 else list(reversed(groups))
         for name in order:
             await times[name].rotate(groups[name], echo_commands(calls, f"a{rep}{name}"), rep)
-    if await live_client(dispatcher.servers.connections["demo"]) is not same:
+    if await live_client(dispatcher.manager.servers["demo"]) is not same:
         raise broken("the dispatcher's server restarted during (a)")
     same_w, same_c, same_m = times["same"].figures("same")
     aa_w, _, _ = times["same"].figures("same_aa")
@@ -295,8 +295,8 @@ async def bench_dispatcher(calls: int, batch: int, repeats: int) -> dict[str, An
         Client(server_params()) as raw,
         Client(server_params()) as control,
     ):
-        if not manager.connections["demo"].available:
-            raise broken(f"the demo server did not start: {manager.connections['demo'].error}")
+        if not manager.servers["demo"].available:
+            raise broken(f"the demo server did not start: {manager.servers['demo'].error}")
         dispatcher = LocalCommandDispatcher(manager)
         await bench_single(raw, control, dispatcher, min(calls, 20), 1)  # warm-up: imports, first-call caches
         single = await bench_single(raw, control, dispatcher, calls, repeats)
@@ -421,8 +421,8 @@ async def bench_flow(batch: int, repeats: int, raw: Client) -> dict[str, Any]:
         manager = MCPServerManager.from_config(config)
         await manager.start()
         up = time.perf_counter()
-        if not manager.connections["demo"].available:
-            raise broken(f"{manager.connections['demo'].error}")
+        if not manager.servers["demo"].available:
+            raise broken(f"{manager.servers['demo'].error}")
         await manager.close()
         start_stop["start"].append(up - begin)
         start_stop["stop"].append(time.perf_counter() - up)
@@ -431,7 +431,7 @@ async def bench_flow(batch: int, repeats: int, raw: Client) -> dict[str, Any]:
     first = await timed(baseline(1))
     await ours(1)()  # also starts this loop's shared MCP server, which every later run reuses
     shared = shared_manager(config)
-    session = await live_client(shared.connections["demo"])
+    session = await live_client(shared.servers["demo"])
     runs = {
         "bare_n": baseline(batch),
         "bare_n_aa": baseline(batch),
@@ -447,7 +447,7 @@ async def bench_flow(batch: int, repeats: int, raw: Client) -> dict[str, Any]:
     samples = await interleaved(runs, repeats, settle)
     for _ in range(repeats):  # context only, so not in the rotation: it makes no API calls to wait for
         await server_cold()
-    if shared_manager(config) is not shared or await live_client(shared.connections["demo"]) is not session:
+    if shared_manager(config) is not shared or await live_client(shared.servers["demo"]) is not session:
         raise broken("the timed flow runs did not all use the one warm MCP server")
 
     # What every run still pays for the sharing: the warm lookup (config parsed, key built, start a no-op).

@@ -52,11 +52,11 @@ def device(
             def tools() -> list[dict[str, Any]]:
                 return [
                     {"name": tool.name, "server": name, "description": (tool.description or "").strip().split("\n")[0]}
-                    for name, connection in servers.connections.items()
+                    for name, connection in servers.servers.items()
                     for tool in connection.tools.values()
                 ]
 
-            executor = LocalCommandDispatcher(servers, session=device_id)
+            executor = LocalCommandDispatcher(servers, agent=device_id)
             client = DeviceClient(
                 hub,
                 device_id,

@@ -38,7 +38,7 @@ def tools(
                         for tool in connection.tools.values()
                     ],
                 }
-                for name, connection in manager.connections.items()
+                for name, connection in manager.servers.items()
             ]
 
     servers = asyncio.run(inspect())

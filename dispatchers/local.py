@@ -22,7 +22,7 @@ logger = logging.getLogger("dispatchers.local")
 class LocalCommandDispatcher(ToolCallDispatcher):
     """Routes each command to one of the manager's MCP servers and calls the tool.
 
-    ``session`` names the agent session this dispatcher serves, for the logs.
+    ``agent`` names whom this dispatcher serves (a device's id, an agent), for the logs.
     Retry, batch and timeout policies are keyword arguments (see
     ``ToolCallDispatcher``). Each call holds a slot of its server's
     concurrency limits (``ManagedServer.slots``, shared by every dispatcher
@@ -30,11 +30,11 @@ class LocalCommandDispatcher(ToolCallDispatcher):
     the attempt's time like the call itself.
     """
 
-    def __init__(self, mcp_server_manager: MCPServerManager, session: str | None = None, **policies: Any) -> None:
+    def __init__(self, mcp_server_manager: MCPServerManager, agent: str | None = None, **policies: Any) -> None:
         super().__init__(**policies)
-        self.servers = mcp_server_manager
-        self.session = session
-        self.router = CommandRouter(mcp_server_manager.connections)
+        self.manager = mcp_server_manager
+        self.agent = agent
+        self.router = CommandRouter(mcp_server_manager.servers)
 
     def is_repeatable(self, command: Command) -> bool:
         """Only a read-only or idempotent tool, not called as an ``action``, is safe to run twice."""
@@ -66,7 +66,7 @@ class LocalCommandDispatcher(ToolCallDispatcher):
             try:
                 return self.router.route(command)
             except CommandError as error:
-                starting = self.servers.launch(error.servers) if error.servers else []
+                starting = self.manager.launch(error.servers) if error.servers else []
                 if not starting:
                     raise
                 await asyncio.wait(starting, return_when=asyncio.FIRST_COMPLETED)
@@ -75,11 +75,11 @@ class LocalCommandDispatcher(ToolCallDispatcher):
         route = await self._route(command)
         parameters = command.parameters or {}
         check_parameters(route.tool.input_schema, parameters)
-        connection = self.servers.connections[route.server]
+        connection = self.manager.servers[route.server]
         category = command_category(command, route.tool)
         logger.debug(
-            "session %s: %s[%s] -> %s (%s, %r)",
-            self.session,
+            "%s: %s[%s] -> %s (%s, %r)",
+            self.agent or "-",
             command.tool_name,
             command.call_id,
             route.server,

@@ -20,7 +20,7 @@ class MCPServerManager:
     """All servers of one ``mcp.json``: an async context manager that starts and stops them.
 
     Entering starts every server at once and waits for each to be up or to
-    have failed; a server that fails is reported in ``connections[name].error``
+    have failed; a server that fails is reported in ``servers[name].error``
     and does not stop the others. Each server restarts after a failure as
     ``restart_backoff`` spaces it (see ``ManagedServer``).
 
@@ -56,7 +56,7 @@ class MCPServerManager:
                 within=self.slots,
             )
 
-        self.connections = {
+        self.servers = {
             name: ManagedServer(
                 name, spec, start_timeout=start_timeout, restart_backoff=restart_backoff, slots=slots_of(spec)
             )
@@ -74,7 +74,7 @@ class MCPServerManager:
         or has failed: a caller waits for just the servers it needs, within
         its own deadline.
         """
-        wanted = self.connections if names is None else {name: self.connections[name] for name in names}
+        wanted = self.servers if names is None else {name: self.servers[name] for name in names}
         return [c.launch() for c in wanted.values() if c.starting or c.restart_due]
 
     async def start(self) -> None:
@@ -82,7 +82,7 @@ class MCPServerManager:
         await asyncio.gather(*(asyncio.shield(started) for started in self.launch()))
 
     async def close(self) -> None:
-        await asyncio.gather(*(connection.close() for connection in self.connections.values()))
+        await asyncio.gather(*(connection.close() for connection in self.servers.values()))
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -56,7 +56,7 @@ async def running(config: dict[str, Any], **options: Any) -> AsyncIterator[MCPSe
     try:
         async with asyncio.timeout(45):
             await manager.start()
-        for name, connection in manager.connections.items():
+        for name, connection in manager.servers.items():
             assert connection.available, f"{name}: {connection.error}"
         yield manager
     finally:
@@ -319,7 +319,7 @@ def test_the_manager_gives_each_server_its_slots() -> None:
             }
         }
     )
-    limits = {name: c.slots.limits for name, c in MCPServerManager(specs).connections.items()}
+    limits = {name: c.slots.limits for name, c in MCPServerManager(specs).servers.items()}
     assert limits == {
         "plain": ConcurrencyLimits(),
         "two": ConcurrencyLimits(action=2),
@@ -328,17 +328,17 @@ def test_the_manager_gives_each_server_its_slots() -> None:
     given = ConcurrencyLimits(action=4, data_collection=8)
     manager = MCPServerManager(specs, limits=given)
     assert manager.slots is None
-    limits = {name: c.slots.limits for name, c in manager.connections.items()}
+    limits = {name: c.slots.limits for name, c in manager.servers.items()}
     assert limits == {
         "plain": given,
         "two": ConcurrencyLimits(action=2, data_collection=8),
         "free": ConcurrencyLimits(action=None, data_collection=3),
     }
-    assert len({id(c.slots) for c in manager.connections.values()}) == 3
+    assert len({id(c.slots) for c in manager.servers.values()}) == 3
 
     device = MCPServerManager(specs, limits=given, per_manager=True)
     assert device.slots is not None and device.slots.limits == given
-    connections = device.connections
+    connections = device.servers
     assert connections["plain"].slots is device.slots
     assert connections["two"].slots.within is device.slots  # its own limit, inside the device's
     assert connections["two"].slots.limits == ConcurrencyLimits(action=2, data_collection=None)
@@ -375,7 +375,7 @@ async def test_actions_never_overlap_while_reads_do(demo: MCPServerManager) -> N
     assert most_at_once(results[3:6]) == 3
     assert most_at_once(results[6:]) == 2
     assert most_at_once(results) >= 6  # reads never waited for the actions
-    assert demo.connections["demo"].slots.in_use("action") == 0
+    assert demo.servers["demo"].slots.in_use("action") == 0
 
 
 async def test_an_action_limit_of_two_lets_two_run_at_once() -> None:
@@ -435,7 +435,7 @@ async def assert_the_slot_is_free(manager: MCPServerManager, tag: str | None = N
     With the ``tag`` of an abandoned timed call: that call no longer runs in
     the server either (the client's ``notifications/cancelled`` stopped it).
     """
-    slots = manager.connections["demo"].slots
+    slots = manager.servers["demo"].slots
     assert (slots.in_use("action"), slots.waiting("action")) == (0, 0), slots
     begin = time.monotonic()
     [result] = await run(LocalCommandDispatcher(manager), timed("timed_action", 0.05, tag or key()))
@@ -458,7 +458,7 @@ async def test_a_command_that_times_out_holding_the_slot_gives_it_back(demo: MCP
 
 
 async def test_a_batch_cancelled_mid_call_gives_the_slot_back(demo: MCPServerManager) -> None:
-    slots = demo.connections["demo"].slots
+    slots = demo.servers["demo"].slots
     dispatcher = LocalCommandDispatcher(demo)
     tag = key()
     batch = asyncio.ensure_future(run(dispatcher, timed("timed_action", 30, tag), timeout=30))
@@ -474,7 +474,7 @@ async def test_a_batch_cancelled_mid_call_gives_the_slot_back(demo: MCPServerMan
 
 async def test_a_server_crash_mid_call_gives_the_slot_back() -> None:
     async with running({"mcpServers": {"demo": demo_server_spec()}}) as manager:
-        slots = manager.connections["demo"].slots
+        slots = manager.servers["demo"].slots
         patient = RetryPolicy(attempts=20, backoff=Backoff(initial=0.1, maximum=0.5, jitter=0))
         dispatcher = LocalCommandDispatcher(manager, batch=PARALLEL, retry=patient)
         crash = Command(tool_name="crash", call_id="crash")  # no hints: an action, holding the slot as it dies
@@ -492,7 +492,7 @@ async def test_a_server_crash_mid_call_gives_the_slot_back() -> None:
 
 async def test_a_command_waiting_for_a_slot_times_out_and_never_takes_it(demo: MCPServerManager) -> None:
     """Two dispatchers (as two flow runs would have) share the server's slots; the waiter's deadline holds."""
-    slots = demo.connections["demo"].slots
+    slots = demo.servers["demo"].slots
     tag = key()
     holder = asyncio.ensure_future(run(LocalCommandDispatcher(demo), timed("timed_action", 2, key()), timeout=20))
     await until(lambda: slots.in_use("action") == 1)
@@ -516,7 +516,7 @@ async def test_a_command_waiting_for_a_slot_times_out_and_never_takes_it(demo: M
 
 
 async def test_a_command_that_fails_before_its_call_never_waits_for_a_slot(demo: MCPServerManager) -> None:
-    slots = demo.connections["demo"].slots
+    slots = demo.servers["demo"].slots
     holder = asyncio.ensure_future(run(LocalCommandDispatcher(demo), timed("timed_action", 2, key()), timeout=20))
     await until(lambda: slots.in_use("action") == 1)
     bad_parameters = Command(tool_name="count", parameters={"key": 7}, call_id="bad")

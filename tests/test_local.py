@@ -89,7 +89,7 @@ async def running(config: dict[str, Any], **options: Any) -> AsyncIterator[MCPSe
 
 def count_calls(manager: MCPServerManager, server: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record every tool call the dispatcher sends to ``server`` (the names), to prove how often it ran."""
-    connection = manager.connections[server]
+    connection = manager.servers[server]
     original = connection.call_tool
     calls: list[str] = []
 
@@ -126,8 +126,8 @@ def key() -> str:
 async def shared() -> AsyncIterator[MCPServerManager]:
     """The demo server and mcp-server-time, for tests that don't disturb them."""
     async with running({"mcpServers": {"demo": demo_server_spec(), "time": TIME_SERVER}}) as manager:
-        assert manager.connections["demo"].available, manager.connections["demo"].error
-        assert manager.connections["time"].available, manager.connections["time"].error
+        assert manager.servers["demo"].available, manager.servers["demo"].error
+        assert manager.servers["time"].available, manager.servers["time"].error
         yield manager
 
 
@@ -135,7 +135,7 @@ async def shared() -> AsyncIterator[MCPServerManager]:
 
 
 async def test_structured_output(shared: MCPServerManager) -> None:
-    dispatcher = LocalCommandDispatcher(shared, session="test")
+    dispatcher = LocalCommandDispatcher(shared, agent="test")
     nested = {"list": [1, "two", None], "flag": True, "inner": {"x": 1.5}}
     commands = [
         Command(tool_name="add", parameters={"a": 2, "b": 3.5}, call_id="sum"),
@@ -347,8 +347,8 @@ async def test_broken_servers_fail_only_their_commands(demo_config: dict[str, An
     begin = time.monotonic()
     async with running(config) as manager:
         started = time.monotonic() - begin
-        assert not manager.connections["missing"].available
-        assert not manager.connections["dies"].available
+        assert not manager.servers["missing"].available
+        assert not manager.servers["dies"].available
         dispatcher = LocalCommandDispatcher(manager, retry=QUICK, batch=BatchPolicy(mode=ExecutionMode.PARALLEL))
         to_missing = Command(tool_name="anything", namespace="missing", call_id="m")
         to_dies = Command(tool_name="anything", tool_type="dies", call_id="d")
@@ -386,7 +386,7 @@ async def test_a_server_whose_program_does_not_exist_is_unavailable_by_every_rou
     caplog.set_level(logging.WARNING, logger="dispatchers")
     config = {"mcpServers": {"ghost": {"command": missing}, "demo": demo_server_spec()}}
     async with running(config) as manager:
-        assert "No such file or directory" in (manager.connections["ghost"].error or "")
+        assert "No such file or directory" in (manager.servers["ghost"].error or "")
         dispatcher = LocalCommandDispatcher(manager, retry=QUICK)
         commands = [
             Command(tool_name="add", parameters={"a": 1, "b": 2}, namespace="ghost", call_id="by-namespace"),
@@ -428,7 +428,7 @@ async def test_a_server_that_failed_its_first_start_comes_back(tmp_path: Path) -
         }
     }
     async with running(config) as manager:
-        connection = manager.connections["flappy"]
+        connection = manager.servers["flappy"]
         assert not connection.available
         assert "first start fails on purpose" in (connection.error or "")
         patient = RetryPolicy(attempts=8, backoff=Backoff(initial=0.25, maximum=0.5, jitter=0))
@@ -465,7 +465,7 @@ async def test_a_tool_of_a_server_that_failed_its_first_start_is_retried_until_i
     """The server never listed its tools: routing by name waits for it (default retries) instead of giving up."""
     caplog.set_level(logging.WARNING, logger="dispatchers")
     async with running({"mcpServers": {"flappy": first_start_fails(tmp_path)}}) as manager:
-        connection = manager.connections["flappy"]
+        connection = manager.servers["flappy"]
         assert not connection.available and not connection.tools
         dispatcher = LocalCommandDispatcher(manager)  # RetryPolicy() as it comes
         echo = Command(tool_name="echo", parameters={"value": 1}, call_id="e1")
@@ -497,8 +497,8 @@ async def test_with_no_retry_left_a_server_that_never_listed_its_tools_is_a_tran
     config = {"mcpServers": {"flappy": first_start_fails(tmp_path), "time": TIME_SERVER}}
     # flappy's restart is not due while the test runs
     async with running(config, restart_backoff=Backoff(initial=60, maximum=60, jitter=0)) as manager:
-        assert not manager.connections["flappy"].available
-        assert manager.connections["time"].available, manager.connections["time"].error
+        assert not manager.servers["flappy"].available
+        assert manager.servers["time"].available, manager.servers["time"].error
         dispatcher = LocalCommandDispatcher(manager, retry=RetryPolicy(attempts=1))
         echo = Command(tool_name="echo", parameters={"value": 1}, call_id="n1")
         typo = Command(tool_name="get_curent_time", parameters={"timezone": "UTC"}, call_id="n2")
@@ -587,7 +587,7 @@ async def test_a_server_that_never_answers_at_start_times_out_and_does_not_block
     begin = time.monotonic()
     async with running(config, start_timeout=1.5) as manager:
         started = time.monotonic() - begin
-        silent = manager.connections["silent"]
+        silent = manager.servers["silent"]
         assert not silent.available
         assert "1.5" in (silent.error or "")
         [result] = await run(LocalCommandDispatcher(manager), Command(tool_name="echo", parameters={"value": 1}))
@@ -601,7 +601,7 @@ async def test_a_server_that_never_answers_at_start_times_out_and_does_not_block
 
 async def test_the_demo_server_over_streamable_http(http_demo_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     async with running({"mcpServers": {"web": {"url": http_demo_url}}}) as manager:
-        assert manager.connections["web"].available, manager.connections["web"].error
+        assert manager.servers["web"].available, manager.servers["web"].error
         dispatcher = LocalCommandDispatcher(manager, retry=QUICK)
         failing = Command(tool_name="fail", parameters={"message": "over http"}, call_id="h3")
         results = await run(
@@ -622,7 +622,7 @@ async def test_the_demo_server_over_streamable_http(http_demo_url: str, monkeypa
 async def test_the_example_config_file_starts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DISPATCH_PYTHON", raising=False)
     async with running(EXAMPLES / "mcp.json") as manager:  # type: ignore[arg-type]
-        assert {name for name, c in manager.connections.items() if c.available} == {"demo", "time"}
+        assert {name for name, c in manager.servers.items() if c.available} == {"demo", "time"}
         dispatcher = LocalCommandDispatcher(manager)
         results = await run(
             dispatcher,
@@ -652,7 +652,7 @@ async def test_closing_the_manager_leaves_no_server_process(demo_config: dict[st
     left = {pid: command for pid, command in child_processes().items() if pid in started}
     assert left == {}
     assert closing < 10
-    assert not any(c.available for c in manager.connections.values())
+    assert not any(c.available for c in manager.servers.values())
     for pid in started:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -679,7 +679,7 @@ async def test_a_stderr_line_longer_than_any_buffer_neither_kills_a_server_nor_h
         [result] = await run(dispatcher, Command(tool_name="echo", parameters={"value": 7}, namespace="chatty"))
 
         assert result.status is ResultStatus.SUCCESS and result.result == {"result": 7}
-        doomed = manager.connections["doomed"]
+        doomed = manager.servers["doomed"]
         assert not doomed.available and not doomed.starting
         assert doomed.error is not None and doomed.error.endswith("the real reason")
         assert len(doomed.error) < 600
@@ -707,7 +707,7 @@ async def test_a_server_that_hangs_at_start_does_not_hold_up_commands_for_the_ot
 async def test_a_closed_manager_stays_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     others = demo_children()
     async with running({"mcpServers": {"demo": demo_server_spec()}}) as manager:
-        connection = manager.connections["demo"]
+        connection = manager.servers["demo"]
         original, sent = connection.call_tool, asyncio.Event()
 
         async def call_tool(tool: str, arguments: dict[str, Any]) -> CallToolResult:
@@ -726,5 +726,5 @@ async def test_a_closed_manager_stays_closed(monkeypatch: pytest.MonkeyPatch) ->
     assert result.status is ResultStatus.FAILURE
     assert "stopped" in (result.error or "") or "closed" in (result.error or "")
     assert after[0].status is ResultStatus.FAILURE and "stopped" in (after[0].error or "")
-    assert not manager.connections["demo"].available
+    assert not manager.servers["demo"].available
     assert not demo_children() - others

@@ -40,7 +40,7 @@ async def test_a_pool_shares_one_manager_per_config_and_stops_its_servers_when_i
         await asyncio.wait_for(manager.start(), timeout=30)
         await asyncio.wait_for(shared_manager(other).start(), timeout=30)
         assert processes_mentioning(mark) and processes_mentioning(other_mark)
-        servers = [*manager.connections.values(), *shared_manager(other).connections.values()]
+        servers = [*manager.servers.values(), *shared_manager(other).servers.values()]
         assert all(server.available for server in servers), [server.error for server in servers]
     assert ServerPool.current() is None
     assert [server.state for server in servers] == [ServerState.CLOSED] * 2
@@ -64,7 +64,7 @@ async def test_ensure_server_pool_uses_the_open_one_else_opens_one_for_its_block
         async with ensure_server_pool() as pool:
             assert pool is outer
             await asyncio.wait_for(shared_manager(config).start(), timeout=30)
-        assert shared_manager(config).connections["demo"].available  # the block did not close the caller's pool
+        assert shared_manager(config).servers["demo"].available  # the block did not close the caller's pool
     assert not processes_mentioning(mark)
 
     async with ensure_server_pool() as own:
@@ -73,7 +73,7 @@ async def test_ensure_server_pool_uses_the_open_one_else_opens_one_for_its_block
         await asyncio.wait_for(manager.start(), timeout=30)
         assert processes_mentioning(mark)
     assert ServerPool.current() is None
-    assert manager.connections["demo"].state is ServerState.CLOSED
+    assert manager.servers["demo"].state is ServerState.CLOSED
     assert not processes_mentioning(mark)
 
 
