@@ -16,6 +16,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from .credentials import CredentialStore, Identity, Role
 
+__all__ = ["CONTROLLER_PATH", "DEVICE_PATH", "ENDPOINTS", "LOOPBACK_NAMES", "AccessPolicy", "Refusal", "host_name"]
+
 #: Where devices connect (as UFO's devices do) and where controllers connect.
 DEVICE_PATH = "/ws"
 CONTROLLER_PATH = "/controller"

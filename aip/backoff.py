@@ -14,6 +14,8 @@ import math
 import random
 from dataclasses import dataclass
 
+__all__ = ["Backoff"]
+
 
 @dataclass(frozen=True)
 class Backoff:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from .messages import UFO_BATCH_TIMEOUT
 
+__all__ = ["Budget", "Deadline"]
+
 
 @dataclass(frozen=True)
 class Deadline:

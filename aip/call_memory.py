@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 from .messages import Command, Result, ResultStatus
 
+__all__ = ["CallIdConflict", "CallMemory", "Fail", "Key", "MemoryLimits", "Run", "fingerprint"]
+
 #: Runs the commands not seen before; returns one Result each, in order.
 Run = Callable[[list[Command]], Awaitable[list[Result]]]
 #: One failure Result per command, naming ``error``: how a shared run's failure reaches a repeat.

@@ -12,6 +12,17 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from .credentials import check_token
 
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "CredentialRefused",
+    "HubRefused",
+    "HubUnavailable",
+    "endpoint",
+    "first_latency",
+    "open_connection",
+    "safe_url",
+]
+
 #: UFO's own frame limit: screenshots travel as base64 inside results.
 DEFAULT_MAX_MESSAGE_BYTES = 100 * 2**20
 

@@ -31,6 +31,8 @@ from .connect import (
 from .messages import ClientMessage, ClientMessageType, ServerMessage, ServerMessageType, TaskStatus
 from .switchboard import now_iso
 
+__all__ = ["FrameListener", "HubLink", "LossListener", "list_devices"]
+
 logger = logging.getLogger("aip.controller")
 
 FrameListener = Callable[[ClientMessage], None]

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from .credentials import CredentialError, CredentialStore
 
+__all__ = ["DEFAULT_PATH", "CredentialFile", "editing", "read_store", "write_store"]
+
 #: Where ``dispatch serve``, ``dispatch up`` and ``dispatch credentials`` look by default.
 DEFAULT_PATH = Path(".dispatch") / "credentials.json"
 

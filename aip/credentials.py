@@ -27,6 +27,20 @@ from enum import StrEnum
 from fnmatch import fnmatchcase
 from typing import Any
 
+__all__ = [
+    "FILE_VERSION",
+    "NAME_PATTERN",
+    "CredentialError",
+    "CredentialStore",
+    "Entry",
+    "Identity",
+    "Role",
+    "check_name",
+    "check_token",
+    "digest",
+    "new_token",
+]
+
 #: What a device id (or a controller name) may look like: printable, no spaces, no markup brackets.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
 #: The format of the file, for a later change to recognise.

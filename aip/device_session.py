@@ -60,6 +60,22 @@ from .messages import (
 from .registration import DISPATCH_METADATA
 from .switchboard import now_iso
 
+__all__ = [
+    "FRAGMENT_CHARS",
+    "Action",
+    "Batch",
+    "CancelBatch",
+    "DeviceReplaced",
+    "DeviceSession",
+    "GiveUp",
+    "Log",
+    "Reconnect",
+    "Refusal",
+    "Send",
+    "StartBatch",
+    "system_info",
+]
+
 #: Replies longer than this go out in fragments of this size, so heartbeats and
 #: pongs still get through while a screenshot crawls up a slow link.
 FRAGMENT_CHARS = 2**18

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from .messages import Command, Result, ResultStatus
 
+__all__ = ["describe", "error_result", "failure_cause"]
+
 
 def _prefix(command: Command) -> str:
     return f"Error occurred while executing command {command}: "

@@ -32,6 +32,8 @@ from .messages import CloseCode
 from .registration import MAX_REGISTRATION_BYTES
 from .switchboard import Action, Close, Device, Probe, Send, Switchboard, error_frame
 
+__all__ = ["MAX_QUEUED_FRAMES", "Hub", "HubObserver", "HubSettings"]
+
 #: Frames queued for one connection before the hub gives up on it as not reading.
 MAX_QUEUED_FRAMES = 256
 

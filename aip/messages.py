@@ -17,6 +17,27 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+__all__ = [
+    "MAX_CONTEXT_CHARS",
+    "TOOL_TYPES",
+    "UFO_BATCH_TIMEOUT",
+    "AgentContext",
+    "ClientMessage",
+    "ClientMessageType",
+    "ClientType",
+    "CloseCode",
+    "Command",
+    "Result",
+    "ResultStatus",
+    "RetryRule",
+    "ServerMessage",
+    "ServerMessageType",
+    "TaskStatus",
+    "ToolType",
+    "WireModel",
+    "extension",
+]
+
 #: UFO's default batch timeout, in seconds: how long a batch that names none is waited for.
 UFO_BATCH_TIMEOUT = 6000.0
 

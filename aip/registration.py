@@ -12,6 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+__all__ = [
+    "DISPATCH_METADATA",
+    "MAX_DESCRIPTION_CHARS",
+    "MAX_NAME_CHARS",
+    "MAX_REGISTRATION_BYTES",
+    "MAX_TOOLS",
+    "SYSTEM_FIELDS",
+    "Profile",
+    "Tool",
+]
+
 #: The largest register frame accepted (a real one is 1-20 KiB; 500 tools with descriptions fit).
 MAX_REGISTRATION_BYTES = 256 * 2**10
 #: At most this many tools are kept (and listed) per device.

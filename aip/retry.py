@@ -11,4 +11,6 @@ from contextvars import ContextVar
 
 from .messages import RetryRule
 
+__all__ = ["requested_retry"]
+
 requested_retry: ContextVar[RetryRule | None] = ContextVar("requested_retry", default=None)

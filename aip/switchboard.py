@@ -55,6 +55,27 @@ from .messages import (
 )
 from .registration import MAX_REGISTRATION_BYTES, Profile
 
+__all__ = [
+    "ABANDONED_LIMIT",
+    "GUESSED_DEVICES",
+    "GUESS_CUTOFF",
+    "GUESS_POOL",
+    "MAX_ID_CHARS",
+    "MAX_LISTING_CHARS",
+    "NAMED_DEVICES",
+    "Action",
+    "BatchInFlight",
+    "Close",
+    "Device",
+    "Probe",
+    "Reason",
+    "Send",
+    "Switchboard",
+    "error_frame",
+    "failure_frame",
+    "now_iso",
+]
+
 #: The tool_types a UFO device accepts; others are sent to it as ``action``.
 #: Batches whose controller left, remembered so the device's late answer is
 #: dropped quietly instead of being refused as unknown.

@@ -16,6 +16,19 @@ from aip.failure import error_result as error_result  # every transport's failur
 from aip.failure import failure_cause
 from aip.messages import UFO_BATCH_TIMEOUT, Command, Result, ResultStatus
 
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "BasicCommandDispatcher",
+    "DuplicateCallIds",
+    "assign_call_ids",
+    "check_unique_call_ids",
+    "error_result",
+    "not_done_cause",
+    "plural",
+    "short_id",
+    "skipped_result",
+]
+
 #: How long a batch that names no timeout may take: UFO's default.
 DEFAULT_TIMEOUT = UFO_BATCH_TIMEOUT
 

@@ -24,6 +24,8 @@ from .base import assign_call_ids, error_result, skipped_result
 from .errors import CommandTimeout
 from .interrupt import Interrupted, Interruption, current_interruption
 
+__all__ = ["BatchPolicy", "ExecutionMode", "ResultListener", "RunOne", "run_batch"]
+
 logger = logging.getLogger("dispatchers")
 
 #: Runs one command to its Result before the given deadline.

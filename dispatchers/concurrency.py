@@ -25,6 +25,8 @@ from mcp.types import Tool
 
 from aip.messages import TOOL_TYPES, Command, ToolType
 
+__all__ = ["ConcurrencyLimits", "Slots", "command_category"]
+
 
 def command_category(command: Command, tool: Tool) -> ToolType:
     """Which limit ``command``, routed to ``tool``, counts against.

@@ -17,6 +17,24 @@ from pydantic import BaseModel, ValidationError
 
 from aip.failure import describe as describe  # the cause every failure Result names: the wire's format
 
+__all__ = [
+    "AmbiguousTool",
+    "AttemptTimeout",
+    "CommandError",
+    "CommandTimeout",
+    "ConnectionLost",
+    "InvalidParameters",
+    "ProtocolError",
+    "ServerStopped",
+    "ServerUnavailable",
+    "ToolReportedError",
+    "UnknownTool",
+    "candidates_text",
+    "describe",
+    "did_you_mean",
+    "validation_message",
+]
+
 
 class CommandError(Exception):
     """A command failed for a reason we can name."""

@@ -21,6 +21,15 @@ from aip.messages import Command, Result
 from .base import error_result
 from .errors import CommandError
 
+__all__ = [
+    "Interrupted",
+    "Interruption",
+    "current_interruption",
+    "interruptible",
+    "unless_interrupted",
+    "was_interrupted",
+]
+
 
 class Interrupted(CommandError):
     """The user stopped the batch (Ctrl-C) before this command had a Result."""

@@ -16,6 +16,8 @@ from .parameters import check_parameters
 from .router import CommandRouter, Route
 from .tool_call import ToolCallDispatcher
 
+__all__ = ["LocalCommandDispatcher"]
+
 logger = logging.getLogger("dispatchers.local")
 
 

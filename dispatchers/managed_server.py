@@ -39,6 +39,8 @@ from .mcp_config import ServerSpec, StdioServer
 from .mcp_transports import http_transport, stdio_transport
 from .stderr_tail import StderrTail
 
+__all__ = ["RESTART_BACKOFF", "TRANSIENT_CODES", "ManagedServer", "ServerState"]
+
 logger = logging.getLogger("dispatchers.mcp")
 
 #: JSON-RPC error codes after which the same call may well succeed.

@@ -35,6 +35,8 @@ from aip.messages import ToolType
 
 from .errors import validation_message
 
+__all__ = ["ConfigError", "HttpServer", "ServerSpec", "StdioServer", "load_config"]
+
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 

@@ -15,6 +15,8 @@ from .concurrency import ConcurrencyLimits, Slots
 from .managed_server import RESTART_BACKOFF, ManagedServer
 from .mcp_config import ServerSpec, load_config
 
+__all__ = ["MCPServerManager"]
+
 
 class MCPServerManager:
     """All servers of one ``mcp.json``: an async context manager that starts and stops them.

@@ -16,6 +16,8 @@ from typing import Any
 
 from mcp.types import CallToolResult, TextContent
 
+__all__ = ["tool_error", "tool_output"]
+
 
 def tool_output(answer: CallToolResult) -> Any:
     if answer.structured_content is not None:

@@ -18,6 +18,8 @@ from mcp.client.streamable_http import streamable_http_client
 from .mcp_config import HttpServer, StdioServer
 from .stderr_tail import StderrTail
 
+__all__ = ["http_transport", "stdio_transport"]
+
 
 @asynccontextmanager
 async def stdio_transport(spec: StdioServer, stderr: StderrTail) -> AsyncIterator[Any]:

@@ -15,6 +15,8 @@ from aip.messages import Command, Result, ResultStatus
 from .errors import CommandError, ToolReportedError, UnknownTool, candidates_text
 from .tool_call import ToolCallDispatcher
 
+__all__ = ["InMemoryCommandDispatcher", "Tool"]
+
 #: A tool: takes the whole command (so it can see the call_id), returns the result.
 Tool = Callable[[Command], Awaitable[Any] | Any]
 

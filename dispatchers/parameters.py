@@ -15,6 +15,8 @@ from jsonschema.protocols import Validator
 
 from .errors import InvalidParameters
 
+__all__ = ["check_parameters"]
+
 #: Compiled validators by the identity of the schema object they were built
 #: from (kept alive here, so an id is never reused while cached). A restarted
 #: server lists new schema objects; the cache is cleared when it grows large.

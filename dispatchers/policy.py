@@ -37,6 +37,8 @@ from .retry_conditions import (
     tool_error,
 )
 
+__all__ = ["AttemptObserver", "RetryListener", "RetryPolicy", "observing_attempts"]
+
 T = TypeVar("T")
 
 

@@ -37,6 +37,8 @@ from .errors import CommandError, CommandTimeout, ConnectionLost, ProtocolError,
 from .policy import RetryPolicy, observing_attempts
 from .retry_conditions import Fact, transient, unsent
 
+__all__ = ["DELIVER_AGAIN", "AccessDenied", "HubDropped", "WebSocketCommandDispatcher", "hub_dropped"]
+
 logger = logging.getLogger("dispatchers.remote")
 
 

@@ -21,6 +21,21 @@ from dataclasses import dataclass, field
 
 from .errors import CommandError, ToolReportedError
 
+__all__ = [
+    "RETRY_TOOL_ERRORS_TOO",
+    "RETRY_TRANSIENT",
+    "AllOf",
+    "AnyOf",
+    "Fact",
+    "FailedAttempt",
+    "RetryCondition",
+    "never_repeatable",
+    "repeatable",
+    "tool_error",
+    "transient",
+    "unsent",
+]
+
 
 def never_repeatable() -> bool:
     return False

@@ -26,6 +26,8 @@ from aip.messages import TOOL_TYPES, Command
 
 from .errors import AmbiguousTool, ServerUnavailable, UnknownTool, candidates_text, did_you_mean
 
+__all__ = ["CommandRouter", "Route", "ToolServer", "tool_type_problem"]
+
 
 class ToolServer(Protocol):
     """What the router needs to know of a server."""

@@ -25,6 +25,8 @@ from typing import Any, Self
 from .mcp_config import load_config
 from .mcp_manager import MCPServerManager
 
+__all__ = ["ServerPool", "ensure_server_pool", "shared_manager"]
+
 _current: ContextVar[ServerPool | None] = ContextVar("dispatchers_server_pool", default=None)
 
 

@@ -13,6 +13,8 @@ import contextlib
 import os
 from typing import Any
 
+__all__ = ["StderrTail"]
+
 
 class StderrTail:
     """The end of what a stdio server writes to stderr, read through a pipe.

@@ -22,6 +22,8 @@ from .batch import BatchPolicy, ResultListener, run_batch
 from .errors import AttemptTimeout, CommandTimeout, describe
 from .policy import AttemptObserver, RetryPolicy, observing_attempts
 
+__all__ = ["ToolCallDispatcher"]
+
 logger = logging.getLogger("dispatchers")
 
 

@@ -50,6 +50,17 @@ from .run_settings import RunSettings
 from .trust import check_deployment_parameters
 from .watching import Watch
 
+__all__ = [
+    "FLOW_BUDGET",
+    "Backend",
+    "FlowRunNotFound",
+    "dispatch_batch",
+    "final_state",
+    "flow_run_name",
+    "resume_batch_flow",
+    "run_batch_flow",
+]
+
 #: The engine's margins in a flow run: task runs in flight at the batch deadline
 #: get a second to report their own timeout (Failed) before they are cancelled
 #: (and would show as Crashed).

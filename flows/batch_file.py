@@ -36,6 +36,8 @@ from dispatchers.router import tool_type_problem
 
 from .run_settings import Concurrency, Retries, Seconds
 
+__all__ = ["BatchFile", "BatchFileError", "check_tool_types", "load_batch"]
+
 
 class BatchFileError(ValueError):
     """The batch file can't be used; the message says what is wrong and where."""

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+__all__ = ["HubAccess", "current_hub_access", "hub_access"]
+
 
 @dataclass(frozen=True)
 class HubAccess:

@@ -29,6 +29,8 @@ from dispatchers import not_done_cause, plural
 from tasks import BatchContext, CommandReport
 from tasks.events import DispatchEvent, clip, emit_batch_event
 
+__all__ = ["CELL_LIMIT", "PROGRESS_INTERVAL", "Progress", "emit_batch_finished", "publish_results", "summary"]
+
 #: Characters of a result or error shown per cell of the results table.
 CELL_LIMIT = 200
 #: Seconds between two writes of the progress artifact.

@@ -19,6 +19,8 @@ from dispatchers.policy import RetryPolicy
 if TYPE_CHECKING:
     from .batch_file import BatchFile
 
+__all__ = ["Concurrency", "Retries", "RunSettings", "Seconds"]
+
 #: Seconds for a whole batch.
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 #: Retries of a transient failure, after the first try.

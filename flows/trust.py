@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+__all__ = ["ParameterRefused", "check_deployment_parameters", "inside_project", "same_hub"]
+
 
 class ParameterRefused(ValueError):
     """A deployment run's parameter names something it may not; the message says what and why."""

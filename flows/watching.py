@@ -18,6 +18,8 @@ from typing import Protocol
 from aip.messages import Command, Result
 from tasks import CommandReport
 
+__all__ = ["BatchWatcher", "Watch", "watching"]
+
 logger = logging.getLogger("dispatchers")
 
 

@@ -44,6 +44,17 @@ from dispatchers.interrupt import unless_interrupted
 
 from .events import DispatchEvent, emit_command_event
 
+__all__ = [
+    "BatchContext",
+    "CommandReport",
+    "execute_as_task",
+    "install_run_logging",
+    "result_key",
+    "run_command",
+    "run_resumable_command",
+    "task_run_name",
+]
+
 
 class _RunLogHandler(APILogHandler):
     """Prefect's API log handler, for records made inside a flow or task run: the API has nowhere else to put them.

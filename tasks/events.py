@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
     from .command import BatchContext
 
+__all__ = ["TEXT_LIMIT", "DispatchEvent", "clip", "emit_batch_event", "emit_command_event", "emit_device_event"]
+
 #: Characters of any one string of a payload: a tool's error begins with what an automation matches on.
 TEXT_LIMIT = 4000
 #: Characters of a resource id quoted in the warning about an event Prefect refused.
