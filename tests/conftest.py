@@ -1,4 +1,12 @@
-"""Shared fixtures: real MCP servers as subprocesses, a real Prefect API."""
+"""Shared fixtures for every tier: real MCP servers as subprocesses, a real Prefect API.
+
+The tiers are folders, and each test is marked with its folder's name:
+``tests/unit/`` (pure: no sockets, no subprocess, no Prefect API; seconds),
+``tests/integration/`` (real parts in this process: MCP servers as
+subprocesses, hubs and devices on 127.0.0.1, the Prefect API) and
+``tests/system/`` (our own programs run as processes: ``dispatch``,
+``dispatch up``, ``serve``, ``device``; minutes). ``pytest -m unit`` runs one tier.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +26,10 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
+#: The repository root (this file is ``tests/conftest.py``).
 ROOT = Path(__file__).resolve().parent.parent
+#: Data the tests read (captured UFO frames, helper servers), kept inside the repository.
+FIXTURES = ROOT / "tests" / "fixtures"
 EXAMPLES = ROOT / "examples"
 DEMO_SERVER = EXAMPLES / "demo_server.py"
 
@@ -80,3 +91,15 @@ def prefect_api() -> Iterator[str]:
 
     with prefect_test_harness(server_startup_timeout=60):
         yield str(PREFECT_API_URL.value())
+
+
+TIERS = ("unit", "integration", "system")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its tier, the folder it is in (``pytest -m unit``)."""
+    tests = ROOT / "tests"
+    for item in items:
+        folder = item.path.relative_to(tests).parts[0] if item.path.is_relative_to(tests) else ""
+        if folder in TIERS:
+            item.add_marker(folder)

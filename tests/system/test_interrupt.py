@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from conftest import FIXTURES
 from process_support import processes_mentioning
 
 from aip.budget import Budget, Deadline
@@ -47,7 +48,7 @@ T = TypeVar("T")
 
 #: The venv's console script, as a user runs it.
 DISPATCH = Path(sys.executable).parent / "dispatch"
-CUE_SERVER = Path(__file__).resolve().parent / "fixtures" / "interrupt" / "cue_server.py"
+CUE_SERVER = FIXTURES / "interrupt" / "cue_server.py"
 #: Seconds any one wait gets: a loaded machine takes seconds to import Prefect, a temporary server 6-10 s more.
 WAIT = 60.0
 #: The promise is "within ~2 s"; the assertion leaves room for a loaded machine, the measure is printed.

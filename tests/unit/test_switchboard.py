@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import FIXTURES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,7 +37,7 @@ from aip.messages import (
 from aip.registration import MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, MAX_REGISTRATION_BYTES, MAX_TOOLS
 from aip.switchboard import NAMED_DEVICES, Action, Close, Device, Probe, Reason, Send, Switchboard
 
-VECTORS = Path(__file__).parent / "fixtures" / "ufo-aip-frames.jsonl"
+VECTORS = FIXTURES / "ufo-aip-frames.jsonl"
 FRAMES: list[dict[str, Any]] = [
     json.loads(line) for line in VECTORS.read_text(encoding="utf-8").splitlines() if line.strip()
 ]

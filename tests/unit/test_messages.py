@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import FIXTURES
 from pydantic import ValidationError
 
 from aip.messages import (
@@ -21,7 +22,7 @@ from aip.messages import (
     TaskStatus,
 )
 
-VECTORS = Path(__file__).parent / "fixtures" / "ufo-aip-frames.jsonl"
+VECTORS = FIXTURES / "ufo-aip-frames.jsonl"
 
 
 def _frames() -> list[dict[str, Any]]:

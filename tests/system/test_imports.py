@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 LAYERS = ["aip", "dispatchers", "tasks", "flows", "cli"]
 TIMEOUT = 60
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from conftest import ROOT
 from prefect import State, flow, get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
@@ -39,7 +40,6 @@ from tasks import BatchContext, CommandReport, execute_as_task, install_run_logg
 from tasks.command import _NoStateEcho, _Observer, _RunLogHandler
 from tasks.events import TEXT_LIMIT, DispatchEvent, clip, emit_command_event
 
-ROOT = Path(__file__).resolve().parent.parent
 BATCH = BatchContext(namespace="first-run", flow_run_id="this-run", device="pc-1")
 
 
