@@ -3,8 +3,9 @@
 Where a test plays a peer by hand it uses plain ``websockets`` and the JSON of
 ``shared/aip-wire.md``, so what is checked is the wire, not our own client.
 Each peer presents its own credential: a controller the ``TOKEN`` of
-``hub_support``, a device the ``device_token`` bound to its id.
-Every wait is bounded with ``asyncio.timeout``.
+``hub_support``, a device the ``device_token`` bound to its id. Slow or
+distant links are played by small TCP proxies (``tcp_proxy``) that throttle
+or delay what passes through them. Every wait is bounded with ``asyncio.timeout``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import contextlib
 import datetime
 import json
 import logging
+import socket
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Close
 from websockets.typing import Origin
 
+import aip.device
 from aip.access import AccessPolicy
+from aip.backoff import Backoff
 from aip.connect import HubRefused, HubUnavailable, open_connection
 from aip.controller import HubLink, list_devices
 from aip.device import DeviceClient
@@ -57,6 +61,7 @@ from aip.messages import (
     TaskStatus,
 )
 from dispatchers import InMemoryCommandDispatcher, WebSocketCommandDispatcher
+from dispatchers.errors import ServerUnavailable
 from dispatchers.memory import Tool
 
 #: Our hand-made peers log through this logger, kept quiet: what the tests
@@ -241,6 +246,119 @@ def assert_echoed(commands: list[Command], results: list[Any]) -> None:
     assert [r.call_id for r in results] == [c.call_id for c in commands]
     assert [r.status for r in results] == [ResultStatus.SUCCESS] * len(commands), [r.error for r in results]
     assert [r.result for r in results] == [c.parameters for c in commands]
+
+
+#: The hub's close code for a peer that does not read what it is sent.
+TOO_SLOW = 4002
+
+
+def command(tool: str, call_id: str | None = None, **parameters: Any) -> Command:
+    return Command(
+        tool_name=tool, parameters=parameters, tool_type="data_collection", call_id=call_id or uuid.uuid4().hex
+    )
+
+
+def device_client(hub: Hub, url: str, device_id: str, tools: dict[str, Tool], **options: Any) -> DeviceClient:
+    """A device reaching ``hub`` at ``url`` (the hub's, or a proxy's) with its own credential on that hub."""
+    options.setdefault("backoff", QUICK_BACKOFF)
+    token = device_token(hub, device_id)
+    return DeviceClient(url, device_id, InMemoryCommandDispatcher(tools), token=token, **options)
+
+
+Pipe = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def plain_pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+
+
+def throttled_pipe(bytes_per_second: float) -> Pipe:
+    """Passes bytes on at about ``bytes_per_second``: a slow uplink."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(16384):
+            await asyncio.sleep(len(data) / bytes_per_second)
+            writer.write(data)
+            await writer.drain()
+
+    return pipe
+
+
+def delayed_pipe(seconds: float) -> Pipe:
+    """Passes every byte on ``seconds`` after it came, in order: a distant link."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def later() -> None:
+            while True:
+                due, data = await queue.get()
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                if not data:
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        sender = asyncio.create_task(later())
+        try:
+            while data := await reader.read(65536):
+                queue.put_nowait((time.monotonic() + seconds, data))
+            queue.put_nowait((time.monotonic() + seconds, b""))
+            await sender
+        finally:
+            sender.cancel()
+
+    return pipe
+
+
+@contextlib.asynccontextmanager
+async def tcp_proxy(target_port: int, up: Pipe = plain_pipe, down: Pipe = plain_pipe) -> AsyncIterator[int]:
+    """A TCP proxy to 127.0.0.1:``target_port``; ``up`` carries client-to-target bytes, ``down`` the rest.
+
+    Yields the proxy's port; on exit every connection through it is cut.
+    """
+    tasks: set[asyncio.Task[Any]] = set()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def carry(pipe: Pipe, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await pipe(reader, writer)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        target_reader, target_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        writers.extend((client_writer, target_writer))
+        both = asyncio.gather(
+            carry(up, client_reader, target_writer), carry(down, target_reader, client_writer), return_exceptions=True
+        )
+        task = asyncio.ensure_future(both)
+        tasks.add(task)
+        await task
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        for writer in writers:
+            writer.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    """Wait (polling) until ``condition()`` holds; fail the test after ``within`` seconds."""
+    async with asyncio.timeout(within):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.01)
 
 
 # -- who may connect ---------------------------------------------------------------
@@ -1204,3 +1322,258 @@ async def test_a_wss_client_without_an_ssl_context_verifies_with_the_default_tru
     async with Hub(AccessPolicy(credentials_with()), HubSettings(port=0), ssl_context=server_context) as hub:
         with pytest.raises(HubUnavailable, match=r"(?i)certificate"):
             await open_connection(f"{hub.url}/controller", TOKEN, open_timeout=WAIT)
+
+
+# -- a controller that does not read is closed; the hub does not buffer for it -----
+
+
+async def test_a_controller_that_never_reads_is_closed_and_others_keep_working() -> None:
+    # A device announcing many tools makes each device listing ~50 KB: what the hub must queue per request.
+    tools = [{"name": f"tool_{i}", "server": "s", "description": "x" * 80} for i in range(400)]
+    register = json.dumps(
+        {"type": "register", "status": "ok", "client_id": "many-tools", "metadata": {"dispatch": {"tools": tools}}}
+    )
+    request = json.dumps({"type": "device_info_request", "status": "ok", "response_id": "r"})
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with (
+        asyncio.timeout(30),
+        running_hub(max_message_bytes=2**20) as hub,
+        connect(
+            f"ws://127.0.0.1:{hub.port}/ws",
+            additional_headers={"Authorization": f"Bearer {device_token(hub, 'many-tools')}"},
+            proxy=None,
+        ) as big,
+        running_device(hub, "worker"),
+        dispatcher_for(hub, "worker") as dispatcher,
+    ):
+        await big.send(register)
+        await big.recv()
+
+        async def work(tag: str) -> None:
+            batch = [command("echo", tag=tag, n=n) for n in range(3)]
+            results = await dispatcher.execute_commands(batch, timeout=10)
+            assert [r.status for r in results] == [ResultStatus.SUCCESS] * 3, [r.error for r in results]
+            assert [r.result for r in results] == [c.parameters for c in batch]
+
+        # The controller that never reads: a tiny receive window, and it stops pulling frames at once.
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.connect(("127.0.0.1", hub.port))
+        raw.setblocking(False)
+        deaf = await connect(
+            f"ws://127.0.0.1:{hub.port}/controller", sock=raw, additional_headers=headers, max_queue=1, proxy=None
+        )
+        try:
+            await until(lambda: any(o.connection.remote_address == deaf.local_address for o in hub._outboxes.values()))
+            [outbox] = [o for o in hub._outboxes.values() if o.connection.remote_address == deaf.local_address]
+
+            def abandoned() -> bool:
+                return bool(getattr(outbox, "abandoned", False))
+
+            during = asyncio.create_task(work("during"))
+            for _ in range(1000):  # ~50 MB of listings, if the hub kept them all
+                if abandoned():
+                    break
+                await deaf.send(request)
+            await until(abandoned)
+            assert outbox.queue.qsize() == 0, "the frames queued for the closed controller are still held"
+            assert outbox.queued == 0
+            await during
+            await work("after")  # the other controller and its device are unaffected
+            # Read at last: what was already on the wire, then the hub's close.
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await deaf.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == TOO_SLOW, closed.value
+        finally:
+            await deaf.close()
+
+
+# -- a device sending a large result over a slow link is alive -------------------------
+
+
+async def test_a_large_result_over_a_slow_link_is_not_taken_for_silence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(aip.device, "FRAGMENT_CHARS", 2**16)
+    shot = "A" * 2**20  # 1 MiB at 512 KiB/s: two seconds on the wire, ten of the hub's ping intervals
+    async with (
+        asyncio.timeout(30),
+        running_hub(ping_interval=0.2, ping_timeout=5.0) as hub,
+        tcp_proxy(hub.port, up=throttled_pipe(2**19)) as port,
+    ):
+        client = device_client(hub, f"ws://127.0.0.1:{port}", "slow-link", {"screenshot": lambda c: shot})
+        client.heartbeat_interval = 0.3
+        async with serving(client), dispatcher_for(hub, "slow-link") as dispatcher:
+            started = time.monotonic()
+            [result] = await dispatcher.execute_commands([command("screenshot")], timeout=20)
+            elapsed = time.monotonic() - started
+        assert result.status is ResultStatus.SUCCESS, result.error
+        assert result.result == shot
+        assert elapsed > 1.0, "the link was not slow: this test proves nothing"
+        assert client.registrations == 1, "the device was dropped and came back"
+
+
+# -- with a distant device, the finished commands of a timed-out batch keep their results --
+
+
+async def test_a_timed_out_batch_over_a_distant_link_keeps_the_finished_results() -> None:
+    async with (
+        asyncio.timeout(30),
+        running_hub() as hub,
+        tcp_proxy(hub.port, up=delayed_pipe(0.3), down=delayed_pipe(0.3)) as port,
+    ):
+        client = device_client(hub, f"ws://127.0.0.1:{port}", "far-pc", echo_tools())
+        async with serving(client), dispatcher_for(hub, "far-pc") as dispatcher:
+            batch = [command("echo", "fast", x=1), command("sleep", "slow", seconds=30)]
+            started = time.monotonic()
+            fast, slow = await dispatcher.execute_commands(batch, timeout=2)
+            elapsed = time.monotonic() - started
+    assert fast.status is ResultStatus.SUCCESS, fast.error
+    assert fast.result == {"x": 1} and fast.call_id == "fast"
+    assert slow.status is ResultStatus.FAILURE and slow.call_id == "slow"
+    assert "TimeoutError" in (slow.error or ""), slow.error
+    assert elapsed < 2.5 + 0.5, elapsed
+
+
+# -- a result that cannot be serialised is still answered ------------------------------
+
+
+async def test_an_unserialisable_result_is_answered_and_leaves_nothing_running() -> None:
+    tools: dict[str, Tool] = {"screenshot": lambda c: b"\xff\xd8\xff\xe0JFIF", "echo": lambda c: c.parameters}
+    async with (
+        asyncio.timeout(30),
+        running_hub() as hub,
+        running_device(hub, "jpeg-pc", tools) as device,
+        dispatcher_for(hub, "jpeg-pc") as dispatcher,
+    ):
+        shot, echo = command("screenshot", "shot-1"), command("echo", "echo-1", x=1)
+        started = time.monotonic()
+        first_shot, first_echo = await dispatcher.execute_commands([shot, echo], timeout=10)
+        assert time.monotonic() - started < 2.0, "answered only at the deadline"
+        assert first_shot.status is ResultStatus.FAILURE and first_shot.call_id == "shot-1"
+        assert "utf-8" in (first_shot.error or ""), f"the cause is not named: {first_shot.error}"
+        # The sibling keeps its real result: only the command whose result can't travel fails.
+        assert (first_echo.call_id, first_echo.status, first_echo.result) == ("echo-1", ResultStatus.SUCCESS, {"x": 1})
+        assert not device.memory._running, f"call_ids left running: {list(device.memory._running)}"
+        # Repeats are answered at once: the echo (it ran, so from memory), the screenshot (run again).
+        started = time.monotonic()
+        [again] = await dispatcher.execute_commands([echo], timeout=3)
+        assert time.monotonic() - started < 1.0
+        assert (again.status, again.result, again.call_id) == (ResultStatus.SUCCESS, {"x": 1}, "echo-1"), again
+        started = time.monotonic()
+        [shot_again] = await dispatcher.execute_commands([shot], timeout=3)
+        assert time.monotonic() - started < 1.0
+        assert shot_again.status is ResultStatus.FAILURE and "utf-8" in (shot_again.error or ""), shot_again
+        assert not device.memory._running
+
+
+# -- two devices with the same id do not evict each other forever ---------------------
+
+
+class Refusals(logging.Handler):
+    """Counts the devices' reports that the hub refused them because their id is live elsewhere."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.count = 0
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "already connected and answering" in record.getMessage():
+            self.count += 1
+            self.seen.set()
+
+
+async def test_two_devices_with_the_same_id_do_not_flap() -> None:
+    # Both hold the id's credential. The live one keeps the id; the newcomer is refused instead of
+    # evicting it, and waits backoff.maximum before it asks again: nobody is evicted, nothing flaps.
+    backoff = Backoff(initial=0.05, maximum=3.0, jitter=0.0)  # the refused one waits 3 s, past this test's window
+    refusals = Refusals()
+    device_log = logging.getLogger("aip.device")
+    device_log.addHandler(refusals)
+    try:
+        async with asyncio.timeout(30), running_hub() as hub:
+            first = device_client(hub, hub.url, "twin", echo_tools(), backoff=backoff)
+            second = device_client(hub, hub.url, "twin", echo_tools(), backoff=backoff)
+            stop_second = asyncio.Event()
+            contender: asyncio.Task[None] | None = None
+            try:
+                async with serving(first), dispatcher_for(hub, "twin") as dispatcher:
+                    contender = asyncio.create_task(second.run(stop_second))  # once the first holds the id
+                    async with asyncio.timeout(WAIT):
+                        await refusals.seen.wait()
+                    results: list[Result] = []
+                    window = time.monotonic() + 2.0
+                    while time.monotonic() < window:
+                        results += await dispatcher.execute_commands(
+                            [command("sleep", seconds=0.2), command("echo", n=len(results))], timeout=5
+                        )
+                    during = (first.registrations, second.registrations, refusals.count)
+                # The live twin left: the refused one gets the id on its next try.
+                async with asyncio.timeout(backoff.maximum + WAIT):
+                    await second.registered.wait()
+            finally:
+                stop_second.set()
+                if contender is not None:
+                    async with asyncio.timeout(WAIT):
+                        await contender
+    finally:
+        device_log.removeHandler(refusals)
+    assert during[:2] == (1, 0), f"(first, second) registrations in 2 s: {during[:2]}: the live one was evicted"
+    assert during[2] in (1, 2), f"the refused twin asked {during[2]} times in 2 s: it did not back off"
+    assert len(results) >= 10
+    assert all(r.status is ResultStatus.SUCCESS for r in results), [r.error for r in results if r.error]
+    assert second.registrations == 1
+
+
+# -- a failure is not remembered: a retry with the same call_id runs the tool ----------------
+
+
+async def test_a_failure_that_never_reached_the_tool_is_not_replayed_from_memory() -> None:
+    calls = 0
+    server_up = False
+
+    def click(command: Command) -> str:
+        nonlocal calls
+        calls += 1
+        if not server_up:
+            raise ServerUnavailable("server 'desktop' is restarting")
+        return "clicked"
+
+    async with (
+        asyncio.timeout(30),
+        running_hub() as hub,
+        running_device(hub, "retry-pc", {"click": click}),
+        dispatcher_for(hub, "retry-pc") as dispatcher,
+    ):
+        click_once = Command(tool_name="click", tool_type="action", call_id="call-1")
+        [first] = await dispatcher.execute_commands([click_once], timeout=5)
+        assert first.status is ResultStatus.FAILURE and "ServerUnavailable" in (first.error or ""), first
+        server_up = True
+        before = calls
+        [retry] = await dispatcher.execute_commands([click_once], timeout=5)
+    assert (retry.status, retry.result, retry.call_id) == (ResultStatus.SUCCESS, "clicked", "call-1"), retry
+    assert calls == before + 1, "the retry did not run the tool"
+
+
+# -- a batch sent before its device connects is delivered when it does -------------------
+
+
+async def test_a_batch_sent_before_the_device_connects_is_delivered_when_it_comes() -> None:
+    async with asyncio.timeout(30), running_hub() as hub, dispatcher_for(hub, "late-pc") as dispatcher:
+
+        async def late_device(ready: asyncio.Event) -> None:
+            await asyncio.sleep(1.5)  # the scenario: the device starts after the batch was sent
+            async with running_device(hub, "late-pc"):
+                await ready.wait()
+
+        done = asyncio.Event()
+        device = asyncio.create_task(late_device(done))
+        try:
+            started = time.monotonic()
+            [result] = await dispatcher.execute_commands([command("echo", x=1)], timeout=20)
+            elapsed = time.monotonic() - started
+        finally:
+            done.set()
+            await device
+    assert (result.status, result.result) == (ResultStatus.SUCCESS, {"x": 1}), result.error
+    assert 1.5 <= elapsed < 8.0, elapsed

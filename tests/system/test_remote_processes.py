@@ -6,6 +6,10 @@ for the devices it will see; each device presents its own credential, the
 controllers (``dispatch run``, ``dispatch devices``, flows) the controller's
 ``TOKEN``. Every wait is bounded, every process is stopped in a ``finally``,
 and readiness is polled through the hub's own device list, never slept for.
+
+At the end, the commands alone as processes (``dispatch run --cafile``,
+``serve``, ``device``, ``devices``) against a hub in this process or a server
+played by hand, each scaled down so it takes seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -25,11 +30,26 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, _free_port, demo_server_spec
-from hub_support import TOKEN, token_for_device, write_credentials
+from hub_support import (
+    TOKEN,
+    credentials_with,
+    device_token,
+    running_device,
+    running_hub,
+    self_signed_certificate,
+    token_for_device,
+    write_credentials,
+)
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 
+from aip.access import AccessPolicy
 from aip.connect import HubUnavailable
 from aip.controller import list_devices
-from aip.messages import Command, Result, ResultStatus
+from aip.hub import Hub, HubSettings
+from aip.messages import Command, Result, ResultStatus, ServerMessage, ServerMessageType, TaskStatus
 from dispatchers import WebSocketCommandDispatcher
 
 CLI = (sys.executable, "-m", "cli.main")
@@ -85,6 +105,22 @@ def dispatch(
     *args: str | Path, env: dict[str, str], timeout: float = 60, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+async def run_cli(*args: str | Path, env: dict[str, str], timeout: float = 30) -> tuple[int, str, str]:
+    """``dispatch ARGS`` as a subprocess, the event loop running meanwhile: (exit code, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        *CLI, *map(str, args), cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
 
 
 class Proc:
@@ -275,6 +311,13 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def mcp_config(log_dir: Path) -> Path:
     path = log_dir / "mcp.json"
     path.write_text(json.dumps({"mcpServers": {"demo": demo_server_spec()}}))
+    return path
+
+
+@pytest.fixture
+def empty_config(tmp_path: Path) -> Path:
+    path = tmp_path / "mcp.json"
+    path.write_text(json.dumps({"mcpServers": {}}))
     return path
 
 
@@ -604,3 +647,156 @@ def test_serve_without_a_credentials_file_exits_2(given: str, tmp_path: Path) ->
     assert str(expected) in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and TOKEN not in done.stdout + done.stderr
     assert not missing.exists() and not (tmp_path / ".dispatch").exists(), "serve must not create a credentials file"
+
+
+# -- dispatch run --cafile, against a wss:// hub with a private CA --------------------------
+
+
+async def test_run_cafile_reaches_a_wss_hub_with_a_private_ca(tmp_path: Path, prefect_api: str) -> None:
+    cert, key = self_signed_certificate(tmp_path)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
+    batch = tmp_path / "batch.json"
+    batch.write_text(json.dumps([{"tool_name": "echo", "parameters": {"over": "tls"}, "call_id": "tls-1"}]))
+    async with (
+        asyncio.timeout(90),
+        Hub(AccessPolicy(credentials_with(["secure-pc"])), HubSettings(port=0), ssl_context=server_context) as hub,
+        running_device(hub, "secure-pc", ssl_context=trusting),
+    ):
+        assert hub.url.startswith("wss://")
+        code, out, err = await run_cli(
+            "run",
+            batch,
+            "--hub",
+            hub.url,
+            "--device",
+            "secure-pc",
+            "--cafile",
+            cert,
+            "--timeout",
+            "20",
+            "--json",
+            env=cli_env(PREFECT_API_URL=prefect_api),
+            timeout=80,
+        )
+    assert code == 0, err[-2000:]
+    [result] = json.loads(out)
+    assert (result["status"], result["call_id"], result["result"]) == ("success", "tls-1", {"over": "tls"}), result
+
+
+# -- a credential the hub can never use is bad usage, said plainly -------------------------------
+
+
+async def test_a_token_with_a_space_is_bad_usage_for_serve_and_device(empty_config: Path, tmp_path: Path) -> None:
+    # The device reads its token; the hub reads a credentials file (digests only): here one where a
+    # token was pasted in place of its sha256.
+    secret = "secret with space"
+    credentials = tmp_path / "credentials.json"
+    entry = {"role": "device", "name": "x", "sha256": secret, "created": ""}
+    credentials.write_text(json.dumps({"version": 1, "credentials": [entry]}))
+    env = cli_env(token=secret)
+    async with asyncio.timeout(40):
+        (serve_code, _, serve_err), (device_code, _, device_err) = await asyncio.gather(
+            run_cli("serve", "--port", "0", "--credentials", credentials, env=env, timeout=15),
+            run_cli(
+                "device", "--hub", "ws://127.0.0.1:1/ws", "--id", "x", "--config", empty_config, env=env, timeout=30
+            ),
+        )
+    assert "token" in device_err and "space" in device_err, f"device: {device_err}"
+    assert str(credentials) in serve_err and "sha256" in serve_err, f"serve: {serve_err}"
+    for name, code, err in (("serve", serve_code, serve_err), ("device", device_code, device_err)):
+        assert code == 2, f"{name} exited {code}: {err[-1500:]}"
+        assert "Traceback" not in err and "ValueError" not in err, f"{name} printed a traceback: {err}"
+        assert secret not in err, f"{name} echoed the token"
+
+
+# -- --token-in-query for a server that wants ?token=, with no token on the command line ------
+
+
+async def test_device_token_in_query_reaches_a_query_only_server_and_stays_off_the_command_line(
+    empty_config: Path,
+) -> None:
+    paths: list[str] = []
+    registered = asyncio.Event()
+
+    def only_query_tokens(connection: ServerConnection, request: Request) -> Response | None:
+        paths.append(request.path)
+        if f"token={TOKEN}" not in request.path:
+            return connection.respond(401, "token missing from the query\n")
+        return None
+
+    async def ufo_server(connection: ServerConnection) -> None:
+        await connection.recv()  # the register
+        ack = ServerMessage(type=ServerMessageType.HEARTBEAT, status=TaskStatus.OK, response_id="ack")
+        await connection.send(ack.model_dump_json())
+        registered.set()
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in connection:
+                pass
+
+    async with asyncio.timeout(40), serve(ufo_server, "127.0.0.1", 0, process_request=only_query_tokens) as server:
+        port = server.sockets[0].getsockname()[1] if server.sockets else 0
+        process = await asyncio.create_subprocess_exec(
+            *CLI,
+            "device",
+            "--hub",
+            f"ws://127.0.0.1:{port}/ws",
+            "--id",
+            "ufo-side",
+            "--config",
+            str(empty_config),
+            "--token-in-query",
+            cwd=ROOT,
+            env=cli_env(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            exited = asyncio.ensure_future(process.wait())
+            registering = asyncio.ensure_future(registered.wait())
+            await asyncio.wait({exited, registering}, timeout=25, return_when=asyncio.FIRST_COMPLETED)
+            exited.cancel()
+            registering.cancel()
+            if not registered.is_set():
+                _, err = await process.communicate()
+                pytest.fail(f"the device never registered (exit code {process.returncode}): {err.decode()[-1500:]}")
+            command_line = await asyncio.to_thread(Path(f"/proc/{process.pid}/cmdline").read_bytes)
+        finally:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(15):
+                _, err = await process.communicate()
+    assert paths and all(f"token={TOKEN}" in path for path in paths), paths
+    assert paths[0].startswith("/ws?"), paths
+    assert TOKEN.encode() not in command_line
+    assert TOKEN not in err.decode(), "the device logged the token"
+
+
+# -- dispatch devices lists a device whose announced tools are plain strings ---------------------
+
+
+async def test_devices_table_lists_a_device_that_announced_tools_as_plain_strings() -> None:
+    register = json.dumps(
+        {
+            "type": "register",
+            "status": "ok",
+            "client_id": "odd",
+            "metadata": {"dispatch": {"tools": ["click", "type", {"name": "scroll", "server": "s"}]}},
+        }
+    )
+    async with (
+        asyncio.timeout(40),
+        running_hub() as hub,
+        connect(
+            f"ws://127.0.0.1:{hub.port}/ws",
+            additional_headers={"Authorization": f"Bearer {device_token(hub, 'odd')}"},
+            proxy=None,
+        ) as device,
+    ):
+        await device.send(register)
+        await device.recv()
+        code, out, err = await run_cli("devices", "--hub", hub.url, env=cli_env(), timeout=30)
+    assert code == 0, err[-1500:]
+    assert "odd" in out and "scroll" in out, out
+    assert "Traceback" not in err

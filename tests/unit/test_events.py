@@ -15,7 +15,6 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Awaitable
-from pathlib import Path
 from typing import Any, cast
 
 import pytest

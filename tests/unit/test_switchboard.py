@@ -12,7 +12,6 @@ import asyncio
 import json
 import re
 from collections.abc import Hashable, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,6 +35,7 @@ from aip.messages import (
 )
 from aip.registration import MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS, MAX_REGISTRATION_BYTES, MAX_TOOLS
 from aip.switchboard import NAMED_DEVICES, Action, Close, Device, Probe, Reason, Send, Switchboard
+from dispatchers.base import error_result
 
 VECTORS = FIXTURES / "ufo-aip-frames.jsonl"
 FRAMES: list[dict[str, Any]] = [
@@ -2104,3 +2104,37 @@ async def test_a_conflict_is_per_controller() -> None:
     await memory.execute([ORIGINAL], run, fail, controller="one")
     [other] = await memory.execute([CONFLICTING[0]], run, fail, controller="two")
     assert other == ok(CONFLICTING[0]) and run.calls == [["a"], ["a"]]
+
+
+# -- the call memory is bounded in bytes ------------------------------------------------
+
+
+async def test_the_call_memory_is_bounded_in_bytes() -> None:
+    limit = 64 * 1024
+    memory = CallMemory(MemoryLimits(bytes=limit))
+    size = {"value": 10_000}
+
+    async def run(commands: list[Command]) -> list[Result]:
+        return [
+            Result(status=ResultStatus.SUCCESS, result="A" * size["value"], call_id=c.call_id, namespace="m")
+            for c in commands
+        ]
+
+    def fail(commands: list[Command], error: BaseException) -> list[Result]:
+        return [error_result(c, error) for c in commands]
+
+    async with asyncio.timeout(10):
+        for n in range(50):  # ~500 KB of results through a 64 KiB memory
+            await memory.execute([Command(tool_name="shot", call_id=f"shot-{n}")], run, fail)
+        held = sum(len(text) for _, _, text, _ in memory._done.values())  # (stamp, fingerprint, text, failed_in)
+        assert 0 < held <= limit, held
+        assert memory._bytes == held
+        assert memory.recall("shot-49") is not None, "the newest result was not kept"
+        assert memory.recall("shot-0") is None, "the oldest result was kept past the byte limit"
+        kept = len(memory)
+        # A result larger than the whole memory is not kept, and pushes nothing out.
+        size["value"] = 2 * limit
+        await memory.execute([Command(tool_name="shot", call_id="huge")], run, fail)
+        assert memory.recall("huge") is None
+        assert len(memory) == kept and memory.recall("shot-49") is not None
+    assert MemoryLimits().bytes <= 64 * 2**20
