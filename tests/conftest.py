@@ -39,6 +39,17 @@ def demo_server_spec(**extra: Any) -> dict[str, Any]:
     return {"command": sys.executable, "args": [str(DEMO_SERVER)], **extra}
 
 
+#: How a process is told its hub (``flows.hub_access``).
+HUB_VARIABLES = ("DISPATCH_HUB", "DISPATCH_TOKEN", "DISPATCH_CAFILE")
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """None of the ``HUB_VARIABLES`` set, for the test."""
+    for name in HUB_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def demo_config() -> dict[str, Any]:
     """The demo server and the third-party ``mcp-server-time``, both over stdio."""

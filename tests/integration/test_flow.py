@@ -2,7 +2,8 @@
 
 Prefect is exercised for what users see: one flow run per batch, one task run
 per command with a readable name, failed commands as failed task runs, a
-Failed flow run that says how many failed, and the results table artifact.
+Failed flow run that says how many failed, and the results table artifact;
+and a flow run that reaches an in-process hub with only what ``hub_access`` gave it.
 """
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable
 from typing import Any, cast
 from uuid import UUID
 
 import pytest
+from hub_support import TOKEN, credentials_with, running_device, running_hub
 from prefect import State, get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -32,6 +32,7 @@ from prefect.logging.handlers import APILogHandler
 from aip.messages import Command, Result, ResultStatus
 from dispatchers import ServerPool
 from flows.batch import dispatch_batch, run_batch_flow
+from flows.hub_access import HubAccess, hub_access
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -170,12 +171,6 @@ async def test_the_helper_always_answers_even_when_the_flow_cannot_start_servers
         assert "/nonexistent/mcp.json: no such file" in result.error
 
 
-def test_aip_dispatchers_and_the_batch_file_reader_never_import_prefect() -> None:
-    check = "import sys, aip.messages, dispatchers, flows.batch_file; print('prefect' in sys.modules)"
-    output = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True, timeout=60)
-    assert output.stdout.strip() == "False"
-
-
 async def test_a_server_killed_mid_call_fails_only_that_command_promptly(demo_config: dict[str, Any]) -> None:
     commands = [
         Command(tool_name="sleep", parameters={"seconds": 60}, tool_type="action", call_id="in-flight"),
@@ -228,3 +223,15 @@ async def test_two_commands_with_one_call_id_are_refused_before_anything_runs(de
     results = await run_batch_flow(twins, config=demo_config)
     assert [r.status for r in results] == [ResultStatus.FAILURE, ResultStatus.FAILURE]
     assert all("call_ids must be unique within a batch; repeated: same" in (r.error or "") for r in results)
+
+
+@pytest.mark.usefixtures("clean_environment")
+async def test_a_flow_run_reaches_the_hub_with_what_it_was_given(prefect_api: str) -> None:
+    """Through Prefect's flow engine: no hub parameter, no environment, only what ``hub_access`` set."""
+    from flows.batch import run_batch_flow
+
+    command = Command(tool_name="echo", parameters={"via": "context"}, call_id="given-1")
+    async with asyncio.timeout(60), running_hub(credentials_with(["given-pc"])) as hub, running_device(hub, "given-pc"):
+        with hub_access(HubAccess(hub.url, TOKEN)):
+            [result] = await run_batch_flow([command], backend="remote", device="given-pc", timeout=20)
+    assert (result.status, result.result) == (ResultStatus.SUCCESS, {"via": "context"}), result

@@ -47,6 +47,8 @@ from aip.access import AccessPolicy
 from aip.backoff import Backoff
 from aip.connect import HubRefused, HubUnavailable, open_connection
 from aip.controller import HubLink, list_devices
+from aip.credential_file import CredentialFile, editing, read_store, write_store
+from aip.credentials import CredentialStore, Role
 from aip.device import DeviceClient
 from aip.hub import Hub, HubSettings
 from aip.messages import (
@@ -1577,3 +1579,16 @@ async def test_a_batch_sent_before_the_device_connects_is_delivered_when_it_come
             await device
     assert (result.status, result.result) == (ResultStatus.SUCCESS, {"x": 1}), result.error
     assert 1.5 <= elapsed < 8.0, elapsed
+
+
+async def test_a_credential_issued_a_moment_ago_opens_the_hub_before_the_next_periodic_check(tmp_path: Path) -> None:
+    path = tmp_path / "credentials.json"
+    write_store(path, CredentialStore())
+    access = AccessPolicy(read_store(path))
+    settings = HubSettings(port=0, credentials_check_interval=3600)  # the watcher would not look for an hour
+    async with Hub(access, settings, credential_file=CredentialFile(path)) as hub:
+        with editing(path) as store:
+            token = store.issue(Role.CONTROLLER, "ops")
+        assert await list_devices(hub.url, token, timeout=10) == []
+        with pytest.raises(HubRefused, match="401"):  # and an unknown one is still refused
+            await list_devices(hub.url, "dsp_ctl_" + "x" * 43, timeout=10)

@@ -8,6 +8,7 @@ streamable HTTP on 127.0.0.1. Every test is bounded in time.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import yaml
 from conftest import DEMO_SERVER, EXAMPLES, demo_server_spec
 from mcp.types import CallToolResult, ImageContent, TextContent
 
@@ -33,9 +35,11 @@ from dispatchers import (
     MCPServerManager,
     RetryPolicy,
     ServerPool,
+    load_config,
     shared_manager,
 )
 from dispatchers.mcp_results import tool_output
+from flows.batch_file import check_tool_types, load_batch
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -728,3 +732,29 @@ async def test_a_closed_manager_stays_closed(monkeypatch: pytest.MonkeyPatch) ->
     assert after[0].status is ResultStatus.FAILURE and "stopped" in (after[0].error or "")
     assert not manager.servers["demo"].available
     assert not demo_children() - others
+
+
+def write_batch(tmp_path: Path, data: Any) -> Path:
+    path = tmp_path / "batch.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+async def test_a_checked_batch_file_runs_on_the_servers_of_its_config(tmp_path: Path) -> None:
+    """The path ``dispatch run`` takes: load the file, load the config, check, run on the real demo server."""
+    config = tmp_path / "mcp.json"
+    config.write_text(json.dumps({"mcpServers": {"demo": demo_server_spec()}}))
+    commands = [
+        {"tool_name": "add", "parameters": {"a": 1, "b": 2}, "tool_type": "demo"},
+        {"tool_name": "echo", "parameters": {"value": "x"}, "tool_type": "data_collection"},
+        {"tool_name": "add", "parameters": {"a": 2, "b": 2}},
+    ]
+    batch = load_batch(write_batch(tmp_path, {"config": "mcp.json", "commands": commands}))
+    assert batch.config is not None
+
+    check_tool_types(batch, load_config(batch.config))
+    async with MCPServerManager.from_config(batch.config) as manager:
+        results = await LocalCommandDispatcher(manager).execute_commands(batch.commands, timeout=20)
+
+    assert [result.status for result in results] == [ResultStatus.SUCCESS] * 3, [r.error for r in results]
+    assert [result.result for result in results] == [{"result": 3.0}, {"result": "x"}, {"result": 4.0}]

@@ -6,13 +6,12 @@ then waits for the test; ``tests/fixtures/interrupt/cue_server.py``, the demo
 server plus that tool), and a quick one. On the cue the test interrupts it
 (SIGINT to the process group, as a terminal sends Ctrl-C, or to the process
 alone) and checks what was printed, the exit code and what Prefect recorded.
-The batch engine's side of an interruption is tested without processes at
-the end.
+The batch engine's side of an interruption is tested without processes in
+``tests/unit/test_batch_engine.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import contextlib
 import fcntl
@@ -38,11 +37,6 @@ from typing import Any, TypeVar
 import pytest
 from conftest import FIXTURES
 from process_support import processes_mentioning
-
-from aip.budget import Budget, Deadline
-from aip.messages import Command, Result, ResultStatus
-from dispatchers import BatchPolicy, ExecutionMode, InMemoryCommandDispatcher, run_batch
-from dispatchers.interrupt import interruptible, unless_interrupted
 
 T = TypeVar("T")
 
@@ -666,57 +660,3 @@ def test_resume_of_an_unknown_flow_run_says_where_it_looked(tmp_path: Path, pref
     assert f"no flow run {unknown} on the Prefect API at {prefect_api}" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stdout == ""
-
-
-# --- the batch engine, interrupted (no processes) --------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "policy",
-    [BatchPolicy(ExecutionMode.SEQUENTIAL), BatchPolicy(ExecutionMode.PARALLEL, max_concurrency=1)],
-    ids=["sequential", "parallel-1-at-a-time"],
-)
-@pytest.mark.parametrize("answering", [False, True], ids=["cancelled-by-the-engine", "answering-the-interruption"])
-async def test_run_batch_interrupted_while_the_second_command_runs(policy: BatchPolicy, answering: bool) -> None:
-    """Finished: its Result; running: Interrupted, started; not started: Interrupted, did not run; at once.
-
-    ``answering`` wraps each command in ``unless_interrupted`` as the task
-    does (it answers at once); without it the engine cancels it after ``settle``.
-    """
-    running, ended, calls = asyncio.Event(), asyncio.Event(), []
-
-    async def hold(command: Command) -> str:
-        calls.append(command.tool_name)
-        running.set()
-        try:
-            await asyncio.sleep(60)
-        finally:
-            ended.set()
-        return "held to the end"
-
-    dispatcher = InMemoryCommandDispatcher({"add": lambda command: 3, "hold": hold, "last": lambda command: "ran"})
-
-    async def run_one(command: Command, deadline: Deadline) -> Result:
-        if answering:
-            return await unless_interrupted(command, dispatcher.execute_command(command, deadline))
-        return await dispatcher.execute_command(command, deadline)
-
-    commands = [Command(tool_name=name) for name in ("add", "hold", "last")]
-    with interruptible() as interruption:
-        batch = asyncio.ensure_future(run_batch(commands, run_one, Deadline.after(120), policy, Budget(settle=0.2)))
-        async with asyncio.timeout(10):
-            await running.wait()
-        began = time.monotonic()
-        interruption.interrupt()
-        async with asyncio.timeout(5):
-            results = await batch
-        seconds = time.monotonic() - began
-
-    assert seconds < 2.0, f"run_batch took {seconds:.2f} s to answer the interruption"
-    assert ended.is_set(), "the running command was not cancelled"
-    assert calls == ["hold"]  # the last command never ran
-    assert [result.status for result in results] == [ResultStatus.SUCCESS, ResultStatus.FAILURE, ResultStatus.FAILURE]
-    assert results[0].result == 3
-    assert WHILE_IT_RAN in (results[1].error or "")
-    assert BEFORE_IT_STARTED in (results[2].error or "")
-    assert all(result.call_id for result in results) and len({result.call_id for result in results}) == 3

@@ -20,7 +20,7 @@ import pytest
 from pydantic import ValidationError
 
 from aip.backoff import Backoff
-from aip.budget import Deadline
+from aip.budget import Budget, Deadline
 from aip.messages import Command, Result, ResultStatus
 from dispatchers import (
     DEFAULT_TIMEOUT,
@@ -39,6 +39,7 @@ from dispatchers.errors import (
     ServerUnavailable,
     ToolReportedError,
 )
+from dispatchers.interrupt import interruptible, unless_interrupted
 from dispatchers.retry_conditions import RETRY_TOOL_ERRORS_TOO
 
 #: Retries without waiting, so that retry tests take no time.
@@ -988,3 +989,61 @@ async def test_without_an_attempt_timeout_a_hung_command_times_out_once_with_the
     [result] = await dispatcher.execute_commands([Command(tool_name="hangs")], timeout=0.3)
 
     assert (result.error or "").endswith("TimeoutError: no result within 0.3s")
+
+
+WHILE_IT_RAN = "Interrupted: stopped by the user (Ctrl-C) while it ran"
+BEFORE_IT_STARTED = "Interrupted: stopped by the user (Ctrl-C) before it started"
+
+
+# --- the batch engine, interrupted (no processes) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [BatchPolicy(ExecutionMode.SEQUENTIAL), BatchPolicy(ExecutionMode.PARALLEL, max_concurrency=1)],
+    ids=["sequential", "parallel-1-at-a-time"],
+)
+@pytest.mark.parametrize("answering", [False, True], ids=["cancelled-by-the-engine", "answering-the-interruption"])
+async def test_run_batch_interrupted_while_the_second_command_runs(policy: BatchPolicy, answering: bool) -> None:
+    """Finished: its Result; running: Interrupted, started; not started: Interrupted, did not run; at once.
+
+    ``answering`` wraps each command in ``unless_interrupted`` as the task
+    does (it answers at once); without it the engine cancels it after ``settle``.
+    """
+    running, ended, calls = asyncio.Event(), asyncio.Event(), []
+
+    async def hold(command: Command) -> str:
+        calls.append(command.tool_name)
+        running.set()
+        try:
+            await asyncio.sleep(60)
+        finally:
+            ended.set()
+        return "held to the end"
+
+    dispatcher = InMemoryCommandDispatcher({"add": lambda command: 3, "hold": hold, "last": lambda command: "ran"})
+
+    async def run_one(command: Command, deadline: Deadline) -> Result:
+        if answering:
+            return await unless_interrupted(command, dispatcher.execute_command(command, deadline))
+        return await dispatcher.execute_command(command, deadline)
+
+    commands = [Command(tool_name=name) for name in ("add", "hold", "last")]
+    with interruptible() as interruption:
+        batch = asyncio.ensure_future(run_batch(commands, run_one, Deadline.after(120), policy, Budget(settle=0.2)))
+        async with asyncio.timeout(10):
+            await running.wait()
+        began = time.monotonic()
+        interruption.interrupt()
+        async with asyncio.timeout(5):
+            results = await batch
+        seconds = time.monotonic() - began
+
+    assert seconds < 2.0, f"run_batch took {seconds:.2f} s to answer the interruption"
+    assert ended.is_set(), "the running command was not cancelled"
+    assert calls == ["hold"]  # the last command never ran
+    assert [result.status for result in results] == [ResultStatus.SUCCESS, ResultStatus.FAILURE, ResultStatus.FAILURE]
+    assert results[0].result == 3
+    assert WHILE_IT_RAN in (results[1].error or "")
+    assert BEFORE_IT_STARTED in (results[2].error or "")
+    assert all(result.call_id for result in results) and len({result.call_id for result in results}) == 3

@@ -8,11 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import demo_server_spec
 from pydantic import ValidationError
 
-from aip.messages import Command, ResultStatus
-from dispatchers import LocalCommandDispatcher, MCPServerManager, load_config
+from aip.messages import Command
 from dispatchers.errors import validation_message
 from flows.batch_file import BatchFile, BatchFileError, check_tool_types, load_batch
 
@@ -121,23 +119,3 @@ def test_a_batch_built_in_code_is_refused_without_a_file_name() -> None:
     with pytest.raises(BatchFileError) as caught:
         check_tool_types(batch, [])
     assert str(caught.value).startswith("commands.0.tool_type: 'nosuch' is neither")
-
-
-async def test_a_checked_batch_file_runs_on_the_servers_of_its_config(tmp_path: Path) -> None:
-    """The path ``dispatch run`` takes: load the file, load the config, check, run on the real demo server."""
-    config = tmp_path / "mcp.json"
-    config.write_text(json.dumps({"mcpServers": {"demo": demo_server_spec()}}))
-    commands = [
-        {"tool_name": "add", "parameters": {"a": 1, "b": 2}, "tool_type": "demo"},
-        {"tool_name": "echo", "parameters": {"value": "x"}, "tool_type": "data_collection"},
-        {"tool_name": "add", "parameters": {"a": 2, "b": 2}},
-    ]
-    batch = load_batch(write(tmp_path, {"config": "mcp.json", "commands": commands}))
-    assert batch.config is not None
-
-    check_tool_types(batch, load_config(batch.config))
-    async with MCPServerManager.from_config(batch.config) as manager:
-        results = await LocalCommandDispatcher(manager).execute_commands(batch.commands, timeout=20)
-
-    assert [result.status for result in results] == [ResultStatus.SUCCESS] * 3, [r.error for r in results]
-    assert [result.result for result in results] == [{"result": 3.0}, {"result": "x"}, {"result": 4.0}]

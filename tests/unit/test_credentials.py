@@ -1,5 +1,7 @@
-"""The pure parts of the security model: credentials and their file (and the hub reading it), what deployment
-parameters may say, inert text."""
+"""The pure parts of the security model: credentials and their file, what deployment parameters may say, inert text.
+
+(A hub reading the credentials file is in ``tests/integration/test_hub.py``.)
+"""
 
 from __future__ import annotations
 
@@ -12,12 +14,8 @@ import pytest
 from markdown_it import MarkdownIt
 from rich.console import Console
 
-from aip.access import AccessPolicy
-from aip.connect import HubRefused
-from aip.controller import list_devices
 from aip.credential_file import CredentialFile, editing, read_store, write_store
 from aip.credentials import CredentialError, CredentialStore, Role, check_name
-from aip.hub import Hub, HubSettings
 from aip.messages import Command
 from cli.inert import escaped, inert
 from dispatchers import error_result
@@ -145,19 +143,6 @@ def test_a_watched_file_is_read_again_when_it_changes_and_a_broken_one_keeps_the
     with pytest.raises(CredentialError, match="gone or empty"):
         watched.refresh()
     assert watched.store.identify(second) is not None
-
-
-async def test_a_credential_issued_a_moment_ago_opens_the_hub_before_the_next_periodic_check(tmp_path: Path) -> None:
-    path = tmp_path / "credentials.json"
-    write_store(path, CredentialStore())
-    access = AccessPolicy(read_store(path))
-    settings = HubSettings(port=0, credentials_check_interval=3600)  # the watcher would not look for an hour
-    async with Hub(access, settings, credential_file=CredentialFile(path)) as hub:
-        with editing(path) as store:
-            token = store.issue(Role.CONTROLLER, "ops")
-        assert await list_devices(hub.url, token, timeout=10) == []
-        with pytest.raises(HubRefused, match="401"):  # and an unknown one is still refused
-            await list_devices(hub.url, "dsp_ctl_" + "x" * 43, timeout=10)
 
 
 # -- deployment parameters ------------------------------------------------------------------

@@ -2,40 +2,25 @@
 
 The builders are checked against what automations are documented to match
 on (names, resource ids and labels, related flow run, payloads), by catching
-what they hand to Prefect; one test reads events back from a real API, for a
-tool whose error is larger than any event Prefect accepts.
+what they hand to Prefect: no API. What a real API makes of them is in
+``tests/integration/test_events_api.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import subprocess
-import sys
-import uuid
-from collections.abc import Awaitable
-from typing import Any, cast
+from typing import Any
 
 import pytest
-from conftest import ROOT
-from prefect import State, flow, get_client
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
-from prefect.events.schemas.events import ReceivedEvent, ResourceSpecification
-from prefect.logging.handlers import APILogHandler
 
 import tasks.events
-from aip.budget import Deadline
 from aip.credentials import Identity, Role
 from aip.messages import Command, Result, ResultStatus
 from aip.registration import Profile
 from aip.switchboard import Device
 from cli.hub_events import PrefectHubEvents
-from dispatchers import InMemoryCommandDispatcher
-from flows.batch import dispatch_batch
 from flows.reporting import emit_batch_finished
-from tasks import BatchContext, CommandReport, execute_as_task, install_run_logging
+from tasks import BatchContext, CommandReport, install_run_logging
 from tasks.command import _NoStateEcho, _Observer, _RunLogHandler
 from tasks.events import TEXT_LIMIT, DispatchEvent, clip, emit_command_event
 
@@ -166,79 +151,6 @@ def test_every_string_of_a_payload_is_bounded(emitted: list[dict[str, Any]]) -> 
     assert payload["lines"] == [payload["error"]] and payload["n"] == 7
 
 
-@pytest.mark.usefixtures("prefect_api")
-def test_an_event_prefect_refuses_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
-    # The labels come from the batch and are not cut: a 2 MB tool name makes an event over Prefect's limit.
-    command = Command(tool_name="t" * 2_000_000, call_id="c-4")
-    caplog.set_level(logging.WARNING, logger="dispatchers")
-
-    emit_command_event(DispatchEvent.COMMAND_SUCCEEDED, command, BATCH, {})
-
-    [record] = [record for record in caplog.records if record.name == "dispatchers"]
-    assert "dispatch.command.succeeded" in record.getMessage() and "too large" in record.getMessage()
-
-
-# -- through a real API ----------------------------------------------------------------
-
-
-async def _events_of(flow_run_id: str, expected: int) -> list[ReceivedEvent]:
-    """The flow run's ``dispatch.*`` events, once the API has recorded ``expected`` of them (bounded poll)."""
-    event_filter = EventFilter(
-        event=EventNameFilter(prefix=["dispatch."]),
-        resource=EventResourceFilter(labels=ResourceSpecification({"dispatch.flow_run": flow_run_id})),
-    )
-    async with get_client() as client, asyncio.timeout(30):
-        while True:
-            found = (await client.read_events(event_filter, limit=50)).events
-            if len(found) >= expected:
-                return found
-            await asyncio.sleep(0.2)
-
-
-def _huge_error(command: Command) -> None:
-    raise RuntimeError("y" * 2_000_000)  # larger than any event Prefect sends (1.5 MB by default)
-
-
-@flow(persist_result=False)
-async def _one_command(command: Command) -> tuple[Result, str]:
-    """Run ``command`` as a task run on in-memory tools; its Result and the flow run's id."""
-    from prefect.runtime import flow_run
-
-    batch = BatchContext(namespace=str(flow_run.id), flow_run_id=str(flow_run.id))
-    dispatcher = InMemoryCommandDispatcher({"huge_error": _huge_error})
-    result, _ = await execute_as_task(command, dispatcher, Deadline.after(30), batch, resumable=False)
-    return result, batch.flow_run_id
-
-
-@pytest.mark.usefixtures("prefect_api")
-async def test_a_tool_error_too_large_for_an_event_stays_in_its_result_and_is_cut_in_the_event() -> None:
-    command = Command(tool_name="huge_error", call_id=f"huge-{uuid.uuid4().hex[:6]}")
-
-    result, flow_run_id = await _one_command(command)
-
-    # The Result keeps the tool's error (it used to become "EventTooLarge: ...").
-    assert result.status is ResultStatus.FAILURE
-    assert result.error is not None and result.error.endswith("y" * 1000) and "EventTooLarge" not in result.error
-    [event] = await _events_of(flow_run_id, expected=1)
-    assert event.event == "dispatch.command.failed"
-    assert event.resource.id == f"dispatch.command.{command.call_id}"
-    assert len(event.payload["error"]) == TEXT_LIMIT and event.payload["error"].startswith("ToolError: yyy")
-
-
-# -- run logging -------------------------------------------------------------------------
-
-
-def test_importing_the_tasks_flows_and_hub_events_installs_no_log_handler_or_filter() -> None:
-    code = """
-import json, logging
-import tasks, flows.batch, cli.hub_events
-print(json.dumps([len(logging.getLogger("dispatchers").handlers), len(logging.getLogger("prefect.task_runs").filters)]))
-"""
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1]) == [0, 0]
-
-
 def test_installing_the_run_logging_twice_installs_it_once() -> None:
     install_run_logging()
     install_run_logging()
@@ -247,21 +159,3 @@ def test_installing_the_run_logging_twice_installs_it_once() -> None:
     filters = logging.getLogger("prefect.task_runs").filters
     assert sum(isinstance(handler, _RunLogHandler) for handler in handlers) == 1
     assert sum(isinstance(installed, _NoStateEcho) for installed in filters) == 1
-
-
-@pytest.mark.usefixtures("prefect_api")
-async def test_a_flow_runs_dispatcher_logs_reach_its_logs_in_the_api(demo_config: dict[str, Any]) -> None:
-    # One transient failure: the dispatcher's "retrying" warning, logged inside the task run.
-    command = Command(tool_name="flaky", parameters={"key": uuid.uuid4().hex, "failures": 1}, call_id="flaky")
-
-    state = await cast(Awaitable[State[Any]], dispatch_batch([command], config=demo_config, return_state=True))
-
-    assert state.is_completed(), state.message
-    flow_run_id = state.state_details.flow_run_id
-    assert flow_run_id is not None
-    await APILogHandler.aflush()
-    async with get_client() as client:
-        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    retries = [log for log in logs if log.name == "dispatchers" and "retrying in" in log.message]
-    assert len(retries) == 1, [log.message for log in logs]
-    assert retries[0].task_run_id is not None

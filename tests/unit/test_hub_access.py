@@ -14,7 +14,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from hub_support import TOKEN, credentials_with, running_device, running_hub, self_signed_certificate
+from conftest import HUB_VARIABLES
+from hub_support import TOKEN, self_signed_certificate
 from typer.testing import CliRunner
 
 from aip.messages import Command, Result, ResultStatus
@@ -22,14 +23,6 @@ from cli.hub_client import flow_hub_access
 from cli.main import app
 from cli.up import analytics_off
 from flows.hub_access import HubAccess, current_hub_access, hub_access
-
-HUB_VARIABLES = ("DISPATCH_HUB", "DISPATCH_TOKEN", "DISPATCH_CAFILE")
-
-
-@pytest.fixture
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in HUB_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
 
 
 def test_from_environment_reads_the_three_variables_and_an_empty_one_is_unset() -> None:
@@ -125,15 +118,3 @@ def test_dispatch_run_on_a_device_hands_the_flow_its_token_in_process(
     assert seen["environ"] == before, "the run changed os.environ"
     assert dict(os.environ) == before
     assert current_hub_access() == HubAccess(), "what the run was given outlived it"
-
-
-@pytest.mark.usefixtures("clean_environment")
-async def test_a_flow_run_reaches_the_hub_with_what_it_was_given(prefect_api: str) -> None:
-    """Through Prefect's flow engine: no hub parameter, no environment, only what ``hub_access`` set."""
-    from flows.batch import run_batch_flow
-
-    command = Command(tool_name="echo", parameters={"via": "context"}, call_id="given-1")
-    async with asyncio.timeout(60), running_hub(credentials_with(["given-pc"])) as hub, running_device(hub, "given-pc"):
-        with hub_access(HubAccess(hub.url, TOKEN)):
-            [result] = await run_batch_flow([command], backend="remote", device="given-pc", timeout=20)
-    assert (result.status, result.result) == (ResultStatus.SUCCESS, {"via": "context"}), result

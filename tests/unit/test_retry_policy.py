@@ -1,4 +1,4 @@
-"""Retry conditions and ``RetryPolicy`` as values (unit tests, no I/O; the loop itself is in test_engine)."""
+"""Retry conditions and ``RetryPolicy`` as values (unit tests, no I/O; the loop itself is in test_batch_engine)."""
 
 from __future__ import annotations
 
