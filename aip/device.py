@@ -40,6 +40,7 @@ from .call_memory import CallMemory
 from .connect import DEFAULT_MAX_MESSAGE_BYTES, endpoint, first_latency, open_connection, safe_url
 from .device_session import (
     FRAGMENT_CHARS,
+    RECONNECT_BACKOFF,
     Action,
     Batch,
     CancelBatch,
@@ -83,7 +84,7 @@ class DeviceClient:
         token: str | None = None,
         tools: Callable[[], list[dict[str, Any]]] = list,
         heartbeat_interval: float = 10.0,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = RECONNECT_BACKOFF,
         budget: Budget = Budget(),
         memory: CallMemory | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,

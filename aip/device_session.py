@@ -85,6 +85,11 @@ _RESPONSE_ID = re.compile(r'"response_id"\s*:\s*"([^"\\]{1,200})"')
 #: Whatever the client uses for a connection; the session only compares and hands them back.
 Peer = TypeVar("Peer", bound=Hashable)
 
+#: How a device dials in again: 0.5 s after a working connection drops, then
+#: 1, 2, 4 … up to 30 s while the hub stays away, each spread over its lower half
+#: so that devices that lost the same hub do not all return in the same instant.
+RECONNECT_BACKOFF = Backoff(initial=0.5, maximum=30.0, jitter=0.5)
+
 
 class DeviceReplaced(HubUnavailable):
     """Another connection holds this id, or took it: another machine may be using the same credential."""
@@ -201,7 +206,7 @@ class DeviceSession(Generic[Peer]):
         device_id: str,
         *,
         budget: Budget = Budget(),
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = RECONNECT_BACKOFF,
         fragment_chars: int = FRAGMENT_CHARS,
         clock: Callable[[], str] = now_iso,
     ) -> None:
@@ -425,11 +430,12 @@ class DeviceSession(Generic[Peer]):
             level = logging.ERROR if isinstance(error, HubRefused | DeviceReplaced) else logging.WARNING
             actions.append(Log(level, f"device {self.device_id!r}: {error}"))
             self._last_failure = failure
-        if self._registered_since_failure:
-            self._failures, self._last_failure, self._registered_since_failure = 1, None, False
+        if self._registered_since_failure:  # the connection that dropped had worked: come back at once, nearly
+            self._failures, self._last_failure, self._registered_since_failure = 0, None, False
         else:
             self._failures += 1
-        delay = self.backoff.maximum if isinstance(error, DeviceReplaced) else self.backoff.delay(self._failures)
+        # A drop after a registration waits the first delay; a failed dial, at least the second.
+        delay = self.backoff.maximum if isinstance(error, DeviceReplaced) else self.backoff.delay(self._failures + 1)
         actions.append(Reconnect(delay))
         return actions
 

@@ -23,6 +23,7 @@ from aip.budget import Budget
 from aip.connect import CredentialRefused, HubRefused, HubUnavailable
 from aip.device_session import (
     FRAGMENT_CHARS,
+    RECONNECT_BACKOFF,
     Batch,
     CancelBatch,
     DeviceReplaced,
@@ -503,3 +504,13 @@ def test_after_a_registration_the_delays_start_again_from_the_first() -> None:
     down = HubUnavailable("cannot reach the hub")
     assert session.attempt_ended(down) == [Log(logging.WARNING, "device 'alpha': cannot reach the hub"), Reconnect(1.0)]
     assert session.attempt_ended(down) == [Reconnect(2.0)]
+
+
+def test_by_default_a_device_returns_half_a_second_after_a_drop_and_a_second_after_a_failed_dial() -> None:
+    assert Backoff(initial=0.5, maximum=30.0, jitter=0.5) == RECONNECT_BACKOFF
+    cold = DeviceSession("alpha")
+    [_, first] = cold.attempt_ended(HubUnavailable("cannot reach the hub"))
+    assert isinstance(first, Reconnect) and 0.5 <= first.delay <= 1.0
+    cold.registered()
+    [_, after_a_drop] = cold.attempt_ended(HubUnavailable("the hub closed the connection"))
+    assert isinstance(after_a_drop, Reconnect) and 0.25 <= after_a_drop.delay <= 0.5
