@@ -166,7 +166,7 @@ class RetryRule(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     # No upper bounds: any RetryPolicy travels; the batch's deadline bounds the tries on the device.
-    attempts: int | None = Field(ge=1)  # None: as many as the deadline allows
+    attempts: int = Field(ge=1)
     initial_delay: float = Field(ge=0, allow_inf_nan=False)
     max_delay: float = Field(ge=0, allow_inf_nan=False)
     jitter: float = Field(ge=0, allow_inf_nan=False)  # a fraction of each delay (aip.backoff.Backoff)

@@ -60,6 +60,11 @@ observing_attempts: ContextVar[AttemptObserver | None] = ContextVar("observing_a
 RetryListener = Callable[[int, BaseException, float], None]
 
 
+#: ``attempts=None`` as it travels: a device of any version reads a whole number,
+#: and the batch's deadline bounds its tries anyway.
+_UNTIL_THE_DEADLINE = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How to try a failed command again: how often, how patiently, and which failures.
@@ -90,7 +95,7 @@ class RetryPolicy:
         device applies the standard condition, or the one with tool errors.
         """
         return RetryRule(
-            attempts=self.attempts,
+            attempts=_UNTIL_THE_DEADLINE if self.attempts is None else self.attempts,
             initial_delay=self.backoff.initial,
             max_delay=self.backoff.maximum,
             jitter=self.backoff.jitter,
@@ -101,7 +106,7 @@ class RetryPolicy:
         """This policy, with what a batch's retry rule says (a jitter above 1 is read as 1)."""
         return replace(
             self,
-            attempts=rule.attempts,
+            attempts=None if rule.attempts >= _UNTIL_THE_DEADLINE else rule.attempts,
             backoff=Backoff(rule.initial_delay, rule.max_delay, min(rule.jitter, 1.0)),
             when=RETRY_TOOL_ERRORS_TOO if rule.retry_tool_errors else RETRY_TRANSIENT,
         )
