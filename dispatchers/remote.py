@@ -119,7 +119,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
         if protocol is None:
             raise ValueError(
                 "WebSocketCommandDispatcher needs a connection to the hub: pass a HubLink, "
-                "or use `await WebSocketCommandDispatcher.connect(hub_url, device)`"
+                "or use `await WebSocketCommandDispatcher.connect(hub_url, device, token=...)`"
             )
         if not device:
             raise ValueError("WebSocketCommandDispatcher needs the id of the device to run commands on")

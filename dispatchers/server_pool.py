@@ -48,10 +48,13 @@ class ServerPool:
         """The pool open in this context and event loop, if any.
 
         A pool seen from another event loop (a context copied into a thread)
-        is not current there: its servers' tasks belong to its own loop.
+        is not current there: its servers' tasks belong to its own loop. Nor
+        is one already closed, seen by a task that outlived its block.
         """
         pool = _current.get()
-        return pool if pool is not None and pool._loop is asyncio.get_running_loop() else None
+        if pool is None or pool._closed or pool._loop is not asyncio.get_running_loop():
+            return None
+        return pool
 
     def manager(self, source: str | Path | Mapping[str, Any]) -> MCPServerManager:
         """The pool's manager for this config, created on first use; its servers launched, not waited for.

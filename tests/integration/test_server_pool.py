@@ -87,6 +87,24 @@ async def test_a_pool_is_not_current_in_another_event_loop() -> None:
         assert await asyncio.to_thread(asyncio.run, seen_there()) is None
 
 
+async def test_a_task_that_outlives_its_pool_sees_none_and_gets_a_fresh_one() -> None:
+    inside = asyncio.Event()
+    release = asyncio.Event()
+
+    async def lingering() -> ServerPool | None:
+        inside.set()
+        await release.wait()
+        return ServerPool.current()
+
+    async with ServerPool() as pool:
+        task = asyncio.create_task(lingering())  # copies the context: the pool is in it
+        await inside.wait()
+    release.set()
+    assert await asyncio.wait_for(task, timeout=5) is None  # closed: not handed out again
+    async with ensure_server_pool() as fresh:
+        assert fresh is not pool
+
+
 async def test_a_pool_is_entered_once() -> None:
     async with ServerPool() as pool:
         with pytest.raises(RuntimeError, match="entered once"):
