@@ -35,11 +35,15 @@ killed too.
       repetitions: each costs up to 10 s more; the wait for the poll is
       uniform between 0 and 10 s, so two or three runs only show its range).
     - *in-process, MCP servers cold*: ``await dispatch_batch(...)`` in this
-      process, against the same API, after ``close_shared_managers()``
-      (untimed), so the run starts its MCP servers, as the subprocess does.
-    - *in-process, servers warm*: the same with the servers of this event loop
-      already running (``dispatchers.shared_manager``), as every batch after
-      the first in a long-lived process; and again as an A/A pair.
+      process, against the same API, inside a ``dispatchers.ServerPool`` of
+      its own, opened just before the call and closed after it (untimed), so
+      the run starts its MCP servers, as the subprocess does.
+    - *in-process, servers warm*: the same inside the one ``ServerPool`` that
+      stays open around every warm run, its servers already running (the
+      warm-up started them), as every batch after the first in a long-lived
+      process (``dispatch run``); and again as an A/A pair. The script checks
+      that each in-process run took its servers from its pool and that no
+      warm run restarted them.
 
     The breakdown comes from the flow run's state timestamps and its task
     runs: trigger to Pending (the worker picked the run up: the API call
@@ -94,7 +98,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -103,6 +108,8 @@ from uuid import UUID
 
 from harness import ROOT, Provenance, arguments, broken, interleaved, ms, print_json, table, wait_quiet
 from processes import Children, free_port, proc_table, subtree
+
+from dispatchers import MCPServerManager, ServerPool  # no Prefect: it is imported once the environment is set
 
 CODE_PACKAGES = ("aip", "dispatchers", "flows", "tasks", "cli")
 POOL = "dispatch"
@@ -185,6 +192,19 @@ class Settle:
 
 # -- one run of each kind ------------------------------------------------------------------------
 
+
+class Pool(ServerPool):
+    """A ``ServerPool`` that counts the managers it hands out: the proof that a flow run took its servers here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handed_out = 0
+
+    def manager(self, source: str | Path | Mapping[str, Any]) -> MCPServerManager:
+        self.handed_out += 1
+        return super().manager(source)
+
+
 Run = dict[str, float]
 
 
@@ -217,6 +237,14 @@ async def phases(client: Any, flow_run_id: UUID, t0: float, count: int) -> Run:
     return found
 
 
+async def still_up(manager: MCPServerManager, before: MCPServerManager, clients: list[Any]) -> bool:
+    """Whether ``manager`` is ``before`` and each of its servers still runs the client it had (no restart)."""
+    if manager is not before:
+        return False
+    now = [await server.client() for server in manager.servers.values()]
+    return len(now) == len(clients) and all(a is b for a, b in zip(now, clients, strict=True))
+
+
 def split(times: Run, since: str) -> Run:
     """Phase durations from the times of ``phases``: ``since`` (pending or t0) to running, and so on."""
     begin = times.get(since, 0.0) if since != "t0" else 0.0
@@ -240,6 +268,8 @@ class Bench:
     settle: Settle
     storage: Path
     size: int
+    #: The pool open around every warm in-process run, entered by ``measure``.
+    warm: Pool
     runs: dict[str, list[Run]] = field(default_factory=dict)
 
     def record(self, label: str, run: Run) -> None:
@@ -318,23 +348,28 @@ class Bench:
         )
 
     async def in_process(self, label: str, count: int, cold: bool, persist: bool = True) -> None:
-        from dispatchers import close_shared_managers, shared_manager
+        """One ``dispatch_batch`` call here: in a fresh pool closed after it (``cold``), else in the warm one."""
         from flows.batch import dispatch_batch
 
         config = str(ROOT / CONFIG)
-        if cold:
-            await close_shared_managers()
-            manager = None
-        else:  # the servers of this loop, started (untimed) if need be: the run must find them warm
-            manager = shared_manager(config)
-            for connection in manager.servers.values():
-                await connection.session()
-        files = self.stored_files()
-        t0, begin = time.time(), time.perf_counter()
-        state = await dispatch_batch(commands=batch(count), config=config, persist_results=persist, return_state=True)
-        wall = time.perf_counter() - begin
-        if manager is not None and shared_manager(config) is not manager:
-            raise broken("a warm in-process run did not use the warm MCP servers")
+        pool = Pool() if cold else self.warm
+        owner: AbstractAsyncContextManager[Pool] = pool if cold else nullcontext(pool)
+        async with owner:  # current for the flow run; a cold pool stops its servers at the end (untimed)
+            warm: tuple[MCPServerManager, list[Any]] | None = None
+            if not cold:  # the warm servers, started (untimed) if need be: the run must find them up
+                manager = pool.manager(config)
+                warm = manager, [await server.client() for server in manager.servers.values()]
+            handed_out = pool.handed_out
+            files = self.stored_files()
+            t0, begin = time.time(), time.perf_counter()
+            state = await dispatch_batch(
+                commands=batch(count), config=config, persist_results=persist, return_state=True
+            )
+            wall = time.perf_counter() - begin
+            if pool.handed_out == handed_out:
+                raise broken(f"{label}: the flow run did not take its MCP servers from the benchmark's pool")
+            if warm is not None and not await still_up(pool.manager(config), *warm):
+                raise broken("a warm in-process run did not use the warm MCP servers")
         results = await state.aresult(raise_on_failure=False)
         if not state.is_completed() or not isinstance(results, list) or len(results) != count:
             raise broken(f"dispatch_batch ended {state.name}: {state.message}")
@@ -408,7 +443,6 @@ async def measure(args: argparse.Namespace, children: Children, home: Path, env:
     from prefect import get_client
 
     from cli.up import run_step
-    from dispatchers import close_shared_managers
 
     queues = {queue: seconds for queue, seconds in QUEUES.items() if queue == "default" or not args.skip_slow}
     figures: dict[str, Any] = {}
@@ -446,39 +480,40 @@ async def measure(args: argparse.Namespace, children: Children, home: Path, env:
         roots = {name: process.pid for name, process in children.started.items()}
         meter = Meter(roots)
         settle = Settle(meter)
-        bench = Bench(client, meter, settle, home / "storage", args.batch)
+        # The warm runs' servers: one pool open around them all, closed before the cold starts below.
+        async with Pool() as warm:
+            bench = Bench(client, meter, settle, home / "storage", args.batch, warm)
 
-        # Untimed: the first in-process run (imports, API client, MCP servers), the first deployment run
-        # (the worker's first subprocess, the OS file cache) and a first batch of the size of (2).
-        await bench.in_process("warmup", args.batch, cold=False)
-        await bench.deployment("default", "warmup")
-        await bench.in_process("warmup", args.persist_batch, cold=False, persist=False)
-        await settle.calibrate()
-        figures["idle_cpu_ms_per_s"] = {name: ms(rate, 1) for name, rate in settle.idle.items()}
+            # Untimed: the first in-process run (imports, API client, MCP servers), the first deployment run
+            # (the worker's first subprocess, the OS file cache) and a first batch of the size of (2).
+            await bench.in_process("warmup", args.batch, cold=False)
+            await bench.deployment("default", "warmup")
+            await bench.in_process("warmup", args.persist_batch, cold=False, persist=False)
+            await settle.calibrate()
+            figures["idle_cpu_ms_per_s"] = {name: ms(rate, 1) for name, rate in settle.idle.items()}
 
-        subjects: dict[str, Callable[[], Awaitable[None]]] = {
-            "deploy_1": lambda: bench.deployment("default", "deploy_1"),
-            "inproc_cold": lambda: bench.in_process("inproc_cold", args.batch, cold=True),
-            "inproc_warm": lambda: bench.in_process("inproc_warm", args.batch, cold=False),
-            "inproc_warm_aa": lambda: bench.in_process("inproc_warm_aa", args.batch, cold=False),
-        }
-        counts = dict.fromkeys(subjects, args.repeats)
-        if "slow" in queues:
-            subjects["deploy_10"] = lambda: bench.deployment("slow", "deploy_10")
-            counts["deploy_10"] = args.slow_repeats
-        if args.cli_runs:
-            subjects["cli_1"] = lambda: bench.cli("cli_1")
-            counts["cli_1"] = args.cli_runs
-        await interleaved(subjects, counts)
+            subjects: dict[str, Callable[[], Awaitable[None]]] = {
+                "deploy_1": lambda: bench.deployment("default", "deploy_1"),
+                "inproc_cold": lambda: bench.in_process("inproc_cold", args.batch, cold=True),
+                "inproc_warm": lambda: bench.in_process("inproc_warm", args.batch, cold=False),
+                "inproc_warm_aa": lambda: bench.in_process("inproc_warm_aa", args.batch, cold=False),
+            }
+            counts = dict.fromkeys(subjects, args.repeats)
+            if "slow" in queues:
+                subjects["deploy_10"] = lambda: bench.deployment("slow", "deploy_10")
+                counts["deploy_10"] = args.slow_repeats
+            if args.cli_runs:
+                subjects["cli_1"] = lambda: bench.cli("cli_1")
+                counts["cli_1"] = args.cli_runs
+            await interleaved(subjects, counts)
 
-        n = args.persist_batch
-        persist: dict[str, Callable[[], Awaitable[None]]] = {
-            "persist_on": lambda: bench.in_process("persist_on", n, cold=False, persist=True),
-            "persist_off": lambda: bench.in_process("persist_off", n, cold=False, persist=False),
-            "persist_off_aa": lambda: bench.in_process("persist_off_aa", n, cold=False, persist=False),
-        }
-        await interleaved(persist, args.persist_repeats)
-        await close_shared_managers()
+            n = args.persist_batch
+            persist: dict[str, Callable[[], Awaitable[None]]] = {
+                "persist_on": lambda: bench.in_process("persist_on", n, cold=False, persist=True),
+                "persist_off": lambda: bench.in_process("persist_off", n, cold=False, persist=False),
+                "persist_off_aa": lambda: bench.in_process("persist_off_aa", n, cold=False, persist=False),
+            }
+            await interleaved(persist, args.persist_repeats)
         figures["mcp_cold_start_ms"] = {k: ms(v, 1) for k, v in (await mcp_cold_starts(1)).items()}
     figures["runs"] = {label: runs for label, runs in bench.runs.items() if label != "warmup"}
     return figures
