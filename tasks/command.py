@@ -196,6 +196,7 @@ async def execute_as_task(
     task results on every call, which none of them can hold. A Result found
     from an earlier run of the batch comes back with ``report.reused`` set.
     """
+    install_run_logging()  # a flow of one's own that runs our task gets our run logs too
     report = CommandReport(command.call_id)
     variant = run_resumable_command if resumable else run_command
     call = variant(quote(command), quote(dispatcher), quote(deadline), quote(batch), quote(report), return_state=True)

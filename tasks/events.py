@@ -22,7 +22,6 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from prefect.events import emit_event
-from prefect.exceptions import EventTooLarge
 
 if TYPE_CHECKING:
     from aip.messages import Command
@@ -113,10 +112,13 @@ def _bounded(value: Any) -> Any:
 def _emit(
     event: DispatchEvent, resource: dict[str, str], payload: dict[str, Any], related: list[dict[str, str]] | None = None
 ) -> None:
-    """Queue the event (Prefect sends it in the background, and logs its own failures); never raise."""
+    """Queue the event (Prefect sends it in the background, and logs its own failures); never raise.
+
+    An event is the dashboard's extra: it must never cost a command its Result.
+    """
     try:
         emit_event(event.value, resource=resource, related=related, payload=_bounded(payload))
-    except EventTooLarge as error:  # labels from the batch itself (call_id, tool) can still be too long
+    except Exception as error:  # EventTooLarge (a batch's own labels can be too long), or any bug of the client
         logger.warning(
             "event %s for %s not sent: %s", event.value, clip(resource["prefect.resource.id"], _QUOTED_ID_CHARS), error
         )
