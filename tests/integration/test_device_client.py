@@ -1,4 +1,4 @@
-"""In the field (issue 9): a device that only stops when it must, and agent context that reaches the device.
+"""The device client against a hub: it stops only when it must; the agent context and retry policy sent reach it.
 
 Real sockets on 127.0.0.1. Where a hub must misbehave on purpose (garble its
 answer to ``register``, revoke mid-connection) a plain ``websockets`` server
