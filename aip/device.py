@@ -41,16 +41,16 @@ from .connect import DEFAULT_MAX_MESSAGE_BYTES, endpoint, first_latency, open_co
 from .device_session import (
     FRAGMENT_CHARS,
     RECONNECT_BACKOFF,
-    Action,
     Batch,
     CancelBatch,
+    DeviceAction,
     DeviceReplaced,
     DeviceSession,
     GiveUp,
     Log,
     Reconnect,
-    Send,
     StartBatch,
+    Transmit,
     system_info,
 )
 from .failure import error_result
@@ -198,11 +198,11 @@ class DeviceClient:
         now = asyncio.get_running_loop().time()
         self._carry_out(self.session.receive(connection, frame, now=now, latency=latency))
 
-    def _carry_out(self, actions: list[Action[ClientConnection]]) -> None:
+    def _carry_out(self, actions: list[DeviceAction[ClientConnection]]) -> None:
         """Do what the session decided, without waiting: the connection's frames keep being read meanwhile."""
         for action in actions:
             match action:
-                case Send():
+                case Transmit():
                     self._chore(_deliver(action))
                 case StartBatch(batch):
                     task = asyncio.create_task(self._run_batch(batch))
@@ -278,12 +278,12 @@ class DeviceClient:
             )
 
 
-async def _send(action: Send[ClientConnection]) -> None:
+async def _send(action: Transmit[ClientConnection]) -> None:
     await action.peer.send(action.parts[0] if len(action.parts) == 1 else action.parts)
 
 
-async def _deliver(action: Send[ClientConnection]) -> None:
-    """Send, if the connection is still there: a frame for a connection gone has nobody to tell."""
+async def _deliver(action: Transmit[ClientConnection]) -> None:
+    """Transmit, if the connection is still there: a frame for a connection gone has nobody to tell."""
     with contextlib.suppress(ConnectionClosed):
         await _send(action)
 

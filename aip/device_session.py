@@ -62,17 +62,17 @@ from .switchboard import now_iso
 
 __all__ = [
     "FRAGMENT_CHARS",
-    "Action",
     "Batch",
     "CancelBatch",
+    "DeviceAction",
     "DeviceReplaced",
     "DeviceSession",
     "GiveUp",
     "Log",
     "Reconnect",
     "Refusal",
-    "Send",
     "StartBatch",
+    "Transmit",
     "system_info",
 ]
 
@@ -130,8 +130,8 @@ class Batch(Generic[Peer]):
 
 
 @dataclass(frozen=True)
-class Send(Generic[Peer]):
-    """Send one message to ``peer``: ``parts`` are its fragments (a single one when it is short)."""
+class Transmit(Generic[Peer]):
+    """Transmit one message to ``peer``: ``parts`` are its fragments (a single one when it is short)."""
 
     peer: Peer
     parts: tuple[str, ...]
@@ -178,7 +178,7 @@ class GiveUp:
 
 
 #: What a frame, or the device stopping, asks the client to do.
-Action = Send[Peer] | StartBatch[Peer] | CancelBatch[Peer] | Log
+DeviceAction = Transmit[Peer] | StartBatch[Peer] | CancelBatch[Peer] | Log
 
 
 @dataclass(frozen=True)
@@ -268,7 +268,7 @@ class DeviceSession(Generic[Peer]):
 
     # -- frames from the hub -------------------------------------------------
 
-    def receive(self, peer: Peer, frame: str | bytes, *, now: float, latency: float) -> list[Action[Peer]]:
+    def receive(self, peer: Peer, frame: str | bytes, *, now: float, latency: float) -> list[DeviceAction[Peer]]:
         """A frame from the hub on ``peer``, at ``now`` on the client's monotonic clock, ``latency`` seconds away."""
         try:
             message = ServerMessage.model_validate_json(frame)
@@ -294,7 +294,7 @@ class DeviceSession(Generic[Peer]):
                 pass  # heartbeats and anything a UFO server may add: nothing to do
         return []
 
-    def _complain(self, peer: Peer, frame: str | bytes, error: str) -> list[Action[Peer]]:
+    def _complain(self, peer: Peer, frame: str | bytes, error: str) -> list[DeviceAction[Peer]]:
         """Answer a frame we could not read with an error, so a batch in it fails now rather than at its deadline."""
         try:
             response_id = json.loads(frame).get("response_id")
@@ -333,7 +333,7 @@ class DeviceSession(Generic[Peer]):
     def _orphan(batch: Batch[Peer], why: str) -> None:
         batch.orphaned = batch.orphaned or why  # the first reason is the one that counts
 
-    def _cancel(self, batch: Batch[Peer], why: str) -> list[Action[Peer]]:
+    def _cancel(self, batch: Batch[Peer], why: str) -> list[DeviceAction[Peer]]:
         if batch not in self.runs or batch.cancelled is not None:
             return []
         batch.cancelled = why
@@ -345,7 +345,7 @@ class DeviceSession(Generic[Peer]):
         """The timeout to hand the executor at ``now``: what is left of the batch's time, never nothing."""
         return self.budget.handed_on(batch.expires_at - now)
 
-    def answer(self, batch: Batch[Peer], results: list[Result]) -> Send[Peer] | Log:
+    def answer(self, batch: Batch[Peer], results: list[Result]) -> Transmit[Peer] | Log:
         """The reply to ``batch`` (one Result per command), or, for a batch orphaned, only a note of it.
 
         An orphaned batch's controller is gone or will send it again: its
@@ -388,15 +388,15 @@ class DeviceSession(Generic[Peer]):
             if batch.peer == peer:
                 self._orphan(batch, "the connection to the hub was lost")
 
-    def shutdown(self, why: str) -> list[Action[Peer]]:
+    def shutdown(self, why: str) -> list[DeviceAction[Peer]]:
         """The device is stopping: every run stops now, and answers while it still can."""
         return [action for batch in list(self.runs) for action in self._cancel(batch, why)]
 
-    def _send(self, peer: Peer, text: str) -> Send[Peer]:
+    def _send(self, peer: Peer, text: str) -> Transmit[Peer]:
         if len(text) <= self.fragment_chars:
-            return Send(peer, (text,))
+            return Transmit(peer, (text,))
         size = self.fragment_chars
-        return Send(peer, tuple(text[start : start + size] for start in range(0, len(text), size)))
+        return Transmit(peer, tuple(text[start : start + size] for start in range(0, len(text), size)))
 
     # -- connections ---------------------------------------------------------
 

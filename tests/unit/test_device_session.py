@@ -32,8 +32,8 @@ from aip.device_session import (
     Log,
     Reconnect,
     Refusal,
-    Send,
     StartBatch,
+    Transmit,
     system_info,
 )
 from aip.messages import (
@@ -91,8 +91,8 @@ def success(call_id: str, value: Any = "done") -> Result:
 
 
 def sent(action: object) -> dict[str, Any]:
-    """The JSON of a ``Send``, its fragments joined."""
-    assert isinstance(action, Send), action
+    """The JSON of a ``Transmit``, its fragments joined."""
+    assert isinstance(action, Transmit), action
     parsed: dict[str, Any] = json.loads(action.text)
     return parsed
 
@@ -288,7 +288,7 @@ def test_a_frame_that_names_its_batch_is_answered_with_an_error_for_that_batch(f
     warning, answer = new_session().receive(CONN_1, frame, now=NOW, latency=0.0)
     assert isinstance(warning, Log) and warning.level == logging.WARNING
     assert warning.message.startswith("device 'alpha': a malformed frame from the hub: ")
-    assert isinstance(answer, Send) and answer.peer == CONN_1
+    assert isinstance(answer, Transmit) and answer.peer == CONN_1
     error = ClientMessage.model_validate(sent(answer))
     assert error.type is ClientMessageType.ERROR and error.status is TaskStatus.ERROR
     assert error.prev_response_id == "r9" and error.client_id == "alpha" and error.timestamp == "T0"
@@ -341,7 +341,7 @@ def test_a_batch_is_answered_with_command_results_on_the_connection_it_came_by()
     batch = start(session, peer=CONN_2)
     results = [success("c1", 0), success("c2", [])]
     answer = session.answer(batch, results)
-    assert isinstance(answer, Send) and answer.peer == CONN_2 and len(answer.parts) == 1
+    assert isinstance(answer, Transmit) and answer.peer == CONN_2 and len(answer.parts) == 1
     reply = ClientMessage.model_validate(sent(answer))
     assert reply.type is ClientMessageType.COMMAND_RESULTS and reply.status is TaskStatus.CONTINUE
     assert reply.prev_response_id == "r1" and reply.session_id == "s1" and reply.client_id == "alpha"
@@ -398,7 +398,7 @@ def test_a_long_answer_goes_in_fragments_of_the_sessions_size() -> None:
     batch = start(session)
     shot = "A" * 5000
     answer = session.answer(batch, [success("c1", shot), success("c2")])
-    assert isinstance(answer, Send) and len(answer.parts) > 5
+    assert isinstance(answer, Transmit) and len(answer.parts) > 5
     assert all(len(part) == 1000 for part in answer.parts[:-1]) and 0 < len(answer.parts[-1]) <= 1000
     assert ClientMessage.model_validate(sent(answer)).action_results == [success("c1", shot), success("c2")]
 
@@ -406,7 +406,7 @@ def test_a_long_answer_goes_in_fragments_of_the_sessions_size() -> None:
 def test_the_error_for_an_unreadable_frame_is_fragmented_like_any_other_message() -> None:
     session = new_session(fragment_chars=10)
     _, answer = session.receive(CONN_1, json.dumps({"type": "command", "response_id": "r9"}), now=NOW, latency=0.0)
-    assert isinstance(answer, Send) and len(answer.parts) > 1 and sent(answer)["prev_response_id"] == "r9"
+    assert isinstance(answer, Transmit) and len(answer.parts) > 1 and sent(answer)["prev_response_id"] == "r9"
 
 
 # -- how a connection ends, and what then ---------------------------------------------
