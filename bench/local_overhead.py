@@ -32,7 +32,7 @@ Three comparisons, all in one process, all against the same stdio demo server
 (c) the ``dispatch_batch`` flow (100 commands, parallel) against a bare async
     Prefect flow that gathers 100 no-op async tasks the way our flow gathers
     its tasks: the price of Prefect itself (a flow run, a task run per
-    command). ``dispatch_batch`` starts its MCP servers once per event loop
+    command). ``dispatch_batch`` starts its MCP servers once per ServerPool
     and config (``dispatchers.shared_manager``); untimed warm-up runs start
     them, so the timed runs find them warm, as every batch after a process's
     first does; the script checks that no timed run started a server. The
@@ -47,7 +47,7 @@ Three comparisons, all in one process, all against the same stdio demo server
     load the (c) ratios move by tenths from run to run. 1-command flows of
     each kind give the fixed cost per flow run, hence the marginal cost per
     command. The cold start and stop of the MCP server (``MCPServerManager``
-    started and closed, what ``shared_manager`` does once per event loop)
+    started and closed, what ``shared_manager`` does once per ServerPool)
     and the warm ``shared_manager`` call (what every run pays) are timed as
     context; neither is in any ratio. Prefect runs on a throwaway API
     (``prefect_test_harness``); after each flow run the benchmark waits,
@@ -355,14 +355,14 @@ async def bench_flow(batch: int, repeats: int, raw: Client) -> dict[str, Any]:
     """(c) ``dispatch_batch``, its MCP servers warm, against a bare flow of no-op tasks; also 1-command flows.
 
     ``dispatch_batch`` gets its servers from ``shared_manager(config)``, which
-    starts them on the first run in an event loop and hands the same ones to
+    starts them on the first run in a ServerPool and hands the same ones to
     every later run; the untimed warm-up runs start them here, and the check
     after the timed runs proves that no run started its own. A second,
     stricter baseline (``bare_mcp``) is the bare flow whose tasks each make the
     raw ``call_tool`` on ``raw``, an already connected client: Prefect plus MCP
     with nothing of ours. ``bare_n_aa`` is the no-op flow once more, an A/A
     pair: the noise floor of the ratios. The cold start and stop of the MCP
-    server (what the first batch of an event loop pays, once) is timed on its
+    server (what the first batch of a ServerPool pays, once) is timed on its
     own after the rotation, as context; it is in no ratio.
     """
     from prefect import flow, task
@@ -416,7 +416,7 @@ async def bench_flow(batch: int, repeats: int, raw: Client) -> dict[str, Any]:
         return run
 
     async def server_cold() -> None:
-        """A cold start of the MCP server, then its stop: what ``shared_manager`` does once per event loop."""
+        """A cold start of the MCP server, then its stop: what ``shared_manager`` does once per ServerPool."""
         begin = time.perf_counter()
         manager = MCPServerManager.from_config(config)
         await manager.start()
@@ -561,7 +561,7 @@ def print_table(figures: dict[str, Any]) -> None:
             f"{c['floor_ratio']:.2f}"
         )
         print(
-            "    (the MCP server cold start is paid once per event loop by the first batch; in no ratio. "
+            "    (the MCP server cold start is paid once per ServerPool by the first batch; in no ratio. "
             f"Not timed: API start {c['api_start_s']} s, first flow {c['first_flow_s']} s, "
             f"median settle after a run {c['settle_median_s']} s)"
         )
