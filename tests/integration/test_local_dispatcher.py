@@ -662,7 +662,7 @@ async def test_closing_the_manager_leaves_no_server_process(demo_config: dict[st
             os.kill(pid, 0)
 
 
-# --- hardening found in review -------------------------------------------------------------------------------
+# --- edge cases ---------------------------------------------------------------------------------------------
 
 HUGE_STDERR_THEN_SERVE = (
     "import runpy, sys; sys.stderr.write('x' * 200_000 + '\\n'); sys.stderr.flush(); "

@@ -923,7 +923,7 @@ def test_command_timeout_text() -> None:
     assert isinstance(CommandTimeout(1), TimeoutError)
 
 
-# --- hardening found in review -------------------------------------------------------------------------------
+# --- edge cases ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("timeout", [0, -1, math.inf, math.nan])
