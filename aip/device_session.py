@@ -62,6 +62,7 @@ from .switchboard import now_iso
 
 __all__ = [
     "FRAGMENT_CHARS",
+    "RECONNECT_BACKOFF",
     "Batch",
     "CancelBatch",
     "DeviceAction",
