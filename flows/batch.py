@@ -8,6 +8,7 @@ command, whatever happens to the flow run itself.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
@@ -154,7 +155,8 @@ async def dispatch_batch(
     servers = config or (spec.config if spec else None) or "mcp.json"
     watch = Watch()
     watch.batch_started(run_id, flow_run_name(), batch)
-    await _best_effort(_tag(backend, device), "tagging the flow run")
+    # The tags' round trip runs beside the commands; awaited before the flow run ends.
+    tagging = asyncio.ensure_future(_best_effort(_tag(backend, device), "tagging the flow run"))
     reports: list[CommandReport | None] = [None] * len(batch)
 
     agent = agent_context or (spec.agent_context if spec else None) or AgentContext()
@@ -185,7 +187,8 @@ async def dispatch_batch(
 
     watch.batch_finished(results, reports)
     where = f"device {device}" if backend is Backend.REMOTE else "local MCP servers"
-    await _best_effort(publish_results(flow_run_name(), batch, results, reports, where), "publishing the results")
+    published = publish_results(flow_run_name(), batch, results, reports, where)
+    await asyncio.gather(tagging, _best_effort(published, "publishing the results"))
     emit_batch_finished(context, results, reports)
     return final_state(batch, results)
 

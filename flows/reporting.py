@@ -3,7 +3,8 @@
 A progress artifact moves while the batch runs; when it ends, a table with
 one row per command (status, attempts, time, error) and a markdown summary.
 Artifacts are API round trips (~10 ms each), so progress is written in the
-background at most once a second, never once per command.
+background (its creation too) at most once a second, never once per command,
+and the two artifacts of a finished batch are written at once.
 """
 
 from __future__ import annotations
@@ -52,11 +53,7 @@ class Progress:
         self._artifact: UUID | None = None
 
     async def __aenter__(self) -> Progress:
-        try:
-            self._artifact = await acreate_progress_artifact(0.0, description=f"Commands finished, of {self.total}.")
-        except Exception as error:  # no progress bar is no reason not to run the batch
-            get_run_logger().warning("no progress artifact: %s", error)
-            return self
+        # Created in the background: the commands need not wait for the artifact's round trip.
         self._writer = asyncio.create_task(self._write())
         return self
 
@@ -64,8 +61,9 @@ class Progress:
         self.done = max(self.done, self.total) if exc[0] is None else self.done
         self._closing.set()
         if self._writer is not None:
-            self._writer.cancel()
+            # The writer ends at once unless a round trip is in flight (creating the artifact, an update).
             await asyncio.wait({self._writer}, timeout=5)
+            self._writer.cancel()
         if self._artifact is not None:
             with contextlib.suppress(Exception):  # the last word; the results table says the rest
                 await aupdate_progress_artifact(self._artifact, self.percent)
@@ -80,14 +78,22 @@ class Progress:
         self._changed.set()
 
     async def _write(self) -> None:
-        assert self._artifact is not None
+        try:
+            self._artifact = await acreate_progress_artifact(0.0, description=f"Commands finished, of {self.total}.")
+        except Exception as error:  # no progress bar is no reason not to run the batch
+            get_run_logger().warning("no progress artifact: %s", error)
+            return
         while not self._closing.is_set():
             await self._changed.wait()
+            # At most one write per interval, the first an interval after a change: a batch that ends
+            # sooner is written once, by __aexit__ (always the last word).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self.interval)
+            if self._closing.is_set():
+                return
             self._changed.clear()
             with contextlib.suppress(Exception):  # a missed update is made good by the next one
                 await aupdate_progress_artifact(self._artifact, self.percent)
-            with contextlib.suppress(TimeoutError):  # at most one write per interval; the last one is __aexit__'s
-                await asyncio.wait_for(self._closing.wait(), self.interval)
 
 
 def _cell(value: Any) -> str:
@@ -126,8 +132,11 @@ async def publish_results(
                 "error": _cause(command, result),
             }
         )
-    await acreate_table_artifact(table=rows, key="batch-results", description="One row per command, in batch order.")
-    await acreate_markdown_artifact(summary(title, commands, results, reports, where), key="batch-summary")
+    # Two round trips at once: neither needs the other.
+    await asyncio.gather(
+        acreate_table_artifact(table=rows, key="batch-results", description="One row per command, in batch order."),
+        acreate_markdown_artifact(summary(title, commands, results, reports, where), key="batch-summary"),
+    )
 
 
 def summary(
