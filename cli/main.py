@@ -17,9 +17,12 @@ to stderr. Only ``run``, ``resume`` and ``up`` import Prefect: ``device`` and
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib.metadata
+import os
 import sys
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -56,7 +59,23 @@ def main() -> None:
         else:
             say_error(message + (f" (see `{context.command_path} --help`)" if context is not None else ""))
         code = getattr(error, "exit_code", 2)
-    sys.exit(code if isinstance(code, int) else 0)
+    exit_at_once(code if isinstance(code, int) else 0)
+
+
+def exit_at_once(code: int) -> NoReturn:
+    """Exit once the exit handlers have run, without tearing the interpreter down.
+
+    Tearing down the modules Prefect loads takes most of a second after the
+    last Result is printed, and nothing needs it: stdout and stderr are
+    flushed here, and the exit handlers (Prefect's log and event workers
+    sending what they hold, the temporary server's stop) run first, as at a
+    normal exit.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader that went away, a stream already closed
+            stream.flush()
+    atexit._run_exitfuncs()
+    os._exit(code)
 
 
 def version_callback(value: bool) -> None:
