@@ -116,9 +116,20 @@ async def run_batch(
             for index, command in enumerate(batch):
                 group.create_task(run_in_slot(index, command))
 
-    driver = asyncio.ensure_future(run_all())
+    # The driver says it is over itself, as its last step: the caller wakes one
+    # loop iteration after it, not two (a done callback, then the waiter's), and
+    # the driver is done by then.
+    over = asyncio.get_running_loop().create_future()
+
+    async def drive() -> None:
+        try:
+            await run_all()
+        finally:
+            _set_if_pending(over)
+
+    driver = asyncio.ensure_future(drive())
     try:
-        await _until_done_or_interrupted(driver, interruption, deadline.remaining() + budget.settle, budget.settle)
+        await _until_done_or_interrupted(over, interruption, deadline.remaining() + budget.settle, budget.settle)
     finally:
         finished = list(results)
         if not driver.done():
@@ -136,16 +147,30 @@ async def run_batch(
 
 
 async def _until_done_or_interrupted(
-    driver: asyncio.Future[None], interruption: Interruption | None, timeout: float, settle: float
+    over: asyncio.Future[None], interruption: Interruption | None, timeout: float, settle: float
 ) -> None:
-    """Wait for ``driver`` up to ``timeout``; if the batch is interrupted first, ``settle`` seconds more at most."""
+    """Wait for ``over`` up to ``timeout``; if the batch is interrupted first, ``settle`` seconds more at most.
+
+    ``over`` is the driver's signal that it has finished; without an
+    interruption to watch, the timeout sets it too (and a cancelled wait
+    cancels it), so the wait needs one timer and no waiter of its own.
+    """
     if interruption is None:
-        await asyncio.wait({driver}, timeout=timeout)
+        timer = asyncio.get_running_loop().call_later(timeout, _set_if_pending, over)
+        try:
+            await over
+        finally:
+            timer.cancel()
         return
     asked = asyncio.ensure_future(interruption.wait())
     try:
-        await asyncio.wait({driver, asked}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({over, asked}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         asked.cancel()
-    if interruption.asked and not driver.done():
-        await asyncio.wait({driver}, timeout=settle)
+    if interruption.asked and not over.done():
+        await asyncio.wait({over}, timeout=settle)
+
+
+def _set_if_pending(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
