@@ -74,13 +74,13 @@ async def run_batch(
     batch = assign_call_ids(commands)
     results: list[Result | None] = [None] * len(batch)
     started = [False] * len(batch)
-    failed = asyncio.Event()
+    failed = [False]  # whether a command has failed (a flag the closures share)
     interruption = current_interruption()
 
     async def run(index: int, command: Command) -> None:
         if interruption is not None and interruption.asked:
             result = error_result(command, Interrupted(started=False))
-        elif policy.stop_on_failure and failed.is_set():
+        elif policy.stop_on_failure and failed[0]:
             result = skipped_result(command, "skipped: an earlier command in the batch failed")
         elif deadline.expired:
             result = error_result(command, CommandTimeout(deadline.seconds))
@@ -93,7 +93,7 @@ async def run_batch(
             if result.call_id != command.call_id:
                 result = error_result(command, f"the result came back for call_id {result.call_id!r}")
             if result.status is ResultStatus.FAILURE:
-                failed.set()
+                failed[0] = True
         results[index] = result
         if on_result is not None:
             try:
@@ -142,6 +142,8 @@ async def run_batch(
             result or error_result(command, Interrupted(started=ran))
             for command, result, ran in zip(batch, finished, started, strict=True)
         ]
+    if all(result is not None for result in finished):  # the common case: no timeout to describe
+        return finished  # type: ignore[return-value]  # every item is a Result
     timeout = CommandTimeout(deadline.seconds)
     return [result or error_result(command, timeout) for command, result in zip(batch, finished, strict=True)]
 
