@@ -43,10 +43,10 @@ from dispatchers.errors import describe
 from dispatchers.interrupt import unless_interrupted
 
 from .events import DispatchEvent, emit_command_event
+from .report import CommandReport
 
 __all__ = [
     "BatchContext",
-    "CommandReport",
     "execute_as_task",
     "install_run_logging",
     "result_key",
@@ -106,16 +106,6 @@ class BatchContext:
     #: The flow run executing the batch now.
     flow_run_id: str
     device: str | None = None
-
-
-@dataclass
-class CommandReport:
-    """What the dashboard shows of a command beyond its Result: attempts and time taken."""
-
-    call_id: str | None
-    attempts: int = 0
-    seconds: float = 0.0
-    reused: bool = False
 
 
 @dataclass
