@@ -34,11 +34,15 @@ so what is measured is the path, not a tool.
       echo server does), and the same raw controller to our ``DeviceClient``.
       Differences of these medians say where the time goes: the second hop,
       the hub's own work, the DeviceClient with its executor, the dispatcher.
-    * three processes (context): the hub and the device each in a subprocess
-      of their own, as deployed; the raw echo server in a subprocess too. The
-      CPU time each process spent per round trip (from ``/proc/<pid>``) is
-      the cost split: how much of a round trip is the hub, the device, the
-      controller.
+    * three processes: the hub and the device each in a subprocess of their
+      own, as deployed; the raw echo server in a subprocess too. The headline
+      here is ours against its floor (issue 10): a raw client through a raw
+      relay in a process of its own (forwarding each frame untouched) to a
+      raw echo server in another (client -> relay process -> echo process ->
+      back), the same three processes and two hops as controller -> hub
+      process -> device process -> back. The CPU time each process spent per
+      round trip (from ``/proc/<pid>``) is the cost split: how much of a
+      round trip is the hub, the device, the controller.
 
     Subjects take turns in rounds (blocks of ``--calls`` calls each, the order
     rotating per round, the two topologies alternating); the median of each
@@ -49,7 +53,10 @@ so what is measured is the path, not a tool.
     concurrent one-command batches, and 8 concurrent 50-command batches (each
     worker sends its next batch when its last one is answered), in both
     topologies, against the raw echo with as many frames in flight on one
-    connection (context). Median over repetitions, order rotating.
+    connection (context), and, with three processes, against the floor (the
+    headline): the raw pipelined client through the relay process to its
+    echo process, as many frames in flight. Median over repetitions, order
+    rotating.
 (c) memory per idle device connection: a hub in a subprocess of its own
     (``aip.hub.Hub`` with default settings, what ``dispatch serve`` runs);
     its ``VmRSS`` from ``/proc/<pid>/status`` before and after ``--devices``
@@ -66,7 +73,9 @@ medians; rows marked ``*`` are the headlines the targets apply to. The
 "Noise" line gives the share of each phase this process spent waiting for a
 CPU (``/proc/self/schedstat``) and the load average: the machine is shared.
 ``--profile N`` adds a cProfile of N in-process round trips (own time by
-component, top functions). The last line is every figure as JSON.
+component, top functions), then of N round trips with three processes: the
+controller here, the hub and the device each profiled in its own process
+(own time by component, per process). The last line is every figure as JSON.
 """
 
 from __future__ import annotations
@@ -142,6 +151,10 @@ RAW_DEVICE_ID = "raw-device"
 
 #: Targets from the project brief.
 TARGET_RATIO = 3.0
+#: Issue 10: three processes, ours against the raw relay through two processes (round trip, at most) ...
+TARGET_RELAY_RATIO = 1.5
+#: ... and commands per second to one device against the raw pipelined relay (at least).
+TARGET_RELAY_THROUGHPUT = 0.5
 TARGET_KIB_PER_CONNECTION = 100.0
 
 #: Bounds on every wait, in seconds.
@@ -149,6 +162,8 @@ CALL_TIMEOUT = 30.0
 PHASE_TIMEOUT = 300.0
 #: A role subprocess exits by itself after this long, whatever happens to its parent.
 ROLE_LIFETIME = 900.0
+#: Set in a role subprocess's environment: profile it, and write the stats to this file when it ends.
+PROFILE_VARIABLE = "DISPATCH_BENCH_PROFILE"
 
 
 def screenshot_like(kib: int) -> str:
@@ -415,10 +430,16 @@ async def in_process_path(with_raw_device: bool = False) -> AsyncIterator[InProc
 
 
 @contextlib.asynccontextmanager
-async def role(*args: str) -> AsyncIterator[Role]:
-    """Start ``python bench/remote_rtt.py --role ...``, wait for its READY/WARM line; stop it on exit."""
+async def role(*args: str, profile: Path | None = None) -> AsyncIterator[Role]:
+    """Start ``python bench/remote_rtt.py --role ...``, wait for its READY/WARM line; stop it on exit.
+
+    ``profile``: the subprocess runs under cProfile and writes its stats there as it ends.
+    """
     argv = [sys.executable, str(SCRIPT), "--role", *args]
-    async with role_process(args[0], argv, {**os.environ, SECRET_VARIABLE: RUN_SECRET}) as started:
+    env = {**os.environ, SECRET_VARIABLE: RUN_SECRET}
+    if profile is not None:
+        env[PROFILE_VARIABLE] = str(profile)
+    async with role_process(args[0], argv, env) as started:
         yield started
 
 
@@ -428,13 +449,28 @@ def fleet_ids(prefix: str, count: int) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def hub_role(device_ids: Iterable[str]) -> AsyncIterator[Role]:
+async def hub_role(device_ids: Iterable[str], profile: Path | None = None) -> AsyncIterator[Role]:
     """A hub subprocess with a credentials file of ``bench_credentials(device_ids)``; the file goes with it."""
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as folder:
         path = Path(folder) / "credentials.json"
         write_store(path, bench_credentials(device_ids))
-        async with role("hub", "--credentials", str(path)) as hub:
+        async with role("hub", "--credentials", str(path), profile=profile) as hub:
             yield hub
+
+
+def role_entry(args: argparse.Namespace) -> None:
+    """A role subprocess's life, under cProfile (CPU time) if its parent asked for a profile (``PROFILE_VARIABLE``)."""
+    target = os.environ.get(PROFILE_VARIABLE)
+    if not target:
+        asyncio.run(role_main(args))
+        return
+    profiler = cProfile.Profile(time.process_time)
+    profiler.enable()
+    try:
+        asyncio.run(role_main(args))
+    finally:
+        profiler.disable()
+        profiler.dump_stats(target)
 
 
 async def role_main(args: argparse.Namespace) -> None:
@@ -451,8 +487,8 @@ async def role_main(args: argparse.Namespace) -> None:
             async with Hub(access, HubSettings(host=HOST, port=0), credential_file=credential_file) as hub:
                 say(f"READY {hub.port}")
                 await stdin.read()
-        elif args.role == "echo":
-            server = await start_echo_server()
+        elif args.role in ("echo", "relay"):
+            server = await (start_echo_server() if args.role == "echo" else relay_to(args.upstream))
             say(f"READY {server.sockets[0].getsockname()[1]}")
             await stdin.read()
             server.close()
@@ -725,6 +761,7 @@ def bucket(filename: str, name: str) -> str:
     """Which component a profiled function's own time belongs to."""
     path = filename.replace("\\", "/")
     rules = [
+        ("'poll' of 'select.epoll'" in name, "waiting for I/O (epoll)"),
         ("pydantic" in path or "pydantic_core" in name, "pydantic"),
         ("zlib" in name or "permessage_deflate" in path, "permessage-deflate (zlib)"),
         ("/websockets/" in path, "websockets"),
@@ -756,17 +793,63 @@ async def profile_in_process(calls: int) -> None:
             await ours.run([command])
         profiler.disable()
     stats = pstats.Stats(profiler)
+    print_buckets(stats, calls, f"Profile: {calls} in-process round trips")
+    print("Top functions by own time:")
+    stats.sort_stats("tottime").print_stats(25)
+
+
+def print_buckets(stats: pstats.Stats, calls: int, title: str) -> None:
+    """Own time per round trip by component (``bucket``), the largest first."""
     raw: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = stats.stats  # type: ignore[attr-defined]
     by_bucket: dict[str, float] = {}
     total = 0.0
     for (filename, _, name), (_, _, own, _, _) in raw.items():
         by_bucket[bucket(filename, name)] = by_bucket.get(bucket(filename, name), 0.0) + own
         total += own
-    print(f"\nProfile: {calls} in-process round trips, own time per round trip by component (under cProfile)")
+    print(f"\n{title}, own time per round trip by component (under cProfile)")
     for name, own in sorted(by_bucket.items(), key=lambda item: -item[1]):
         print(f"  {name:<40} {own / calls * 1e6:8.1f} us  {own / total:6.1%}")
-    print("Top functions by own time:")
-    stats.sort_stats("tottime").print_stats(25)
+
+
+async def profile_processes(calls: int) -> None:
+    """cProfile ``calls`` round trips with three processes: the controller here, the hub and the device in theirs.
+
+    Timed in CPU time (``time.process_time``), not wall time: with more
+    processes than cores, a ``send`` on loopback is charged the time its
+    process spends preempted by the receiver it woke. The subprocesses'
+    profiles cover their whole lives (start-up, warm-up and shutdown too), so
+    their figures per round trip are a little high.
+    """
+    from dispatchers import WebSocketCommandDispatcher
+
+    with tempfile.TemporaryDirectory(prefix="bench-profile-") as folder:
+        hub_stats, device_stats = Path(folder) / "hub.prof", Path(folder) / "device.prof"
+        async with hub_role(fleet_ids(DEVICE_ID, 1), profile=hub_stats) as hub:
+            hub_url = f"ws://{HOST}:{hub.port}"
+            device_args = ("device", "--hub", hub_url, "--count", "1", "--warm", "1", "--prefix", DEVICE_ID)
+            async with (
+                role(*device_args, profile=device_stats),
+                await WebSocketCommandDispatcher.connect(
+                    hub_url, f"{DEVICE_ID}-0", token=controller_token()
+                ) as dispatcher,
+            ):
+                ours = Ours(dispatcher)
+                for batch in echo_commands(50, "pw"):
+                    await ours.run([batch])
+                profiler = cProfile.Profile(time.process_time)
+                commands = echo_commands(calls, "pp")
+                profiler.enable()
+                for command in commands:
+                    await ours.run([command])
+                profiler.disable()
+        named = {
+            f"Profile: {calls} round trips, 3 processes: the controller": pstats.Stats(profiler),
+            "... the hub process (its whole life)": pstats.Stats(str(hub_stats)),
+            "... the device process (its whole life)": pstats.Stats(str(device_stats)),
+        }
+    for title, stats in named.items():
+        print_buckets(stats, calls, title)
+        stats.sort_stats("tottime").print_stats(15)
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -805,12 +888,18 @@ async def bench_all(args: argparse.Namespace) -> dict[str, Any]:
         )
         far_echo_a = await stack.enter_async_context(role("echo"))
         far_echo_b = await stack.enter_async_context(role("echo"))
+        # The floor: a relay process forwarding to an echo process of its own.
+        relay_echo = await stack.enter_async_context(role("echo"))
+        far_relay = await stack.enter_async_context(role("relay", "--upstream", f"ws://{HOST}:{relay_echo.port}"))
+        relay_url = f"ws://{HOST}:{far_relay.port}"
+        relay_processes = {"here": os.getpid(), "relay": far_relay.pid, "server": relay_echo.pid}
         from dispatchers import WebSocketCommandDispatcher
 
         far = await WebSocketCommandDispatcher.connect(hub_url, f"{DEVICE_ID}-0", token=controller_token())
         stack.push_async_callback(far.close)
         far_raw_a = await stack.enter_async_context(connect(f"ws://{HOST}:{far_echo_a.port}"))
         far_raw_b = await stack.enter_async_context(connect(f"ws://{HOST}:{far_echo_b.port}"))
+        far_relayed = await stack.enter_async_context(connect(relay_url))
 
         here = os.getpid()
         groups = {
@@ -826,6 +915,7 @@ async def bench_all(args: argparse.Namespace) -> dict[str, Any]:
                 "ours": Subject(Ours(far).run, {"here": here, "hub": hub.pid, "device": device.pid}),
                 "raw": Subject(RawEcho(far_raw_a).run, {"here": here, "server": far_echo_a.pid}),
                 "raw_aa": Subject(RawEcho(far_raw_b).run, {"here": here, "server": far_echo_b.pid}),
+                "relay": Subject(RawEcho(far_relayed).run, relay_processes),
             },
         }
         noise = Noise()
@@ -857,7 +947,10 @@ async def bench_all(args: argparse.Namespace) -> dict[str, Any]:
             "in_process_hub_device": single_figures(inner, "hub_device", "raw"),
             "processes": single_figures(outer, "ours", "raw"),
             "processes_aa": single_figures(outer, "raw_aa", "raw"),
+            "processes_relay": single_figures(outer, "relay", "raw"),
+            "processes_vs_relay": single_figures(outer, "ours", "relay"),
             "target": TARGET_RATIO,
+            "target_vs_relay": TARGET_RELAY_RATIO,
         }
 
         # (b): the pipelined raw clients need connections of their own.
@@ -865,12 +958,15 @@ async def bench_all(args: argparse.Namespace) -> dict[str, Any]:
         stack.push_async_callback(pipe_near.close)
         pipe_far = RawPipelined(await connect(f"ws://{HOST}:{far_echo_b.port}"))
         stack.push_async_callback(pipe_far.close)
+        pipe_relay = RawPipelined(await connect(relay_url))
+        stack.push_async_callback(pipe_relay.close)
         noise = Noise()
         subjects = {
             "in-process ours": Subject(Ours(dispatcher).run, {"here": here}),
             "in-process raw": Subject(pipe_near.run, {"here": here}),
             "processes ours": Subject(Ours(far).run, {"here": here, "hub": hub.pid, "device": device.pid}),
             "processes raw": Subject(pipe_far.run, {"here": here, "server": far_echo_b.pid}),
+            "processes relay": Subject(pipe_relay.run, relay_processes),
         }
         rates, cpu = await bench_throughput(subjects, loads, args.repeats)
         figures["b"] = {
@@ -878,6 +974,11 @@ async def bench_all(args: argparse.Namespace) -> dict[str, Any]:
             "commands_per_run": {load.label: load.commands for load in loads},
             "rates": rates,
             "cpu_us_per_command": cpu,
+            "vs_relay": {
+                load.label: round(rates[f"processes ours {load.label}"] / rates[f"processes relay {load.label}"], 3)
+                for load in loads
+            },
+            "target_vs_relay": TARGET_RELAY_THROUGHPUT,
         }
         figures["b_s"] = round(time.perf_counter() - noise.since, 1)
         figures["b_wait"] = noise.share()
@@ -918,6 +1019,8 @@ def print_figures(figures: dict[str, Any]) -> None:
     add("    raw controller > hub > DeviceClient", a["in_process_hub_device"])
     add("(a) 3 processes, ours vs raw echo", a["processes"])
     add("    A/A: 2nd raw client, 2nd echo process", a["processes_aa"])
+    add("    raw echo through a relay process", a["processes_relay"])
+    add("(a) 3 processes, ours vs the relay floor *", a["processes_vs_relay"])
     print(f"(a) one-command batch round trip, ms ({a['calls']} calls per subject; median of round medians, p99 pooled)")
     table(("case (* = headline)", "baseline", "ours", "ratio", "base p99", "ours p99", "p99 ratio"), rows)
     inner, outer = a["in_process"], a["processes"]
@@ -946,6 +1049,11 @@ def print_figures(figures: dict[str, Any]) -> None:
                 "",
             ),
             (
+                "3 processes: client + relay + server",
+                cpu_text(a["processes_relay"]["ours_cpu_us"], ("here", "relay", "server")),
+                "",
+            ),
+            (
                 "3 processes: controller + hub + device",
                 "",
                 cpu_text(outer["ours_cpu_us"], ("here", "hub", "device")),
@@ -963,6 +1071,11 @@ def print_figures(figures: dict[str, Any]) -> None:
     print(
         f"(a) target ratio <= {TARGET_RATIO:g} (in-process, medians): {inner['ratio']:.3f}, "
         f"{verdict(inner['ratio'] <= TARGET_RATIO)}"
+    )
+    floor = a["processes_vs_relay"]
+    print(
+        f"(a) target ratio <= {TARGET_RELAY_RATIO:g} (3 processes, ours vs the relay floor, medians): "
+        f"{floor['ratio']:.3f}, {verdict(floor['ratio'] <= TARGET_RELAY_RATIO)}"
     )
 
     b = figures["b"]
@@ -985,6 +1098,25 @@ def print_figures(figures: dict[str, Any]) -> None:
                 )
             )
     table(("case", "raw echo /s", "ours /s", "ratio", "raw CPU us/cmd", "ours CPU us/cmd"), rows_b)
+    print("(b) 3 processes, ours vs the floor: a raw pipelined client through the relay process to its echo process")
+    rows_floor = [
+        (
+            f"processes, {load} *",
+            f"{rates[f'processes relay {load}']:,}",
+            f"{rates[f'processes ours {load}']:,}",
+            f"{b['vs_relay'][load]:.2f}",
+            f"{cpu[f'processes relay {load}']:.0f}",
+            f"{cpu[f'processes ours {load}']:.0f}",
+        )
+        for load in b["loads"]
+    ]
+    table(("case (* = headline)", "relay /s", "ours /s", "ratio", "relay CPU us/cmd", "ours CPU us/cmd"), rows_floor)
+    print(
+        f"(b) target ratio >= {TARGET_RELAY_THROUGHPUT:g} (3 processes, ours / the pipelined relay): "
+        + ", ".join(
+            f"{load} {ratio:.2f} {verdict(ratio >= TARGET_RELAY_THROUGHPUT)}" for load, ratio in b["vs_relay"].items()
+        )
+    )
 
     print()
     print(
@@ -1022,6 +1154,10 @@ def print_figures(figures: dict[str, Any]) -> None:
         )
 
 
+#: The options only a role subprocess uses: not part of a run's figures.
+ROLE_OPTIONS = ("role", "hub", "upstream", "count", "prefix")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = arguments(__doc__)
     parser.add_argument("--quick", action="store_true", help="a smoke run: few rounds, 100 devices")
@@ -1036,14 +1172,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--payload-calls", type=int, default=5, help="calls per subject and round with it")
     parser.add_argument("--skip-memory", action="store_true", help="skip (c)")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N in-process round trips")
-    parser.add_argument("--role", choices=("hub", "echo", "device"), help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=("hub", "echo", "relay", "device"), help=argparse.SUPPRESS)
     parser.add_argument("--hub", help=argparse.SUPPRESS)
+    parser.add_argument("--upstream", help=argparse.SUPPRESS)
     parser.add_argument("--credentials", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--prefix", default="device", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role:
-        asyncio.run(role_main(args))
+        role_entry(args)
         return
     if args.quick:
         args.rounds, args.calls, args.repeats = 3, 50, 2
@@ -1053,7 +1190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     provenance = Provenance(CODE_PACKAGES)
     figures: dict[str, Any] = {
-        "args": {k: v for k, v in vars(args).items() if v is not None and k not in ("role", "hub", "count", "prefix")},
+        "args": {k: v for k, v in vars(args).items() if v is not None and k not in ROLE_OPTIONS},
         "code": provenance.code,
         "load_average_start": [round(value, 2) for value in os.getloadavg()],
     }
@@ -1064,6 +1201,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     provenance.print(f"; {figures['elapsed_s']} s in all.")
     if args.profile:
         asyncio.run(profile_in_process(args.profile))
+        asyncio.run(profile_processes(args.profile))
     print_json(figures)
 
 
