@@ -25,6 +25,9 @@ import pytest
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# `dispatch run` runs its batch in-process: a batch service (cli.batch_service) would outlive the test
+# that started it. The tests of the service turn it on for their own runs.
+os.environ["DISPATCH_SERVICE"] = "off"
 
 #: The repository root (this file is ``tests/conftest.py``).
 ROOT = Path(__file__).resolve().parent.parent
