@@ -518,17 +518,19 @@ class Switchboard:
         credential, whatever the frame claimed), to keep each controller's
         call memory apart.
         """
-        update: dict[str, Any] = {"target_id": None, "controller_id": None}
+        # The message was parsed for this forward alone: edited in place, not copied.
+        message.target_id = None
+        message.controller_id = None
         if device.speaks_dispatch:  # the credential, not just the name: a name issued again starts afresh
-            update["controller_id"] = f"{identity.name}#{identity.credential[:16]}"
+            message.controller_id = f"{identity.name}#{identity.credential[:16]}"
         elif message.actions:
-            update["actions"] = [
+            message.actions = [
                 action
                 if action.tool_type in TOOL_TYPES
                 else action.model_copy(update={"tool_type": ToolType.ACTION.value})
                 for action in message.actions
             ]
-        return message.model_copy(update=update).model_dump_json()
+        return message.model_dump_json()
 
     def _cancel(self, peer: Hashable, response_id: str | None) -> list[Action]:
         route = self.routes.get(response_id or "")
