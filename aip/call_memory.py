@@ -137,14 +137,14 @@ class CallMemory:
                 mine.pop(key).set_result(result)
                 failed_in = None if result.status is ResultStatus.SUCCESS else delivery
                 self._remember(key, fingerprint_of_command, result, failed_in)
-        return [await self._settle(command, answer, fail) for command, answer in zip(commands, answers, strict=True)]
+        return [
+            answer if isinstance(answer, Result) else await self._settle(command, answer, fail)
+            for command, answer in zip(commands, answers, strict=True)
+        ]
 
     @staticmethod
-    async def _settle(
-        command: Command, answer: Result | asyncio.Future[Result] | BaseException | None, fail: Fail
-    ) -> Result:
-        if isinstance(answer, Result):
-            return answer
+    async def _settle(command: Command, answer: asyncio.Future[Result] | BaseException | None, fail: Fail) -> Result:
+        """The Result of a command answered by a refusal or by another run (a Result needs no settling)."""
         if isinstance(answer, BaseException):
             return fail([command], answer)[0]
         assert answer is not None

@@ -105,10 +105,13 @@ class HubLink:
 
     async def send(self, message: ServerMessage) -> None:
         """Send one frame, connecting first if needed; ``HubUnavailable`` if that cannot be done."""
-        await self.open()
-        assert self._connection is not None
+        connection = self._connection
+        if connection is None:  # connected: no lock to take on every frame (close() clears it)
+            await self.open()
+            connection = self._connection
+        assert connection is not None
         try:
-            await self._connection.send(message.model_dump_json())
+            await connection.send(message.model_dump_json())
         except ConnectionClosed as closed:
             raise HubUnavailable(f"the connection to the hub closed: {closed}") from None
 

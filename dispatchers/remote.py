@@ -26,6 +26,7 @@ from aip.messages import (
     ClientMessageType,
     Command,
     Result,
+    RetryRule,
     ServerMessage,
     ServerMessageType,
     TaskStatus,
@@ -133,6 +134,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
             task_name=task_name,
         )
         self.retry = retry
+        self._rule = (retry, retry.to_rule())
         self.budget = budget
         #: Delivering a batch: as often as the deadline allows, spaced as the retries are.
         self.delivery = dataclasses.replace(retry, attempts=None, when=DELIVER_AGAIN)
@@ -220,7 +222,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
             timestamp=now_iso(),
             target_id=self.device,
             timeout=self.budget.for_device(deadline.remaining(), self.protocol.latency),
-            retry=self.retry.to_rule(),
+            retry=self._retry_rule(),
             resent=delivery.delivered or None,
             **self.context.model_dump(),
         )
@@ -240,6 +242,13 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
         results = self._checked(batch, reply)
         self._report_device_attempts(batch, results)
         return results
+
+    def _retry_rule(self) -> RetryRule:
+        """``self.retry`` as it travels, built once per policy rather than once per batch."""
+        policy, rule = self._rule
+        if policy is not self.retry:
+            self._rule = (self.retry, rule := self.retry.to_rule())
+        return rule
 
     def _report_device_attempts(self, batch: list[Command], results: list[Result]) -> None:
         """The tries the device made show where local ones do: the run's logs and the command's report."""
