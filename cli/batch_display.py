@@ -151,11 +151,18 @@ class BatchDisplay:
         return Group(counts, *lines)
 
 
+#: Prefect's lines that the display already shows, as a status or the table.
+REPEATED = ("Finished in state", "Beginning flow run", "Created task run", "Executing")
+
+
+def shown_in_terminal(record: logging.LogRecord) -> bool:
+    """Whether a log line belongs on the terminal: not one the display already shows."""
+    ours = record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
+    return not (ours and str(record.msg).startswith(REPEATED))
+
+
 class ConsoleLogHandler(logging.Handler):
     """Warnings on the display's console (above a live display, never through it), each line inert."""
-
-    #: Prefect's lines that the display already shows, as a status or the table.
-    REPEATED = ("Finished in state", "Beginning flow run", "Created task run", "Executing")
 
     def __init__(self, console: Console) -> None:
         super().__init__(logging.WARNING)
@@ -163,8 +170,7 @@ class ConsoleLogHandler(logging.Handler):
         self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
 
     def filter(self, record: logging.LogRecord) -> bool:
-        ours = record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
-        return not (ours and str(record.msg).startswith(self.REPEATED))
+        return shown_in_terminal(record)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:  # continuation lines indented: a tool's stderr quoted in a warning can't pass for our own lines

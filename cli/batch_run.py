@@ -11,14 +11,12 @@ session of its own (``cli.embedded_api``), so it outlives the first Ctrl-C.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from functools import partial
 
 import httpx
@@ -31,36 +29,20 @@ from prefect.settings import (
     get_current_settings,
 )
 from rich.console import Console
-from rich.text import Text
 
-from aip.messages import Command, Result, ResultStatus
+from aip.messages import Command, Result
 from dispatchers import ServerPool
 from dispatchers.interrupt import Interruption, interruptible, was_interrupted
 from flows.watching import watching
 
 from . import embedded_api
-from .batch_display import BatchDisplay, ConsoleLogHandler, results_table
+from .batch_display import BatchDisplay, ConsoleLogHandler
+from .batch_outcome import INTERRUPTED, Outcome
 
-#: The exit code of a run stopped by Ctrl-C, as a shell reports a SIGINT.
-INTERRUPTED = 130
 #: Seconds within which a repeated SIGTERM counts as the same one.
 REPEAT_WINDOW = 0.5
 #: Seconds a configured Prefect API has to answer its health check before the run is refused.
 API_CHECK_TIMEOUT = 5.0
-
-
-@dataclass
-class Outcome:
-    commands: list[Command]
-    results: list[Result]
-    display: BatchDisplay
-    interrupted: bool
-
-    @property
-    def exit_code(self) -> int:
-        if self.interrupted:
-            return INTERRUPTED
-        return 0 if all(result.status is ResultStatus.SUCCESS for result in self.results) else 1
 
 
 def run_in_terminal(work: Callable[[], Awaitable[tuple[list[Command], list[Result]]]], stderr: Console) -> Outcome:
@@ -102,24 +84,6 @@ def run_in_terminal(work: Callable[[], Awaitable[tuple[list[Command], list[Resul
     # A Ctrl-C after the last Result interrupted nothing: the run's outcome is its Results'.
     interrupted = asked and any(was_interrupted(c, r) for c, r in zip(commands, results, strict=False))
     return Outcome(commands, results, display, interrupted)
-
-
-def report(outcome: Outcome, stdout: Console, stderr: Console, json_output: bool) -> None:
-    """The Results on stdout (a table, or exactly the JSON array); how to find the run again on stderr."""
-    if json_output:
-        sys.stdout.write(json.dumps([result.model_dump(mode="json") for result in outcome.results]) + "\n")
-        sys.stdout.flush()
-    else:
-        stdout.print(results_table(outcome.commands, outcome.results, outcome.display.reports))
-    run_id = outcome.display.flow_run_id
-    if outcome.exit_code and run_id:
-        stderr.print(
-            Text.assemble(
-                "to run again only the commands that did not succeed: ", (f"dispatch resume {run_id}", "bold")
-            ),
-            highlight=False,
-            soft_wrap=True,
-        )
 
 
 def _start_unless_interrupted() -> None:

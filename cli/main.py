@@ -19,37 +19,67 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib
 import importlib.metadata
 import os
 import sys
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
-from .credentials_command import credentials_app
-from .device_command import device
-from .devices_command import devices
-from .run_command import resume, run
-from .serve_command import serve
 from .terminal import say_error, stdout
-from .tools_command import tools
-from .up_command import up
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    rich_markup_mode=None,  # plain help: no "<bool>" beside flags, nothing read as markup
-    help="Run agent commands on MCP servers, here or on remote devices, as Prefect flows.",
-)
-for command in (run, resume, up, serve, device, devices, tools):
-    app.command()(command)
-app.add_typer(credentials_app, name="credentials")
+#: Each command, in the order ``dispatch --help`` lists them: its module and the function or sub-app there.
+COMMANDS = {
+    "run": ("run_command", "run"),
+    "resume": ("run_command", "resume"),
+    "up": ("up_command", "up"),
+    "serve": ("serve_command", "serve"),
+    "device": ("device_command", "device"),
+    "devices": ("devices_command", "devices"),
+    "tools": ("tools_command", "tools"),
+    "service": ("service_command", "service_app"),
+    "credentials": ("credentials_command", "credentials_app"),
+}
+
+
+def build_app(only: str | None = None) -> typer.Typer:
+    """The command line, with every command or ``only`` one: a run imports none of the others' modules.
+
+    ``dispatch run`` would otherwise pay for importing what ``device`` and
+    ``serve`` need (MCP, the device client) before it sends its batch.
+    """
+    built = typer.Typer(
+        add_completion=False,
+        no_args_is_help=True,
+        rich_markup_mode=None,  # plain help: no "<bool>" beside flags, nothing read as markup
+        help="Run agent commands on MCP servers, here or on remote devices, as Prefect flows.",
+    )
+    built.callback()(global_options)
+    for name, (module, attribute) in COMMANDS.items():
+        if only is not None and name != only:
+            continue
+        target = getattr(importlib.import_module(f".{module}", __package__), attribute)
+        if isinstance(target, typer.Typer):
+            built.add_typer(target, name=name)
+        else:
+            built.command()(target)
+    return built
+
+
+def __getattr__(name: str) -> Any:
+    """``app``: every command (tests and ``python -m cli.main`` use it; ``main`` builds only what it runs)."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = globals()["app"] = build_app()
+    return value
 
 
 def main() -> None:
     """The ``dispatch`` command: usage errors read like every other error, one ``error:`` line, exit 2."""
     try:
-        code = app(standalone_mode=False)
+        asked = sys.argv[1] if len(sys.argv) > 1 else None
+        code = build_app(asked if asked in COMMANDS else None)(standalone_mode=False)
     except typer.Abort:  # Ctrl-C before a command took over the signal
         code = 130
     except typer.TyperException as error:  # click's errors, as typer vendors them
@@ -84,7 +114,6 @@ def version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def global_options(
     version: Annotated[
         bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version and exit")

@@ -8,6 +8,8 @@ about to run, so a usage error costs no Prefect start.
 
 from __future__ import annotations
 
+import os
+import signal
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ from flows.batch_file import BatchFile, BatchFileError, check_tool_types, load_b
 from flows.hub_access import HubAccess, hub_access
 from flows.run_settings import RunSettings
 
+from .batch_service.place import enabled as service_enabled
 from .hub_client import checked_hub, flow_hub_access
 from .options import CaFileOption, HubOption, TokenFileOption, checked_config
 from .terminal import fail_usage, say_error, say_warning, stderr, stdout
@@ -118,6 +121,9 @@ def run(
     )
     options |= settings.model_dump()
     warn_about_ineffective(settings, len(batch.commands), given_on_the_command_line(context, "max_concurrency"))
+    if service_enabled(os.environ):
+        fields = {"commands": [command.model_dump(mode="json") for command in batch.commands], "options": options}
+        run_batch_in_service("run", fields, access, json_output)
     quiet_prefect_defaults()
     from flows.batch import run_batch_flow
 
@@ -139,10 +145,51 @@ def resume(
     except ValueError:
         fail_usage(f"{flow_run_id!r} is not a flow run id (a UUID, as `dispatch run` prints it)")
     access = flow_hub_access(None, token_file, cafile)  # for a batch that ran on a device
+    if service_enabled(os.environ):
+        run_batch_in_service("resume", {"flow_run_id": flow_run_id}, access, json_output)
     quiet_prefect_defaults()
     from flows.batch import resume_batch_flow
 
     run_batch_in_terminal(lambda: resume_batch_flow(flow_run_id), access, json_output)
+
+
+def run_batch_in_service(kind: str, fields: dict[str, Any], access: HubAccess, json_output: bool) -> None:
+    """Run the batch in the batch service (``cli.batch_service``) and exit; return only if it could not start.
+
+    The terminal shows and prints what ``run_batch_in_terminal`` would; a
+    service that cannot start costs a warning and the in-process run.
+    """
+    from cli.batch_outcome import INTERRUPTED, report
+    from cli.batch_service.client import ServiceDidNotStart, ServiceFailed, ServiceRefused, run_through_service
+    from cli.batch_service.place import ServicePlace, UnsafeDirectory, idle_seconds
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a Ctrl-C while it starts, even if started ignored
+    try:
+        idle_seconds(os.environ)
+        place = ServicePlace.here()
+    except ValueError as error:
+        fail_usage(str(error))
+    except UnsafeDirectory as error:
+        say_warning(f"{error}; running the batch in this process")
+        return
+    try:
+        outcome = run_through_service(kind, fields, access, stderr, place)
+    except KeyboardInterrupt:
+        say_error("interrupted before the batch started")
+        raise typer.Exit(INTERRUPTED) from None
+    except ServiceDidNotStart as error:
+        say_warning(f"{error}; running the batch in this process")
+        return
+    except ServiceRefused as error:
+        if error.usage:
+            fail_usage(str(error))
+        say_error(str(error))
+        raise typer.Exit(1) from None
+    except ServiceFailed as error:
+        say_error(str(error))
+        raise typer.Exit(1) from None
+    report(outcome, stdout, stderr, json_output)
+    raise typer.Exit(outcome.exit_code)
 
 
 def run_batch_in_terminal(
@@ -152,7 +199,8 @@ def run_batch_in_terminal(
 
     The flow run reaches the hub with ``access``, handed to it in-process.
     """
-    from cli.batch_run import INTERRUPTED, APIUnreachable, report, run_in_terminal, where_runs_are_kept
+    from cli.batch_outcome import INTERRUPTED, report
+    from cli.batch_run import APIUnreachable, run_in_terminal, where_runs_are_kept
     from flows.batch import FlowRunNotFound
 
     try:

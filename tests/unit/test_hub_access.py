@@ -85,6 +85,7 @@ def test_dispatch_run_on_a_device_hands_the_flow_its_token_in_process(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """``dispatch run --device`` in this process, up to the flow run: the token arrives, os.environ is untouched."""
+    import cli.batch_outcome
     import cli.batch_run
     import flows.batch
 
@@ -100,7 +101,7 @@ def test_dispatch_run_on_a_device_hands_the_flow_its_token_in_process(
 
     monkeypatch.setattr(flows.batch, "run_batch_flow", flow_run)
     monkeypatch.setattr(cli.batch_run, "run_in_terminal", in_terminal)
-    monkeypatch.setattr(cli.batch_run, "report", lambda *arguments: None)
+    monkeypatch.setattr(cli.batch_outcome, "report", lambda *arguments: None)
     batch, token_file = tmp_path / "batch.json", tmp_path / "token"
     batch.write_text(json.dumps([{"tool_name": "echo", "parameters": {}}]))
     token_file.write_text(TOKEN)

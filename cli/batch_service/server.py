@@ -1,0 +1,344 @@
+"""The batch service process: batches from ``dispatch run`` as flow runs here, Prefect and MCP servers kept warm.
+
+    python -m cli.batch_service.server --socket PATH --lock PATH --idle SECONDS
+
+Started by ``cli.batch_service.client`` in a session of its own, with the
+environment and working directory of the ``dispatch run`` that needed it. It
+holds ``--lock`` for its whole life, so two runs starting at once make one
+service (the second exits at once). Each connection carries one request; a
+batch runs as ``run_batch_flow`` does in-process, watched by a forwarder
+instead of the display, interrupted when its client asks or goes away. No
+batch for ``--idle`` seconds, SIGTERM or a ``stop`` request: it stops, its
+running batches interrupted (each ends with its Results), its MCP servers
+and its temporary Prefect server with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from pathlib import Path
+from typing import IO, Any
+
+from cli.up import quiet_prefect_defaults
+
+from . import wire
+
+logger = logging.getLogger("dispatch.service")
+
+#: Where a run's warnings go: the connection of the client whose run logged them.
+_client: ContextVar[Callable[[bytes], None] | None] = ContextVar("dispatch_service_client", default=None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--socket", type=Path, required=True)
+    parser.add_argument("--lock", type=Path, required=True)
+    parser.add_argument("--idle", type=float, required=True)
+    options = parser.parse_args(argv)
+    lock = _take(options.lock)
+    if lock is None:
+        return  # another service holds this place; the client connects to it
+    if not sys.stderr.isatty():
+        os.ftruncate(sys.stderr.fileno(), 0)  # one life's log at a time
+    quiet_prefect_defaults()
+    from cli import embedded_api  # imports Prefect, which configures logging
+
+    _log_warnings()
+
+    embedded = embedded_api.needed()
+    if embedded:
+        embedded_api.start()  # stopped by its atexit handler, or with us (it dies with its parent)
+    try:
+        asyncio.run(Service(options.socket, options.idle, embedded).serve())
+    finally:
+        with contextlib.suppress(OSError):
+            options.socket.unlink()
+        lock.close()
+
+
+def _log_warnings() -> None:
+    """Warnings and errors to our log (stderr) and to the client whose run logged them; Prefect's console goes.
+
+    Prefect's console handler would write every task's lines into the log,
+    growing it with each batch.
+    """
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, PrefectConsoleHandler):
+            root.removeHandler(handler)
+    to_log = logging.StreamHandler(sys.stderr)
+    to_log.setLevel(logging.WARNING)
+    to_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(to_log)
+    root.addHandler(_ForwardedLogs())
+
+
+def _take(path: Path) -> IO[bytes] | None:
+    """The place's lock, held until we exit; None when another service holds it."""
+    handle = open(path, "ab")  # noqa: SIM115 - held for the life of the process
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
+class Service:
+    def __init__(self, path: Path, idle: float, embedded: bool) -> None:
+        self.path = path
+        self.idle = idle
+        self.embedded = embedded
+        self.running: set[asyncio.Task[None]] = set()
+        self.interruptions: set[Any] = set()
+        self.stopping = asyncio.Event()
+        self.changed = asyncio.Event()
+
+    async def serve(self) -> None:
+        from dispatchers import ServerPool
+
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(signum, self.stop)
+        async with ServerPool():  # MCP servers shared by every batch this service runs, stopped at its end
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()  # a dead service's socket: we hold the lock, it is ours to replace
+            server = await asyncio.start_unix_server(self.connected, self.path, limit=wire.REQUEST_LIMIT)
+            os.chmod(self.path, 0o600)
+            try:
+                await self.until_idle_or_stopped()
+            finally:
+                server.close()
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+                for interruption in list(self.interruptions):
+                    interruption.interrupt()
+                if self.running:
+                    await asyncio.wait(self.running)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.changed.set()
+
+    async def until_idle_or_stopped(self) -> None:
+        while not self.stopping.is_set():
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), None if self.running else self.idle)
+            except TimeoutError:
+                logger.info("no batch for %gs: stopping", self.idle)
+                return
+
+    async def connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            if not _same_user(writer):
+                return
+            writer.write(wire.encode("hello", pid=os.getpid(), dashboard=self.dashboard()))
+            request = wire.decode(await reader.readline())
+            kind = request["type"]
+            if kind == "status":
+                writer.write(wire.encode("status", pid=os.getpid(), running=len(self.running), idle=self.idle))
+            elif kind == "stop":
+                self.stop()
+                writer.write(wire.encode("stopping", running=len(self.running)))
+            elif kind in ("run", "resume"):
+                self.running.add(task)
+                self.changed.set()
+                await self.run(request, reader, writer)
+            else:
+                writer.write(wire.encode("error", usage=False, message=f"unknown request {kind!r}"))
+            await writer.drain()
+        except (ValueError, ConnectionError) as error:  # a line over the limit, not our message, a client gone
+            logger.warning("a client's request was refused: %s", error)
+        finally:
+            self.running.discard(task)
+            self.changed.set()
+            writer.close()
+
+    def dashboard(self) -> str | None:
+        from prefect.settings import PREFECT_UI_URL
+
+        return None if self.embedded else PREFECT_UI_URL.value()
+
+    async def run(self, request: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One batch, as ``dispatch run`` would run it in-process; its messages to the client as they happen."""
+        from dispatchers.interrupt import interruptible
+        from flows.hub_access import hub_access
+        from flows.watching import watching
+
+        send = _sender(writer)
+        with (
+            interruptible() as interruption,
+            watching(_Forwarder(send, self.take_back_sigterm)),
+            hub_access(wire.access_from_wire(request.get("hub_access", {}))),
+            _forwarding(send),
+        ):
+            batch = asyncio.create_task(self.batch(request))
+        self.interruptions.add(interruption)
+        listening = asyncio.create_task(_listen(reader, interruption.interrupt))
+        alive = asyncio.create_task(_keep_alive(send))
+        try:
+            await asyncio.wait({batch})
+        finally:
+            self.interruptions.discard(interruption)
+            listening.cancel()
+            alive.cancel()
+        send(batch.result())
+
+    async def batch(self, request: dict[str, Any]) -> bytes:
+        """The ``done`` message of a batch, or the ``error`` its client shows as ``dispatch run`` would."""
+        from cli.batch_run import APIUnreachable, check_api_answers, where_runs_are_kept
+        from flows.batch import FlowRunNotFound, resume_batch_flow, run_batch_flow
+        from flows.batch_file import BatchFileError
+
+        try:
+            if not self.embedded:
+                await asyncio.to_thread(check_api_answers)
+            if request["type"] == "run":
+                commands = wire.commands_from_wire(request["commands"])
+                options = request["options"]
+                if not isinstance(options, dict):
+                    raise wire.WireError("options are an object")
+                results = await run_batch_flow(commands, **options)
+            else:
+                commands, results = await resume_batch_flow(str(request["flow_run_id"]))
+        except FlowRunNotFound as error:
+            message = str(error) if error.where_known else f"{error} {where_runs_are_kept()}"
+            return wire.encode("error", usage=True, message=message)
+        except (BatchFileError, wire.WireError, KeyError) as error:
+            return wire.encode("error", usage=True, message=str(error))
+        except APIUnreachable as error:
+            return wire.encode("error", usage=False, message=str(error))
+        except Exception as error:
+            logger.exception("a batch failed in the service")
+            return wire.encode("error", usage=False, message=f"the batch service failed: {error!r}")
+        return wire.encode("done", commands=wire.commands_to_wire(commands), results=wire.results_to_wire(results))
+
+    def take_back_sigterm(self) -> None:
+        """Prefect takes SIGTERM over for each flow run (to crash it on a runner's cancel): here it stops us."""
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.stop)
+
+
+def _sender(writer: asyncio.StreamWriter) -> Callable[[bytes], None]:
+    """Write without waiting: the watcher must return at once; a client gone is no error of the batch's."""
+
+    def send(message: bytes) -> None:
+        if not writer.is_closing():
+            writer.write(message)
+
+    return send
+
+
+async def _listen(reader: asyncio.StreamReader, interrupt: Callable[[], None]) -> None:
+    """The client's ``interrupt``, or its going away (a second Ctrl-C, a kill): the batch ends now, Results kept."""
+    while True:
+        try:
+            line = await reader.readline()
+        except (ValueError, ConnectionError):
+            line = b""
+        if not line:
+            interrupt()
+            return
+        with contextlib.suppress(wire.WireError):
+            if wire.decode(line)["type"] == "interrupt":
+                interrupt()
+
+
+async def _keep_alive(send: Callable[[bytes], None]) -> None:
+    while True:
+        await asyncio.sleep(wire.ALIVE_INTERVAL)
+        send(wire.encode("alive"))
+
+
+class _Forwarder:
+    """The terminal's ``BatchWatcher``, at the other end of the socket."""
+
+    def __init__(self, send: Callable[[bytes], None], on_started: Callable[[], None]) -> None:
+        self.send = send
+        self.on_started = on_started
+
+    def batch_started(self, flow_run_id: str, flow_run_name: str, commands: Any) -> None:
+        self.on_started()
+        self.send(
+            wire.encode(
+                "started",
+                flow_run_id=flow_run_id,
+                flow_run_name=flow_run_name,
+                commands=wire.commands_to_wire(commands),
+            )
+        )
+
+    def command_started(self, index: int) -> None:
+        self.send(wire.encode("command_started", index=index))
+
+    def command_finished(self, index: int, result: Any, report: Any) -> None:
+        self.send(
+            wire.encode(
+                "command_finished",
+                index=index,
+                result=result.model_dump(mode="json"),
+                report=wire.report_to_wire(report),
+            )
+        )
+
+    def batch_finished(self, results: Any, reports: Any) -> None:
+        self.send(wire.encode("finished", reports=[wire.report_to_wire(report) for report in reports]))
+
+
+class _ForwardedLogs(logging.Handler):
+    """A run's warnings and errors, sent to its client's terminal (as ``dispatch run`` prints them in-process)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from cli.batch_display import shown_in_terminal
+
+        send = _client.get()
+        if send is None or not shown_in_terminal(record):
+            return
+        try:
+            send(wire.encode("log", name=record.name, levelno=record.levelno, message=record.getMessage()))
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _forwarding(send: Callable[[bytes], None]) -> Iterator[None]:
+    token = _client.set(send)
+    try:
+        yield
+    finally:
+        _client.reset(token)
+
+
+def _same_user(writer: asyncio.StreamWriter) -> bool:
+    """The socket's directory is ours alone; the peer's credentials say so again (SO_PEERCRED, Linux)."""
+    connection = writer.get_extra_info("socket")
+    if connection is None or not hasattr(socket, "SO_PEERCRED"):
+        return True
+    credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", credentials)
+    if uid != os.getuid():
+        logger.warning("refused a connection from uid %d", uid)
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    main()
