@@ -82,6 +82,9 @@ def connect_to(path: Path) -> socket.socket | None:
     except (FileNotFoundError, ConnectionRefusedError):
         connection.close()
         return None
+    except OSError as error:
+        connection.close()
+        raise ServiceDidNotStart(f"cannot reach the batch service at {path}: {error}") from None
     return connection
 
 

@@ -30,6 +30,8 @@ VOLATILE = frozenset(
 PACKAGES = ("aip", "dispatchers", "tasks", "flows", "cli")
 #: Where packages are installed: such a directory's mtime moves when one is added, upgraded or removed.
 INSTALL_DIRECTORIES = frozenset({"site-packages", "dist-packages"})
+#: Bytes of a socket directory's path that leave room for a socket's name (``sun_path`` holds 107).
+SOCKET_DIRECTORY_LIMIT = 107 - len("/0123456789abcdef01234567.sock")
 #: Seconds a service waits for its next batch before it stops, unless $DISPATCH_SERVICE_IDLE says otherwise.
 DEFAULT_IDLE = 900.0
 
@@ -58,9 +60,15 @@ def idle_seconds(environ: Mapping[str, str]) -> float:
 
 
 def runtime_directory(environ: Mapping[str, str]) -> Path:
-    """$XDG_RUNTIME_DIR/command-dispatcher, else /tmp/command-dispatcher-UID; made private, checked private."""
+    """$XDG_RUNTIME_DIR/command-dispatcher, else /tmp/command-dispatcher-UID; made private, checked private.
+
+    A socket's path has room for 107 bytes: a runtime directory too deep to
+    hold ours is passed over for /tmp.
+    """
     base = environ.get("XDG_RUNTIME_DIR")
     path = Path(base, "command-dispatcher") if base else Path("/tmp", f"command-dispatcher-{os.getuid()}")
+    if len(bytes(path)) > SOCKET_DIRECTORY_LIMIT:
+        path = Path("/tmp", f"command-dispatcher-{os.getuid()}")
     try:
         path.mkdir(mode=0o700, exist_ok=True)
         info = path.lstat()

@@ -20,12 +20,14 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import socket
 import sqlite3
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import threading
 import time
@@ -269,8 +271,12 @@ class Dispatch:
         self._master = None
 
 
-def child_env(home: Path, api: str | None) -> dict[str, str]:
-    """This environment without any Prefect setting of the caller's, with ``home`` as PREFECT_HOME, and ``api``."""
+def child_env(home: Path, api: str | None, service: Path | None = None) -> dict[str, str]:
+    """This environment without any Prefect setting of the caller's, with ``home`` as PREFECT_HOME, and ``api``.
+
+    ``dispatch run`` runs the batch in its own process, or in a batch service
+    whose socket is under ``service`` (an XDG_RUNTIME_DIR; see ``batch_service``).
+    """
     env = {
         key: value
         for key, value in os.environ.items()
@@ -286,7 +292,27 @@ def child_env(home: Path, api: str | None) -> dict[str, str]:
     }
     if api is not None:
         env["PREFECT_API_URL"] = api
+    env |= {"DISPATCH_SERVICE": "off"} if service is None else {"XDG_RUNTIME_DIR": str(service)}
     return env
+
+
+@pytest.fixture(params=[False, True], ids=["in-process", "service"])
+def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path | None]:
+    """Where the batch service lives (stopped after the test), or None: ``dispatch run`` runs the batch itself."""
+    if not request.param:
+        yield None
+        return
+    runtime = Path(tempfile.mkdtemp(prefix="dispatch-", dir="/tmp"))  # short: a socket's path holds 107 bytes
+    try:
+        yield runtime
+    finally:
+        subprocess.run(
+            [str(DISPATCH), "service", "stop", "--all"],
+            env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
+            capture_output=True,
+            timeout=60,
+        )
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def write_batch(tmp_path: Path, commands: list[dict[str, Any]]) -> Path:
@@ -407,9 +433,9 @@ def read_flow_run(api: str, run_id: str) -> Any:
 # --- Ctrl-C to a run on a running Prefect server ---------------------------------------------------------------------
 
 
-def test_ctrl_c_to_the_process_group_in_a_terminal(tmp_path: Path, prefect_api: str) -> None:
+def test_ctrl_c_to_the_process_group_in_a_terminal(tmp_path: Path, prefect_api: str, service: Path | None) -> None:
     """The live display, interrupted: the table (the add's real Result, the causes), 130, the run Cancelled."""
-    env = child_env(tmp_path / "prefect-home", prefect_api)
+    env = child_env(tmp_path / "prefect-home", prefect_api, service)
     with dispatching(["run", "batch.yaml"], env, tmp_path, terminal=True, prepare=add_hold_add(tmp_path)) as (
         process,
         cue,
@@ -440,9 +466,9 @@ def test_ctrl_c_to_the_process_group_in_a_terminal(tmp_path: Path, prefect_api: 
     assert (run.state.message or "").startswith("interrupted (Ctrl-C)"), run.state.message
 
 
-def test_json_on_a_pipe_interrupted(tmp_path: Path, prefect_api: str) -> None:
+def test_json_on_a_pipe_interrupted(tmp_path: Path, prefect_api: str, service: Path | None) -> None:
     """Not a terminal: one plain line per finished command on stderr, exactly the JSON array on stdout."""
-    env = child_env(tmp_path / "prefect-home", prefect_api)
+    env = child_env(tmp_path / "prefect-home", prefect_api, service)
     with dispatching(
         ["run", "batch.yaml", "--json"], env, tmp_path, terminal=False, prepare=add_hold_add(tmp_path)
     ) as (process, cue):
@@ -470,13 +496,15 @@ def test_json_on_a_pipe_interrupted(tmp_path: Path, prefect_api: str) -> None:
         pytest.param('exec "$@"', signal.SIGTERM, id="SIGTERM"),
     ],
 )
-def test_a_signal_to_the_process_alone(tmp_path: Path, prefect_api: str, shell: str, signum: signal.Signals) -> None:
+def test_a_signal_to_the_process_alone(
+    tmp_path: Path, prefect_api: str, shell: str, signum: signal.Signals, service: Path | None
+) -> None:
     """As ``dispatch run ... &`` in a script (SIGINT ignored), or ``kill PID``: the same interruption.
 
     The MCP server gets no signal here: the held call ends because
     ``dispatch`` cancels it or stops the server, not because it died.
     """
-    env = child_env(tmp_path / "prefect-home", prefect_api)
+    env = child_env(tmp_path / "prefect-home", prefect_api, service)
     with dispatching(
         ["run", "batch.yaml", "--json"], env, tmp_path, terminal=False, shell=shell, prepare=add_hold_add(tmp_path)
     ) as (process, cue):
@@ -494,8 +522,10 @@ def test_a_signal_to_the_process_alone(tmp_path: Path, prefect_api: str, shell: 
     assert run.state is not None and run.state.type.value == "CANCELLED", run.state
 
 
-def test_a_second_ctrl_c_quits_at_once_without_a_traceback(tmp_path: Path, prefect_api: str) -> None:
-    env = child_env(tmp_path / "prefect-home", prefect_api)
+def test_a_second_ctrl_c_quits_at_once_without_a_traceback(
+    tmp_path: Path, prefect_api: str, service: Path | None
+) -> None:
+    env = child_env(tmp_path / "prefect-home", prefect_api, service)
     with dispatching(
         ["run", "batch.yaml", "--json"], env, tmp_path, terminal=False, prepare=add_hold_add(tmp_path)
     ) as (process, cue):
@@ -505,6 +535,12 @@ def test_a_second_ctrl_c_quits_at_once_without_a_traceback(tmp_path: Path, prefe
         seconds = interrupt_and_time(process, lambda: os.killpg(process.pid, signal.SIGINT), "second SIGINT")
         process.wait_for_text("stderr", "interrupted again: quitting without waiting for the batch")
         stderr = process.text("stderr")
+        if service is not None:  # the service sees its client gone and ends the batch: the run is recorded
+            _, run_id = flow_run_id_from(process, "stderr")
+            process.wait_for(
+                "the flow run Cancelled by the service",
+                lambda: getattr(read_flow_run(prefect_api, run_id).state, "is_cancelled", lambda: False)() or None,
+            )
     assert seconds < 3.0, f"the second Ctrl-C took {seconds:.2f} s to quit"
     assert "Traceback" not in stderr, stderr
 
