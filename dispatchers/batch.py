@@ -74,13 +74,15 @@ async def run_batch(
     batch = assign_call_ids(commands)
     results: list[Result | None] = [None] * len(batch)
     started = [False] * len(batch)
-    failed = [False]  # whether a command has failed (a flag the closures share)
+    failed = False  # whether a command has failed, for stop_on_failure
+    finished = 0  # how many commands have their Result
     interruption = current_interruption()
 
     async def run(index: int, command: Command) -> None:
+        nonlocal failed, finished
         if interruption is not None and interruption.asked:
             result = error_result(command, Interrupted(started=False))
-        elif policy.stop_on_failure and failed[0]:
+        elif failed and policy.stop_on_failure:
             result = skipped_result(command, "skipped: an earlier command in the batch failed")
         elif deadline.expired:
             result = error_result(command, CommandTimeout(deadline.seconds))
@@ -93,45 +95,45 @@ async def run_batch(
             if result.call_id != command.call_id:
                 result = error_result(command, f"the result came back for call_id {result.call_id!r}")
             if result.status is ResultStatus.FAILURE:
-                failed[0] = True
+                failed = True
         results[index] = result
+        finished += 1
         if on_result is not None:
             try:
                 on_result(index, result)
             except Exception:  # a listener's bug must not cost the batch its results
                 logger.exception("result listener failed on %s[%s]", command.tool_name, command.call_id)
 
-    async def run_all() -> None:
-        if policy.mode is ExecutionMode.SEQUENTIAL:
-            for index, command in enumerate(batch):
-                await run(index, command)
-            return
-        slots = asyncio.Semaphore(policy.max_concurrency)
-
-        async def run_in_slot(index: int, command: Command) -> None:
-            async with slots:
-                await run(index, command)
-
-        async with asyncio.TaskGroup() as group:  # a failure cancels the siblings: nothing runs on unseen
-            for index, command in enumerate(batch):
-                group.create_task(run_in_slot(index, command))
-
     # The driver says it is over itself, as its last step: the caller wakes one
     # loop iteration after it, not two (a done callback, then the waiter's), and
     # the driver is done by then.
-    over = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+    over = loop.create_future()
 
     async def drive() -> None:
         try:
-            await run_all()
+            if policy.mode is ExecutionMode.SEQUENTIAL:
+                for index, command in enumerate(batch):
+                    await run(index, command)
+            else:
+                await _in_parallel(run, batch, policy.max_concurrency)
         finally:
-            _set_if_pending(over)
+            if not over.done():
+                over.set_result(None)
 
-    driver = asyncio.ensure_future(drive())
+    driver = loop.create_task(drive())
+    wait = deadline.remaining() + budget.settle
     try:
-        await _until_done_or_interrupted(over, interruption, deadline.remaining() + budget.settle, budget.settle)
+        if interruption is None:  # the common case: one timer, no waiter of its own
+            timer = loop.call_later(wait, _set_if_pending, over)
+            try:
+                await over
+            finally:
+                timer.cancel()
+        else:
+            await _until_done_or_interrupted(over, interruption, wait, budget.settle)
     finally:
-        finished = list(results)
+        outcome, count = list(results), finished  # as they stand at the end of the wait: later ones are too late
         if not driver.done():
             driver.cancel()
             await asyncio.wait({driver}, timeout=budget.unwind)
@@ -140,30 +142,31 @@ async def run_batch(
     if interruption is not None and interruption.asked:
         return [
             result or error_result(command, Interrupted(started=ran))
-            for command, result, ran in zip(batch, finished, started, strict=True)
+            for command, result, ran in zip(batch, outcome, started, strict=True)
         ]
-    if all(result is not None for result in finished):  # the common case: no timeout to describe
-        return finished  # type: ignore[return-value]  # every item is a Result
+    if count == len(batch):  # the common case: no timeout to describe
+        return outcome  # type: ignore[return-value]  # every item is a Result
     timeout = CommandTimeout(deadline.seconds)
-    return [result or error_result(command, timeout) for command, result in zip(batch, finished, strict=True)]
+    return [result or error_result(command, timeout) for command, result in zip(batch, outcome, strict=True)]
+
+
+async def _in_parallel(run: Callable[[int, Command], Awaitable[None]], batch: list[Command], limit: int) -> None:
+    """``run`` each command in a task of its own, at most ``limit`` at a time."""
+    slots = asyncio.Semaphore(limit)
+
+    async def run_in_slot(index: int, command: Command) -> None:
+        async with slots:
+            await run(index, command)
+
+    async with asyncio.TaskGroup() as group:  # a failure cancels the siblings: nothing runs on unseen
+        for index, command in enumerate(batch):
+            group.create_task(run_in_slot(index, command))
 
 
 async def _until_done_or_interrupted(
-    over: asyncio.Future[None], interruption: Interruption | None, timeout: float, settle: float
+    over: asyncio.Future[None], interruption: Interruption, timeout: float, settle: float
 ) -> None:
-    """Wait for ``over`` up to ``timeout``; if the batch is interrupted first, ``settle`` seconds more at most.
-
-    ``over`` is the driver's signal that it has finished; without an
-    interruption to watch, the timeout sets it too (and a cancelled wait
-    cancels it), so the wait needs one timer and no waiter of its own.
-    """
-    if interruption is None:
-        timer = asyncio.get_running_loop().call_later(timeout, _set_if_pending, over)
-        try:
-            await over
-        finally:
-            timer.cancel()
-        return
+    """Wait for ``over`` up to ``timeout``; if the batch is interrupted first, ``settle`` seconds more at most."""
     asked = asyncio.ensure_future(interruption.wait())
     try:
         await asyncio.wait({over, asked}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

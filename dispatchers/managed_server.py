@@ -263,7 +263,11 @@ class ManagedServer:
         return client
 
     async def call_tool(self, tool: str, arguments: dict[str, Any]) -> CallToolResult:
-        run, client = await self._live_run()
+        run = self._run
+        if self._state is ServerState.UP and run is not None and run.client is not None:  # serving: the common case
+            client = run.client
+        else:
+            run, client = await self._live_run()
         try:
             answer = await client.call_tool(tool, arguments)
         except MCPError as error:

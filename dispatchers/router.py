@@ -16,9 +16,8 @@ listed its tools is an unknown tool a permanent ``UnknownTool``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Collection, Iterable, Mapping
+from typing import NamedTuple, Protocol
 
 from mcp.types import Tool
 
@@ -42,8 +41,9 @@ class ToolServer(Protocol):
     def error(self) -> str | None: ...
 
 
-@dataclass(frozen=True)
-class Route:
+class Route(NamedTuple):
+    """Where a command goes: a server's name, and its tool (a tuple: built for every call)."""
+
     server: str
     tool: Tool
 
@@ -65,7 +65,7 @@ class CommandRouter:
         if command.tool_type in TOOL_TYPES:
             names = [name for name, s in self.servers.items() if not s.categories or command.tool_type in s.categories]
             return self._unique(tool_name, names, f" among {command.tool_type} servers")
-        return self._unique(tool_name, list(self.servers), "")
+        return self._unique(tool_name, self.servers, "")
 
     def _pinned(self, command: Command) -> tuple[str | None, str]:
         if command.namespace:
@@ -94,8 +94,7 @@ class CommandRouter:
             )
         return Route(name, tool)
 
-    def _unique(self, tool_name: str, names: Iterable[str], scope: str) -> Route:
-        names = list(names)
+    def _unique(self, tool_name: str, names: Collection[str], scope: str) -> Route:
         offering = [name for name in names if tool_name in self.servers[name].tools]
         if len(offering) == 1:
             return Route(offering[0], self.servers[offering[0]].tools[tool_name])
@@ -137,8 +136,10 @@ def tool_type_problem(tool_type: str, servers: Iterable[str]) -> str | None:
     The router refuses such a command at run time; ``check_tool_types`` refuses
     the batch file before it runs: one rule, one wording.
     """
+    if not tool_type or tool_type in TOOL_TYPES:  # the common cases first: no copy of the names
+        return None
     names = list(servers)
-    if not tool_type or tool_type in TOOL_TYPES or tool_type in names:
+    if tool_type in names:
         return None
     categories = ", ".join(sorted(TOOL_TYPES))
     return (
