@@ -39,12 +39,15 @@ def status() -> None:
         mine = path == here.socket
         serving_here |= mine
         stdout.print(
-            f"pid {answer['pid']}: {plural(answer['running'], 'batch')} running, stops after {answer['idle']:g} s idle"
-            f"{'  (this directory and environment)' if mine else ''}",
+            f"pid {answer['pid']}: {plural(answer['running'], 'flow run')} running, "
+            f"stops after {answer['idle']:g} s idle{'  (this directory and environment)' if mine else ''}",
             highlight=False,
+            soft_wrap=True,
         )
     if not serving_here:
-        stdout.print("no batch service for this directory and environment: the next `dispatch run` starts one")
+        stdout.print(
+            "no batch service for this directory and environment: the next `dispatch run` starts one", soft_wrap=True
+        )
         raise typer.Exit(1)
 
 

@@ -30,6 +30,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import IO, Any
 
+from cli.main import exit_at_once
 from cli.up import quiet_prefect_defaults
 
 from . import wire
@@ -46,8 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lock", type=Path, required=True)
     parser.add_argument("--idle", type=float, required=True)
     options = parser.parse_args(argv)
-    lock = _take(options.lock)
-    if lock is None:
+    if _take(options.lock) is None:
         return  # another service holds this place; the client connects to it
     if not sys.stderr.isatty():
         os.ftruncate(sys.stderr.fileno(), 0)  # one life's log at a time
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         with contextlib.suppress(OSError):
             options.socket.unlink()
-        lock.close()
+    # The lock goes with the process (never before: `dispatch service stop` waits for it to mean "ended").
+    exit_at_once(0)
 
 
 def _log_warnings() -> None:
@@ -87,14 +88,19 @@ def _log_warnings() -> None:
 
 
 def _take(path: Path) -> IO[bytes] | None:
-    """The place's lock, held until we exit; None when another service holds it."""
-    handle = open(path, "ab")  # noqa: SIM115 - held for the life of the process
+    """The place's lock, held until the process ends; None when another service holds it."""
+    handle = open(path, "ab")  # noqa: SIM115 - held for the life of the process, released by its end
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
         return None
+    _held.append(handle)
     return handle
+
+
+#: The lock's file, open for the life of the process.
+_held: list[IO[bytes]] = []
 
 
 class Service:

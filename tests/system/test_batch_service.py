@@ -1,0 +1,187 @@
+"""``dispatch run`` through the batch service: the same Results and flow runs as in-process, one warm service reused.
+
+Each test gives the service a runtime directory of its own (short: a
+socket's path holds 107 bytes) and stops it at the end. The Ctrl-C cases
+run both ways in ``test_interrupt.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import demo_server_spec
+
+DISPATCH = Path(sys.executable).parent / "dispatch"
+STARTING = "starting the batch service"
+FLOW_RUN = re.compile(r"^flow run (\S+) ([0-9a-f-]{36})\b", re.MULTILINE)
+#: Seconds any one `dispatch` gets: a loaded machine takes seconds to import Prefect.
+WAIT = 120
+
+
+@pytest.fixture
+def runtime() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="dispatch-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        subprocess.run(
+            [str(DISPATCH), "service", "stop", "--all"],
+            env={**os.environ, "XDG_RUNTIME_DIR": str(path)},
+            capture_output=True,
+            timeout=WAIT,
+        )
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def batch(tmp_path: Path) -> Path:
+    """Explicit call_ids (so two runs' Results can be compared whole): two successes and a failure."""
+    (tmp_path / "mcp.json").write_text(json.dumps({"mcpServers": {"demo": demo_server_spec()}}))
+    path = tmp_path / "batch.json"
+    commands = [
+        {"tool_name": "echo", "parameters": {"value": {"nested": [1, "two"]}}, "call_id": "a"},
+        {"tool_name": "add", "parameters": {"a": 2, "b": 3}, "call_id": "b"},
+        {"tool_name": "fail", "parameters": {"message": "on purpose"}, "call_id": "c"},
+    ]
+    path.write_text(json.dumps({"config": "mcp.json", "commands": commands}))
+    return path
+
+
+def dispatch(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(DISPATCH), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=WAIT)
+
+
+def environment(api: str, runtime: Path | None, **extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DISPATCH_")}
+    env |= {"PREFECT_API_URL": api, **extra}
+    return env | ({"DISPATCH_SERVICE": "off"} if runtime is None else {"XDG_RUNTIME_DIR": str(runtime)})
+
+
+def flow_run(api: str, stderr: str) -> dict[str, Any]:
+    """What the dashboard shows of the run a `dispatch run` printed: its flow, state, tags, task runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    match = FLOW_RUN.search(stderr)
+    assert match is not None, stderr
+    run_id = uuid.UUID(match.group(2))
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+        flow = client.read_flow(run.flow_id)
+    assert run.state is not None
+    return {
+        "flow": flow.name,
+        "state": run.state.type.value,
+        "name_shape": re.sub(r"[0-9a-f]{8}$", "…", run.name),
+        "tags": sorted(tag for tag in run.tags if not tag.startswith("batch:")),
+        "parameters": sorted(run.parameters),
+        "tasks": sorted((task.name.split("[")[0], task.state.type.value if task.state else None) for task in tasks),
+    }
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs: not gone, nor a zombie (its parent, the first `dispatch run`, is gone too)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_the_service_runs_a_batch_as_dispatch_does_in_process_and_stays_warm(
+    tmp_path: Path, batch: Path, runtime: Path, prefect_api: str
+) -> None:
+    cold = dispatch("run", str(batch), "--json", env=environment(prefect_api, None), cwd=tmp_path)
+    first = dispatch("run", str(batch), "--json", env=environment(prefect_api, runtime), cwd=tmp_path)
+    second = dispatch("run", str(batch), "--json", env=environment(prefect_api, runtime), cwd=tmp_path)
+
+    for done in (cold, first, second):
+        assert done.returncode == 1, done.stderr  # the `fail` command
+        assert "Traceback" not in done.stderr, done.stderr
+    assert STARTING not in cold.stderr
+    assert STARTING in first.stderr
+    assert STARTING not in second.stderr, "the second run started another service"
+    assert json.loads(first.stdout) == json.loads(cold.stdout) == json.loads(second.stdout)
+    assert [result["status"] for result in json.loads(cold.stdout)] == ["success", "success", "failure"]
+    assert (
+        flow_run(prefect_api, first.stderr)
+        == flow_run(prefect_api, cold.stderr)
+        == flow_run(prefect_api, second.stderr)
+    )
+    lines = [re.sub(r"\d+\.\d\ds", "…s", line) for line in cold.stderr.splitlines() if re.match(r"\d/3 ", line)]
+    assert lines == [
+        re.sub(r"\d+\.\d\ds", "…s", line) for line in second.stderr.splitlines() if re.match(r"\d/3 ", line)
+    ]
+    assert second.stderr.rstrip().splitlines()[-1].startswith("to run again only the commands that did not succeed")
+
+    status = dispatch("service", "status", env=environment(prefect_api, runtime), cwd=tmp_path)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "0 flow runs running" in status.stdout and "(this directory and environment)" in status.stdout
+
+
+def test_another_directory_or_environment_gets_its_own_service(
+    tmp_path: Path, batch: Path, runtime: Path, prefect_api: str
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    here = dispatch("run", str(batch), "--json", env=environment(prefect_api, runtime), cwd=tmp_path)
+    moved = dispatch("run", str(batch), "--json", env=environment(prefect_api, runtime), cwd=elsewhere)
+    changed = dispatch(
+        "run", str(batch), "--json", env=environment(prefect_api, runtime, TOOL_API_KEY="other"), cwd=tmp_path
+    )
+
+    assert all(STARTING in done.stderr for done in (here, moved, changed)), [here.stderr, moved.stderr, changed.stderr]
+    assert json.loads(here.stdout) == json.loads(moved.stdout) == json.loads(changed.stdout)
+    listed = dispatch("service", "status", env=environment(prefect_api, runtime), cwd=tmp_path)
+    assert len(re.findall(r"^pid \d+:", listed.stdout, re.MULTILINE)) == 3, listed.stdout
+
+
+def test_stop_ends_the_service(tmp_path: Path, batch: Path, runtime: Path, prefect_api: str) -> None:
+    env = environment(prefect_api, runtime)
+    dispatch("run", str(batch), "--json", env=env, cwd=tmp_path)
+    listed = dispatch("service", "status", env=env, cwd=tmp_path)
+    found = re.search(r"^pid (\d+):", listed.stdout, re.MULTILINE)
+    assert found is not None, listed.stdout
+    pid = int(found.group(1))
+
+    stopped = dispatch("service", "stop", env=env, cwd=tmp_path)
+
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"stopped the batch service (pid {pid})" in stopped.stdout
+    assert not alive(pid), "the service still runs after `dispatch service stop` returned"
+    after = dispatch("service", "status", env=env, cwd=tmp_path)
+    assert after.returncode == 1 and "the next `dispatch run` starts one" in after.stdout
+    assert not list((runtime / "command-dispatcher").glob("*.sock"))
+
+
+def test_an_idle_service_stops_itself(tmp_path: Path, batch: Path, runtime: Path, prefect_api: str) -> None:
+    env = environment(prefect_api, runtime, DISPATCH_SERVICE_IDLE="0.5")
+    done = dispatch("run", str(batch), "--json", env=env, cwd=tmp_path)
+    assert STARTING in done.stderr and "idle 0.5 s" in done.stderr, done.stderr
+
+    deadline = time.monotonic() + WAIT
+    while list((runtime / "command-dispatcher").glob("*.sock")):  # its exit has no event to wait on
+        assert time.monotonic() < deadline, "the idle service did not stop"
+        time.sleep(0.1)
+
+
+def test_a_bad_idle_setting_is_a_usage_error(tmp_path: Path, batch: Path, runtime: Path, prefect_api: str) -> None:
+    done = dispatch(
+        "run", str(batch), env=environment(prefect_api, runtime, DISPATCH_SERVICE_IDLE="soon"), cwd=tmp_path
+    )
+    assert done.returncode == 2
+    assert "DISPATCH_SERVICE_IDLE must be a positive number of seconds, not 'soon'" in done.stderr
