@@ -13,8 +13,8 @@ import typer
 from dispatchers import plural
 
 from .batch_service import wire
-from .batch_service.client import connect_to, holds_lock
-from .batch_service.place import ServicePlace, UnsafeDirectory, runtime_directory
+from .batch_service.client import connect_to
+from .batch_service.place import ServicePlace, UnsafeDirectory, holds_lock, runtime_directory
 from .terminal import say_error, stdout
 
 service_app = typer.Typer(

@@ -11,7 +11,6 @@ once and the service interrupts the batch when it sees us gone.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import signal
@@ -34,7 +33,7 @@ from flows.hub_access import HubAccess
 from ..batch_display import BatchDisplay, ConsoleLogHandler
 from ..batch_outcome import INTERRUPTED, Outcome
 from . import wire
-from .place import ServicePlace, idle_seconds
+from .place import ServicePlace, holds_lock, idle_seconds
 
 __all__ = [
     "ServiceDidNotStart",
@@ -42,7 +41,6 @@ __all__ = [
     "ServiceRefused",
     "connect",
     "connect_to",
-    "holds_lock",
     "run_through_service",
     "started_service",
 ]
@@ -246,19 +244,6 @@ def _messages(connection: socket.socket, place: ServicePlace) -> Iterator[dict[s
                 yield message
     finally:
         stream.close()
-
-
-def holds_lock(lock: Path) -> bool:
-    """Whether a service holds this lock (lives, or is starting): it lets go when its process ends."""
-    try:
-        with open(lock, "ab") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                return True
-            return False
-    except OSError:
-        return False
 
 
 def _last_line(place: ServicePlace) -> str:

@@ -11,16 +11,30 @@ socket is the service's only door, and whoever reaches it runs programs as us.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import stat
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ServicePlace", "UnsafeDirectory", "enabled", "idle_seconds", "runtime_directory"]
+__all__ = [
+    "ServicePlace",
+    "UnsafeDirectory",
+    "code_fingerprint",
+    "enabled",
+    "holds_lock",
+    "idle_seconds",
+    "place_key",
+    "runtime_directory",
+    "sweep",
+]
 
 #: Variables that differ between two shells of the same user without changing what a batch does.
 VOLATILE = frozenset(
@@ -32,6 +46,8 @@ PACKAGES = ("aip", "dispatchers", "tasks", "flows", "cli")
 INSTALL_DIRECTORIES = frozenset({"site-packages", "dist-packages"})
 #: Bytes of a socket directory's path that leave room for a socket's name (``sun_path`` holds 107).
 SOCKET_DIRECTORY_LIMIT = 107 - len("/0123456789abcdef01234567.sock")
+#: Seconds after which a dead service's lock and log are removed by the next service starting.
+STALE_AFTER = 86400.0
 #: Seconds a service waits for its next batch before it stops, unless $DISPATCH_SERVICE_IDLE says otherwise.
 DEFAULT_IDLE = 900.0
 
@@ -114,7 +130,6 @@ def place_key(environ: Mapping[str, str], cwd: Path) -> str:
         "cwd": str(cwd),
         "python": sys.executable,
         "code": code_fingerprint(),
-        "installed": [_stamp(Path(entry)) for entry in sys.path if Path(entry).name in INSTALL_DIRECTORIES],
     }
     return hashlib.sha256(json.dumps(place).encode()).hexdigest()[:24]
 
@@ -124,11 +139,16 @@ def _ours(name: str) -> bool:
     return name.startswith("DISPATCH_SERVICE")
 
 
-def code_fingerprint() -> list[tuple[str, int, int]]:
-    """Path, size and modification time of every source file of ours: an edit or an upgrade changes it."""
+def code_fingerprint() -> list[Any]:
+    """Size and modification time of every source file of ours and of each directory packages are installed in.
+
+    An edit of ours, or a package installed, upgraded or removed, changes it:
+    a service started before runs code that is no longer there.
+    """
     root = Path(__file__).resolve().parents[2]
     files = sorted(path for package in PACKAGES for path in (root / package).rglob("*.py"))
-    return [(str(path.relative_to(root)), *_stamp(path)) for path in files]
+    ours = [(str(path.relative_to(root)), *_stamp(path)) for path in files]
+    return [ours, [_stamp(Path(entry)) for entry in sys.path if Path(entry).name in INSTALL_DIRECTORIES]]
 
 
 def _stamp(path: Path) -> tuple[int, int]:
@@ -138,3 +158,28 @@ def _stamp(path: Path) -> tuple[int, int]:
     except OSError:
         return (0, 0)
     return (info.st_size, info.st_mtime_ns)
+
+
+def holds_lock(lock: Path) -> bool:
+    """Whether a service holds this lock (lives, or is starting): it lets go when its process ends."""
+    try:
+        with open(lock, "ab") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            return False
+    except OSError:
+        return False
+
+
+def sweep(directory: Path, keep: str, older_than: float = STALE_AFTER) -> None:
+    """Remove the locks and logs of services long ended: each place's code or environment change leaves a pair."""
+    cutoff = time.time() - older_than
+    for lock in directory.glob("*.lock"):
+        if lock.stem == keep or holds_lock(lock):
+            continue
+        for path in (lock, lock.with_suffix(".log")):
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()

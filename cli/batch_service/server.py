@@ -25,6 +25,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
@@ -34,9 +35,12 @@ from cli.main import exit_at_once
 from cli.up import quiet_prefect_defaults
 
 from . import wire
+from .place import code_fingerprint, sweep
 
 logger = logging.getLogger("dispatch.service")
 
+#: Seconds between two looks, while idle, at whether our code was replaced.
+SUPERSEDED_CHECK = 30.0
 #: Where a run's warnings go: the connection of the client whose run logged them.
 _client: ContextVar[Callable[[bytes], None] | None] = ContextVar("dispatch_service_client", default=None)
 
@@ -49,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_args(argv)
     if _take(options.lock) is None:
         return  # another service holds this place; the client connects to it
+    sweep(options.lock.parent, keep=options.lock.stem)
     if not sys.stderr.isatty():
         os.ftruncate(sys.stderr.fileno(), 0)  # one life's log at a time
     quiet_prefect_defaults()
@@ -112,6 +117,7 @@ class Service:
         self.interruptions: set[Any] = set()
         self.stopping = asyncio.Event()
         self.changed = asyncio.Event()
+        self.code = code_fingerprint()
 
     async def serve(self) -> None:
         from dispatchers import ServerPool
@@ -140,12 +146,22 @@ class Service:
         self.changed.set()
 
     async def until_idle_or_stopped(self) -> None:
+        """Until a stop, ``idle`` seconds without a batch, or our code replaced (no run would reach us again)."""
+        idle_since = time.monotonic()
         while not self.stopping.is_set():
             self.changed.clear()
-            try:
-                await asyncio.wait_for(self.changed.wait(), None if self.running else self.idle)
-            except TimeoutError:
+            if self.running:
+                await self.changed.wait()
+                idle_since = time.monotonic()
+                continue
+            left = idle_since + self.idle - time.monotonic()
+            if left <= 0:
                 logger.info("no batch for %gs: stopping", self.idle)
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), min(left, SUPERSEDED_CHECK))
+            if not self.running and code_fingerprint() != self.code:
+                logger.info("our code was changed or upgraded: stopping (the next run starts a new service)")
                 return
 
     async def connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

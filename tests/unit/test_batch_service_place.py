@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +19,11 @@ from cli.batch_service.place import (
     ServicePlace,
     UnsafeDirectory,
     enabled,
+    holds_lock,
     idle_seconds,
     place_key,
     runtime_directory,
+    sweep,
 )
 from flows.hub_access import HubAccess
 from tasks.report import CommandReport
@@ -118,3 +122,26 @@ def test_hub_access_of_other_types_is_refused() -> None:
         wire.access_from_wire({"hub": 3})
     with pytest.raises(wire.WireError):
         wire.report_from_wire(["a"])
+
+
+def test_a_sweep_removes_only_the_files_of_services_long_ended(tmp_path: Path) -> None:
+    old = time.time() - 2 * 86400
+    for key in ("ended", "held", "mine"):
+        for suffix in (".lock", ".log"):
+            (tmp_path / f"{key}{suffix}").touch()
+            os.utime(tmp_path / f"{key}{suffix}", (old, old))
+    (tmp_path / "recent.lock").touch()
+    with open(tmp_path / "held.lock", "ab") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert holds_lock(tmp_path / "held.lock")
+        assert not holds_lock(tmp_path / "ended.lock")
+
+        sweep(tmp_path, keep="mine")
+
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "held.lock",
+        "held.log",
+        "mine.lock",
+        "mine.log",
+        "recent.lock",
+    ]
