@@ -5,8 +5,10 @@ dispatchers inside flow runs) connect at ``/controller``. Each presents a
 credential of its own (``AccessPolicy`` says who it is). All routing
 decisions are the ``Switchboard``'s; this module only moves frames: it reads
 each connection, feeds the switchboard, and carries out the sends, closes and
-liveness probes it returns. Each connection has an outbox drained by its own
-writer, so a slow reader never holds up the connection that wrote to it.
+liveness probes it returns. A frame goes out at once when its connection's
+socket takes it without waiting; otherwise it waits in that connection's
+outbox, drained by a writer of its own, so a slow reader never holds up the
+connection that wrote to it.
 """
 
 from __future__ import annotations

@@ -1391,6 +1391,47 @@ async def test_a_controller_that_never_reads_is_closed_and_others_keep_working()
             await deaf.close()
 
 
+async def test_answers_to_a_controller_that_reads_slowly_arrive_complete_and_in_order() -> None:
+    # A small receive window: the hub's socket fills part way, so some answers go out at once and the
+    # rest wait in its outbox; the controller must get every one, in the order it asked.
+    # Each answer ~50 KB (a device announcing many tools): 150 of them are more than the sockets hold.
+    tools = [{"name": f"tool_{i}", "server": "s", "description": "x" * 80} for i in range(400)]
+    register = json.dumps(
+        {"type": "register", "status": "ok", "client_id": "some-tools", "metadata": {"dispatch": {"tools": tools}}}
+    )
+    asked = [f"r-{n}" for n in range(150)]  # fewer than the hub queues for one peer before it gives up on it
+    async with (
+        asyncio.timeout(30),
+        running_hub() as hub,
+        connect(
+            f"ws://127.0.0.1:{hub.port}/ws",
+            additional_headers={"Authorization": f"Bearer {device_token(hub, 'some-tools')}"},
+            proxy=None,
+        ) as device,
+    ):
+        await device.send(register)
+        await device.recv()
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.connect(("127.0.0.1", hub.port))
+        raw.setblocking(False)
+        async with connect(
+            f"ws://127.0.0.1:{hub.port}/controller",
+            sock=raw,
+            additional_headers={"Authorization": f"Bearer {TOKEN}"},
+            max_queue=1,
+            proxy=None,
+        ) as controller:
+            for response_id in asked:
+                await controller.send(
+                    json.dumps({"type": "device_info_request", "status": "ok", "response_id": response_id})
+                )
+            answers = [json.loads(await controller.recv()) for _ in asked]
+    assert [answer["prev_response_id"] for answer in answers] == asked
+    assert all(answer["type"] == "device_info_response" for answer in answers)
+    assert all(answer["metadata"]["devices"][0]["id"] == "some-tools" for answer in answers)
+
+
 # -- a device sending a large result over a slow link is alive -------------------------
 
 
