@@ -185,3 +185,31 @@ def test_a_bad_idle_setting_is_a_usage_error(tmp_path: Path, batch: Path, runtim
     )
     assert done.returncode == 2
     assert "DISPATCH_SERVICE_IDLE must be a positive number of seconds, not 'soon'" in done.stderr
+
+
+def test_resume_through_the_service_reruns_only_what_did_not_succeed(
+    tmp_path: Path, runtime: Path, prefect_api: str
+) -> None:
+    (tmp_path / "mcp.json").write_text(json.dumps({"mcpServers": {"demo": demo_server_spec()}}))
+    counter, gate = tmp_path / "counter", tmp_path / "gate"
+    commands = [
+        {"tool_name": "count_to_file", "parameters": {"path": str(counter)}},
+        {"tool_name": "file_gate", "parameters": {"path": str(gate)}},
+    ]
+    batch = tmp_path / "batch.json"
+    batch.write_text(json.dumps({"config": "mcp.json", "commands": commands}))
+    env = environment(prefect_api, runtime)
+    failed = dispatch("run", str(batch), "--json", env=env, cwd=tmp_path)
+    assert failed.returncode == 1, failed.stderr
+    hint = re.search(r"dispatch resume (\S+)$", failed.stderr.rstrip())
+    assert hint is not None, failed.stderr
+    gate.write_text("open")
+
+    resumed = dispatch("resume", hint.group(1), "--json", env=env, cwd=tmp_path)
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert STARTING not in resumed.stderr
+    first, second = json.loads(resumed.stdout)
+    assert first == json.loads(failed.stdout)[0]  # reused, not run again
+    assert second["status"] == "success" and second["result"] == {"result": "open"}
+    assert counter.read_text() == "ran\n"
