@@ -41,6 +41,8 @@ logger = logging.getLogger("dispatch.service")
 
 #: Seconds between two looks, while idle, at whether our code was replaced.
 SUPERSEDED_CHECK = 30.0
+#: Seconds after which a service stops at its next idle moment, however busy it has been.
+LIFETIME = 6 * 3600.0
 #: Where a run's warnings go: the connection of the client whose run logged them.
 _client: ContextVar[Callable[[bytes], None] | None] = ContextVar("dispatch_service_client", default=None)
 
@@ -118,6 +120,7 @@ class Service:
         self.stopping = asyncio.Event()
         self.changed = asyncio.Event()
         self.code = code_fingerprint()
+        self.started = time.monotonic()
 
     async def serve(self) -> None:
         from dispatchers import ServerPool
@@ -146,7 +149,11 @@ class Service:
         self.changed.set()
 
     async def until_idle_or_stopped(self) -> None:
-        """Until a stop, ``idle`` seconds without a batch, or our code replaced (no run would reach us again)."""
+        """Until a stop, ``idle`` seconds without a batch, our code replaced, or ``LIFETIME`` served.
+
+        A service whose code was replaced would never be reached again; the
+        lifetime bounds whatever a long life accumulates (caches, fragments).
+        """
         idle_since = time.monotonic()
         while not self.stopping.is_set():
             self.changed.clear()
@@ -160,8 +167,13 @@ class Service:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), min(left, SUPERSEDED_CHECK))
-            if not self.running and code_fingerprint() != self.code:
+            if self.running:
+                continue
+            if code_fingerprint() != self.code:
                 logger.info("our code was changed or upgraded: stopping (the next run starts a new service)")
+                return
+            if time.monotonic() - self.started > LIFETIME:
+                logger.info("served for %gs: stopping (the next run starts a fresh service)", LIFETIME)
                 return
 
     async def connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

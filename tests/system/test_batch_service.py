@@ -213,3 +213,28 @@ def test_resume_through_the_service_reruns_only_what_did_not_succeed(
     assert first == json.loads(failed.stdout)[0]  # reused, not run again
     assert second["status"] == "success" and second["result"] == {"result": "open"}
     assert counter.read_text() == "ran\n"
+
+
+def test_batches_sent_at_once_run_side_by_side_in_one_service(
+    tmp_path: Path, batch: Path, runtime: Path, prefect_api: str
+) -> None:
+    env = environment(prefect_api, runtime)
+    dispatch("run", str(batch), "--json", env=env, cwd=tmp_path)  # warm
+    runs = [
+        subprocess.Popen(
+            [str(DISPATCH), "run", str(batch), "--json"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outputs = [run.communicate(timeout=WAIT) for run in runs]
+
+    assert [run.returncode for run in runs] == [1, 1, 1], [stderr for _, stderr in outputs]
+    assert all(STARTING not in stderr for _, stderr in outputs)
+    assert len({json.dumps(json.loads(stdout)) for stdout, _ in outputs}) == 1
+    run_ids = {FLOW_RUN.search(stderr).group(2) for _, stderr in outputs}  # type: ignore[union-attr]
+    assert len(run_ids) == 3
