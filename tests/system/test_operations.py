@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -290,6 +291,10 @@ def test_prefect_yaml_deploys_both_deployments_on_the_process_pool(
             assert deployment.pull_steps == [
                 {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
             ]
+            # The worker starts the engine with the deploying interpreter (the build step), no supervisor first.
+            interpreter, *engine = shlex.split(deployment.job_variables["command"])
+            assert engine == ["-m", "prefect.engine"]
+            assert Path(interpreter).resolve() == Path(sys.executable).resolve()
         assert on_demand.schedules == [] and on_demand.parameters == {}  # a batch comes with each run
         assert scheduled.parameters == {"batch_file": "examples/batch.yaml"}
         assert [getattr(schedule.schedule, "interval", None) for schedule in scheduled.schedules] == [
