@@ -25,24 +25,13 @@ from prefect.states import Cancelled, Completed, Failed
 from aip.access import CONTROLLER_PATH
 from aip.budget import Budget, Deadline
 from aip.connect import endpoint
-from aip.controller import HubLink
 from aip.messages import AgentContext, Command, Result, ResultStatus
-from dispatchers import (
-    BasicCommandDispatcher,
-    ExecutionMode,
-    LocalCommandDispatcher,
-    RetryPolicy,
-    WebSocketCommandDispatcher,
-    assign_call_ids,
-    check_unique_call_ids,
-    ensure_server_pool,
-    error_result,
-    plural,
-    run_batch,
-    shared_manager,
-)
+from dispatchers.base import BasicCommandDispatcher, assign_call_ids, check_unique_call_ids, error_result, plural
+from dispatchers.batch import ExecutionMode, run_batch
 from dispatchers.interrupt import was_interrupted
-from tasks import BatchContext, CommandReport, execute_as_task, install_run_logging
+from dispatchers.policy import RetryPolicy
+from tasks.command import BatchContext, execute_as_task, install_run_logging
+from tasks.report import CommandReport
 
 from .batch_file import load_batch
 from .hub_access import current_hub_access
@@ -78,6 +67,10 @@ def flow_run_name() -> str:
 
     Then the start of the flow run's id, so that two runs of one batch can be
     told apart in the dashboard, and matched with what ``dispatch run`` printed.
+    The flow sets it itself, with its tags (``_label``): as the flow's
+    ``flow_run_name``, Prefect would build a result store with a client of
+    its own and make a round trip of its own to set it, 40-60 ms before the
+    flow's first line.
     """
     parameters = flow_run.parameters
     if parameters.get("commands") or not parameters.get("batch_file"):
@@ -89,7 +82,7 @@ def flow_run_name() -> str:
     return name + ("-resumed" if parameters.get("resume_from") else "") + f"-{str(flow_run.id)[:8]}"
 
 
-@flow(name="dispatch-batch", flow_run_name=flow_run_name, persist_result=False, log_prints=False)
+@flow(name="dispatch-batch", persist_result=False, log_prints=False)
 async def dispatch_batch(
     commands: list[Command] | None = None,
     batch_file: str | None = None,
@@ -126,71 +119,77 @@ async def dispatch_batch(
     and ``batch_file`` name files inside the project, ``hub`` is the worker's own.
     """
     install_run_logging()
-    if _deployment_run():
-        check_deployment_parameters(
-            config=config,
-            batch_file=batch_file,
-            hub=hub,
-            resume_from=resume_from,
-            project=Path.cwd(),
-            worker_hub=current_hub_access().hub,
-        )
-    spec = load_batch(batch_file) if batch_file else None
-    if not commands and spec is None:
-        raise ValueError("no commands: give commands, or a batch_file that has them")
-    settings = RunSettings.resolve(
-        spec,
-        timeout=timeout,
-        mode=mode,
-        stop_on_failure=stop_on_failure,
-        retries=retries,
-        max_concurrency=max_concurrency,
-    )
-    run_id = str(flow_run.id)
-    context = BatchContext(namespace=resume_from or run_id, flow_run_id=run_id, device=device)
-    batch = assign_call_ids(commands or (spec.commands if spec else []), context.namespace)
-    check_unique_call_ids(batch)
-    deadline = Deadline.after(settings.timeout)
-    retry = settings.retry_policy
-    servers = config or (spec.config if spec else None) or "mcp.json"
-    watch = Watch()
-    watch.batch_started(run_id, flow_run_name(), batch)
-    # The tags' round trip runs beside the commands; awaited before the flow run ends.
-    tagging = asyncio.ensure_future(_best_effort(_tag(backend, device), "tagging the flow run"))
-    reports: list[CommandReport | None] = [None] * len(batch)
-
-    agent = agent_context or (spec.agent_context if spec else None) or AgentContext()
-    agent = agent.model_copy(
-        update={"session_id": agent.session_id or run_id, "task_name": agent.task_name or flow_run_name()}
-    )
-    async with _dispatcher(backend, servers, retry, device, hub, agent) as dispatcher, Progress(len(batch)) as progress:
-        index = {command.call_id: i for i, command in enumerate(batch)}
-
-        async def run_one(command: Command, command_deadline: Deadline) -> Result:
-            at = index[command.call_id]
-            watch.command_started(at)
-            result, reports[at] = await execute_as_task(
-                command, dispatcher, command_deadline, context, resumable=persist_results
+    run_id, name = str(flow_run.id), flow_run_name()
+    # The name and tags: one round trip, beside the rest of the run (a refused one included).
+    labelling = asyncio.ensure_future(_best_effort(_label(name, backend, device), "naming and tagging the flow run"))
+    try:
+        if _deployment_run():
+            check_deployment_parameters(
+                config=config,
+                batch_file=batch_file,
+                hub=hub,
+                resume_from=resume_from,
+                project=Path.cwd(),
+                worker_hub=current_hub_access().hub,
             )
-            return result
+        spec = load_batch(batch_file) if batch_file else None
+        if not commands and spec is None:
+            raise ValueError("no commands: give commands, or a batch_file that has them")
+        settings = RunSettings.resolve(
+            spec,
+            timeout=timeout,
+            mode=mode,
+            stop_on_failure=stop_on_failure,
+            retries=retries,
+            max_concurrency=max_concurrency,
+        )
+        context = BatchContext(namespace=resume_from or run_id, flow_run_id=run_id, device=device)
+        batch = assign_call_ids(commands or (spec.commands if spec else []), context.namespace)
+        check_unique_call_ids(batch)
+        deadline = Deadline.after(settings.timeout)
+        retry = settings.retry_policy
+        servers = config or (spec.config if spec else None) or "mcp.json"
+        watch = Watch()
+        watch.batch_started(run_id, name, batch)
+        reports: list[CommandReport | None] = [None] * len(batch)
 
-        def finished(at: int, result: Result) -> None:
-            progress.advance(at, result)
-            watch.command_finished(at, result, reports[at])
+        agent = agent_context or (spec.agent_context if spec else None) or AgentContext()
+        agent = agent.model_copy(
+            update={"session_id": agent.session_id or run_id, "task_name": agent.task_name or name}
+        )
+        async with (
+            _dispatcher(backend, servers, retry, device, hub, agent) as dispatcher,
+            Progress(len(batch)) as progress,
+        ):
+            index = {command.call_id: i for i, command in enumerate(batch)}
 
-        # Task runs that end at the deadline (or are interrupted) report Failed before they are cancelled.
-        results = await run_batch(batch, run_one, deadline, settings.batch_policy, finished, FLOW_BUDGET)
-        # Every failure names its server when it is known: interrupted, skipped and timed-out ones too.
-        results = [
-            dispatcher.naming_the_server(command, result) for command, result in zip(batch, results, strict=True)
-        ]
+            async def run_one(command: Command, command_deadline: Deadline) -> Result:
+                at = index[command.call_id]
+                watch.command_started(at)
+                result, reports[at] = await execute_as_task(
+                    command, dispatcher, command_deadline, context, resumable=persist_results
+                )
+                return result
 
-    watch.batch_finished(results, reports)
-    where = f"device {device}" if backend is Backend.REMOTE else "local MCP servers"
-    published = publish_results(flow_run_name(), batch, results, reports, where)
-    await asyncio.gather(tagging, _best_effort(published, "publishing the results"))
-    emit_batch_finished(context, results, reports)
-    return final_state(batch, results)
+            def finished(at: int, result: Result) -> None:
+                progress.advance(at, result)
+                watch.command_finished(at, result, reports[at])
+
+            # Task runs that end at the deadline (or are interrupted) report Failed before they are cancelled.
+            results = await run_batch(batch, run_one, deadline, settings.batch_policy, finished, FLOW_BUDGET)
+            # Every failure names its server when it is known: interrupted, skipped and timed-out ones too.
+            results = [
+                dispatcher.naming_the_server(command, result) for command, result in zip(batch, results, strict=True)
+            ]
+
+        watch.batch_finished(results, reports)
+        where = f"device {device}" if backend is Backend.REMOTE else "local MCP servers"
+        published = publish_results(name, batch, results, reports, where)
+        await asyncio.gather(progress.finish(), _best_effort(published, "publishing the results"))
+        emit_batch_finished(context, results, reports)
+        return final_state(batch, results)
+    finally:
+        await labelling
 
 
 def final_state(commands: list[Command], results: list[Result]) -> State:
@@ -218,13 +217,17 @@ async def _best_effort(work: Awaitable[None], what: str) -> None:
         get_run_logger().warning("%s failed: %s", what, error)
 
 
-async def _tag(backend: Backend, device: str | None) -> None:
-    """Tags to filter runs by in the dashboard: the backend, and the device when remote."""
-    tags = {f"backend:{backend.value}"} | ({f"device:{device}"} if device else set())
-    if tags <= set(flow_run.tags):
+async def _label(name: str, backend: Backend, device: str | None) -> None:
+    """The run's name (``flow_run_name``) and tags to filter runs by: the backend, and the device when remote.
+
+    One update, the run's own tags kept (a deployment's); none when a retry
+    of the run finds both in place already.
+    """
+    tags = set(flow_run.tags) | {f"backend:{backend.value}"} | ({f"device:{device}"} if device else set())
+    if name == flow_run.name and tags == set(flow_run.tags):
         return
     async with get_client() as client:
-        await client.update_flow_run(flow_run.id, tags=sorted(tags | set(flow_run.tags)))
+        await client.update_flow_run(flow_run.id, name=name, tags=sorted(tags))
 
 
 @asynccontextmanager
@@ -236,7 +239,11 @@ async def _dispatcher(
     hub: str | None,
     context: AgentContext,
 ) -> AsyncIterator[BasicCommandDispatcher]:
+    # Each backend imports what it needs only: MCP for local servers, websockets for a hub.
     if backend is Backend.LOCAL:
+        from dispatchers.local import LocalCommandDispatcher
+        from dispatchers.server_pool import ensure_server_pool, shared_manager
+
         # The caller's pool (dispatch run's, for all its batches), else one whose servers stop with this run.
         async with ensure_server_pool():
             yield LocalCommandDispatcher(shared_manager(config), retry=retry)
@@ -245,6 +252,9 @@ async def _dispatcher(
     hub = hub or access.hub
     if not hub or not device:
         raise ValueError("the remote backend needs a device and a hub (the hub parameter or $DISPATCH_HUB)")
+    from aip.controller import HubLink
+    from dispatchers.remote import WebSocketCommandDispatcher
+
     link = HubLink(hub, access.token, ssl_context=access.ssl_context())
     dispatcher = WebSocketCommandDispatcher(link, device, retry=retry, **context.model_dump())
     try:

@@ -32,7 +32,6 @@ from aip.messages import AgentContext, Command
 from dispatchers.base import DuplicateCallIds, check_unique_call_ids
 from dispatchers.batch import ExecutionMode
 from dispatchers.errors import validation_message
-from dispatchers.router import tool_type_problem
 
 from .run_settings import Concurrency, Retries, Seconds
 
@@ -127,6 +126,8 @@ def check_tool_types(batch: BatchFile, servers: Iterable[str]) -> None:
     the commands before it may have had their effects; a local run checks
     the whole file first, once its config is known.
     """
+    from dispatchers.router import tool_type_problem  # MCP's types: here, not for every run that reads a batch file
+
     names = list(servers)
     for index, command in enumerate(batch.commands):
         problem = tool_type_problem(command.tool_type, names)

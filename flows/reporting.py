@@ -3,8 +3,9 @@
 A progress artifact moves while the batch runs; when it ends, a table with
 one row per command (status, attempts, time, error) and a markdown summary.
 Artifacts are API round trips (~10 ms each), so progress is written in the
-background (its creation too) at most once a second, never once per command,
-and the two artifacts of a finished batch are written at once.
+background at most once a second, never once per command, and created only
+once a batch has run a second; the artifacts of a finished batch (the
+progress bar's last word, the table, the summary) are written at once.
 """
 
 from __future__ import annotations
@@ -41,32 +42,34 @@ _MARKDOWN_SYNTAX = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~&:])")
 
 
 class Progress:
-    """A progress artifact for a batch of ``total`` commands, written in the background."""
+    """A progress artifact for a batch of ``total`` commands, written in the background.
+
+    Created only once the batch has run an interval, then written at most
+    once an interval, when it moved: a batch that ends sooner gets its bar
+    from ``finish``, at 100 %, in the same moment as its results.
+    """
 
     def __init__(self, total: int, interval: float = PROGRESS_INTERVAL) -> None:
         self.total = total
         self.done = 0
         self.interval = interval
-        self._changed = asyncio.Event()
+        self._moved = False
         self._closing = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._artifact: UUID | None = None
 
     async def __aenter__(self) -> Progress:
-        # Created in the background: the commands need not wait for the artifact's round trip.
         self._writer = asyncio.create_task(self._write())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.done = max(self.done, self.total) if exc[0] is None else self.done
         self._closing.set()
         if self._writer is not None:
             # The writer ends at once unless a round trip is in flight (creating the artifact, an update).
             await asyncio.wait({self._writer}, timeout=5)
             self._writer.cancel()
-        if self._artifact is not None:
-            with contextlib.suppress(Exception):  # the last word; the results table says the rest
-                await aupdate_progress_artifact(self._artifact, self.percent)
+        if exc[0] is not None:  # the batch broke off: the bar says how far it got
+            await self._last_word()
 
     @property
     def percent(self) -> float:
@@ -75,25 +78,42 @@ class Progress:
     def advance(self, index: int, result: Result) -> None:
         """A ``run_batch`` result listener."""
         self.done += 1
-        self._changed.set()
+        self._moved = True
+
+    async def finish(self) -> None:
+        """The last word of a batch that ran to its end: the bar at 100 % (created now if it has none yet)."""
+        self.done = max(self.done, self.total)
+        await self._last_word()
+
+    async def _last_word(self) -> None:
+        with contextlib.suppress(Exception):  # the results table says the rest
+            await self._put()
+
+    async def _put(self) -> None:
+        """Create the artifact at the current figure, or bring it to it."""
+        if self._artifact is None:
+            self._artifact = await acreate_progress_artifact(
+                self.percent, description=f"Commands finished, of {self.total}."
+            )
+        else:
+            await aupdate_progress_artifact(self._artifact, self.percent)
 
     async def _write(self) -> None:
-        try:
-            self._artifact = await acreate_progress_artifact(0.0, description=f"Commands finished, of {self.total}.")
-        except Exception as error:  # no progress bar is no reason not to run the batch
-            get_run_logger().warning("no progress artifact: %s", error)
-            return
-        while not self._closing.is_set():
-            await self._changed.wait()
-            # At most one write per interval, the first an interval after a change: a batch that ends
-            # sooner is written once, by __aexit__ (always the last word).
+        while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), self.interval)
             if self._closing.is_set():
                 return
-            self._changed.clear()
-            with contextlib.suppress(Exception):  # a missed update is made good by the next one
-                await aupdate_progress_artifact(self._artifact, self.percent)
+            if self._artifact is not None and not self._moved:
+                continue
+            self._moved = False
+            try:
+                await self._put()
+            except Exception as error:
+                if self._artifact is None:  # no progress bar is no reason not to run the batch
+                    get_run_logger().warning("no progress artifact: %s", error)
+                    return
+                # A missed update is made good by the next one.
 
 
 def _cell(value: Any) -> str:

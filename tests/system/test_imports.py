@@ -123,3 +123,27 @@ def test_aip_dispatchers_and_the_batch_file_reader_never_import_prefect() -> Non
     check = "import sys, aip.messages, dispatchers, flows.batch_file; print('prefect' in sys.modules)"
     output = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True, timeout=60)
     assert output.stdout.strip() == "False"
+
+
+# -- what a run imports ------------------------------------------------------------------
+
+
+def _modules_after(module: str) -> set[str]:
+    """Every module in ``sys.modules`` after importing ``module`` alone."""
+    out = _run(f"import json, sys\nimport {module}\nprint(json.dumps(sorted(sys.modules)))")
+    return set(json.loads(out.splitlines()[-1]))
+
+
+@pytest.mark.parametrize("module", ["flows.batch", "flows.batch_file"])
+def test_the_flow_imports_mcp_only_for_a_local_run(module: str) -> None:
+    # A deployment's flow process imports flows.batch before its run starts: a remote run never needs MCP.
+    loaded = _modules_after(module)
+    assert "mcp" not in loaded
+    assert not {"dispatchers.local", "dispatchers.server_pool", "dispatchers.remote", "aip.controller"} & loaded
+
+
+def test_the_hub_events_import_neither_the_command_task_nor_the_dispatchers() -> None:
+    # ``dispatch serve`` with a Prefect API: the events only, none of what a flow run needs.
+    loaded = _modules_after("cli.hub_events")
+    assert "tasks.command" not in loaded
+    assert not {"dispatchers", "flows", "mcp"} & {name.partition(".")[0] for name in loaded}
