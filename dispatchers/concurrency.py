@@ -72,6 +72,10 @@ class ConcurrencyLimits:
         return value
 
 
+#: The slot of an unlimited category: nothing to wait for or give back (one for all: it holds no state).
+_UNLIMITED: AbstractAsyncContextManager[None] = nullcontext()
+
+
 class _Held:
     """One slot of one category, held for the length of an ``async with``."""
 
@@ -125,9 +129,7 @@ class Slots:
         if category not in self._in_use:
             raise ValueError(f"no slots for category {category!r}; categories: {', '.join(TOOL_TYPES)}")
         semaphore = self._semaphores.get(category)
-        own: AbstractAsyncContextManager[None] = (
-            nullcontext() if semaphore is None else _Held(self, category, semaphore)
-        )
+        own = _UNLIMITED if semaphore is None else _Held(self, category, semaphore)
         if self.within is None:
             return own
         return _both(own, self.within.slot(category))

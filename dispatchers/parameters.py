@@ -7,7 +7,7 @@ here gives a non-retryable failure that names the field.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jsonschema
 from jsonschema.exceptions import ValidationError, best_match
@@ -63,25 +63,42 @@ def _validator(schema: Mapping[str, Any]) -> tuple[Validator, _Accepts | None]:
 
 # -- the quick check: plain Python for the schemas tools commonly list ------------------------------
 
-#: The types a quick check knows, each by a test that accepts only values
-#: jsonschema's (Draft 2020-12) type of that name accepts; values it does not
-#: accept (a float 1.0 for "integer", a Decimal) go to jsonschema.
-_TYPES: dict[str, _Accepts] = {
-    "object": lambda value: type(value) is dict,
-    "array": lambda value: type(value) is list,
-    "string": lambda value: type(value) is str,
-    "integer": lambda value: type(value) is int,
-    "number": lambda value: type(value) is int or type(value) is float,
-    "boolean": lambda value: type(value) is bool,
-    "null": lambda value: value is None,
+#: The Python types of the values that jsonschema's (Draft 2020-12) type of
+#: each name accepts, matched exactly (``type(value) in ...``: a bool is no
+#: integer); values of other types (a Decimal) go to jsonschema, and so does
+#: a whole float for "integer".
+_TYPES: dict[str, frozenset[type]] = {
+    "object": frozenset({dict}),
+    "array": frozenset({list}),
+    "string": frozenset({str}),
+    "integer": frozenset({int}),
+    "number": frozenset({int, float}),
+    "boolean": frozenset({bool}),
+    "null": frozenset({type(None)}),
 }
 #: Keywords that never affect validity.
 _ANNOTATIONS = frozenset({"title", "description", "default", "examples", "deprecated", "readOnly", "writeOnly"})
+#: The keywords about an object's members, checked together in one pass over it.
+_MEMBERS = frozenset({"properties", "required", "additionalProperties"})
 #: Schemas nested deeper than this get no quick check (a device's schema is hostile input).
 _MAX_DEPTH = 16
 
 
-def quick_check(schema: Any, depth: int = 0) -> _Accepts | None:
+class _Compiled(NamedTuple):
+    """A schema as a quick check: the exact types it allows (None: any), and the tests a value must also pass.
+
+    Keeping the types apart lets an ``anyOf`` of plain types (what a tool's
+    ``Any``-typed parameter lists) become one set lookup.
+    """
+
+    types: frozenset[type] | None
+    tests: tuple[_Accepts, ...]
+
+
+_ANYTHING = _Compiled(None, ())
+
+
+def quick_check(schema: Any) -> _Accepts | None:
     """A plain-Python check for ``schema``, or None when it uses anything but the common keywords.
 
     Known: ``type`` (one or a list), ``properties``, ``required``,
@@ -91,81 +108,159 @@ def quick_check(schema: Any, depth: int = 0) -> _Accepts | None:
     jsonschema's alone. The check may be stricter than jsonschema, never
     laxer: a False is only "ask jsonschema".
     """
+    compiled = _compile(schema, 0)
+    return None if compiled is None else _function(compiled)
+
+
+def _compile(schema: Any, depth: int) -> _Compiled | None:
     if schema is True:
-        return _always
+        return _ANYTHING
     if schema is False or type(schema) is not dict or depth > _MAX_DEPTH:
         return None
-    checks: list[_Accepts] = []
+    types: frozenset[type] | None = None
+    tests: list[_Accepts] = []
     for keyword, value in schema.items():
-        if keyword in _ANNOTATIONS:
+        if keyword in _ANNOTATIONS or keyword in _MEMBERS:
             continue
-        check = _keyword_check(keyword, value, schema, depth)
-        if check is None:
+        if keyword == "type":
+            allowed = _type_names(value)
+            if allowed is None:
+                return None
+            types = allowed if types is None else types & allowed
+        elif keyword == "anyOf":
+            alternatives = _alternatives(value, depth)
+            if alternatives is None:
+                return None
+            if isinstance(alternatives, frozenset):
+                types = alternatives if types is None else types & alternatives
+            elif alternatives is not _always:
+                tests.append(alternatives)
+        elif keyword == "items":
+            items = _compile(value, depth + 1)
+            if items is None:
+                return None
+            if items != _ANYTHING:
+                tests.append(_items_test(_function(items)))
+        else:
             return None
-        checks.append(check)
-    if not checks:
-        return _always
-    if len(checks) == 1:
-        return checks[0]
-    return lambda value: all(check(value) for check in checks)
+    if not _MEMBERS.isdisjoint(schema):
+        members = _members_test(schema, depth)
+        if members is None:
+            return None
+        if members is not _always:
+            tests.append(members)
+    return _Compiled(types, tuple(tests))
+
+
+def _function(compiled: _Compiled) -> _Accepts:
+    types, tests = compiled
+    if not tests:
+        if types is None:
+            return _always
+        return lambda value: type(value) in types
+    if types is None and len(tests) == 1:
+        return tests[0]
+
+    def accepts(value: Any) -> bool:
+        if types is not None and type(value) not in types:
+            return False
+        for test in tests:  # noqa: SIM110 - a loop, not all() over a generator: this runs for every call
+            if not test(value):
+                return False
+        return True
+
+    return accepts
 
 
 def _always(value: Any) -> bool:
     return True
 
 
-def _keyword_check(keyword: str, value: Any, schema: dict[str, Any], depth: int) -> _Accepts | None:
-    if keyword == "type":
-        names = [value] if type(value) is str else value
-        if type(names) is not list or not names or not all(type(n) is str and n in _TYPES for n in names):
+def _type_names(value: Any) -> frozenset[type] | None:
+    names = [value] if type(value) is str else value
+    if type(names) is not list or not names or not all(type(name) is str and name in _TYPES for name in names):
+        return None
+    return frozenset().union(*(_TYPES[name] for name in names))
+
+
+def _alternatives(value: Any, depth: int) -> frozenset[type] | _Accepts | None:
+    """``anyOf``: the union of its types when each alternative is a plain type, else a test (``_always``: any value)."""
+    if type(value) is not list or not value:
+        return None
+    alternatives = [_compile(subschema, depth + 1) for subschema in value]
+    known = [alternative for alternative in alternatives if alternative is not None]
+    if len(known) < len(alternatives):
+        return None
+    if _ANYTHING in known:
+        return _always
+    if not any(alternative.tests for alternative in known):
+        return frozenset().union(*(alternative.types or () for alternative in known))
+    functions = tuple(_function(alternative) for alternative in known)
+
+    def any_of(instance: Any) -> bool:
+        for function in functions:  # noqa: SIM110 - a loop, not any() over a generator: this runs for every call
+            if function(instance):
+                return True
+        return False
+
+    return any_of
+
+
+def _items_test(item_check: _Accepts) -> _Accepts:
+    def items(instance: Any) -> bool:
+        if type(instance) is list:
+            for item in instance:
+                if not item_check(item):
+                    return False
+        return True
+
+    return items
+
+
+def _members_test(schema: dict[str, Any], depth: int) -> _Accepts | None:
+    """``properties``, ``required`` and ``additionalProperties`` as one test of an object's members."""
+    properties = schema.get("properties", {})
+    names = schema.get("required", [])
+    additional = schema.get("additionalProperties", True)
+    if type(properties) is not dict or type(names) is not list or not all(type(name) is str for name in names):
+        return None
+    checks: list[tuple[str, _Accepts]] = []
+    for name, subschema in properties.items():
+        compiled = _compile(subschema, depth + 1)
+        if compiled is None:
             return None
-        tests = [_TYPES[name] for name in names]
-        return tests[0] if len(tests) == 1 else lambda instance: any(test(instance) for test in tests)
-    if keyword == "required":
-        if type(value) is not list or not all(type(name) is str for name in value):
+        if compiled != _ANYTHING:
+            checks.append((name, _function(compiled)))
+    others: _Accepts | None = None  # None: any other member is fine
+    if additional is False:
+        others = _never
+    else:
+        compiled = _compile(additional, depth + 1)
+        if compiled is None:
             return None
-        names = tuple(value)
-        return lambda instance: type(instance) is not dict or all(name in instance for name in names)
-    if keyword == "properties":
-        if type(value) is not dict:
-            return None
-        subchecks: dict[str, _Accepts] = {}
-        for name, subschema in value.items():
-            subcheck = quick_check(subschema, depth + 1)
-            if subcheck is None:
-                return None
-            subchecks[name] = subcheck
-        return lambda instance: (
-            type(instance) is not dict
-            or all(subcheck(instance[name]) for name, subcheck in subchecks.items() if name in instance)
-        )
-    if keyword == "additionalProperties":
-        properties = schema.get("properties", {})
-        if "patternProperties" in schema or type(properties) is not dict:
-            return None
-        extra = quick_check(value, depth + 1) if value is not False else None
-        if value is False:
-            return lambda instance: type(instance) is not dict or all(name in properties for name in instance)
-        if extra is None:
-            return None
-        if extra is _always:
-            return _always
-        return lambda instance: (
-            type(instance) is not dict or all(extra(item) for name, item in instance.items() if name not in properties)
-        )
-    if keyword == "items":
-        item_check = quick_check(value, depth + 1)
-        if item_check is None:
-            return None
-        if item_check is _always:
-            return _always
-        return lambda instance: type(instance) is not list or all(item_check(item) for item in instance)
-    if keyword == "anyOf":
-        if type(value) is not list or not value:
-            return None
-        alternatives = [quick_check(subschema, depth + 1) for subschema in value]
-        if any(alternative is None for alternative in alternatives):
-            return None
-        known = [alternative for alternative in alternatives if alternative is not None]
-        return lambda instance: any(alternative(instance) for alternative in known)
-    return None
+        if compiled != _ANYTHING:
+            others = _function(compiled)
+    required, known = tuple(names), frozenset(properties)
+    if not required and not checks and others is None:
+        return _always
+
+    def members(instance: Any) -> bool:
+        if type(instance) is not dict:
+            return True
+        for name in required:
+            if name not in instance:
+                return False
+        for name, check in checks:
+            if name in instance and not check(instance[name]):
+                return False
+        if others is not None:
+            for name, item in instance.items():
+                if name not in known and not others(item):
+                    return False
+        return True
+
+    return members
+
+
+def _never(value: Any) -> bool:
+    return False

@@ -98,28 +98,22 @@ class ToolCallDispatcher(BasicCommandDispatcher):
                 delay,
             )
 
-        async def run(policy: RetryPolicy) -> Result:
-            try:
-                return await policy.call(
-                    attempt,
-                    deadline,
-                    repeatable=lambda: self.is_repeatable(command),
-                    on_retry=log_retry,
-                )
-            except Exception as error:
-                return self.naming_the_server(command, error_result(command, error))
-
         rule = requested_retry.get()
         if rule is None:  # the common case: nothing more per command
-            return await run(self.retry)
-        # On a device: the batch's own policy, and the Result says how many tries it took.
-        counter = _AttemptCounter(observing_attempts.get())
-        token = observing_attempts.set(counter)
+            policy, counter = self.retry, None
+        else:  # on a device: the batch's own policy, and the Result says how many tries it took
+            policy, counter = self.retry.following(rule), _AttemptCounter(observing_attempts.get())
+        token = None if counter is None else observing_attempts.set(counter)
         try:
-            result = await run(self.retry.following(rule))
+            result = await policy.call(
+                attempt, deadline, repeatable=lambda: self.is_repeatable(command), on_retry=log_retry
+            )
+        except Exception as error:
+            result = self.naming_the_server(command, error_result(command, error))
         finally:
-            observing_attempts.reset(token)
-        return result.model_copy(update={"attempts": counter.attempts})
+            if token is not None:
+                observing_attempts.reset(token)
+        return result if counter is None else result.model_copy(update={"attempts": counter.attempts})
 
     async def execute_commands(
         self,

@@ -40,6 +40,15 @@ SCHEMAS: list[Any] = [
         "additionalProperties": False,
     },
     {"type": "object", "properties": {"n": {"anyOf": [{"type": "integer"}, {"type": "string"}]}}},
+    {  # anyOf of more than plain types, and a type narrowed by an anyOf
+        "properties": {
+            "a": {"anyOf": [{"type": "integer"}, {"type": "object", "properties": {"x": {"type": "number"}}}]},
+            "b": {"type": ["number", "string"], "anyOf": [{"type": "integer"}, {"type": "string"}]},
+            "tags": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
+        },
+        "required": ["a"],
+    },
+    {"type": "object", "anyOf": [{"type": "integer"}, True]},
     {},
     True,
 ]
