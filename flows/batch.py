@@ -196,7 +196,11 @@ def final_state(commands: list[Command], results: list[Result]) -> State:
     """Cancelled when the user interrupted the batch, else Failed when a command failed, else Completed."""
     failed = sum(result.status is ResultStatus.FAILURE for result in results)
     outcome = f"{failed} of {plural(len(results), 'command')} failed"
-    if any(was_interrupted(command, result) for command, result in zip(commands, results, strict=True)):
+    interrupted = (
+        result.status is ResultStatus.FAILURE and was_interrupted(command, result)  # only a failure can be one
+        for command, result in zip(commands, results, strict=True)
+    )
+    if any(interrupted):
         return Cancelled(message=f"interrupted (Ctrl-C): {outcome}", data=results)
     if failed:
         return Failed(message=outcome, data=results)
