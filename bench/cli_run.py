@@ -670,8 +670,8 @@ def print_tables(figures: dict[str, Any]) -> None:
                 ]
             )
         table(("case (* = target)", "runs", "median s", "/ floor", "target", "CPU s", "Result->exit s"), rows)
-        print("phases, seconds from the start (medians): first stderr line, flow run announced, command done, ")
-        print("Results complete on stdout, exit")
+        print("Phases, seconds from the start (medians): 1st stderr line, flow run announced, command done, Results")
+        print("complete on stdout, exit")
         rows = []
         for label, s in subjects.items():
             p = s["phases_median_s"]
