@@ -157,35 +157,38 @@ async def dispatch_batch(
         agent = agent.model_copy(
             update={"session_id": agent.session_id or run_id, "task_name": agent.task_name or name}
         )
-        async with (
-            _dispatcher(backend, servers, retry, device, hub, agent) as dispatcher,
-            Progress(len(batch)) as progress,
-        ):
-            index = {command.call_id: i for i, command in enumerate(batch)}
+        async with _dispatcher(backend, servers, retry, device, hub, agent) as dispatcher:
+            async with Progress(len(batch)) as progress:
+                index = {command.call_id: i for i, command in enumerate(batch)}
 
-            async def run_one(command: Command, command_deadline: Deadline) -> Result:
-                at = index[command.call_id]
-                watch.command_started(at)
-                result, reports[at] = await execute_as_task(
-                    command, dispatcher, command_deadline, context, resumable=persist_results
-                )
-                return result
+                async def run_one(command: Command, command_deadline: Deadline) -> Result:
+                    at = index[command.call_id]
+                    watch.command_started(at)
+                    result, reports[at] = await execute_as_task(
+                        command, dispatcher, command_deadline, context, resumable=persist_results
+                    )
+                    return result
 
-            def finished(at: int, result: Result) -> None:
-                progress.advance(at, result)
-                watch.command_finished(at, result, reports[at])
+                def finished(at: int, result: Result) -> None:
+                    progress.advance(at, result)
+                    watch.command_finished(at, result, reports[at])
 
-            # Task runs that end at the deadline (or are interrupted) report Failed before they are cancelled.
-            results = await run_batch(batch, run_one, deadline, settings.batch_policy, finished, FLOW_BUDGET)
-            # Every failure names its server when it is known: interrupted, skipped and timed-out ones too.
-            results = [
-                dispatcher.naming_the_server(command, result) for command, result in zip(batch, results, strict=True)
-            ]
+                # Task runs that end at the deadline (or are interrupted) report Failed before they are cancelled.
+                results = await run_batch(batch, run_one, deadline, settings.batch_policy, finished, FLOW_BUDGET)
+                # Every failure names its server when it is known: interrupted, skipped and timed-out ones too.
+                results = [
+                    dispatcher.naming_the_server(command, result)
+                    for command, result in zip(batch, results, strict=True)
+                ]
 
-        watch.batch_finished(results, reports)
-        where = f"device {device}" if backend is Backend.REMOTE else "local MCP servers"
-        published = publish_results(name, batch, results, reports, where)
-        await asyncio.gather(progress.finish(), _best_effort(published, "publishing the results"))
+            watch.batch_finished(results, reports)
+            where = f"device {device}" if backend is Backend.REMOTE else "local MCP servers"
+            published = publish_results(name, batch, results, reports, where)
+            # Written while this run's own MCP servers (a deployment run's) stop: neither waits for the other.
+            publishing = asyncio.ensure_future(
+                asyncio.gather(progress.finish(), _best_effort(published, "publishing the results"))
+            )
+        await publishing
         emit_batch_finished(context, results, reports)
         return final_state(batch, results)
     finally:
