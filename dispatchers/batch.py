@@ -56,6 +56,11 @@ class BatchPolicy:
             raise ValueError(f"max_concurrency must be at least 1, not {self.max_concurrency}")
 
 
+#: Members run_batch compares with for every command, as constants: an enum member
+#: looked up on its class costs a descriptor call (Python 3.11).
+_SEQUENTIAL, _FAILURE = ExecutionMode.SEQUENTIAL, ResultStatus.FAILURE
+
+
 async def run_batch(
     commands: Sequence[Command],
     run_one: RunOne,
@@ -94,7 +99,7 @@ async def run_batch(
                 result = error_result(command, error)
             if result.call_id != command.call_id:
                 result = error_result(command, f"the result came back for call_id {result.call_id!r}")
-            if result.status is ResultStatus.FAILURE:
+            if result.status is _FAILURE:
                 failed = True
         results[index] = result
         finished += 1
@@ -112,7 +117,7 @@ async def run_batch(
 
     async def drive() -> None:
         try:
-            if policy.mode is ExecutionMode.SEQUENTIAL:
+            if policy.mode is _SEQUENTIAL:
                 for index, command in enumerate(batch):
                     await run(index, command)
             else:

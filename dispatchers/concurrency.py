@@ -28,6 +28,11 @@ from aip.messages import TOOL_TYPES, Command, ToolType
 __all__ = ["ConcurrencyLimits", "Slots", "command_category"]
 
 
+#: The categories as module constants: an enum member looked up on its class costs a
+#: descriptor call (Python 3.11), and the category is taken for every command.
+_ACTION, _DATA_COLLECTION = ToolType.ACTION, ToolType.DATA_COLLECTION
+
+
 def command_category(command: Command, tool: Tool) -> ToolType:
     """Which limit ``command``, routed to ``tool``, counts against.
 
@@ -36,11 +41,11 @@ def command_category(command: Command, tool: Tool) -> ToolType:
     otherwise ``action``: a tool whose effects are unknown is taken to have
     side effects.
     """
-    if command.tool_type == ToolType.DATA_COLLECTION:
-        return ToolType.DATA_COLLECTION
-    if command.tool_type != ToolType.ACTION and tool.annotations is not None and tool.annotations.read_only_hint:
-        return ToolType.DATA_COLLECTION
-    return ToolType.ACTION
+    if command.tool_type == _DATA_COLLECTION:
+        return _DATA_COLLECTION
+    if command.tool_type != _ACTION and tool.annotations is not None and tool.annotations.read_only_hint:
+        return _DATA_COLLECTION
+    return _ACTION
 
 
 @dataclass(frozen=True)
