@@ -748,6 +748,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     children = Children(work / "logs", work)
     modes: list[Mode] = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the finally below stops everything
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored (`... &`)
 
     def say(text: str) -> None:
         print(f"[{time.perf_counter() - provenance.started:6.1f} s] {text}", file=sys.stderr, flush=True)
@@ -793,4 +794,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted (everything it started is stopped)") from None
