@@ -2,8 +2,8 @@
 
 Run it from the project root::
 
-    python bench/cli_run.py           # about 8-10 minutes on 2 cores
-    python bench/cli_run.py --quick   # smoke run, about 3 minutes
+    python bench/cli_run.py           # about 7 minutes on 2 cores (load average 1-5)
+    python bench/cli_run.py --quick   # smoke run: 2 repetitions, the first run once; 3.5 minutes under load 5
 
 Every figure is the wall time of a fresh process, from its start to its exit,
 as a user typing the command waits for it: ``python -m cli.main run
