@@ -18,49 +18,63 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, get_current_settings
 
+if TYPE_CHECKING:
+    from prefect.server.api.server import SubprocessASGIServer
 
-class _ShieldedServer(SubprocessASGIServer):
-    """Prefect's temporary server, started in a new session (the only change: ``start_new_session``)."""
 
-    def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
-        import prefect
+def _shielded_server() -> SubprocessASGIServer:
+    """Prefect's temporary server, started in a new session (the only change: ``start_new_session``).
 
-        environment = {
-            **os.environ,
-            "PREFECT_UI_ENABLED": "0",
-            "PREFECT__SERVER_EPHEMERAL": "1",
-            "PREFECT__SERVER_FINAL": "1",
-            **get_current_settings().to_environment_variables(exclude_unset=True),
-        }
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--app-dir",
-                str(Path(prefect.__file__).parent.parent),
-                "--factory",
-                "prefect.server.api.server:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "error",
-                "--lifespan",
-                "on",
-            ],
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,  # stdout carries nothing but the Results
-            start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
+    Its module imports Prefect's whole server (seconds): only a run that
+    needs the temporary server pays for it, not one with ``PREFECT_API_URL``.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class ShieldedServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            return _uvicorn_in_a_session_of_its_own(self.port)
+
+    return ShieldedServer()
+
+
+def _uvicorn_in_a_session_of_its_own(port: int | None) -> subprocess.Popen[Any]:
+    import prefect
+
+    environment = {
+        **os.environ,
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+        **get_current_settings().to_environment_variables(exclude_unset=True),
+    }
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(Path(prefect.__file__).parent.parent),
+            "--factory",
+            "prefect.server.api.server:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "error",
+            "--lifespan",
+            "on",
+        ],
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,  # stdout carries nothing but the Results
+        start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
 
 
 def _die_with_parent() -> None:
@@ -84,13 +98,15 @@ def needed() -> bool:
 
 def start() -> None:
     """Start the temporary server now (6-10 s), as the one Prefect's clients will use."""
-    server = _ShieldedServer()
+    server = _shielded_server()
     server.start()
     atexit.register(_stop_without_waiting, server)  # runs before Prefect's own stop, which would wait
 
 
 def stop_now() -> None:
     """The second Ctrl-C: the server goes too, nothing waits."""
+    from prefect.server.api.server import SubprocessASGIServer
+
     server = SubprocessASGIServer._instances.get(None)
     if server is not None:
         _stop_without_waiting(server)

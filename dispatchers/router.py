@@ -17,11 +17,12 @@ listed its tools is an unknown tool a permanent ``UnknownTool``.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
-from typing import NamedTuple, Protocol
-
-from mcp.types import Tool
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from aip.messages import TOOL_TYPES, Command
+
+if TYPE_CHECKING:
+    from mcp.types import Tool  # annotations only: the terminal checks tool_types without importing MCP
 
 from .errors import AmbiguousTool, ServerUnavailable, UnknownTool, candidates_text, did_you_mean
 
