@@ -77,16 +77,34 @@ class ToolCallDispatcher(BasicCommandDispatcher):
         limit = self.retry.attempt_timeout  # the device's own, whatever rule a batch brings
 
         async def attempt() -> Result:
-            scope = asyncio.timeout(self.budget.for_attempt(deadline.remaining(), limit))
+            # asyncio.timeout's own logic, without its object and two coroutines per
+            # attempt: on expiry the task is cancelled; on the way out that cancel is
+            # taken back, and, when it is the one that ended the call, the attempt timed out.
+            task = asyncio.current_task()
+            assert task is not None  # an attempt runs in the batch's driver task
+            cancelling, expired, taken_back = task.cancelling(), False, False
+
+            def expire() -> None:
+                nonlocal expired
+                expired = True
+                task.cancel()
+
+            timer = asyncio.get_running_loop().call_later(self.budget.for_attempt(deadline.remaining(), limit), expire)
             try:
-                async with scope:
-                    return await self.call(command)
-            except TimeoutError:
-                if not scope.expired():
+                return await self.call(command)
+            except asyncio.CancelledError:
+                if not expired:
+                    raise
+                taken_back = True
+                if task.uncancel() > cancelling:  # cancelled by someone else too: theirs to handle
                     raise
                 if limit is not None and not deadline.expired:
                     raise AttemptTimeout(limit) from None
                 raise CommandTimeout(deadline.seconds) from None
+            finally:
+                timer.cancel()
+                if expired and not taken_back:
+                    task.uncancel()
 
         def log_retry(attempt_number: int, error: BaseException, delay: float) -> None:
             logger.warning(
