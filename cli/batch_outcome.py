@@ -10,10 +10,11 @@ from rich.console import Console
 from rich.text import Text
 
 from aip.messages import Command, Result, ResultStatus
+from dispatchers.interrupt import was_interrupted
 
 from .batch_display import BatchDisplay, results_table
 
-__all__ = ["INTERRUPTED", "Outcome", "report"]
+__all__ = ["INTERRUPTED", "Outcome", "outcome_of", "report"]
 
 #: The exit code of a run stopped by Ctrl-C, as a shell reports a SIGINT.
 INTERRUPTED = 130
@@ -25,12 +26,21 @@ class Outcome:
     results: list[Result]
     display: BatchDisplay
     interrupted: bool
+    #: Why some Results are the terminal's own (the batch service went away mid-batch), else None.
+    lost: str | None = None
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
             return INTERRUPTED
         return 0 if all(result.status is ResultStatus.SUCCESS for result in self.results) else 1
+
+
+def outcome_of(commands: list[Command], results: list[Result], display: BatchDisplay, asked: bool) -> Outcome:
+    """The outcome of a batch run whose Ctrl-C was ``asked`` (or not)."""
+    # A Ctrl-C after the last Result interrupted nothing: the run's outcome is its Results'.
+    interrupted = asked and any(was_interrupted(c, r) for c, r in zip(commands, results, strict=False))
+    return Outcome(commands, results, display, interrupted)
 
 
 def report(outcome: Outcome, stdout: Console, stderr: Console, json_output: bool) -> None:

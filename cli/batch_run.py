@@ -32,12 +32,12 @@ from rich.console import Console
 
 from aip.messages import Command, Result
 from dispatchers import ServerPool
-from dispatchers.interrupt import Interruption, interruptible, was_interrupted
+from dispatchers.interrupt import Interruption, interruptible
 from flows.watching import watching
 
 from . import embedded_api
 from .batch_display import BatchDisplay, ConsoleLogHandler
-from .batch_outcome import INTERRUPTED, Outcome
+from .batch_outcome import INTERRUPTED, Outcome, outcome_of
 
 #: Seconds within which a repeated SIGTERM counts as the same one.
 REPEAT_WINDOW = 0.5
@@ -80,10 +80,7 @@ def run_in_terminal(work: Callable[[], Awaitable[tuple[list[Command], list[Resul
         commands, results, asked = asyncio.run(supervised())
     finally:
         display.close()
-    commands = display.commands or commands
-    # A Ctrl-C after the last Result interrupted nothing: the run's outcome is its Results'.
-    interrupted = asked and any(was_interrupted(c, r) for c, r in zip(commands, results, strict=False))
-    return Outcome(commands, results, display, interrupted)
+    return outcome_of(display.commands or commands, results, display, asked)
 
 
 def _start_unless_interrupted() -> None:

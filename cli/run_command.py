@@ -188,6 +188,8 @@ def run_batch_in_service(kind: str, fields: dict[str, Any], access: HubAccess, j
     except ServiceFailed as error:
         say_error(str(error))
         raise typer.Exit(1) from None
+    if outcome.lost:
+        say_error(outcome.lost)
     report(outcome, stdout, stderr, json_output)
     raise typer.Exit(outcome.exit_code)
 

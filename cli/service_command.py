@@ -13,7 +13,7 @@ import typer
 from dispatchers import plural
 
 from .batch_service import wire
-from .batch_service.client import connect_to
+from .batch_service.client import ServiceFailed, connect_to
 from .batch_service.place import ServicePlace, UnsafeDirectory, holds_lock, runtime_directory
 from .terminal import say_error, stdout
 
@@ -57,14 +57,22 @@ def stop(
 ) -> None:
     """Stop the batch service of this directory and environment (running batches end, interrupted, first)."""
     here, sockets = _sockets()
-    stopped = 0
+    stopped, failed = 0, False
     for path in sockets if every else [here.socket]:
         answer = _ask(path, "stop")
         if answer is None:
             continue
-        _wait_gone(path.with_suffix(".lock"))
+        if not _wait_gone(path.with_suffix(".lock")):
+            say_error(
+                f"the batch service (pid {answer['pid']}) is still stopping after {STOP_TIMEOUT:g} s "
+                f"(a client that reads nothing is cut off after a while; its log: {path.with_suffix('.log')})"
+            )
+            failed = True
+            continue
         stdout.print(f"stopped the batch service (pid {answer['pid']})", highlight=False)
         stopped += 1
+    if failed:
+        raise typer.Exit(1)
     if not stopped:
         stdout.print("no batch service was running" + ("" if every else " for this directory and environment"))
 
@@ -80,20 +88,28 @@ def _sockets() -> tuple[ServicePlace, list[Path]]:
 
 def _ask(path: Path, kind: str) -> dict[str, Any] | None:
     """The service's answer to ``kind``, or None if no service listens there (a dead one's socket is removed)."""
-    connection = connect_to(path)
-    if connection is None:
-        with contextlib.suppress(OSError):
-            path.unlink()
+    try:
+        connection = connect_to(path)
+        if connection is None:
+            if not holds_lock(path.with_suffix(".lock")):  # a starting service has its lock before its socket
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            return None
+        with connection, connection.makefile("rb") as stream:
+            connection.settimeout(STOP_TIMEOUT)
+            hello = wire.decode(stream.readline())
+            connection.sendall(wire.encode(kind))
+            return hello | wire.decode(stream.readline())
+    except (OSError, ServiceFailed, wire.WireError) as error:
+        say_error(f"the batch service at {path} did not answer: {error}")
         return None
-    with connection, connection.makefile("rb") as stream:
-        connection.settimeout(STOP_TIMEOUT)
-        hello = wire.decode(stream.readline())
-        connection.sendall(wire.encode(kind))
-        return hello | wire.decode(stream.readline())
 
 
-def _wait_gone(lock: Path) -> None:
-    """Until the service's process has ended (its MCP servers and temporary Prefect server stopped with it)."""
+def _wait_gone(lock: Path) -> bool:
+    """Whether the service's process has ended (its MCP servers and temporary Prefect server with it) in time."""
     deadline = time.monotonic() + STOP_TIMEOUT
-    while holds_lock(lock) and time.monotonic() < deadline:
+    while holds_lock(lock):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.05)  # a process of another session ending has no event to wait on
+    return True

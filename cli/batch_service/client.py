@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -27,17 +27,20 @@ from typing import Any
 from rich.console import Console
 
 from aip.messages import Command, Result
-from dispatchers.interrupt import was_interrupted
+from dispatchers.base import error_result
+from dispatchers.errors import CommandError
 from flows.hub_access import HubAccess
+from tasks.report import CommandReport
 
 from ..batch_display import BatchDisplay, ConsoleLogHandler
-from ..batch_outcome import INTERRUPTED, Outcome
+from ..batch_outcome import INTERRUPTED, Outcome, outcome_of
 from . import wire
-from .place import ServicePlace, holds_lock, idle_seconds
+from .place import ServicePlace, holds_lock, idle_seconds, peer_is_us
 
 __all__ = [
     "ServiceDidNotStart",
     "ServiceFailed",
+    "ServiceLost",
     "ServiceRefused",
     "connect",
     "connect_to",
@@ -47,6 +50,8 @@ __all__ = [
 
 #: Seconds a starting service has to open its socket (it imports Prefect and may start a temporary API first).
 START_TIMEOUT = 120.0
+#: Seconds a run waits for a stopping service to end before it starts another one.
+RELEASE_WAIT = 30.0
 #: Silent ``ALIVE_INTERVAL``s after which the service counts as gone.
 SILENCE_LIMIT = 10
 
@@ -83,6 +88,9 @@ def connect_to(path: Path) -> socket.socket | None:
     except OSError as error:
         connection.close()
         raise ServiceDidNotStart(f"cannot reach the batch service at {path}: {error}") from None
+    if not peer_is_us(connection):
+        connection.close()
+        raise ServiceDidNotStart(f"what listens at {path} runs as another user: it is not used")
     return connection
 
 
@@ -94,7 +102,8 @@ def started_service(place: ServicePlace, stderr: Console) -> socket.socket:
         highlight=False,
         soft_wrap=True,
     )
-    with open(place.log, "ab") as log:
+    # The log may quote a failing command's parameters: this user's alone, like the socket.
+    with os.fdopen(os.open(place.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -128,23 +137,65 @@ def started_service(place: ServicePlace, stderr: Console) -> socket.socket:
 def run_through_service(
     kind: str, fields: dict[str, Any], access: HubAccess, stderr: Console, place: ServicePlace | None = None
 ) -> Outcome:
-    """Send one ``run`` or ``resume`` request and drive the display until its ``done``."""
+    """Send one ``run`` or ``resume`` request and drive the display until its ``done``.
+
+    A service that goes away before the batch has started (it was stopping,
+    it crashed) costs one more try on a new service, then ``ServiceDidNotStart``;
+    one that goes away after leaves an ``Outcome`` whose unfinished commands
+    failed ``ServiceLost`` (``Outcome.lost`` says why).
+    """
     place = place or ServicePlace.here()
-    connection = connect(place) or started_service(place, stderr)
+    request = wire.encode(kind, **fields, hub_access=wire.access_to_wire(access))
+    if len(request) > wire.REQUEST_LIMIT:
+        raise ServiceDidNotStart(f"the batch is over the {wire.REQUEST_LIMIT >> 20} MiB a batch service takes")
+    for _ in range(2):
+        connection = connect(place) or started_service(place, stderr)
+        try:
+            return _run_on(connection, request, place, stderr)
+        except _NotStarted:
+            _wait_released(place)
+    raise ServiceDidNotStart(f"the batch service went away before the batch started (its log: {place.log})")
+
+
+class _NotStarted(Exception):
+    """The service went away before the batch's flow run existed: nothing ran, another service may take it."""
+
+
+def _run_on(connection: socket.socket, request: bytes, place: ServicePlace, stderr: Console) -> Outcome:
     with contextlib.closing(connection):
         connection.settimeout(wire.ALIVE_INTERVAL * SILENCE_LIMIT)
         messages = _messages(connection, place)
-        hello = next(messages, None)
-        if hello is None:
-            raise ServiceFailed(f"the batch service closed the connection (its log: {place.log})")
-        display = BatchDisplay(stderr, live=stderr.is_terminal, dashboard=hello.get("dashboard"))
+        try:
+            hello = next(messages, None)
+            if hello is None:
+                raise _NotStarted
+            connection.sendall(request)
+        except (OSError, ServiceFailed):
+            raise _NotStarted from None
+        display = BatchDisplay(stderr, live=stderr.is_terminal, dashboard=_text(hello.get("dashboard")))
         session = _Session(connection, display, stderr)
-        connection.sendall(wire.encode(kind, **fields, hub_access=wire.access_to_wire(access)))
         try:
             with session.signals():
                 return session.follow(messages)
         finally:
             display.close()
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _wait_released(place: ServicePlace) -> None:
+    """Until a stopping service has let go of its place (bounded: it may be stuck)."""
+    deadline = time.monotonic() + RELEASE_WAIT
+    while holds_lock(place.lock) and time.monotonic() < deadline:
+        time.sleep(0.05)  # a process of another session ending has no event to wait on
+
+
+class ServiceLost(CommandError):
+    """The batch service went away while the batch ran: this command had no Result from it."""
+
+    kind = "ServiceLost"
 
 
 @dataclass
@@ -153,42 +204,65 @@ class _Session:
     display: BatchDisplay
     stderr: Console
     asked: bool = False
+    commands: list[Command] = field(default_factory=list)
+    results: dict[int, Result] = field(default_factory=dict)
 
     def follow(self, messages: Iterator[dict[str, Any]]) -> Outcome:
         logs = ConsoleLogHandler(self.stderr)
-        reports: list[Any] = []
-        for message in messages:
-            kind = message["type"]
-            if kind == "started":
-                commands = wire.commands_from_wire(message["commands"])
-                self.display.batch_started(message["flow_run_id"], message["flow_run_name"], commands)
-            elif kind == "command_started":
-                self.display.command_started(int(message["index"]))
-            elif kind == "command_finished":
-                result = Result.model_validate(message["result"])
-                self.display.command_finished(int(message["index"]), result, wire.report_from_wire(message["report"]))
-            elif kind == "finished":
-                reports = [wire.report_from_wire(item) for item in message["reports"]]
-            elif kind == "log":
-                record = logging.makeLogRecord(
-                    {"name": message["name"], "levelno": message["levelno"], "msg": message["message"]}
-                )
-                record.levelname = logging.getLevelName(record.levelno)
-                logs.handle(record)
-            elif kind == "error":
-                raise ServiceRefused(str(message["message"]), usage=bool(message["usage"]))
-            elif kind == "done":
-                commands = wire.commands_from_wire(message["commands"])
-                results = wire.results_from_wire(message["results"])
-                self.display.batch_finished(results, reports or [None] * len(results))
-                return self.outcome(commands, results)
-        raise ServiceFailed(self.gone("stopped before the batch ended"))
+        reports: list[CommandReport | None] = []
+        try:
+            for message in messages:
+                kind = message["type"]
+                if kind == "stopping" and not self.commands:
+                    raise _NotStarted
+                if kind == "started":
+                    self.commands = wire.commands_from_wire(message["commands"])
+                    self.display.batch_started(
+                        str(message["flow_run_id"]), str(message["flow_run_name"]), self.commands
+                    )
+                elif kind == "command_started":
+                    self.display.command_started(self._index(message))
+                elif kind == "command_finished":
+                    index = self._index(message)
+                    self.results[index] = Result.model_validate(message["result"])
+                    self.display.command_finished(index, self.results[index], wire.report_from_wire(message["report"]))
+                elif kind == "finished":
+                    reports = [wire.report_from_wire(item) for item in message["reports"]]
+                elif kind == "log":
+                    logs.handle(_record(message))
+                elif kind == "error":
+                    raise ServiceRefused(str(message["message"]), usage=bool(message["usage"]))
+                elif kind == "done":
+                    commands = wire.commands_from_wire(message["commands"])
+                    results = wire.results_from_wire(message["results"])
+                    self.display.batch_finished(results, reports or [None] * len(results))
+                    return outcome_of(self.display.commands or commands, results, self.display, self.asked)
+            gone = "stopped before the batch ended"
+        except (ServiceFailed, OSError) as error:
+            gone = str(error)
+        except (KeyError, TypeError, ValueError, IndexError) as error:  # ValidationError included
+            gone = f"sent what is not a message of ours ({type(error).__name__})"
+        if not self.commands:
+            raise _NotStarted
+        return self.lost(gone)
 
-    def outcome(self, commands: list[Command], results: list[Result]) -> Outcome:
-        commands = self.display.commands or commands
-        # A Ctrl-C after the last Result interrupted nothing: the run's outcome is its Results'.
-        interrupted = self.asked and any(was_interrupted(c, r) for c, r in zip(commands, results, strict=False))
-        return Outcome(commands, results, self.display, interrupted)
+    def _index(self, message: dict[str, Any]) -> int:
+        index = message["index"]
+        if not isinstance(index, int) or not 0 <= index < len(self.commands):
+            raise IndexError("a command index out of range")
+        return index
+
+    def lost(self, why: str) -> Outcome:
+        """Every command has a Result: those the service sent, and ``ServiceLost`` failures for the others."""
+        cause = ServiceLost(f"the batch service went away while the batch ran ({why}); the command may have run")
+        results = [self.results.get(i) or error_result(command, cause) for i, command in enumerate(self.commands)]
+        for index, result in enumerate(results):
+            if index not in self.results:
+                self.display.command_finished(index, result, None)
+        self.display.batch_finished(results, self.display.reports)
+        found = outcome_of(self.commands, results, self.display, self.asked)
+        found.lost = self.gone(why.removeprefix("the batch service "))
+        return found
 
     def gone(self, what: str) -> str:
         run = self.display.flow_run_id
@@ -223,6 +297,14 @@ class _Session:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+def _record(message: dict[str, Any]) -> logging.LogRecord:
+    """A warning of the run, as a record for the terminal's log handler (which prints it inert)."""
+    levelno = message["levelno"] if isinstance(message.get("levelno"), int) else logging.WARNING
+    record = logging.makeLogRecord({"name": str(message["name"]), "levelno": levelno, "msg": str(message["message"])})
+    record.levelname = logging.getLevelName(levelno)
+    return record
 
 
 def _messages(connection: socket.socket, place: ServicePlace) -> Iterator[dict[str, Any]]:

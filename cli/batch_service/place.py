@@ -16,7 +16,9 @@ import fcntl
 import hashlib
 import json
 import os
+import socket
 import stat
+import struct
 import sys
 import time
 from collections.abc import Mapping
@@ -31,6 +33,7 @@ __all__ = [
     "enabled",
     "holds_lock",
     "idle_seconds",
+    "peer_is_us",
     "place_key",
     "runtime_directory",
     "sweep",
@@ -130,8 +133,16 @@ def place_key(environ: Mapping[str, str], cwd: Path) -> str:
         "cwd": str(cwd),
         "python": sys.executable,
         "code": code_fingerprint(),
+        "prefect": [_stamp(path) for path in prefect_setting_files(environ, cwd)],
     }
     return hashlib.sha256(json.dumps(place).encode()).hexdigest()[:24]
+
+
+def prefect_setting_files(environ: Mapping[str, str], cwd: Path) -> list[Path]:
+    """The files Prefect reads its settings from besides the environment: a profile switch or a login changes one."""
+    home = Path(environ.get("PREFECT_HOME") or Path.home() / ".prefect")
+    profiles = Path(environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml")
+    return [profiles, cwd / "prefect.toml", cwd / "pyproject.toml", cwd / ".env"]
 
 
 def _ours(name: str) -> bool:
@@ -183,3 +194,16 @@ def sweep(directory: Path, keep: str, older_than: float = STALE_AFTER) -> None:
             with contextlib.suppress(OSError):
                 if path.stat().st_mtime < cutoff:
                     path.unlink()
+
+
+def peer_is_us(connection: socket.socket) -> bool:
+    """Whether the other end of a Unix socket runs as this user (SO_PEERCRED: Linux; elsewhere the 0700 directory).
+
+    Both ends ask: the service, before it runs what it is sent; the terminal,
+    before it sends a hub token to whatever listens at the socket's path.
+    """
+    if not hasattr(socket, "SO_PEERCRED"):
+        return True
+    credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", credentials)
+    return bool(uid == os.getuid())

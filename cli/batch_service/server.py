@@ -22,8 +22,6 @@ import fcntl
 import logging
 import os
 import signal
-import socket
-import struct
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -35,14 +33,27 @@ from cli.main import exit_at_once
 from cli.up import quiet_prefect_defaults
 
 from . import wire
-from .place import code_fingerprint, sweep
+from .place import code_fingerprint, peer_is_us, sweep
 
 logger = logging.getLogger("dispatch.service")
 
+#: Bytes of log a service writes in its life (warnings only: a few per failing batch).
+LOG_LIMIT = 16 * 1024 * 1024
+#: Tries, and seconds between them, at taking a lock that someone holds.
+LOCK_TRIES = 5
+LOCK_PAUSE = 0.02
 #: Seconds between two looks, while idle, at whether our code was replaced.
 SUPERSEDED_CHECK = 30.0
 #: Seconds after which a service stops at its next idle moment, however busy it has been.
 LIFETIME = 6 * 3600.0
+#: Seconds a stopping service gives its batches to end, and then its connections to close once cut.
+SHUTDOWN_WAIT = 30.0
+#: Seconds a client has to send its request once connected.
+REQUEST_WAIT = 30.0
+#: Seconds the last messages to a client may take to be read before the connection is cut.
+DRAIN_WAIT = 60.0
+#: Bytes waiting for a client that reads nothing, beyond which it is cut off.
+WRITE_LIMIT = 256 * 1024 * 1024
 #: Where a run's warnings go: the connection of the client whose run logged them.
 _client: ContextVar[Callable[[bytes], None] | None] = ContextVar("dispatch_service_client", default=None)
 
@@ -87,23 +98,56 @@ def _log_warnings() -> None:
     for handler in list(root.handlers):
         if isinstance(handler, PrefectConsoleHandler):
             root.removeHandler(handler)
-    to_log = logging.StreamHandler(sys.stderr)
+    to_log = _BoundedLog()
     to_log.setLevel(logging.WARNING)
     to_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(to_log)
     root.addHandler(_ForwardedLogs())
 
 
+class _BoundedLog(logging.StreamHandler):  # type: ignore[type-arg]
+    """Our log on stderr (a file), up to ``LOG_LIMIT`` bytes for the life of the service, then one last line."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.written = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.written > LOG_LIMIT:
+            return
+        self.written += len(self.format(record)) + 1
+        if self.written > LOG_LIMIT:
+            record = logging.makeLogRecord({"name": logger.name, "levelno": logging.WARNING, "msg": "log full"})
+            record.levelname = "WARNING"
+        super().emit(record)
+
+
 def _take(path: Path) -> IO[bytes] | None:
-    """The place's lock, held until the process ends; None when another service holds it."""
-    handle = open(path, "ab")  # noqa: SIM115 - held for the life of the process, released by its end
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        return None
-    _held.append(handle)
-    return handle
+    """The place's lock, held until the process ends; None when another service holds it.
+
+    Others look at the lock by taking it for an instant (``holds_lock``), so a
+    refusal is asked again a few times; and the file locked must still be the
+    one at the path (a sweep may have removed it meanwhile).
+    """
+    for _ in range(LOCK_TRIES):
+        handle = open(path, "ab")  # noqa: SIM115 - held for the life of the process, released by its end
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            time.sleep(LOCK_PAUSE)  # another process's instant: nothing to wait on
+            continue
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            handle.close()
+            continue
+        os.utime(path)  # a lock in use is never a sweep's to remove
+        _held.append(handle)
+        return handle
+    return None
 
 
 #: The lock's file, open for the life of the process.
@@ -115,6 +159,9 @@ class Service:
         self.path = path
         self.idle = idle
         self.embedded = embedded
+        #: Connections open, each its handler's task with its writer: activity from the moment of accept.
+        self.connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        #: The handlers running a batch.
         self.running: set[asyncio.Task[None]] = set()
         self.interruptions: set[Any] = set()
         self.stopping = asyncio.Event()
@@ -139,10 +186,25 @@ class Service:
                 server.close()
                 with contextlib.suppress(OSError):
                     self.path.unlink()
-                for interruption in list(self.interruptions):
-                    interruption.interrupt()
-                if self.running:
-                    await asyncio.wait(self.running)
+                await self.close_connections()
+
+    async def close_connections(self) -> None:
+        """Batches interrupted (each ends with its Results), then connections that still hang on are cut.
+
+        A client that stops reading (suspended, its pipe full) must not keep
+        the service, its servers and its memory alive for good.
+        """
+        deadline = time.monotonic() + SHUTDOWN_WAIT
+        while self.connections and time.monotonic() < deadline:
+            for interruption in list(self.interruptions):
+                interruption.interrupt()
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), deadline - time.monotonic())
+        for writer in self.connections.values():
+            writer.transport.abort()
+        if self.connections:
+            await asyncio.wait(self.connections, timeout=SHUTDOWN_WAIT)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -157,7 +219,7 @@ class Service:
         idle_since = time.monotonic()
         while not self.stopping.is_set():
             self.changed.clear()
-            if self.running:
+            if self.connections:
                 await self.changed.wait()
                 idle_since = time.monotonic()
                 continue
@@ -167,7 +229,7 @@ class Service:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), min(left, SUPERSEDED_CHECK))
-            if self.running:
+            if self.connections:
                 continue
             if code_fingerprint() != self.code:
                 logger.info("our code was changed or upgraded: stopping (the next run starts a new service)")
@@ -179,28 +241,38 @@ class Service:
     async def connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        self.connections[task] = writer
+        self.changed.set()
         try:
             if not _same_user(writer):
                 return
             writer.write(wire.encode("hello", pid=os.getpid(), dashboard=self.dashboard()))
-            request = wire.decode(await reader.readline())
+            try:
+                request = wire.decode(await asyncio.wait_for(reader.readline(), REQUEST_WAIT))
+            except (ValueError, TimeoutError) as error:  # over the limit, not our message, too slow
+                writer.write(
+                    wire.encode("error", usage=False, message=f"the batch service refused the request: {error}")
+                )
+                return
             kind = request["type"]
             if kind == "status":
                 writer.write(wire.encode("status", pid=os.getpid(), running=len(self.running), idle=self.idle))
             elif kind == "stop":
                 self.stop()
                 writer.write(wire.encode("stopping", running=len(self.running)))
+            elif kind in ("run", "resume") and self.stopping.is_set():
+                writer.write(wire.encode("stopping", running=len(self.running)))  # the client asks another one
             elif kind in ("run", "resume"):
                 self.running.add(task)
-                self.changed.set()
                 await self.run(request, reader, writer)
             else:
                 writer.write(wire.encode("error", usage=False, message=f"unknown request {kind!r}"))
-            await writer.drain()
-        except (ValueError, ConnectionError) as error:  # a line over the limit, not our message, a client gone
-            logger.warning("a client's request was refused: %s", error)
+        except ConnectionError as error:
+            logger.warning("a client went away: %s", error)
         finally:
+            await _drained(writer)
             self.running.discard(task)
+            del self.connections[task]
             self.changed.set()
             writer.close()
 
@@ -216,10 +288,16 @@ class Service:
         from flows.watching import watching
 
         send = _sender(writer)
+        try:
+            access = wire.access_from_wire(request.get("hub_access", {}))
+        except wire.WireError as error:
+            send(_refusal(error))
+            return
+        # The batch's task copies the context as set here, for the whole batch; the block may end at once.
         with (
             interruptible() as interruption,
             watching(_Forwarder(send, self.take_back_sigterm)),
-            hub_access(wire.access_from_wire(request.get("hub_access", {}))),
+            hub_access(access),
             _forwarding(send),
         ):
             batch = asyncio.create_task(self.batch(request))
@@ -268,14 +346,37 @@ class Service:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.stop)
 
 
+def _refusal(error: Exception) -> bytes:
+    return wire.encode("error", usage=False, message=f"the batch service refused the request: {error}")
+
+
 def _sender(writer: asyncio.StreamWriter) -> Callable[[bytes], None]:
-    """Write without waiting: the watcher must return at once; a client gone is no error of the batch's."""
+    """Write without waiting: the watcher must return at once; a client gone is no error of the batch's.
+
+    A client that reads nothing while ``WRITE_LIMIT`` bytes wait for it is
+    cut off: the batch then ends as if it had gone (``_listen``).
+    """
 
     def send(message: bytes) -> None:
-        if not writer.is_closing():
-            writer.write(message)
+        if writer.is_closing():
+            return
+        if writer.transport.get_write_buffer_size() > WRITE_LIMIT:
+            logger.warning("a client read nothing of %d bytes sent to it: cut off", WRITE_LIMIT)
+            writer.transport.abort()
+            return
+        writer.write(message)
 
     return send
+
+
+async def _drained(writer: asyncio.StreamWriter) -> None:
+    """The last messages delivered, or the connection cut after ``DRAIN_WAIT``: nobody waits on a reader for good."""
+    try:
+        await asyncio.wait_for(writer.drain(), DRAIN_WAIT)
+    except TimeoutError:
+        writer.transport.abort()
+    except ConnectionError:
+        pass
 
 
 async def _listen(reader: asyncio.StreamReader, interrupt: Callable[[], None]) -> None:
@@ -362,14 +463,9 @@ def _forwarding(send: Callable[[bytes], None]) -> Iterator[None]:
 
 
 def _same_user(writer: asyncio.StreamWriter) -> bool:
-    """The socket's directory is ours alone; the peer's credentials say so again (SO_PEERCRED, Linux)."""
     connection = writer.get_extra_info("socket")
-    if connection is None or not hasattr(socket, "SO_PEERCRED"):
-        return True
-    credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", credentials)
-    if uid != os.getuid():
-        logger.warning("refused a connection from uid %d", uid)
+    if connection is not None and not peer_is_us(connection):
+        logger.warning("refused a connection from another user")
         return False
     return True
 
