@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -238,3 +239,53 @@ def test_batches_sent_at_once_run_side_by_side_in_one_service(
     assert len({json.dumps(json.loads(stdout)) for stdout, _ in outputs}) == 1
     run_ids = {FLOW_RUN.search(stderr).group(2) for _, stderr in outputs}  # type: ignore[union-attr]
     assert len(run_ids) == 3
+
+
+def test_a_service_killed_mid_batch_leaves_every_command_a_result_and_the_next_run_a_new_service(
+    tmp_path: Path, runtime: Path, prefect_api: str
+) -> None:
+    (tmp_path / "mcp.json").write_text(json.dumps({"mcpServers": {"demo": demo_server_spec()}}))
+    batch = tmp_path / "batch.json"
+    commands = [
+        {"tool_name": "echo", "parameters": {"value": 1}, "call_id": "first"},
+        {"tool_name": "sleep", "parameters": {"seconds": 60}, "call_id": "held"},
+        {"tool_name": "echo", "parameters": {"value": 3}, "call_id": "never"},
+    ]
+    batch.write_text(json.dumps({"config": "mcp.json", "commands": commands}))
+    env = environment(prefect_api, runtime)
+    run = subprocess.Popen(
+        [str(DISPATCH), "run", str(batch), "--json"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert run.stderr is not None
+        lines = []
+        for line in run.stderr:  # the first command's line: the batch runs in the service
+            lines.append(line)
+            if line.startswith("1/3 echo[first] success"):
+                break
+        else:
+            raise AssertionError("".join(lines))
+        listed = dispatch("service", "status", env=env, cwd=tmp_path)
+        found = re.search(r"^pid (\d+): 1 flow run running", listed.stdout, re.MULTILINE)
+        assert found is not None, listed.stdout
+        os.kill(int(found.group(1)), signal.SIGKILL)
+        stdout, rest = run.communicate(timeout=WAIT)
+    finally:
+        run.kill()
+    stderr = "".join(lines) + rest
+
+    assert run.returncode == 1, stderr
+    results = json.loads(stdout)
+    assert [result["call_id"] for result in results] == ["first", "held", "never"]
+    assert results[0]["status"] == "success"
+    assert all(result["status"] == "failure" and "ServiceLost" in result["error"] for result in results[1:])
+    assert "error: the batch service" in stderr and "Traceback" not in stderr, stderr
+
+    again = dispatch("run", str(batch), "--json", "--timeout", "1", env=env, cwd=tmp_path)
+    assert STARTING in again.stderr and "Traceback" not in again.stderr, again.stderr
+    assert json.loads(again.stdout)[0]["status"] == "success"
