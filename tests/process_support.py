@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -91,3 +93,23 @@ def processes_mentioning(*needles: str) -> list[str]:
             if any(needle in cmdline or needle in environ for needle in needles):
                 found.append(f"{entry.name}: {cmdline}")
     return found
+
+
+@contextlib.contextmanager
+def batch_service_runtime() -> Iterator[Path]:
+    """An XDG_RUNTIME_DIR for the batch services of one test, all of them stopped at its end.
+
+    Short, under /tmp: a socket's path holds 107 bytes, pytest's own
+    directories are too deep.
+    """
+    runtime = Path(tempfile.mkdtemp(prefix="dispatch-", dir="/tmp"))
+    try:
+        yield runtime
+    finally:
+        subprocess.run(
+            [*CLI, "service", "stop", "--all"],
+            env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
+            capture_output=True,
+            timeout=120,
+        )
+        shutil.rmtree(runtime, ignore_errors=True)

@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import demo_server_spec
+from process_support import batch_service_runtime
 
 DISPATCH = Path(sys.executable).parent / "dispatch"
 STARTING = "starting the batch service"
@@ -33,17 +32,8 @@ WAIT = 120
 
 @pytest.fixture
 def runtime() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="dispatch-", dir="/tmp"))
-    try:
+    with batch_service_runtime() as path:
         yield path
-    finally:
-        subprocess.run(
-            [str(DISPATCH), "service", "stop", "--all"],
-            env={**os.environ, "XDG_RUNTIME_DIR": str(path)},
-            capture_output=True,
-            timeout=WAIT,
-        )
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -58,6 +48,18 @@ def batch(tmp_path: Path) -> Path:
     ]
     path.write_text(json.dumps({"config": "mcp.json", "commands": commands}))
     return path
+
+
+def start(batch: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    """``dispatch run BATCH --json``, running."""
+    return subprocess.Popen(
+        [str(DISPATCH), "run", str(batch), "--json"],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def dispatch(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -221,17 +223,7 @@ def test_batches_sent_at_once_run_side_by_side_in_one_service(
 ) -> None:
     env = environment(prefect_api, runtime)
     dispatch("run", str(batch), "--json", env=env, cwd=tmp_path)  # warm
-    runs = [
-        subprocess.Popen(
-            [str(DISPATCH), "run", str(batch), "--json"],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(3)
-    ]
+    runs = [start(batch, env, tmp_path) for _ in range(3)]
     outputs = [run.communicate(timeout=WAIT) for run in runs]
 
     assert [run.returncode for run in runs] == [1, 1, 1], [stderr for _, stderr in outputs]
@@ -253,14 +245,7 @@ def test_a_service_killed_mid_batch_leaves_every_command_a_result_and_the_next_r
     ]
     batch.write_text(json.dumps({"config": "mcp.json", "commands": commands}))
     env = environment(prefect_api, runtime)
-    run = subprocess.Popen(
-        [str(DISPATCH), "run", str(batch), "--json"],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    run = start(batch, env, tmp_path)
     try:
         assert run.stderr is not None
         lines = []

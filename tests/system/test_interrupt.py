@@ -20,14 +20,12 @@ import os
 import pty
 import re
 import select
-import shutil
 import signal
 import socket
 import sqlite3
 import struct
 import subprocess
 import sys
-import tempfile
 import termios
 import threading
 import time
@@ -38,7 +36,7 @@ from typing import Any, TypeVar
 
 import pytest
 from conftest import FIXTURES
-from process_support import processes_mentioning
+from process_support import batch_service_runtime, processes_mentioning
 
 T = TypeVar("T")
 
@@ -302,17 +300,8 @@ def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path | N
     if not request.param:
         yield None
         return
-    runtime = Path(tempfile.mkdtemp(prefix="dispatch-", dir="/tmp"))  # short: a socket's path holds 107 bytes
-    try:
+    with batch_service_runtime() as runtime:
         yield runtime
-    finally:
-        subprocess.run(
-            [str(DISPATCH), "service", "stop", "--all"],
-            env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
-            capture_output=True,
-            timeout=60,
-        )
-        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def write_batch(tmp_path: Path, commands: list[dict[str, Any]]) -> Path:
