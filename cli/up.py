@@ -162,16 +162,22 @@ def locked_job_template() -> dict[str, Any]:
     A stock process pool lets whoever creates a run set its ``command``,
     ``env`` and ``working_dir``: a program to start, a ``$DISPATCH_HUB`` to
     send the worker's credential to, a folder whose mcp.json to trust. Here
-    they are fixed: the worker's own command, environment and folder.
+    they are fixed: the engine under the worker's interpreter, the worker's
+    environment and folder.
     """
     from prefect.workers.process import ProcessWorker
+
+    from flows.deploy_steps import engine_command
 
     template = ProcessWorker.get_default_base_job_template()
     for name in ("command", "env", "working_dir"):
         # Absent, not fixed: Prefect merges a run's env into a fixed one; an absent key keeps its default
-        # (the worker's own command, its environment, the folder prefect.yaml's pull step chooses).
+        # (the worker's environment, the folder prefect.yaml's pull step chooses); the command is set below.
         template["job_configuration"].pop(name, None)
         template["variables"]["properties"].pop(name, None)
+    # Fixed as a value, not a variable: the engine at once, without the workspace supervisor Prefect starts
+    # otherwise (a second interpreter importing Prefect per run; see flows.deploy_steps).
+    template["job_configuration"]["command"] = engine_command()["command"]
     template["job_configuration"]["stream_output"] = True
     return template
 
