@@ -220,7 +220,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     env = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith(("PREFECT_", "DISPATCH_")) or key == "PREFECT_LOGGING_LEVEL"
+        if not key.startswith(("PREFECT_", "DISPATCH_")) or key in ("PREFECT_LOGGING_LEVEL", "DISPATCH_SERVICE")
     }
     env |= {"PREFECT_HOME": str(folder / "home"), "PREFECT_UI_ENABLED": "false", "PYTHONPATH": str(project)}
     env |= {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1"}

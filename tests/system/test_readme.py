@@ -86,7 +86,7 @@ def snippet_env(prefect_api: str) -> dict[str, str]:
     env = {
         name: value
         for name, value in os.environ.items()
-        if not name.startswith("DISPATCH_") and name != "PREFECT_API_AUTH_STRING"
+        if (not name.startswith("DISPATCH_") or name == "DISPATCH_SERVICE") and name != "PREFECT_API_AUTH_STRING"
     }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PREFECT_API_URL"] = prefect_api

@@ -66,7 +66,9 @@ class Site:
 
 
 def cli_env(token: str | None = None, **extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("DISPATCH_")}
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("DISPATCH_") or key == "DISPATCH_SERVICE"
+    }
     return env | ({"DISPATCH_TOKEN": token} if token else {}) | extra
 
 
