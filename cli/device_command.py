@@ -9,8 +9,6 @@ from typing import Annotated, Any
 import typer
 
 from aip.connect import CredentialRefused
-from aip.device import DeviceClient
-from dispatchers import ConcurrencyLimits, LocalCommandDispatcher, MCPServerManager
 
 from .hub_client import client_ssl, read_token
 from .options import CaFileOption, HubOption, TokenFileOption, checked_config
@@ -40,6 +38,9 @@ def device(
         fail_usage("pass --hub ws://HOST:PORT/ws (or set $DISPATCH_HUB)")
     if not device_id:
         fail_usage("pass --id NAME: the id batches will address this device by")
+    from aip.device import DeviceClient  # MCP: imported by this command, not by `dispatch --help`
+    from dispatchers import ConcurrencyLimits, LocalCommandDispatcher, MCPServerManager
+
     specs = checked_config(config)
     token = read_token(token_file)
     context = client_ssl(cafile)

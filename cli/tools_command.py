@@ -12,8 +12,6 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from dispatchers import MCPServerManager
-
 from .inert import inert
 from .options import checked_config
 from .terminal import stdout
@@ -24,6 +22,8 @@ def tools(
     json_output: Annotated[bool, typer.Option("--json", help="Print the servers and tools as JSON")] = False,
 ) -> None:
     """Start the servers of a config and list their tools with input schemas."""
+    from dispatchers import MCPServerManager  # MCP: imported by this command, not by `dispatch --help`
+
     specs = checked_config(config)
 
     async def inspect() -> list[dict[str, Any]]:
