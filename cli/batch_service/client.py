@@ -230,6 +230,8 @@ class _Session:
                     reports = [wire.report_from_wire(item) for item in message["reports"]]
                 elif kind == "log":
                     logs.handle(_record(message))
+                elif kind == "error" and self.commands:  # mid-batch: the Results so far, and why the rest are not
+                    return self.lost(str(message["message"]).removeprefix("the batch service "))
                 elif kind == "error":
                     raise ServiceRefused(str(message["message"]), usage=bool(message["usage"]))
                 elif kind == "done":

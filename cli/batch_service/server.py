@@ -314,6 +314,8 @@ class Service:
 
     async def batch(self, request: dict[str, Any]) -> bytes:
         """The ``done`` message of a batch, or the ``error`` its client shows as ``dispatch run`` would."""
+        from prefect.exceptions import TerminationSignal
+
         from cli.batch_run import APIUnreachable, check_api_answers, where_runs_are_kept
         from flows.batch import FlowRunNotFound, resume_batch_flow, run_batch_flow
         from flows.batch_file import BatchFileError
@@ -336,6 +338,9 @@ class Service:
             return wire.encode("error", usage=True, message=str(error))
         except APIUnreachable as error:
             return wire.encode("error", usage=False, message=str(error))
+        except TerminationSignal:  # Prefect's SIGTERM bridge, installed while a flow run starts: a stop, meant for us
+            self.stop()
+            return wire.encode("error", usage=False, message="the batch service was stopped (SIGTERM)")
         except Exception as error:
             logger.exception("a batch failed in the service")
             return wire.encode("error", usage=False, message=f"the batch service failed: {error!r}")
@@ -447,8 +452,11 @@ class _ForwardedLogs(logging.Handler):
         send = _client.get()
         if send is None or not shown_in_terminal(record):
             return
+        message = record.getMessage()
+        if record.exc_info:  # as the terminal's own handler would print it in-process
+            message += "\n" + logging.Formatter().formatException(record.exc_info)
         try:
-            send(wire.encode("log", name=record.name, levelno=record.levelno, message=record.getMessage()))
+            send(wire.encode("log", name=record.name, levelno=record.levelno, message=message))
         except Exception:
             self.handleError(record)
 
