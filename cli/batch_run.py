@@ -33,6 +33,8 @@ from rich.console import Console
 from aip.messages import Command, Result
 from dispatchers import ServerPool
 from dispatchers.interrupt import Interruption, interruptible
+from flows.batch import FlowRunNotFound
+from flows.batch_file import BatchFileError
 from flows.watching import watching
 
 from . import embedded_api
@@ -155,6 +157,20 @@ def _log_through(console: Console) -> None:
         if isinstance(handler, (PrefectConsoleHandler, ConsoleLogHandler)):
             root.removeHandler(handler)
     root.addHandler(ConsoleLogHandler(console))
+
+
+#: The errors that end a batch before it ran, each said as ``refusal`` words it.
+REFUSED = (FlowRunNotFound, BatchFileError)
+
+
+def refusal(error: Exception) -> tuple[bool, str]:
+    """How the terminal words an error that ended a batch before it ran: (a usage error?, the message).
+
+    The same in-process and through the batch service, which sends it over.
+    """
+    if isinstance(error, FlowRunNotFound):  # dispatch resume
+        return True, str(error) if error.where_known else f"{error} {where_runs_are_kept()}"
+    return not isinstance(error, APIUnreachable), str(error)
 
 
 def where_runs_are_kept() -> str:

@@ -202,8 +202,7 @@ def run_batch_in_terminal(
     The flow run reaches the hub with ``access``, handed to it in-process.
     """
     from cli.batch_outcome import INTERRUPTED, report
-    from cli.batch_run import APIUnreachable, run_in_terminal, where_runs_are_kept
-    from flows.batch import FlowRunNotFound
+    from cli.batch_run import REFUSED, APIUnreachable, refusal, run_in_terminal
 
     try:
         with hub_access(access):
@@ -211,12 +210,11 @@ def run_batch_in_terminal(
     except KeyboardInterrupt:
         say_error("interrupted before the batch started")
         raise typer.Exit(INTERRUPTED) from None
-    except FlowRunNotFound as error:  # dispatch resume
-        fail_usage(str(error) if error.where_known else f"{error} {where_runs_are_kept()}")
-    except BatchFileError as error:
-        fail_usage(str(error))
-    except APIUnreachable as error:
-        say_error(str(error))
+    except (*REFUSED, APIUnreachable) as error:
+        usage, message = refusal(error)
+        if usage:
+            fail_usage(message)
+        say_error(message)
         raise typer.Exit(1) from None
     report(outcome, stdout, stderr, json_output)
     raise typer.Exit(outcome.exit_code)

@@ -96,9 +96,10 @@ def connect_to(path: Path) -> socket.socket | None:
 
 def started_service(place: ServicePlace, stderr: Console) -> socket.socket:
     """Start the place's service and connect to it once it listens (a Ctrl-C meanwhile leaves it starting)."""
+    idle = idle_seconds(os.environ)
     stderr.print(
         f"starting the batch service (Prefect, once; later runs from here reuse it until it has been idle "
-        f"{idle_seconds(os.environ):g} s; `dispatch service stop` ends it)",
+        f"{idle:g} s; `dispatch service stop` ends it)",
         highlight=False,
         soft_wrap=True,
     )
@@ -114,7 +115,7 @@ def started_service(place: ServicePlace, stderr: Console) -> socket.socket:
                 "--lock",
                 str(place.lock),
                 "--idle",
-                str(idle_seconds(os.environ)),
+                str(idle),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -231,7 +232,7 @@ class _Session:
                 elif kind == "log":
                     logs.handle(_record(message))
                 elif kind == "error" and self.commands:  # mid-batch: the Results so far, and why the rest are not
-                    return self.lost(str(message["message"]).removeprefix("the batch service "))
+                    return self.lost(str(message["message"]))
                 elif kind == "error":
                     raise ServiceRefused(str(message["message"]), usage=bool(message["usage"]))
                 elif kind == "done":
@@ -239,11 +240,11 @@ class _Session:
                     results = wire.results_from_wire(message["results"])
                     self.display.batch_finished(results, reports or [None] * len(results))
                     return outcome_of(self.display.commands or commands, results, self.display, self.asked)
-            gone = "stopped before the batch ended"
+            gone = "the batch service stopped before the batch ended"
         except (ServiceFailed, OSError) as error:
             gone = str(error)
         except (KeyError, TypeError, ValueError, IndexError) as error:  # ValidationError included
-            gone = f"sent what is not a message of ours ({type(error).__name__})"
+            gone = f"the batch service sent what is not a message of ours ({type(error).__name__})"
         if not self.commands:
             raise _NotStarted
         return self.lost(gone)
@@ -256,19 +257,20 @@ class _Session:
 
     def lost(self, why: str) -> Outcome:
         """Every command has a Result: those the service sent, and ``ServiceLost`` failures for the others."""
-        cause = ServiceLost(f"the batch service went away while the batch ran ({why}); the command may have run")
+        cause = ServiceLost(f"{why} while the batch ran; the command may have run")
         results = [self.results.get(i) or error_result(command, cause) for i, command in enumerate(self.commands)]
         for index, result in enumerate(results):
             if index not in self.results:
                 self.display.command_finished(index, result, None)
         self.display.batch_finished(results, self.display.reports)
         found = outcome_of(self.commands, results, self.display, self.asked)
-        found.lost = self.gone(why.removeprefix("the batch service "))
+        found.lost = self.gone(why)
         return found
 
-    def gone(self, what: str) -> str:
+    def gone(self, why: str) -> str:
+        """``why``, with the flow run it leaves unfinished."""
         run = self.display.flow_run_id
-        return f"the batch service {what}" + (f" (flow run {run})" if run else "")
+        return why + (f" (flow run {run})" if run else "")
 
     @contextlib.contextmanager
     def signals(self) -> Iterator[None]:

@@ -316,9 +316,8 @@ class Service:
         """The ``done`` message of a batch, or the ``error`` its client shows as ``dispatch run`` would."""
         from prefect.exceptions import TerminationSignal
 
-        from cli.batch_run import APIUnreachable, check_api_answers, where_runs_are_kept
-        from flows.batch import FlowRunNotFound, resume_batch_flow, run_batch_flow
-        from flows.batch_file import BatchFileError
+        from cli.batch_run import REFUSED, APIUnreachable, check_api_answers, refusal
+        from flows.batch import resume_batch_flow, run_batch_flow
 
         try:
             if not self.embedded:
@@ -331,13 +330,11 @@ class Service:
                 results = await run_batch_flow(commands, **options)
             else:
                 commands, results = await resume_batch_flow(str(request["flow_run_id"]))
-        except FlowRunNotFound as error:
-            message = str(error) if error.where_known else f"{error} {where_runs_are_kept()}"
-            return wire.encode("error", usage=True, message=message)
-        except (BatchFileError, wire.WireError, KeyError) as error:
+        except (*REFUSED, APIUnreachable) as error:
+            usage, message = refusal(error)
+            return wire.encode("error", usage=usage, message=message)
+        except (wire.WireError, KeyError) as error:
             return wire.encode("error", usage=True, message=str(error))
-        except APIUnreachable as error:
-            return wire.encode("error", usage=False, message=str(error))
         except TerminationSignal:  # Prefect's SIGTERM bridge, installed while a flow run starts: a stop, meant for us
             self.stop()
             return wire.encode("error", usage=False, message="the batch service was stopped (SIGTERM)")
