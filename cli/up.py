@@ -3,11 +3,17 @@
 Each step is a plain Prefect (or dispatch) command run as a child process,
 the same ones the README lists for people who run Prefect their own way:
 
-1. ``prefect server start`` on 127.0.0.1 (SQLite), awaited until healthy;
+1. ``prefect server start`` on 127.0.0.1 (SQLite, or the database given), awaited until healthy;
 2. ``prefect work-pool create <pool> --type process`` (kept if it exists);
 3. ``prefect --no-prompt deploy --all`` from the folder holding prefect.yaml;
-4. ``prefect worker start --pool <pool>``;
+4. ``prefect worker start --pool <pool>``, once per worker asked for;
 5. ``dispatch serve``, the hub for remote devices.
+
+The database's URL (``--database``, or Prefect's own setting in the
+environment) reaches the server alone, and its password no message: workers,
+flow runs and the hub talk to the API, never to the database. A results
+storage block (``--results``) is named to the workers, so that a run retried on
+any of them finds the Results its first attempt stored.
 
 Closed by default: the work pool's job template lets a flow run override
 nothing but its name and labels (no command, environment or working
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -39,6 +46,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from aip.credential_file import DEFAULT_PATH, editing
 from aip.credentials import Role
@@ -59,10 +67,80 @@ SERVER_TUNING = {
 }
 #: Seconds a child gets to stop after SIGTERM before it is killed.
 STOP_GRACE = 10.0
+#: The databases Prefect's server can use: it needs an async driver.
+DATABASE_SCHEMES = ("postgresql+asyncpg", "sqlite+aiosqlite")
+#: Prefect 3.9's settings of the server's database: its own name and the older alias (read only when the
+#: first is unset), then the pieces a URL may leave to them (host, user, password, ...). The server's alone.
+DATABASE_SETTINGS = ("PREFECT_SERVER_DATABASE_", "PREFECT_API_DATABASE_")
+DATABASE_URL, DATABASE_URL_ALIAS = "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL"
+#: The default results storage block of Prefect 3.9 (``block-type/name``), and its older alias.
+RESULTS_BLOCK, RESULTS_BLOCK_ALIAS = "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK", "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK"
+#: A block's slug as Prefect names them: lowercase letters, digits and dashes on either side.
+BLOCK_SLUG = re.compile(r"[a-z0-9-]+/[a-z0-9-]+")
 
 
 class StackError(RuntimeError):
     """A step of ``dispatch up`` failed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Backing:
+    """What the stack runs on, beyond this machine's defaults (SQLite, one worker, results in ``PREFECT_HOME``).
+
+    ``database``: the server's database URL; ``results``: the slug of the
+    storage block every worker stores Results in; ``workers``: how many
+    ``prefect worker start`` to run; ``limit``: at most that many flow runs
+    at once per worker (Prefect's ``--limit``; None: no limit).
+    """
+
+    database: str | None = None
+    results: str | None = None
+    workers: int = 1
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.database is not None:
+            checked_database(self.database)
+        if self.results is not None and not BLOCK_SLUG.fullmatch(self.results):
+            raise StackError(
+                "--results takes a storage block's slug, block-type/name in lowercase letters, digits and dashes "
+                "(such as local-file-system/shared)"
+            )
+        if self.workers < 1 or (self.limit is not None and self.limit < 1):
+            raise StackError("--workers and --limit take a whole number of at least 1")
+
+
+def masked(url: str) -> str:
+    """``url`` with its password, if it has one, as ``***``: what a message or a log may show of it.
+
+    In the user part (``user:password@host``) or the query (``?password=...``);
+    a URL that does not parse shows its scheme alone.
+    """
+    if "://" not in url:  # not a URL: perhaps a password given by mistake
+        return "***"
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # such as an IPv6 host without its closing bracket
+        return url.split("://", 1)[0] + "://***"
+    hidden = parts
+    if password:
+        user, _, host = parts.netloc.rpartition("@")
+        hidden = hidden._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}")
+    if "password" in parts.query.lower():
+        hidden = hidden._replace(query="***")
+    return url if hidden == parts else hidden.geturl()
+
+
+def checked_database(url: str) -> str:
+    """``url`` if it names a database Prefect's server can use; a ``StackError`` (the URL masked) if not."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme not in DATABASE_SCHEMES or any(character.isspace() for character in url):
+        raise StackError(
+            f"--database {masked(url)}: not a database URL Prefect's server can use; it takes "
+            + " or ".join(f"{name}://..." for name in DATABASE_SCHEMES)
+        )
+    return url
 
 
 @dataclass
@@ -293,11 +371,14 @@ def quiet_prefect_defaults() -> None:
 
 
 def child_environment(environ: Mapping[str, str], project: Path, port: int, auth: str) -> dict[str, str]:
-    """What every child of the stack runs with: ``environ`` and the stack's settings (the user's tuning kept)."""
+    """What every child of the stack but the server runs with: ``environ`` and the stack's settings.
+
+    The user's tuning is kept; the database's settings are not (``server_environment``).
+    """
     api_url = f"http://127.0.0.1:{port}/api"
     dashboard = [f"http://127.0.0.1:{port}", f"http://localhost:{port}"]
     return {
-        **environ,
+        **{name: value for name, value in environ.items() if not name.startswith(DATABASE_SETTINGS)},
         "PWD": str(project),  # prefect.yaml's {{ $PWD }}: where the worker runs flows from
         "PREFECT_API_URL": api_url,
         "PREFECT_SERVER_API_AUTH_STRING": auth,
@@ -309,9 +390,56 @@ def child_environment(environ: Mapping[str, str], project: Path, port: int, auth
     }
 
 
+def server_environment(environ: Mapping[str, str], children: Mapping[str, str], database: str | None) -> dict[str, str]:
+    """The server's environment: the other children's, the database's settings of ``environ``, and ``database``.
+
+    Given, ``database`` is set under the setting's own name, which Prefect reads
+    before the alias: a URL left in the user's environment can't override it.
+    """
+    env = {**children, **{name: value for name, value in environ.items() if name.startswith(DATABASE_SETTINGS)}}
+    if database is not None:
+        env[DATABASE_URL] = database
+    return env
+
+
+def worker_environment(children: Mapping[str, str], results: str | None) -> dict[str, str]:
+    """A worker's environment (and so its flow runs'): the children's, with the results block if one is named."""
+    if results is None:
+        return dict(children)
+    env = {name: value for name, value in children.items() if name != RESULTS_BLOCK_ALIAS}
+    return env | {RESULTS_BLOCK: results}
+
+
+def server_database(environ: Mapping[str, str], database: str | None) -> str | None:
+    """The server's database URL, masked, if it was given here or in the environment (None: Prefect's SQLite)."""
+    given = database or environ.get(DATABASE_URL) or environ.get(DATABASE_URL_ALIAS)
+    return masked(given) if given else None
+
+
+def block_exists(api_url: str, auth: str, slug: str) -> bool:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    block_type, name = slug.split("/", 1)
+    settings = {PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: auth}
+    with temporary_settings(settings), get_client(sync_client=True) as client:
+        try:
+            client.read_block_document_by_name(name, block_type, include_secrets=False)
+        except ObjectNotFound:
+            return False
+    return True
+
+
 @contextmanager
 def running_stack(
-    project: Path, port: int, pool: str, hub_port: int | None, say: Callable[[str], None]
+    project: Path,
+    port: int,
+    pool: str,
+    hub_port: int | None,
+    say: Callable[[str], None],
+    backing: Backing = Backing(),
+    warn: Callable[[str], None] | None = None,
 ) -> Iterator[Stack]:
     """Start everything; yield the stack; stop everything, whatever happens.
 
@@ -334,9 +462,15 @@ def running_stack(
     try:
         started = time.monotonic()
         server_command = [sys.executable, "-m", "cli.prefect_server", "--host", "127.0.0.1", "--port", str(port)]
-        server = stack.start("server", server_command, env, project)
-        wait_healthy(api_url, server, timeout=120)
-        say(f"Prefect server at http://127.0.0.1:{port} ({time.monotonic() - started:.1f} s)")
+        server_env = server_environment(os.environ, env, backing.database)
+        server = stack.start("server", server_command, server_env, project)
+        database = server_database(os.environ, backing.database)
+        try:
+            wait_healthy(api_url, server, timeout=120)
+        except StackError as error:
+            raise StackError(f"{error}; its database: {database}" if database else str(error)) from None
+        on = f"{database}, " if database else ""
+        say(f"Prefect server at http://127.0.0.1:{port} ({on}{time.monotonic() - started:.1f} s)")
         template = project / ".dispatch" / "job-template.json"
         template.write_text(json.dumps(locked_job_template(), indent=2))
         create_pool = [prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"]
@@ -357,8 +491,20 @@ def running_stack(
             hub = stack.start("hub", hub_command, env, project)
             wait_listening(hub_port, hub, "the hub", timeout=30)
             say(f"hub at ws://127.0.0.1:{hub_port} (credentials: {project / DEFAULT_PATH})")
-        stack.start("worker", [prefect, "worker", "start", "--pool", pool], env, project)
-        say(f"worker on pool {pool!r}; logs in {log_dir}")
+        if backing.results is not None and not block_exists(api_url, auth, backing.results):
+            (warn or say)(
+                f"no results storage block {backing.results!r} on this server yet: "
+                "the workers' runs can't store their Results until it is made"
+            )
+        worker_env = worker_environment(env, backing.results)
+        limit = [] if backing.limit is None else ["--limit", str(backing.limit)]
+        for number in range(1, backing.workers + 1):
+            # Named in the dashboard (and in their events) by pool and number; logged as worker.log if alone.
+            worker = [prefect, "worker", "start", "--pool", pool, "--name", f"{pool}-worker-{number}", *limit]
+            stack.start("worker" if backing.workers == 1 else f"worker-{number}", worker, worker_env, project)
+        workers = "worker" if backing.workers == 1 else f"{backing.workers} workers"
+        results = f", Results in {backing.results}" if backing.results else ""
+        say(f"{workers} on pool {pool!r}{results}; logs in {log_dir}")
         yield stack
     finally:
 

@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +41,7 @@ from typing import Any
 import pytest
 from conftest import DEMO_SERVER, ROOT, _free_port
 from hub_support import token_for_device, write_credentials
+from postgres_support import Postgres, running_postgres
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -52,9 +54,11 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import Artifact, FlowRun, StateType, TaskRun
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.events.schemas.events import Event, ResourceSpecification
+from prefect.filesystems import LocalFileSystem
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, PREFECT_HOME, temporary_settings
 from prefect.types._datetime import now
 from process_support import CLI, start, stop_group, tail, wait_for
+from test_dispatch_up import NOT_COPIED
 
 from cli.up import SERVER_TUNING
 
@@ -252,19 +256,21 @@ def table_rows(artifact: Artifact) -> list[dict[str, Any]]:
     return data
 
 
-def events(server: Server, labels: dict[str, str], expected: Callable[[list[Event]], bool]) -> list[Event]:
-    """The dispatch.* events whose resource has ``labels``, once ``expected`` holds for them."""
+def events(
+    server: Server, labels: dict[str, str], expected: Callable[[list[Event]], bool], prefix: str = "dispatch."
+) -> list[Event]:
+    """The events named ``prefix...`` whose resource has ``labels``, once ``expected`` holds for them."""
 
     def read() -> list[Event] | None:
         event_filter = EventFilter(  # occurred: the last 180 days, until now
-            event=EventNameFilter(prefix=["dispatch."]),
+            event=EventNameFilter(prefix=[prefix]),
             resource=EventResourceFilter(labels=ResourceSpecification(labels)),
         )
         with server.client() as client:
             found = client.read_events(event_filter, limit=50).events
         return found if expected(found) else None
 
-    return wait_for(f"dispatch events for {labels}", read, RECORDED, interval=0.3)
+    return wait_for(f"{prefix} events for {labels}", read, RECORDED, interval=0.3)
 
 
 def names(found: list[Event]) -> list[str]:
@@ -576,3 +582,194 @@ def test_the_hub_reports_devices_connecting_and_lost_as_prefect_events(server: S
         if device is not None:
             stop_group(device)
         stop_group(hub)
+
+
+# -- 8. on PostgreSQL, with many workers: dispatch up --database --workers --results -------
+
+#: The results storage block of the PostgreSQL stack: a folder every worker reads, as a shared disk would be.
+RESULTS_BLOCK = "local-file-system/shared-results"
+#: The stack's workers, as ``dispatch up --workers 2`` names them (``--pool dispatch``).
+UP_WORKERS = {"dispatch-worker-1", "dispatch-worker-2"}
+
+
+@dataclass
+class Shared:
+    """``dispatch up`` on PostgreSQL with two workers and a results block, and what the tests read of it."""
+
+    server: Server
+    postgres: Postgres
+    up: subprocess.Popen[bytes]
+    log: Path
+    project: Path
+    #: The block's folder: where every worker stores Results.
+    results: Path
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    with running_postgres() as database:
+        yield database
+
+
+@pytest.fixture(scope="module")
+def shared(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
+    """The stack, up; the results block made once it is (as an operator would on a new database); no schedule."""
+    folder = tmp_path_factory.mktemp("up-postgres")
+    project, home, results = folder / "project", folder / "home", folder / "results"
+    shutil.copytree(ROOT, project, ignore=NOT_COPIED)
+    port = _free_port()
+    env = operator_env(home, PREFECT_UI_ENABLED="false", PYTHONPATH=str(project))
+    log = folder / "up.log"
+    options = ["--database", postgres.url, "--workers", "2", "--limit", "2", "--results", RESULTS_BLOCK]
+    up = start([*CLI, "up", "--port", str(port), "--no-hub", *options], env, log, project)
+    try:
+        ready = "Ctrl-C stops everything"
+        wait_for(f"{ready!r}", lambda: ready in tail(log, 100_000) or up.poll() is not None, 100, 0.25)
+        assert up.poll() is None, tail(log)
+        auth = (project / ".dispatch" / "prefect-auth").read_text().strip()
+        api_url = f"http://127.0.0.1:{port}/api"
+        server = Server(
+            api_url, home, env | {"PREFECT_API_URL": api_url, "PREFECT_API_AUTH_STRING": auth}, folder, auth
+        )
+        with server.client() as client:
+            LocalFileSystem(basepath=str(results)).save(RESULTS_BLOCK.split("/")[1])  # on this server: its settings
+            client.pause_deployment(client.read_deployment_by_name("dispatch-batch/example-every-5-min").id)
+        yield Shared(server, postgres, up, log, project, results)
+    finally:
+        stop_group(up, grace=30)
+        print(f"dispatch up:\n{tail(log)}")
+
+
+def submitted_by(shared: Shared, count: int) -> dict[str, list[str]]:
+    """The workers that submitted each flow run (by run id, in order), once ``count`` submissions are recorded."""
+    found = events(
+        shared.server,
+        {"prefect.worker-type": "process"},
+        lambda found: len(found) >= count,
+        prefix="prefect.worker.submitted-flow-run",
+    )
+    by_run: dict[str, list[str]] = {}
+    for event in sorted(found, key=lambda event: event.occurred):
+        [run] = [related.id for related in event.related if related.role == "flow-run"]
+        by_run.setdefault(run.removeprefix("prefect.flow-run."), []).append(event.resource.name or "")
+    return by_run
+
+
+def stack_children(up: subprocess.Popen[bytes], *needles: str) -> list[int]:
+    """The pids of ``dispatch up``'s own children whose command line holds every one of ``needles``."""
+    found = []
+    for pid in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            if pid.isdigit() and int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == up.pid:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if all(needle in cmdline for needle in needles):
+                    found.append(int(pid))
+    return found
+
+
+def test_dispatch_up_runs_its_server_on_the_postgresql_database_given_and_shows_no_password(shared: Shared) -> None:
+    # Prefect's tables are in that database, and the deployments in them.
+    rows = shared.postgres.fetch("SELECT name FROM deployment ORDER BY name")
+    assert [row[0] for row in rows] == ["example-every-5-min", "on-demand"], rows
+    password = shared.postgres.password
+    said = tail(shared.log, 100_000)
+    assert "postgresql+asyncpg://dispatch:***@127.0.0.1" in said, said
+    # The block was made after the workers started: said so.
+    assert f"no results storage block '{RESULTS_BLOCK}'" in said, said
+    logs = shared.project / ".dispatch" / "logs"
+    for path in [shared.log, *logs.iterdir()]:
+        assert password not in path.read_text(errors="replace"), path
+    # The database's URL reaches the server alone: the workers have none, and the results block instead.
+    workers = stack_children(shared.up, "worker", "start")
+    assert len(workers) == 2, workers
+    for pid in workers:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+        assert not [item for item in environ if "DATABASE" in item or password in item], pid
+        assert f"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK={RESULTS_BLOCK}" in environ
+
+
+def test_twenty_runs_queued_at_once_over_two_workers_each_run_once_with_a_result_per_command(
+    shared: Shared, tmp_path: Path
+) -> None:
+    counters = [tmp_path / f"{number}.count" for number in range(20)]
+    failing = set(range(0, 20, 5))
+    runs = []
+    for number, counter in enumerate(counters):
+        last = {"tool_name": "fail", "parameters": {"message": f"run {number} fails"}}
+        if number not in failing:
+            last = {"tool_name": "echo", "parameters": {"value": number}}
+        commands = [{"tool_name": "count_to_file", "parameters": {"path": str(counter)}}, last]
+        runs.append(trigger(shared.server, {"commands": commands, "config": PROJECT_CONFIG, "timeout": 60}))
+
+    ended = [finished(shared.server, run, timeout=150) for run in runs]
+    for number, run in enumerate(ended):
+        assert run.state is not None
+        expected = StateType.FAILED if number in failing else StateType.COMPLETED
+        assert run.state.type is expected, (number, run.state)
+        rows = table_rows(latest(artifacts(shared.server, str(run.id)), "batch-results"))
+        assert [row["status"] for row in rows] == ["success", "failure" if number in failing else "success"], rows
+    # Each batch ran once: its counter was called once, never by a second worker.
+    assert [lines(counter) for counter in counters] == [1] * 20
+    submitted = submitted_by(shared, 20)
+    assert {run: len(workers) for run, workers in submitted.items() if run in runs} == dict.fromkeys(runs, 1)
+    by_worker = {name: sum(workers == [name] for workers in submitted.values()) for name in UP_WORKERS}
+    print(f"runs per worker: {by_worker}")
+    assert all(by_worker.values()), by_worker  # both took runs (each holds two at a time)
+    # Their Results are in the block's folder, none in the workers' PREFECT_HOME.
+    assert len(list(shared.results.iterdir())) >= 20
+    assert not (shared.server.home / "storage").exists()
+
+
+def test_a_failed_run_retried_on_another_machines_worker_reruns_only_the_failed_command(
+    shared: Shared, tmp_path: Path
+) -> None:
+    """Attempt 1 on a stack's worker; the retry on a worker with a home of its own, the stack's frozen meanwhile.
+
+    That worker shares nothing with the first but the server and the results
+    block (named to it as an operator would: Prefect's setting, not dispatch
+    up), as a worker on another machine would.
+    """
+    counters, gate = (tmp_path / "a.count", tmp_path / "b.count"), tmp_path / "gate"
+    commands = [
+        {"tool_name": "count_to_file", "parameters": {"path": str(counters[0])}},
+        {"tool_name": "count_to_file", "parameters": {"path": str(counters[1])}},
+        {"tool_name": "file_gate", "parameters": {"path": str(gate)}},
+    ]
+    run_id = trigger(shared.server, {"commands": commands, "config": PROJECT_CONFIG, "timeout": 60})
+    first = finished(shared.server, run_id)
+    assert first.state is not None and first.state.type is StateType.FAILED, first.state
+    gate.write_text("open")
+
+    other_home = tmp_path / "other-machine"
+    env = shared.server.env | {"PREFECT_HOME": str(other_home), "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": RESULTS_BLOCK}
+    frozen = stack_children(shared.up, "worker", "start")
+    assert len(frozen) == 2, frozen
+    other = None
+    try:
+        for pid in frozen:
+            os.killpg(pid, signal.SIGSTOP)
+        other = start(
+            [PREFECT, "worker", "start", "--pool", "dispatch", "--name", "other-machine"],
+            env,
+            tmp_path / "other.log",
+            shared.project,
+        )
+        retry = shared.server.run(PREFECT, "flow-run", "retry", run_id, timeout=60)
+        assert retry.returncode == 0, retry.stdout + retry.stderr
+        second = finished(shared.server, run_id)
+    finally:
+        for pid in frozen:
+            os.killpg(pid, signal.SIGCONT)
+        if other is not None:
+            stop_group(other)
+    assert second.state is not None and second.state.type is StateType.COMPLETED, (
+        second.state,
+        tail(tmp_path / "other.log"),
+    )
+    # The counters ran once, on the first worker; the other found their Results in the block.
+    assert (lines(counters[0]), lines(counters[1])) == (1, 1)
+    rows = table_rows(latest(artifacts(shared.server, run_id), "batch-results"))
+    assert [row["attempts"] for row in rows] == ["reused", "reused", 1], rows
+    [workers] = [workers for run, workers in submitted_by(shared, 22).items() if run == run_id]
+    assert workers[0] in UP_WORKERS and workers[1:] == ["other-machine"], workers
+    assert not other_home.joinpath("storage").exists()
