@@ -32,7 +32,15 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, PREFECT_HOME, temporary_settings
 from process_support import CLI, listening, processes_mentioning, start, stop_group, tail, wait_for
 
-from cli.up import SERVER_TUNING, child_environment, port_is_free
+from cli.up import (
+    DATABASE_URL,
+    RESULTS_BLOCK,
+    SERVER_TUNING,
+    child_environment,
+    port_is_free,
+    server_environment,
+    worker_environment,
+)
 
 #: What a copy of the project needs to be deployed and run by the worker.
 NOT_COPIED = shutil.ignore_patterns(
@@ -95,6 +103,56 @@ def test_every_child_runs_with_prefect_analytics_and_its_notice_off(tmp_path: Pa
         assert env["DO_NOT_TRACK"] == "1" and env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false", environ
     asked = child_environment({"DO_NOT_TRACK": "0"}, tmp_path, 4200, "dispatch:secret")
     assert asked["DO_NOT_TRACK"] == "0"  # tracking the user asked for is theirs to have
+
+
+def test_the_databases_settings_reach_the_server_alone_and_the_results_block_the_workers(tmp_path: Path) -> None:
+    """Workers, flow runs and the hub talk to the API: none of them gets the database's URL or password."""
+    environ = {
+        "PREFECT_API_DATABASE_CONNECTION_URL": "postgresql+asyncpg://old:pw@db/old",  # the alias, from the user
+        "PREFECT_SERVER_DATABASE_PASSWORD": "pw",
+        "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK": "local-file-system/old",
+        "KEPT": "yes",
+    }
+    children = child_environment(environ, tmp_path, 4200, "dispatch:secret")
+    assert not [name for name in children if "DATABASE" in name] and children["KEPT"] == "yes"
+    given = "postgresql+asyncpg://dispatch:pw@127.0.0.1:5432/prefect"
+    server = server_environment(environ, children, given)
+    assert server[DATABASE_URL] == given  # under the setting's own name: Prefect reads it before the alias
+    assert server["PREFECT_SERVER_DATABASE_PASSWORD"] == "pw" and server["PREFECT_API_AUTH_STRING"] == "dispatch:secret"
+    assert server_environment(environ, children, None).get(DATABASE_URL) is None  # then the user's alias, as set
+    worker = worker_environment(children, "local-file-system/shared")
+    assert worker[RESULTS_BLOCK] == "local-file-system/shared" and "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK" not in worker
+    assert worker_environment(children, None) == children
+
+
+def test_a_database_or_results_block_dispatch_up_cannot_use_is_refused_at_once_the_password_unsaid(
+    tmp_path: Path,
+) -> None:
+    """Refused before anything starts; were it not, the busy port would stop the stack (exit 1, not 2)."""
+    shutil.copy(ROOT / "prefect.yaml", tmp_path)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home")}
+    refused = {
+        "postgresql://dispatch:s3cr3t@127.0.0.1/prefect": "postgresql://dispatch:***@127.0.0.1/prefect",  # sync driver
+        "s3cr3t": "--database ***:",  # a password where the URL belongs
+    }
+    attempts = [["--database", database] for database in refused]
+    attempts += [["--results", results] for results in ("../../etc/passwd", "local-file-system", "Local/Shared")]
+    with server_like_listener() as busy:
+        for options in attempts:
+            done = subprocess.run(
+                [*CLI, "up", *options, "--port", str(busy.getsockname()[1]), "--project", str(tmp_path)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 2, (options, done.stderr)
+            if options[0] == "--database":
+                assert refused[options[1]] in done.stderr and "postgresql+asyncpg://" in done.stderr, done.stderr
+                assert "s3cr3t" not in done.stdout + done.stderr
+            else:
+                assert "storage block's slug" in done.stderr, done.stderr
+    assert not (tmp_path / ".dispatch").exists()  # nothing started
 
 
 def in_a_terminal(argv: list[str], env: dict[str, str], timeout: float = 60) -> str:
