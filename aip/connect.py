@@ -14,14 +14,19 @@ from .credentials import check_token
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "MAX_HUBS",
     "CredentialRefused",
     "HubRefused",
     "HubUnavailable",
     "endpoint",
     "first_latency",
+    "hub_urls",
     "open_connection",
     "safe_url",
 ]
+
+#: The most hubs one address may name: each is a connection a device keeps open.
+MAX_HUBS = 16
 
 #: UFO's own frame limit: screenshots travel as base64 inside results.
 DEFAULT_MAX_MESSAGE_BYTES = 100 * 2**20
@@ -64,6 +69,22 @@ def endpoint(hub_url: str, path: str) -> str:
             "(a URL is shown in logs, process lists and the Prefect dashboard)"
         )
     return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+def hub_urls(hub_url: str, path: str) -> list[str]:
+    """The ``endpoint`` of each hub that ``hub_url`` names: one URL, or several separated by commas.
+
+    Several hubs serve one fleet: a device dials every one of them, a
+    controller uses whichever answers (``aip.failover``). One string keeps
+    every place a hub is named (``--hub``, ``$DISPATCH_HUB``, a flow
+    parameter) as it was; a repeated hub counts once.
+    """
+    named = [part.strip() for part in hub_url.split(",") if part.strip()]
+    if not named:
+        raise ValueError("a hub URL looks like ws://HOST:PORT or wss://HOST:PORT (several: separated by commas)")
+    if len(named) > MAX_HUBS:
+        raise ValueError(f"{len(named)} hubs named: at most {MAX_HUBS}")
+    return list(dict.fromkeys(endpoint(url, path) for url in named))
 
 
 async def open_connection(

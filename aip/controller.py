@@ -31,9 +31,22 @@ from .connect import (
 from .messages import ClientMessage, ClientMessageType, ServerMessage, ServerMessageType, TaskStatus
 from .switchboard import now_iso
 
-__all__ = ["FrameListener", "HubLink", "LossListener", "list_devices"]
+__all__ = ["FrameListener", "HubLink", "LinkLost", "LossListener", "list_devices"]
 
 logger = logging.getLogger("aip.controller")
+
+
+class LinkLost(HubUnavailable):
+    """A connection ended that carried only some of the batches out: ``batches`` (their response_ids) are lost.
+
+    A plain ``HubUnavailable`` given to a ``LossListener`` loses every batch
+    out; a ``FailoverLink`` over several hubs names the ones its lost hub carried.
+    """
+
+    def __init__(self, message: str, batches: frozenset[str]) -> None:
+        super().__init__(message)
+        self.batches = batches
+
 
 FrameListener = Callable[[ClientMessage], None]
 LossListener = Callable[[HubUnavailable], None]
@@ -55,6 +68,8 @@ class HubLink:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        if "," in hub_url:
+            raise ValueError("a HubLink reaches one hub: aip.failover.controller_link() uses several")
         self.url = endpoint(hub_url, CONTROLLER_PATH)
         self.token = token
         self.open_timeout = open_timeout

@@ -37,7 +37,7 @@ from .access import DEVICE_PATH
 from .backoff import Backoff
 from .budget import Budget
 from .call_memory import CallMemory
-from .connect import DEFAULT_MAX_MESSAGE_BYTES, endpoint, first_latency, open_connection, safe_url
+from .connect import DEFAULT_MAX_MESSAGE_BYTES, endpoint, first_latency, hub_urls, open_connection, safe_url
 from .device_session import (
     FRAGMENT_CHARS,
     RECONNECT_BACKOFF,
@@ -57,7 +57,15 @@ from .failure import error_result
 from .messages import Command, Result
 from .retry import requested_retry
 
-__all__ = ["FRAGMENT_CHARS", "DeviceClient", "DeviceReplaced", "Executor", "system_info"]
+__all__ = [
+    "FRAGMENT_CHARS",
+    "DeviceClient",
+    "DeviceReplaced",
+    "Executor",
+    "device_clients",
+    "serve_hubs",
+    "system_info",
+]
 
 logger = logging.getLogger("aip.device")
 
@@ -93,6 +101,8 @@ class DeviceClient:
     ) -> None:
         if not device_id:
             raise ValueError("a device needs an id")
+        if "," in hub_url:
+            raise ValueError("a DeviceClient dials one hub: device_clients() makes one for each hub of a fleet")
         self.url = endpoint(hub_url, DEVICE_PATH)
         self.device_id = device_id
         self.executor = executor
@@ -276,6 +286,40 @@ class DeviceClient:
             logger.info(
                 "device %r: the connection closed before batch %s was answered", self.device_id, batch.response_id
             )
+
+
+def device_clients(
+    hub_url: str, device_id: str, executor: Executor, *, memory: CallMemory | None = None, **options: Any
+) -> list[DeviceClient]:
+    """One client for each hub ``hub_url`` names (``ws://a,ws://b``), all sharing one call memory.
+
+    A device dials every hub of its fleet, so any hub can reach it and a hub
+    that dies cuts nothing off. A batch a controller sends again through
+    another hub, after losing the first, is the same call in the shared
+    memory: what ran is answered, what is running is joined, nothing runs twice.
+    """
+    shared = memory if memory is not None else CallMemory()
+    return [DeviceClient(url, device_id, executor, memory=shared, **options) for url in hub_urls(hub_url, DEVICE_PATH)]
+
+
+async def serve_hubs(clients: Sequence[DeviceClient], stop: asyncio.Event | None = None) -> None:
+    """Run every client (one device on several hubs) until ``stop`` is set; one that gives up stops them all.
+
+    A client gives up only on what retrying cannot mend (a credential a hub
+    refuses): that is a configuration to fix, said at once, rather than a
+    device quietly serving part of its fleet.
+    """
+    stop = stop or asyncio.Event()
+    runs = [asyncio.ensure_future(client.run(stop)) for client in clients]
+    try:
+        done, _ = await asyncio.wait(runs, return_when=asyncio.FIRST_EXCEPTION)
+        for run in done:
+            if (error := run.exception()) is not None:
+                raise error
+    finally:
+        for run in runs:
+            run.cancel()
+        await asyncio.wait(runs)
 
 
 async def _send(action: Transmit[ClientConnection]) -> None:

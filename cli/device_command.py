@@ -33,12 +33,12 @@ def device(
         int | None, typer.Option(help="data_collection commands at once on this device (default: no limit)", min=1)
     ] = None,
 ) -> None:
-    """Connect this machine to a hub and execute the commands it sends, until stopped."""
+    """Connect this machine to a hub (or to every hub of a fleet) and execute the commands it sends, until stopped."""
     if not hub:
         fail_usage("pass --hub ws://HOST:PORT/ws (or set $DISPATCH_HUB)")
     if not device_id:
         fail_usage("pass --id NAME: the id batches will address this device by")
-    from aip.device import DeviceClient  # MCP: imported by this command, not by `dispatch --help`
+    from aip.device import device_clients, serve_hubs  # MCP: imported by this command, not by `dispatch --help`
     from dispatchers import ConcurrencyLimits, LocalCommandDispatcher, MCPServerManager
 
     specs = checked_config(config)
@@ -58,7 +58,7 @@ def device(
                 ]
 
             executor = LocalCommandDispatcher(servers, agent=device_id)
-            client = DeviceClient(
+            clients = device_clients(
                 hub,
                 device_id,
                 executor,
@@ -68,7 +68,7 @@ def device(
                 ssl_context=context,
                 token_in_query=token_in_query,
             )
-            await client.run(stop)
+            await serve_hubs(clients, stop)
 
     try:
         run_until_signalled(serve_commands)

@@ -13,7 +13,7 @@ import ssl
 from pathlib import Path
 
 from aip.access import CONTROLLER_PATH
-from aip.connect import endpoint
+from aip.connect import hub_urls
 from aip.credentials import check_token
 from flows.hub_access import HubAccess
 
@@ -21,9 +21,9 @@ from .terminal import fail_usage
 
 
 def checked_hub(hub: str) -> None:
-    """A usable hub URL, with no credential in it (it would be stored with the flow run's parameters)."""
+    """Usable hub URLs (one, or several comma-separated), no credential in them (they are stored with the flow run)."""
     try:
-        endpoint(hub, CONTROLLER_PATH)
+        hub_urls(hub, CONTROLLER_PATH)
     except ValueError as error:
         fail_usage(f"--hub: {error}")
 

@@ -28,7 +28,12 @@ CredentialsOption = Annotated[
     ),
 ]
 HubOption = Annotated[
-    str | None, typer.Option("--hub", help="Hub URL, ws://HOST:PORT (default: $DISPATCH_HUB)", envvar="DISPATCH_HUB")
+    str | None,
+    typer.Option(
+        "--hub",
+        help="Hub URL, ws://HOST:PORT; several hubs of one fleet: comma-separated (default: $DISPATCH_HUB)",
+        envvar="DISPATCH_HUB",
+    ),
 ]
 CaFileOption = Annotated[
     Path | None, typer.Option("--cafile", help="CA certificate to trust for a wss:// hub with its own certificate")

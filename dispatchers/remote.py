@@ -19,7 +19,8 @@ from typing import Any
 
 from aip.budget import Budget, Deadline
 from aip.connect import HubRefused, HubUnavailable
-from aip.controller import HubLink
+from aip.controller import HubLink, LinkLost
+from aip.failover import FailoverLink, controller_link
 from aip.messages import (
     AgentContext,
     ClientMessage,
@@ -106,7 +107,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
 
     def __init__(
         self,
-        protocol: HubLink | None,
+        protocol: HubLink | FailoverLink | None,
         device: str,
         *,
         agent_name: str | None = None,
@@ -150,7 +151,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
         cls, hub_url: str, device: str, token: str | None = None, **options: Any
     ) -> WebSocketCommandDispatcher:
         """Connect to the hub now, with the controller credential ``token``; raises if it cannot be reached."""
-        link = HubLink(hub_url, token)
+        link = controller_link(hub_url, token)
         await link.open()
         return cls(link, device, **options)
 
@@ -173,9 +174,10 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
             future.set_result(message)
 
     def _on_hub_lost(self, error: Exception) -> None:
-        """The hub connection ended: every batch waiting on it fails now, not at its deadline."""
-        for future in self.pending.values():
-            if not future.done():
+        """A hub connection ended: every batch it carried fails now, not at its deadline, and is sent again."""
+        lost = error.batches if isinstance(error, LinkLost) else None  # None: the one hub, which carried all
+        for response_id, future in self.pending.items():
+            if not future.done() and (lost is None or response_id in lost):
                 future.set_exception(HubDropped(str(error)))
 
     # -- batches -------------------------------------------------------------

@@ -24,7 +24,7 @@ from prefect.states import Cancelled, Completed, Failed
 
 from aip.access import CONTROLLER_PATH
 from aip.budget import Budget, Deadline
-from aip.connect import endpoint
+from aip.connect import hub_urls
 from aip.messages import AgentContext, Command, Result, ResultStatus
 from dispatchers.base import BasicCommandDispatcher, assign_call_ids, check_unique_call_ids, error_result, plural
 from dispatchers.batch import ExecutionMode, run_batch
@@ -259,10 +259,10 @@ async def _dispatcher(
     hub = hub or access.hub
     if not hub or not device:
         raise ValueError("the remote backend needs a device and a hub (the hub parameter or $DISPATCH_HUB)")
-    from aip.controller import HubLink
+    from aip.failover import controller_link
     from dispatchers.remote import WebSocketCommandDispatcher
 
-    link = HubLink(hub, access.token, ssl_context=access.ssl_context())
+    link = controller_link(hub, access.token, ssl_context=access.ssl_context())
     dispatcher = WebSocketCommandDispatcher(link, device, retry=retry, **context.model_dump())
     try:
         yield dispatcher
@@ -309,7 +309,7 @@ async def run_batch_flow(commands: Sequence[Command], **options: Any) -> list[Re
     batch = assign_call_ids(commands)
     try:
         if options.get("hub"):  # refused before it could be stored with the flow run's parameters
-            endpoint(options["hub"], CONTROLLER_PATH)
+            hub_urls(options["hub"], CONTROLLER_PATH)
     except ValueError as error:
         return [error_result(command, error) for command in batch]
     try:

@@ -1,0 +1,226 @@
+"""Several hubs serving one fleet, used by a controller as one link.
+
+Every device dials every hub (``aip.device.serve_hubs``), so any hub can
+carry a batch to any device, and a hub that dies takes no device out of
+reach: its batches are sent again, the same frame, through another hub, and
+the device's call memory answers what already ran there (it is kept per
+controller credential, which every hub of the fleet reads from the same
+credentials file). Nothing runs between the hubs: no protocol of our own,
+no shared state but the credentials.
+
+``FailoverLink`` has the ``HubLink`` interface. It sends through the hub a
+device was last reached through (else the first hub that takes the frame),
+remembers which hub carried each batch still out, and when a hub's
+connection ends tells its listener which batches were lost with it
+(``LinkLost.batches``): those are sent again, the others wait for their
+answers. A hub that answers that it has no such device (a device still
+reconnecting to a hub that restarted) makes the next send for that device
+try the next hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import ssl
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .access import CONTROLLER_PATH
+from .connect import DEFAULT_MAX_MESSAGE_BYTES, HubRefused, HubUnavailable, hub_urls, safe_url
+from .controller import FrameListener, HubLink, LinkLost, LossListener, list_devices
+from .messages import ClientMessage, ClientMessageType, ServerMessage, ServerMessageType
+
+__all__ = ["REMEMBERED_DEVICES", "FailoverLink", "Fleet", "controller_link", "list_fleet"]
+
+logger = logging.getLogger("aip.failover")
+
+#: Devices whose hub is remembered; the least recently used is forgotten first (it then takes the default hub).
+REMEMBERED_DEVICES = 10_000
+
+#: The hub's ``metadata.reason`` for a device it does not have (``aip.switchboard.Reason.DEVICE_UNAVAILABLE``).
+_DEVICE_UNAVAILABLE = "device_unavailable"
+
+
+#: What to do with the link to hub number N (open it, send a frame through it).
+_Use = Callable[[int], Awaitable[None]]
+
+
+def _ignore(*_: object) -> None:
+    return None
+
+
+class FailoverLink:
+    """One controller's links to every hub of a fleet, opened as needed, used as one ``HubLink``."""
+
+    def __init__(self, links: Sequence[HubLink]) -> None:
+        if not links:
+            raise ValueError("a FailoverLink needs at least one hub")
+        self.links = list(links)
+        #: The hub a batch for a device not remembered goes through first: the last one that took a frame.
+        self._default = 0
+        #: Which hub carried each batch still out (by response_id), so its loss names only those.
+        self._routes: dict[str, int] = {}
+        self._targets: dict[str, str] = {}
+        self._device_hub: OrderedDict[str, int] = OrderedDict()
+        self._on_frame: FrameListener = _ignore
+        self._on_lost: LossListener = _ignore
+
+    def __repr__(self) -> str:
+        return f"FailoverLink([{', '.join(repr(safe_url(link.url)) for link in self.links)}], token=<hidden>)"
+
+    @property
+    def latency(self) -> float:
+        return self.links[self._default].latency
+
+    def attach(self, on_frame: FrameListener, on_lost: LossListener) -> None:
+        for index, link in enumerate(self.links):
+            link.attach(functools.partial(self._frame, index), functools.partial(self._lost, index))
+        self._on_frame, self._on_lost = on_frame, on_lost
+
+    async def open(self) -> None:
+        """Connect to the first hub that answers; ``HubUnavailable`` naming each failure if none does."""
+        await self._through(self._default, lambda index: self.links[index].open())
+
+    async def send(self, message: ServerMessage) -> None:
+        """Send through the device's hub, else the next that takes it; ``HubUnavailable`` if none does."""
+        target, response_id = message.target_id or "", message.response_id or ""
+        if message.type is ServerMessageType.TASK_END:
+            self._forget(response_id)
+        tracked = bool(target and response_id and message.type is ServerMessageType.COMMAND)
+
+        async def through(index: int) -> None:
+            if tracked:  # before the frame leaves: a loss while it is on its way names this batch
+                self._routes[response_id], self._targets[response_id] = index, target
+            await self.links[index].send(message)
+
+        first = self._device_hub.get(target, self._default) if target else self._default
+        try:
+            index = await self._through(first, through)
+        except HubUnavailable:
+            self._forget(response_id)
+            raise
+        if tracked:
+            self._remember(target, index)
+
+    async def _through(self, first: int, use: _Use) -> int:
+        """``use`` each link from ``first`` on until one works; the index of that link."""
+        failures = []
+        count = len(self.links)
+        for step in range(count):
+            index = (first + step) % count
+            try:
+                await use(index)
+            except HubRefused:
+                raise  # a credential or Host one hub refuses is a configuration to fix, not an outage to route around
+            except HubUnavailable as error:
+                failures.append(str(error))  # names the hub
+                continue
+            self._default = index
+            return index
+        raise HubUnavailable("no hub could be reached: " + "; ".join(failures))
+
+    def _frame(self, index: int, message: ClientMessage) -> None:
+        response_id = message.prev_response_id or ""
+        if message.type in (ClientMessageType.COMMAND_RESULTS, ClientMessageType.ERROR):
+            target = self._targets.get(response_id)
+            unavailable = (message.metadata or {}).get("reason") == _DEVICE_UNAVAILABLE
+            if target is not None and unavailable and self._device_hub.get(target) == index:
+                self._remember(target, (index + 1) % len(self.links))  # the next try asks another hub
+            if self._routes.get(response_id) == index:
+                self._forget(response_id)
+        self._on_frame(message)
+
+    def _lost(self, index: int, error: HubUnavailable) -> None:
+        """Hub ``index``'s connection ended: what it carried is lost, and new batches go elsewhere first."""
+        lost = frozenset(response_id for response_id, via in self._routes.items() if via == index)
+        for response_id in lost:
+            self._forget(response_id)
+        for device in [device for device, via in self._device_hub.items() if via == index]:
+            del self._device_hub[device]
+        if self._default == index:
+            self._default = (index + 1) % len(self.links)
+        logger.info("lost %s (%s); %d batches to send again", safe_url(self.links[index].url), error, len(lost))
+        self._on_lost(LinkLost(str(error), lost))
+
+    def _remember(self, device: str, index: int) -> None:
+        self._device_hub[device] = index
+        self._device_hub.move_to_end(device)
+        if len(self._device_hub) > REMEMBERED_DEVICES:
+            self._device_hub.popitem(last=False)
+
+    def _forget(self, response_id: str) -> None:
+        self._routes.pop(response_id, None)
+        self._targets.pop(response_id, None)
+
+    async def close(self) -> None:
+        for link in self.links:
+            await link.close()
+
+    async def __aenter__(self) -> FailoverLink:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def controller_link(
+    hub_url: str,
+    token: str | None = None,
+    *,
+    open_timeout: float = 10.0,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ssl_context: ssl.SSLContext | None = None,
+) -> HubLink | FailoverLink:
+    """A ``HubLink`` to the hub ``hub_url`` names, or a ``FailoverLink`` over several (``ws://a,ws://b``)."""
+    links = [
+        HubLink(url, token, open_timeout=open_timeout, max_message_bytes=max_message_bytes, ssl_context=ssl_context)
+        for url in hub_urls(hub_url, CONTROLLER_PATH)
+    ]
+    return links[0] if len(links) == 1 else FailoverLink(links)
+
+
+@dataclass
+class Fleet:
+    """The devices of every hub, each listed once with the hubs it is connected to (``hubs``, in the order named)."""
+
+    devices: list[dict[str, Any]] = field(default_factory=list)
+    #: The hubs that could not be asked, and why.
+    unreachable: dict[str, str] = field(default_factory=dict)
+
+
+async def list_fleet(
+    hub_url: str, token: str | None, timeout: float = 10.0, ssl_context: ssl.SSLContext | None = None
+) -> Fleet:
+    """Ask every hub ``hub_url`` names at once for its devices; merge by id (the first hub's entry is kept).
+
+    Raises what the only hub raised when none answered; a refused credential always raises.
+    """
+    urls = hub_urls(hub_url, CONTROLLER_PATH)
+    answers = await asyncio.gather(
+        *(list_devices(url, token, timeout, ssl_context) for url in urls), return_exceptions=True
+    )
+    fleet = Fleet()
+    by_id: dict[str, dict[str, Any]] = {}
+    for url, answer in zip(urls, answers, strict=True):
+        if isinstance(answer, HubRefused):
+            raise answer
+        if isinstance(answer, BaseException):
+            if not isinstance(answer, HubUnavailable | TimeoutError):
+                raise answer
+            fleet.unreachable[safe_url(url)] = str(answer) or "no answer in time"
+            continue
+        for entry in answer:
+            entry = entry if isinstance(entry, dict) else {"id": entry}
+            key = str(entry.get("id"))
+            listed = by_id.setdefault(key, {**entry, "hubs": []})
+            listed["hubs"].append(safe_url(url))
+    if len(fleet.unreachable) == len(urls):
+        first = answers[0]
+        raise first if isinstance(first, BaseException) else HubUnavailable("no hub answered")
+    fleet.devices = list(by_id.values())
+    return fleet
