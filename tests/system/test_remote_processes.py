@@ -190,9 +190,10 @@ class Launcher:
         credentials = write_credentials(self.log_dir / f"credentials-{port}.json", devices)
         return self._start("hub", ["serve", "--port", str(port), "--credentials", str(credentials)], token=None)
 
-    def device(self, port: int, device_id: str) -> Proc:
-        """A device presenting its own credential (``token_for_device``)."""
-        args = ["device", "--hub", f"ws://127.0.0.1:{port}/ws", "--id", device_id, "--config", str(self.config)]
+    def device(self, port: int, device_id: str, *more_ports: int) -> Proc:
+        """A device presenting its own credential (``token_for_device``) to the hub at ``port`` (and ``more_ports``)."""
+        hubs = ",".join(f"ws://127.0.0.1:{each}/ws" for each in (port, *more_ports))
+        args = ["device", "--hub", hubs, "--id", device_id, "--config", str(self.config)]
         return self._start(f"device-{device_id}", args, token=token_for_device(device_id))
 
     def _start(self, name: str, args: list[str], token: str | None) -> Proc:
@@ -548,6 +549,43 @@ async def test_a_hub_killed_mid_batch_and_restarted_loses_no_result_and_runs_eac
     assert probe.result == {"result": 2}, "an action of the batch ran twice"
     assert after["connected_at"] != before["connected_at"]
     assert own_site.device.popen.poll() is None, "the same device process reconnected"
+
+
+async def test_a_hub_killed_for_good_mid_batch_the_batch_carries_on_through_the_other_hub_each_action_once(
+    log_dir: Path, mcp_config: Path
+) -> None:
+    """Two hubs serve one fleet: the device dials both, the controller reaches it through either."""
+    device_id = f"fleet-{uuid.uuid4().hex[:6]}"
+    key = uuid.uuid4().hex
+    nap = Command(tool_name="sleep", parameters={"seconds": 2}, tool_type="action", call_id=f"nap-{key}")
+    tally = Command(tool_name="count", parameters={"key": key}, tool_type="action", call_id=f"count-{key}")
+    with launcher(log_dir, mcp_config) as processes:
+        ports = [_free_port(), _free_port()]
+        hubs = [processes.hub(port, [device_id]) for port in ports]
+        device = processes.device(ports[0], device_id, ports[1])
+        for port in ports:
+            await wait_for_device(port, device_id, device, *hubs)
+        fleet = ",".join(hub_url(port) for port in ports)
+        async with (
+            asyncio.timeout(60),
+            await WebSocketCommandDispatcher.connect(fleet, device_id, token=TOKEN) as dispatcher,
+        ):
+            batch = await slow_batch_in_flight(dispatcher, ports[0], device_id, nap, tally, timeout=40)
+            hubs[0].signal(signal.SIGKILL)  # the hub carrying the batch, for good
+            hubs[0].wait()
+            results = await batch  # sent again through the other hub; the device answers from its memory
+            [probe] = await dispatcher.execute_commands(
+                [Command(tool_name="count", parameters={"key": key})], timeout=20
+            )
+        code, out, err = await run_cli("devices", "--hub", fleet, "--json", env=cli_env())
+
+    assert [r.status for r in results] == [ResultStatus.SUCCESS] * 2, results
+    assert results[1].result == {"result": 1}
+    assert probe.result == {"result": 2}, "an action of the batch ran twice"
+    assert code == 0, err
+    [entry] = [entry for entry in json.loads(out) if entry["id"] == device_id]
+    assert entry["hubs"] == [f"{hub_url(ports[1])}/controller"]
+    assert f"hub {hub_url(ports[0])}/controller did not answer" in " ".join(err.split()), err
 
 
 async def test_a_hub_gone_for_good_ends_the_batch_at_its_deadline_and_nothing_new_starts(own_site: Site) -> None:
