@@ -590,6 +590,8 @@ def test_the_hub_reports_devices_connecting_and_lost_as_prefect_events(server: S
 RESULTS_BLOCK = "local-file-system/shared-results"
 #: The stack's workers, as ``dispatch up --workers 2`` names them (``--pool dispatch``).
 UP_WORKERS = {"dispatch-worker-1", "dispatch-worker-2"}
+#: The MCP servers of its runs, in the project: the demo server alone (a second one is a second process per run).
+DEMO_ONLY = "examples/demo-only.json"
 
 
 @dataclass
@@ -617,6 +619,8 @@ def shared(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iter
     folder = tmp_path_factory.mktemp("up-postgres")
     project, home, results = folder / "project", folder / "home", folder / "results"
     shutil.copytree(ROOT, project, ignore=NOT_COPIED)
+    examples = json.loads((project / PROJECT_CONFIG).read_text())["mcpServers"]
+    (project / DEMO_ONLY).write_text(json.dumps({"mcpServers": {"demo": examples["demo"]}}))
     port = _free_port()
     env = operator_env(home, PREFECT_UI_ENABLED="false", PYTHONPATH=str(project))
     log = folder / "up.log"
@@ -688,30 +692,48 @@ def test_dispatch_up_runs_its_server_on_the_postgresql_database_given_and_shows_
         assert f"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK={RESULTS_BLOCK}" in environ
 
 
-def test_twenty_runs_queued_at_once_over_two_workers_each_run_once_with_a_result_per_command(
-    shared: Shared, tmp_path: Path
-) -> None:
-    counters = [tmp_path / f"{number}.count" for number in range(20)]
+@dataclass
+class Queued:
+    """Twenty runs queued at once on the stack, and each one's end: the fifth ones fail on a gate left closed."""
+
+    runs: list[str]
+    counters: list[Path]
+    gates: list[Path]
+    failing: set[int]
+    ended: list[FlowRun]
+
+
+@pytest.fixture(scope="module")
+def queued(shared: Shared, tmp_path_factory: pytest.TempPathFactory) -> Queued:
+    work = tmp_path_factory.mktemp("queued")
+    counters = [work / f"{number}.count" for number in range(20)]
+    gates = [work / f"{number}.gate" for number in range(20)]
     failing = set(range(0, 20, 5))
     runs = []
-    for number, counter in enumerate(counters):
-        last = {"tool_name": "fail", "parameters": {"message": f"run {number} fails"}}
+    for number, (counter, gate) in enumerate(zip(counters, gates, strict=True)):
+        last = {"tool_name": "file_gate", "parameters": {"path": str(gate)}}
         if number not in failing:
             last = {"tool_name": "echo", "parameters": {"value": number}}
         commands = [{"tool_name": "count_to_file", "parameters": {"path": str(counter)}}, last]
-        runs.append(trigger(shared.server, {"commands": commands, "config": PROJECT_CONFIG, "timeout": 60}))
-
+        runs.append(trigger(shared.server, {"commands": commands, "config": DEMO_ONLY, "timeout": 60}))
     ended = [finished(shared.server, run, timeout=150) for run in runs]
-    for number, run in enumerate(ended):
+    return Queued(runs, counters, gates, failing, ended)
+
+
+@pytest.mark.timeout(240)  # about 5 s of CPU per run (bench/README.md), on 2 cores: a minute, more when loaded
+def test_twenty_runs_queued_at_once_over_two_workers_each_run_once_with_a_result_per_command(
+    shared: Shared, queued: Queued
+) -> None:
+    for number, run in enumerate(queued.ended):
         assert run.state is not None
-        expected = StateType.FAILED if number in failing else StateType.COMPLETED
+        expected = StateType.FAILED if number in queued.failing else StateType.COMPLETED
         assert run.state.type is expected, (number, run.state)
         rows = table_rows(latest(artifacts(shared.server, str(run.id)), "batch-results"))
-        assert [row["status"] for row in rows] == ["success", "failure" if number in failing else "success"], rows
+        assert [row["status"] for row in rows] == ["success", "failure" if number in queued.failing else "success"]
     # Each batch ran once: its counter was called once, never by a second worker.
-    assert [lines(counter) for counter in counters] == [1] * 20
+    assert [lines(counter) for counter in queued.counters] == [1] * 20
     submitted = submitted_by(shared, 20)
-    assert {run: len(workers) for run, workers in submitted.items() if run in runs} == dict.fromkeys(runs, 1)
+    assert {run: len(workers) for run, workers in submitted.items()} == dict.fromkeys(queued.runs, 1)
     by_worker = {name: sum(workers == [name] for workers in submitted.values()) for name in UP_WORKERS}
     print(f"runs per worker: {by_worker}")
     assert all(by_worker.values()), by_worker  # both took runs (each holds two at a time)
@@ -721,25 +743,16 @@ def test_twenty_runs_queued_at_once_over_two_workers_each_run_once_with_a_result
 
 
 def test_a_failed_run_retried_on_another_machines_worker_reruns_only_the_failed_command(
-    shared: Shared, tmp_path: Path
+    shared: Shared, queued: Queued, tmp_path: Path
 ) -> None:
-    """Attempt 1 on a stack's worker; the retry on a worker with a home of its own, the stack's frozen meanwhile.
+    """One of the twenty failed on a stack's worker; retried on a worker with a home of its own, the stack's frozen.
 
     That worker shares nothing with the first but the server and the results
     block (named to it as an operator would: Prefect's setting, not dispatch
     up), as a worker on another machine would.
     """
-    counters, gate = (tmp_path / "a.count", tmp_path / "b.count"), tmp_path / "gate"
-    commands = [
-        {"tool_name": "count_to_file", "parameters": {"path": str(counters[0])}},
-        {"tool_name": "count_to_file", "parameters": {"path": str(counters[1])}},
-        {"tool_name": "file_gate", "parameters": {"path": str(gate)}},
-    ]
-    run_id = trigger(shared.server, {"commands": commands, "config": PROJECT_CONFIG, "timeout": 60})
-    first = finished(shared.server, run_id)
-    assert first.state is not None and first.state.type is StateType.FAILED, first.state
-    gate.write_text("open")
-
+    run_id, counter = queued.runs[0], queued.counters[0]
+    queued.gates[0].write_text("open")
     other_home = tmp_path / "other-machine"
     env = shared.server.env | {"PREFECT_HOME": str(other_home), "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": RESULTS_BLOCK}
     frozen = stack_children(shared.up, "worker", "start")
@@ -762,14 +775,15 @@ def test_a_failed_run_retried_on_another_machines_worker_reruns_only_the_failed_
             os.killpg(pid, signal.SIGCONT)
         if other is not None:
             stop_group(other)
-    assert second.state is not None and second.state.type is StateType.COMPLETED, (
-        second.state,
-        tail(tmp_path / "other.log"),
-    )
-    # The counters ran once, on the first worker; the other found their Results in the block.
-    assert (lines(counters[0]), lines(counters[1])) == (1, 1)
+    assert second.state is not None, tail(tmp_path / "other.log")
+    assert second.state.type is StateType.COMPLETED, (second.state, tail(tmp_path / "other.log"))
+    # The counter ran once, on the first worker; the other found its Result in the block and opened the gate.
+    assert lines(counter) == 1
     rows = table_rows(latest(artifacts(shared.server, run_id), "batch-results"))
-    assert [row["attempts"] for row in rows] == ["reused", "reused", 1], rows
-    [workers] = [workers for run, workers in submitted_by(shared, 22).items() if run == run_id]
+    assert [(row["tool"], row["status"], row["attempts"]) for row in rows] == [
+        ("count_to_file", "success", "reused"),
+        ("file_gate", "success", 1),
+    ], rows
+    [workers] = [workers for run, workers in submitted_by(shared, 21).items() if run == run_id]
     assert workers[0] in UP_WORKERS and workers[1:] == ["other-machine"], workers
     assert not other_home.joinpath("storage").exists()
