@@ -15,7 +15,8 @@ devices are UFO-style raw ``websockets`` clients, nothing of ours: connect
 to ``/ws`` with the device's own bearer token, send UFO's register frame, read
 the acknowledgement, then stay idle. The websockets library answers the
 hub's pings; a device heartbeats every ``--heartbeat`` (120) seconds as UFO's
-does; a ``command`` frame is answered with ``command_results`` echoing each
+does (the first at a random point of the period: the phases of a fleet that
+has been up a while); a ``command`` frame is answered with ``command_results`` echoing each
 command's parameters. After a drop a device dials again after the delays our
 own ``DeviceClient`` waits (``aip.device_session.RECONNECT_BACKOFF``: 0.5 s
 doubling to 30 s, each delay scaled by a random factor in [0.5, 1]), which is
@@ -58,17 +59,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import heapq
+import itertools
 import json
 import math
 import os
+import random
 import resource
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -81,6 +86,7 @@ from remote_rtt import RUN_SECRET, SECRET_VARIABLE, bearer, controller_token, de
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from aip.credential_file import read_store
 from aip.credentials import FILE_VERSION, Entry, Identity, Role, digest
 from aip.device_session import RECONNECT_BACKOFF
 
@@ -155,8 +161,9 @@ class Fleet:
         self.tally = Tally(count=args.count)
         self.slots = asyncio.Semaphore(args.concurrency)
         self.connections: dict[str, ClientConnection] = {}
-        #: (when, device id, connection): heartbeats due, in order (every device has the same period).
-        self.beats: deque[tuple[float, str, ClientConnection]] = deque()
+        #: (when, device id, connection): the heartbeats due, a heap.
+        self.beats: list[tuple[float, int, str, ClientConnection]] = []
+        self.beat_order = itertools.count()
         self.released: set[str] = set()
         self.closing: set[asyncio.Future[None]] = set()
 
@@ -211,7 +218,9 @@ class Fleet:
                 self.tally.registered += 1
                 self.tally.registrations += 1
                 self.connections[name] = connection
-                self.beats.append((loop.time() + self.heartbeat, name, connection))
+                # The first one at a random point of the period: the phases of a fleet that has been up a while.
+                first_beat = loop.time() + random.uniform(0, self.heartbeat)
+                heapq.heappush(self.beats, (first_beat, next(self.beat_order), name, connection))
                 if first:
                     self.tally.settled += 1
                     first = False
@@ -262,20 +271,20 @@ class Fleet:
             await connection.send(json.dumps(frame))
 
     async def heartbeats(self) -> None:
-        """Every registered device's heartbeat, ``heartbeat`` seconds after it registered and then every period."""
+        """Every registered device's heartbeats, one per period."""
         loop = asyncio.get_running_loop()
         while True:
             if not self.beats or self.beats[0][0] > loop.time():
                 await asyncio.sleep(min(1.0, self.beats[0][0] - loop.time()) if self.beats else 1.0)
                 continue
-            due, name, connection = self.beats.popleft()
+            due, _, name, connection = heapq.heappop(self.beats)
             if self.connections.get(name) is not connection:
                 continue
             frame = {"type": "heartbeat", "status": "ok", "client_type": "device", "client_id": name}
             with contextlib.suppress(ConnectionClosed):
                 await connection.send(json.dumps({**frame, "timestamp": now_iso()}))
                 self.tally.heartbeats += 1
-            self.beats.append((due + self.heartbeat, name, connection))
+            heapq.heappush(self.beats, (due + self.heartbeat, next(self.beat_order), name, connection))
 
     def release(self) -> None:
         """SIGUSR1: ``CEILING_RELEASE`` registered devices leave for good."""
@@ -363,6 +372,13 @@ def write_credentials(path: Path, device_ids: Iterable[str]) -> None:
     entries += [Entry(Identity(Role.DEVICE, name, digest(device_token(name))), created) for name in device_ids]
     path.write_text(json.dumps({"version": FILE_VERSION, "credentials": [entry.to_json() for entry in entries]}))
     path.chmod(0o600)
+
+
+def credentials_load(hub: HubProcess) -> float:
+    """Seconds to read ``hub``'s credentials file, as the hub does at each start (before it listens)."""
+    started = time.perf_counter()
+    read_store(hub.credentials)
+    return round(time.perf_counter() - started, 2)
 
 
 def open_fds(pid: int) -> int:
@@ -577,11 +593,24 @@ def hub_memory(before: dict[str, int], after: dict[str, int], count: int) -> dic
     }
 
 
-async def idle_window(hubs: Sequence[HubProcess], devices: Sequence[DeviceProcess], seconds: float) -> dict[str, Any]:
-    """Hub and device CPU over ``seconds`` with nothing to do but pings and heartbeats."""
+async def idle_window(
+    hubs: Sequence[HubProcess],
+    devices: Sequence[DeviceProcess],
+    seconds: float,
+    floor: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Hub and device CPU over ``seconds`` with nothing to do but pings and heartbeats.
+
+    ``floor``: an earlier window's figures (the hubs with their warm devices
+    alone), whose CPU is taken off before dividing by the pings and heartbeats.
+    """
+
+    def beats(hub: HubProcess) -> int:
+        return sum(int(p.tally().get("heartbeats", 0)) for p in devices if p.hub is hub)
+
     hub_cpu = {hub.name: process_cpu(hub.pid) for hub in hubs}
+    hub_beats = {hub.name: beats(hub) for hub in hubs}
     device_cpu = sum(process_cpu(p.pid) for p in devices)
-    beats = sum(int(p.tally().get("heartbeats", 0)) for p in devices)
     noise = {hub.name: Noise(hub.pid) for hub in hubs}
     started = time.monotonic()
     await asyncio.sleep(seconds)
@@ -590,16 +619,26 @@ async def idle_window(hubs: Sequence[HubProcess], devices: Sequence[DeviceProces
     found: dict[str, Any] = {"seconds": round(elapsed, 1)}
     for hub in hubs:
         cpu = (process_cpu(hub.pid) - hub_cpu[hub.name]) * per_minute
+        pings = hub.devices / hub.ping_interval
+        heartbeats = (beats(hub) - hub_beats[hub.name]) / elapsed
         found[hub.name] = {
             "cpu_s_per_min": round(cpu, 3),
             "cpu_s_per_min_per_1000": round(cpu / hub.devices * 1000, 4),
-            "pings_per_s": round(hub.devices / hub.ping_interval, 1),
-            "cpu_us_per_ping": round(cpu / 60 / (hub.devices / hub.ping_interval) * 1e6, 1),
+            "pings_per_s": round(pings, 1),
+            "heartbeats_per_s": round(heartbeats, 1),
             "waited_for_cpu": noise[hub.name].share(),
         }
+        if floor is not None:
+            above = cpu - floor[hub.name]["cpu_s_per_min"]
+            found[hub.name]["cpu_us_per_event"] = round(above / 60 / (pings + heartbeats) * 1e6, 1)
     found["devices_cpu_s_per_min"] = round((sum(process_cpu(p.pid) for p in devices) - device_cpu) * per_minute, 2)
-    found["heartbeats_per_s"] = round((sum(int(p.tally().get("heartbeats", 0)) for p in devices) - beats) / elapsed, 1)
     return found
+
+
+def client_memory(warm: DeviceProcess, fleet: Sequence[DeviceProcess]) -> float:
+    """KiB per device in a device process: its VmRSS over that of a process with the warm devices alone."""
+    base = memory_kib(warm.pid)["VmRSS"]
+    return round(statistics.median((memory_kib(p.pid)["VmRSS"] - base) / (p.count - warm.count) for p in fleet), 1)
 
 
 async def measure_hubs(run: Run, hubs: Sequence[HubProcess], before: dict[str, dict[str, int]]) -> dict[str, Any]:
@@ -625,25 +664,33 @@ async def mode_fleet(run: Run) -> dict[str, Any]:
         ids_by_hub.append((first, share))
         first += share + args.warm
     figures: dict[str, Any] = {"devices": args.devices, "hubs": args.hubs, "warm_per_hub": args.warm}
-    figures["hub_start_s"] = [round(await run.start_hub(hub), 2) for hub in hubs]
+    figures["credentials_load_s"] = credentials_load(hubs[0])
+    figures["hub_start_s"] = [round(seconds, 2) for seconds in await asyncio.gather(*map(run.start_hub, hubs))]
     warm = [
         run.start_devices(f"{hub.name}-warm", hub, start, args.warm)
         for hub, (start, _) in zip(hubs, ids_by_hub, strict=True)
     ]
     await run.until(lambda: registered(warm) == args.warm * len(hubs), 120, "the warm devices registering")
     before = {hub.name: await settled_memory(hub.pid) for hub in hubs}
+    floor = figures["floor"] = await idle_window(hubs, warm, min(args.idle, 15.0))
     fleet: list[DeviceProcess] = []
     started = time.monotonic()
+    connect_cpu = {hub.name: process_cpu(hub.pid) for hub in hubs}
     for hub, (start, share) in zip(hubs, ids_by_hub, strict=True):
         fleet += run.fleet_processes(hub, start + args.warm, share)
     everyone = [*warm, *fleet]
     total = args.devices + args.warm * len(hubs)
     await run.until(lambda: registered(everyone) == total, args.limit, f"{args.devices} devices registering")
     figures["connect_s"] = round(time.monotonic() - started, 1)
+    figures["connect_hub_cpu_ms_per_device"] = {
+        hub.name: round((process_cpu(hub.pid) - connect_cpu[hub.name]) / (hub.devices - args.warm) * 1000, 2)
+        for hub in hubs
+    }
     figures["device_processes"] = len(fleet)
     figures["connect_failures"] = failures(everyone)
     figures["default"] = await measure_hubs(run, hubs, before)
-    figures["default"]["idle"] = await idle_window(hubs, everyone, args.idle)
+    figures["client_kib_per_device"] = client_memory(warm[0], fleet)
+    figures["default"]["idle"] = await idle_window(hubs, everyone, args.idle, floor)
     figures["default"]["ping_interval"] = DEFAULT_PING
 
     # Every hub killed and started again with the short ping interval: the devices come back by themselves.
@@ -652,7 +699,7 @@ async def mode_fleet(run: Run) -> dict[str, Any]:
     for hub in hubs:
         run.kill_hub(hub)
         hub.ping_interval = args.short_ping
-    listening = [await run.start_hub(hub) for hub in hubs]
+    listening = await asyncio.gather(*(run.start_hub(hub) for hub in hubs))
     await run.until(
         lambda: sum(int(p.tally()["registrations"]) for p in everyone) >= registrations + total,
         args.limit,
@@ -665,10 +712,26 @@ async def mode_fleet(run: Run) -> dict[str, Any]:
     }
     baseline = {hub.name: before[hub.name] for hub in hubs}
     figures["short"] = await measure_hubs(run, hubs, baseline)
-    figures["short"]["idle"] = await idle_window(hubs, everyone, args.idle)
+    figures["short"]["idle"] = await idle_window(hubs, everyone, args.idle, floor)
     figures["short"]["ping_interval"] = args.short_ping
     figures["short"]["note"] = "memory against the first start's baseline (warm devices connected)"
+    figures["per_event_us"] = {hub.name: per_event(figures, hub.name) for hub in hubs}
     return figures
+
+
+def per_event(figures: dict[str, Any], name: str) -> dict[str, float]:
+    """A hub's CPU per ping and per heartbeat, microseconds, from the two idle windows.
+
+    The windows differ in the ping rate alone: their difference is what the
+    extra pings cost; what the default window spent above the floor and
+    beyond its pings is what the heartbeats cost.
+    """
+    default, short = figures["default"]["idle"][name], figures["short"]["idle"][name]
+    extra_pings = (short["pings_per_s"] - default["pings_per_s"]) * 60
+    ping = (short["cpu_s_per_min"] - default["cpu_s_per_min"]) / extra_pings if extra_pings > 0 else math.nan
+    beats = default["heartbeats_per_s"] * 60
+    rest = default["cpu_s_per_min"] - figures["floor"][name]["cpu_s_per_min"] - ping * default["pings_per_s"] * 60
+    return {"ping": round(ping * 1e6, 1), "heartbeat": round(rest / beats * 1e6, 1) if beats else math.nan}
 
 
 async def mode_ceiling(run: Run) -> dict[str, Any]:
@@ -680,10 +743,17 @@ async def mode_ceiling(run: Run) -> dict[str, Any]:
     figures["hub_start_s"] = round(await run.start_hub(hub), 2)
     figures["idle_fds"] = open_fds(hub.pid)
     before = await settled_memory(hub.pid)
-    started = time.monotonic()
+    started, cpu = time.monotonic(), process_cpu(hub.pid)
     devices = run.fleet_processes(hub, 0, count, once=True)
     await run.until(lambda: sum(int(p.tally()["settled"]) for p in devices) == count, args.limit, "every device tried")
     figures["tried_s"] = round(time.monotonic() - started, 1)
+    figures["hub_cpu_s_while_trying"] = round(process_cpu(hub.pid) - cpu, 1)
+    log = hub.log.read_bytes()
+    figures["hub_log"] = {
+        "mib": round(len(log) / 2**20, 1),
+        "accept_out_of_resource_errors": log.count(b"socket.accept() out of system resource"),
+    }
+    del log
     peak = registered(devices)
     after = await settled_memory(hub.pid)
     figures.update(ceiling=peak, fds_at_ceiling=open_fds(hub.pid), failures=failures(devices))
@@ -710,7 +780,7 @@ async def mode_restart(run: Run) -> dict[str, Any]:
     args = run.args
     ids = [device_id(i) for i in range(args.devices)]
     hub = run.new_hub(0, ids, DEFAULT_PING)
-    figures: dict[str, Any] = {"devices": args.devices}
+    figures: dict[str, Any] = {"devices": args.devices, "credentials_load_s": credentials_load(hub)}
     figures["hub_start_s"] = round(await run.start_hub(hub), 2)
     started = time.monotonic()
     devices = run.fleet_processes(hub, 0, args.devices)
@@ -775,6 +845,19 @@ def print_fleet(figures: dict[str, Any]) -> None:
         f"{figures['devices']:,} devices on {figures['hubs']} hubs ({figures['warm_per_hub']} warm devices per hub "
         f"in the baseline), {figures['device_processes']} device processes: all registered in {figures['connect_s']} s"
     )
+    print(
+        f"hubs listening {figures['hub_start_s']} s after their start; reading one hub's credentials file "
+        f"takes {figures['credentials_load_s']} s of that"
+    )
+    cost = ", ".join(f"{name} {ms:.2f}" for name, ms in figures["connect_hub_cpu_ms_per_device"].items())
+    print(
+        f"hub CPU per device connected and registered, ms: {cost}; "
+        f"client side {figures['client_kib_per_device']} KiB per device"
+    )
+    floor = ", ".join(
+        f"{name} {hub['cpu_s_per_min']:.3f}" for name, hub in figures["floor"].items() if name.startswith("hub-")
+    )
+    print(f"floor: each hub with its warm devices alone, CPU s/min over {figures['floor']['seconds']} s: {floor}")
     rows = []
     for label in ("default", "short"):
         block = figures[label]
@@ -790,17 +873,25 @@ def print_fleet(figures: dict[str, Any]) -> None:
                     f"{hub['before_mib']:.1f} -> {hub['after_mib']:.1f} MiB",
                     f"{hub['kib_per_connection']:.1f}",
                     f"{hub['open_fds']:,}",
+                    f"{idle['pings_per_s']:,.0f}",
+                    f"{idle['heartbeats_per_s']:,.0f}",
                     f"{idle['cpu_s_per_min']:.2f}",
-                    f"{idle['cpu_us_per_ping']:.0f}",
+                    f"{idle['cpu_us_per_event']:.0f}",
                 )
             )
-    table(("hub", "devices", "listed", "VmRSS", "KiB/conn", "fds", "CPU s/min idle", "us/ping"), rows)
+    header = ("hub", "devices", "listed", "VmRSS", "KiB/conn", "fds", "pings/s", "beats/s", "CPU s/min", "us/event")
+    table(header, rows)
+    print("(idle: CPU s/min of the hub; us/event: its CPU above the floor per ping or heartbeat)")
     for label in ("default", "short"):
         idle = figures[label]["idle"]
         print(
             f"idle {idle['seconds']} s at a {figures[label]['ping_interval']:g} s ping: device processes "
-            f"{idle['devices_cpu_s_per_min']} CPU s/min, {idle['heartbeats_per_s']} heartbeats/s"
+            f"{idle['devices_cpu_s_per_min']} CPU s/min in all"
         )
+    events = ", ".join(
+        f"{name} {us['ping']:.0f} / {us['heartbeat']:.0f}" for name, us in figures["per_event_us"].items()
+    )
+    print(f"hub CPU per ping / per heartbeat, us (from the two windows' difference): {events}")
     restart = figures["restart_all"]
     print(
         f"all hubs killed and started again: listening after {restart['listening_s']} s; every device back after "
@@ -828,6 +919,9 @@ def print_ceiling(figures: dict[str, Any]) -> None:
             ("VmRSS at the ceiling", f"{figures['memory']['after_mib']:.1f} MiB"),
             ("KiB per connection", f"{figures['memory']['kib_per_connection']:.1f}"),
             ("seconds to try them all", f"{figures['tried_s']}"),
+            ("hub CPU seconds meanwhile", f"{figures['hub_cpu_s_while_trying']}"),
+            ("hub log: accept() out of resource errors", f"{figures['hub_log']['accept_out_of_resource_errors']:,}"),
+            ("hub log size", f"{figures['hub_log']['mib']} MiB"),
             (f"after {after['left']} left: devices listed", f"{after['listed']:,}"),
             ("and a batch to one", "ok" if after["batch"] else "FAILED"),
         ],
@@ -845,7 +939,10 @@ def print_restart(figures: dict[str, Any]) -> None:
     table(
         ("after kill -9 of the hub", "seconds"),
         [
-            ("hub listening again", f"{restart['listening_s']}"),
+            (
+                f"hub listening again (its credentials read in {figures['credentials_load_s']})",
+                f"{restart['listening_s']}",
+            ),
             *((f"{share} of the devices registered again", f"{seconds}") for share, seconds in back.items()),
             ("the hub lists every device", f"{restart['hub_lists_all_s']}"),
             ("a batch to each has succeeded", f"{restart['all_batched_s']}"),
@@ -888,7 +985,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.quick:
         args.devices = args.devices or 2000
-        args.hubs, args.idle, args.per_process = 2, 10.0, 700
+        args.hubs, args.idle, args.per_process = 2, 20.0, 700
         args.hub_fd_limit = args.hub_fd_limit or 1000
     args.devices = args.devices or (10_000 if args.restart else 50_000)
     if min(args.devices, args.hubs, args.per_process, args.concurrency) < 1 or args.idle <= 0:
