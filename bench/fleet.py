@@ -1014,6 +1014,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 return await mode_restart(run)
             return await mode_fleet(run)
 
+    def stopped(signum: int, _: object) -> None:
+        raise SystemExit(f"benchmark stopped by signal {signum}")  # the children are stopped on the way out
+
+    signal.signal(signal.SIGTERM, stopped)
     try:
         figures.update(asyncio.run(measure()))
     finally:
