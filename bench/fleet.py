@@ -84,7 +84,7 @@ from harness import Provenance, arguments, broken, print_json, table, verdict
 from processes import Children, Noise, free_port, memory_kib, proc_table, process_cpu, raise_file_limit, subtree
 from remote_rtt import RUN_SECRET, SECRET_VARIABLE, bearer, controller_token, device_token, register_frame
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed
 
 from aip.credential_file import read_store
 from aip.credentials import FILE_VERSION, Entry, Identity, Role, digest
@@ -195,8 +195,8 @@ class Fleet:
             await connection.send(register_frame(name))
             async with asyncio.timeout(OPEN_TIMEOUT):
                 ack = json.loads(await connection.recv())
-            if ack.get("type") == "error":
-                raise Refused(str(ack.get("error"))[:200])
+            if not isinstance(ack, dict) or ack.get("type") == "error":
+                raise Refused(str(ack.get("error") if isinstance(ack, dict) else ack)[:200])
         except BaseException:
             connection.transport.abort()
             raise
@@ -210,7 +210,7 @@ class Fleet:
             try:
                 async with self.slots:
                     connection = await self.open(name)
-            except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed, Refused, ValueError) as error:
+            except Exception as error:  # refused, reset, timed out, a garbled answer: counted, tried again
                 self.tally.failures[type(error).__name__] += 1
                 failures += 1
             else:
@@ -247,6 +247,7 @@ class Fleet:
             if not isinstance(message, dict) or message.get("type") != "command":
                 continue
             self.tally.commands += 1
+            actions = message.get("actions")
             results = [
                 {
                     "status": "success",
@@ -255,7 +256,7 @@ class Fleet:
                     "namespace": "fleet",
                     "call_id": action.get("call_id"),
                 }
-                for action in message.get("actions") or []
+                for action in (actions if isinstance(actions, list) else [])
                 if isinstance(action, dict)
             ]
             frame = {
