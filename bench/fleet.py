@@ -798,6 +798,7 @@ async def mode_restart(run: Run) -> dict[str, Any]:
     killed = time.monotonic()
     run.kill_hub(hub)
     listening = await run.start_hub(hub)
+    hub_cpu = process_cpu(hub.pid)
     back: dict[str, float] = {}
 
     def devices_back() -> bool:
@@ -823,12 +824,14 @@ async def mode_restart(run: Run) -> dict[str, Any]:
     hub_back = time.monotonic() - killed
     batches = await batch_each(hub, ids, run.remaining())
     all_done = time.monotonic() - killed
+    hub_cpu = process_cpu(hub.pid) - hub_cpu
     figures["restart"] = {
         "listening_s": round(listening, 2),
         "devices_back_s": back,
         "hub_lists_all_s": round(hub_back, 2),
         "batch_each": batches,
         "all_batched_s": round(all_done, 2),
+        "hub_cpu_s_from_listening": round(hub_cpu, 2),
         "connects_failed": {
             kind: n - failed_before.get(kind, 0)
             for kind, n in failures(devices).items()
@@ -950,6 +953,7 @@ def print_restart(figures: dict[str, Any]) -> None:
         ],
     )
     print(f"connects that failed during the storm: {restart['connects_failed']}; batches: {restart['batch_each']}")
+    print(f"hub CPU from listening to the last batch: {restart['hub_cpu_s_from_listening']} s")
 
 
 #: The options only a device process uses: not part of a run's figures.
