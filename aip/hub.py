@@ -8,16 +8,21 @@ each connection, feeds the switchboard, and carries out the sends, closes and
 liveness probes it returns. A frame goes out at once when its connection's
 socket takes it without waiting; otherwise it waits in that connection's
 outbox, drained by a writer of its own, so a slow reader never holds up the
-connection that wrote to it.
+connections that do read. A burst is not a fault: while an outbox is full the
+hub stops reading the connection that filled it, so TCP slows the sender
+down (backpressure); only a peer that takes no bytes at all for
+``stall_timeout`` is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import ssl
 import weakref
+from collections import deque
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -35,10 +40,13 @@ from .messages import CloseCode
 from .registration import MAX_REGISTRATION_BYTES
 from .switchboard import Action, Close, Device, Probe, Send, Switchboard, error_frame
 
-__all__ = ["MAX_QUEUED_FRAMES", "Hub", "HubObserver", "HubSettings"]
+__all__ = ["MAX_QUEUED_CHARS", "MAX_QUEUED_FRAMES", "Hub", "HubObserver", "HubSettings"]
 
-#: Frames queued for one connection before the hub gives up on it as not reading.
+#: Frames queued for one connection at which the hub stops reading whoever adds to them (its high-water
+#: mark); reading resumes once a quarter of this (and of ``MAX_QUEUED_CHARS``) is left.
 MAX_QUEUED_FRAMES = 256
+#: Characters queued for one connection at which the same happens. One larger frame is still taken.
+MAX_QUEUED_CHARS = 2**22
 
 logger = logging.getLogger("aip.hub")
 # websockets logs request paths (``?token=``) and headers at DEBUG: its logger
@@ -77,6 +85,23 @@ class HubSettings:
     (a UFO device heartbeats only every 120 s and says nothing while a command
     runs). A ping not answered within ``ping_timeout`` drops the connection, so
     a dead peer is noticed within ``ping_interval + ping_timeout``.
+
+    A peer that is sent frames faster than it reads them is not closed for
+    it: once ``MAX_QUEUED_FRAMES`` (or ``MAX_QUEUED_CHARS``) wait for it, the
+    hub stops reading each connection whose frame is bound for it, until a
+    quarter is left, and TCP makes their senders wait. That holds up
+    everything such a sender sends meanwhile (a controller's batches to other
+    devices too): head-of-line blocking for as long as the burst drains. A
+    held connection is not pinged (its pong would wait behind what the hub
+    does not read); what bounds the hold is ``stall_timeout``: a peer whose
+    socket takes no bytes for that long while frames wait for it is closed
+    (4002), and the batches waiting on it fail as for any lost device.
+
+    Memory: an idle device connection costs the hub about 15 KiB (VmRSS over
+    2,000 raw UFO-style devices, pinged; the budget is 25 KiB): no task of its
+    own, no outbox until a frame waits, no handshake headers kept. What waits
+    for a peer is bounded by the marks above plus one frame per connection
+    adding to it, and by the batches in flight (the errors when one is lost).
     """
 
     host: str = "127.0.0.1"
@@ -85,6 +110,8 @@ class HubSettings:
     register_timeout: float = 5.0
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
+    #: How long a peer with frames waiting for it may take no bytes from its socket before it is closed (4002).
+    stall_timeout: float = 30.0
     #: How long a connection holding a device id has to answer the ping that decides a contested registration.
     probe_timeout: float = 3.0
     #: How often the credentials file is checked for changes (revocations close connections).
@@ -100,25 +127,34 @@ class HubObserver(Protocol):
 
 
 class _Outbox:
-    """Frames for one connection, written in order by one writer task; a Close (or None) ends it.
+    """Frames for one connection, written in order; a Close ends it.
 
     A frame for a connection with nothing queued, whose socket takes it
     without waiting, is written at once instead (``_write_now``): forwarding
-    it then costs no turn of the writer task, the hub's largest per-frame
-    cost after parsing. Bounded: a peer that stops reading while frames pile
-    up for it (more than ``MAX_QUEUED_FRAMES``, or ``limit`` characters) is
-    closed, instead of growing the hub until it dies and takes every other
-    connection with it.
+    it then costs no turn of a task, the hub's largest per-frame cost after
+    parsing. The rest wait in ``frames`` for a writer task; both exist only
+    while something waits (an idle connection costs neither). Past its
+    high-water mark (``full``) the outbox still takes frames, but the hub
+    stops reading the connections that send them (``room``); a peer whose
+    socket takes no bytes for ``stall`` seconds while frames wait is closed.
     """
 
-    def __init__(self, connection: ServerConnection, limit: int) -> None:
+    __slots__ = ("abandoned", "closer", "connection", "frames", "queued", "room", "stall", "writer")
+
+    def __init__(self, connection: ServerConnection, stall: float) -> None:
         self.connection = connection
-        self.limit = limit
+        self.stall = stall
+        self.frames: deque[str | Close] | None = None
         self.queued = 0
         self.abandoned = False
+        self.writer: asyncio.Task[None] | None = None
         self.closer: asyncio.Future[None] | None = None
-        self.queue: asyncio.Queue[str | Close | None] = asyncio.Queue()
-        self.writer = asyncio.create_task(self._write())
+        #: Set when the frames fall to the low-water mark, or the connection is given up; made on demand.
+        self.room: asyncio.Event | None = None
+
+    @property
+    def full(self) -> bool:
+        return len(self.frames or ()) >= MAX_QUEUED_FRAMES or self.queued >= MAX_QUEUED_CHARS
 
     def put(self, item: str | Close) -> None:
         if self.abandoned:
@@ -129,12 +165,30 @@ class _Outbox:
         if isinstance(item, str):
             if self._write_now(item):
                 return
-            if self.queued and (self.queue.qsize() >= MAX_QUEUED_FRAMES or self.queued + len(item) > self.limit):
-                logger.warning("closing %s: it does not read what it is sent", _address(self.connection))
-                self._abandon(CloseCode.TOO_SLOW, "too many frames queued")
-                return
             self.queued += len(item)
-        self.queue.put_nowait(item)
+        if self.frames is None:
+            self.frames = deque()
+        self.frames.append(item)
+        if self.writer is None:
+            self.writer = asyncio.create_task(self._write(self.frames))
+
+    @property
+    def low(self) -> bool:
+        """At or below the low-water mark: a quarter of the high-water mark."""
+        return len(self.frames or ()) <= MAX_QUEUED_FRAMES // 4 and self.queued <= MAX_QUEUED_CHARS // 4
+
+    async def drained(self) -> None:
+        """Until the frames fall to the low-water mark, or the connection is given up (or goes)."""
+        if self.low or self.abandoned:
+            return
+        if self.room is None:
+            self.room = asyncio.Event()
+        await self.room.wait()
+
+    def _release(self) -> None:
+        if self.room is not None:
+            self.room.set()
+            self.room = None
 
     def _write_now(self, text: str) -> bool:
         """Write ``text`` now if nothing is queued and the socket is not pushing back; else False (queue it).
@@ -144,43 +198,81 @@ class _Outbox:
         Frames stay in order: whatever the writer took from the queue was
         written before it waited for the socket to drain. While the transport
         holds more than its high-water mark (``paused``) frames go to the
-        queue and its bounds, as before.
+        queue, as before.
         """
         connection = self.connection
-        if self.queue.qsize() or connection.paused or connection.protocol.state is not State.OPEN:
+        if self.frames or connection.paused or connection.protocol.state is not State.OPEN:
             return False
         connection.protocol.send_text(text.encode())
         connection.send_data()
         return True
 
     def _abandon(self, code: int, reason: str) -> None:
-        """Drop what is queued and close the connection now, even with a send stuck on it."""
-        self.abandoned = True
-        self.writer.cancel()
-        while not self.queue.empty():
-            self.queue.get_nowait()
-        self.queued = 0
+        """Drop what is queued and close the connection now, even with a write stuck on it."""
+        self._give_up()
+        if self.writer is not None and self.writer is not asyncio.current_task():
+            self.writer.cancel()
         self.closer = asyncio.ensure_future(self.connection.close(code, reason))
 
-    async def _write(self) -> None:
+    def _give_up(self) -> None:
+        """Nothing more is written: what waits is dropped, and whoever waits for room goes on."""
+        self.abandoned = True
+        if self.frames is not None:
+            self.frames.clear()  # the writer's too, if one holds it
+            self.frames = None
+        self.queued = 0
+        self._release()
+
+    async def _write(self, frames: deque[str | Close]) -> None:
+        connection = self.connection
         try:
-            while True:
-                item = await self.queue.get()
-                if item is None:
-                    return
+            while frames:
+                item = frames.popleft()
                 if isinstance(item, Close):
-                    await self.connection.close(item.code, item.reason)
+                    self._give_up()
+                    await connection.close(item.code, item.reason)
                     return
-                await self.connection.send(item)
                 self.queued -= len(item)
-        except ConnectionClosed:
+                if self.low:
+                    self._release()
+                if connection.protocol.state is not State.OPEN:
+                    break
+                connection.protocol.send_text(item.encode())
+                connection.send_data()
+                if not await self._taken():
+                    logger.warning("closing %s: it took nothing it was sent for %gs", _address(connection), self.stall)
+                    self._abandon(CloseCode.TOO_SLOW, f"read nothing for {self.stall:g}s")
+                    return
+        except (ConnectionClosed, OSError):
             pass
+        finally:
+            self.writer = None
+        if frames:  # the connection closed under them
+            self._give_up()
+        elif self.frames is frames:
+            self.frames = None
+
+    async def _taken(self) -> bool:
+        """Wait while the socket pushes back; False if it took no bytes at all for ``stall`` seconds."""
+        connection = self.connection
+        while connection.paused:
+            left = connection.transport.get_write_buffer_size()
+            try:
+                async with asyncio.timeout(self.stall):
+                    await connection.drain()
+            except TimeoutError:
+                if connection.transport.get_write_buffer_size() >= left:
+                    return False
+        return True
 
     async def finish(self, timeout: float) -> None:
         """Let queued frames go out (a refusal before its close), then stop writing."""
-        self.queue.put_nowait(None)
-        await asyncio.wait({self.writer}, timeout=timeout)
-        self.writer.cancel()
+        self._release()  # nobody is held for a connection that is gone
+        if self.writer is not None:
+            await asyncio.wait({self.writer}, timeout=timeout)
+        if self.writer is not None:
+            self.writer.cancel()
+        self._give_up()
 
 
 class Hub:
@@ -204,6 +296,12 @@ class Hub:
         self._server: Server | None = None
         self._admitted: weakref.WeakKeyDictionary[ServerConnection, Identity] = weakref.WeakKeyDictionary()
         self._watcher: asyncio.Task[None] | None = None
+        self._pinger: asyncio.Task[None] | None = None
+        #: Connections the hub is not reading (an outbox their frame went to is full), and when each was let go.
+        self._held: set[ServerConnection] = set()
+        self._released_at: dict[ServerConnection, float] = {}
+        #: Why the pinger dropped a connection, for its reader to report.
+        self._dropped: dict[ServerConnection, str] = {}
 
     @property
     def port(self) -> int:
@@ -226,18 +324,20 @@ class Hub:
             process_request=self._admit,  # Origin included: every rule of the door is the AccessPolicy's
             max_size=settings.max_message_bytes,
             compression=None,  # see connect.open_connection: deflate costs more than it saves here
-            ping_interval=None,  # the hub pings itself (_keepalive): a pong is when a device was last seen
+            ping_interval=None,  # the hub pings itself (_ping_all): a pong is when a device was last seen
             ssl=self.ssl_context,
             logger=_wire_logger,
         )
         logger.info("hub listening on %s (devices at %s, controllers at %s)", self.url, DEVICE_PATH, CONTROLLER_PATH)
         if self.credential_file is not None:
             self._watcher = asyncio.create_task(self._watch_credentials())
+        self._pinger = asyncio.create_task(self._ping_all())
         return self
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in (self._watcher, self._pinger):
+            if task is not None:
+                task.cancel()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -287,57 +387,116 @@ class Hub:
             self._apply(actions)
         return changed
 
-    def _apply(self, actions: Iterable[Action]) -> None:
+    def _apply(self, actions: Iterable[Action]) -> list[_Outbox]:
+        """Carry out ``actions``; the outboxes a frame was put in that are now past their high-water mark."""
+        full: list[_Outbox] = []
         for action in actions:
             outbox = self._outboxes.get(action.peer)
-            if outbox is not None and not isinstance(action, Probe):
-                outbox.put(action.text if isinstance(action, Send) else action)
+            if outbox is None or isinstance(action, Probe):
+                continue
+            if isinstance(action, Send):
+                outbox.put(action.text)
+                if outbox.full and outbox not in full:
+                    full.append(outbox)
+            else:
+                outbox.put(action)
+        return full
+
+    async def _feed(self, connection: ServerConnection, actions: Iterable[Action]) -> None:
+        """Carry out what a frame read from ``connection`` caused; while an outbox it filled is full, read no more.
+
+        Not reading is the backpressure: websockets stops reading the socket
+        once a few frames wait unread, and TCP makes the sender wait. The
+        connection's own outbox (what goes back to it) has a writer of its
+        own, so whatever it is owed still reaches it meanwhile.
+        """
+        full = self._apply(actions)
+        if not full:
+            return
+        self._held.add(connection)
+        try:
+            for outbox in full:
+                await outbox.drained()
+        finally:
+            self._held.discard(connection)
+            self._released_at[connection] = asyncio.get_running_loop().time()
 
     async def _serve(self, connection: ServerConnection) -> None:
-        # Room for the largest frame and then some, so one big result never trips it.
-        outbox = self._outboxes[connection] = _Outbox(connection, self.settings.max_message_bytes + 2**24)
+        outbox = self._outboxes[connection] = _Outbox(connection, self.settings.stall_timeout)
         identity = self._admitted.pop(connection)
+        for handshake in (connection.request, connection.response):
+            if handshake is not None:
+                handshake.headers.clear()  # ~3 KiB a connection, never read again
         self.switchboard.admit(connection, identity)
         if not self.access.credentials.is_current(identity):  # revoked between the handshake and now
             self._apply(self.switchboard.revoke(self.access.credentials.is_current))
-        keepalive = asyncio.create_task(self._keepalive(connection))
         try:
             if identity.role is Role.DEVICE:
-                await self._serve_device(connection, outbox, keepalive)
+                await self._serve_device(connection)
             else:
                 await self._serve_controller(connection)
         finally:
-            keepalive.cancel()
             del self._outboxes[connection]
+            self._released_at.pop(connection, None)
+            self._dropped.pop(connection, None)
             await outbox.finish(timeout=1.0)
 
-    async def _keepalive(self, connection: ServerConnection) -> str | None:
-        """Ping ``connection`` every ``ping_interval``; a pong refreshes its device's ``last_seen``.
+    async def _ping_all(self) -> None:
+        """Every ``ping_interval``, ping each connection; a pong refreshes its device's ``last_seen``.
 
-        A ping not answered within ``ping_timeout`` aborts the connection (a dead
-        peer would not answer a closing handshake either), so its reader sees it
-        closed at once; the task returns why (None: the connection closed otherwise).
+        One task for every connection, not one each: an idle connection costs
+        no task. A ping not answered within ``ping_timeout`` aborts the
+        connection (a dead peer would not answer a closing handshake either),
+        so its reader sees it closed at once. A connection the hub is not
+        reading (``_held``) is neither pinged nor judged: its pong may wait
+        unread behind its frames.
         """
         settings = self.settings
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(settings.ping_interval)
-            try:
-                async with asyncio.timeout(settings.ping_timeout):  # ping() itself waits while the buffer is full
-                    await (await connection.ping())
-            except ConnectionClosed:
-                return None
-            except TimeoutError:
-                why = f"no answer to a ping within {settings.ping_timeout:g}s"
-                logger.warning("dropping %s: %s", _address(connection), why)
-                connection.transport.abort()
-                return why
-            device = self.switchboard.device_by_peer.get(connection)
-            if device is not None:
-                device.last_seen = self.switchboard.clock()
+            sent = loop.time()
+            pongs: dict[asyncio.Future[float], ServerConnection] = {}
+            for connection in [outbox.connection for outbox in self._outboxes.values()]:
+                if connection in self._held or connection.protocol.state is not State.OPEN:
+                    continue
+                if connection.paused:  # ping() waits for the socket to drain: not here, for every other connection
+                    pong: asyncio.Future[float] = asyncio.ensure_future(self._round_trip(connection))
+                else:
+                    try:
+                        # No turn taken: the socket is open and not pushing back. A Future, typed Awaitable.
+                        pong = asyncio.ensure_future(await connection.ping())
+                    except ConnectionClosed:
+                        continue
+                pong.add_done_callback(functools.partial(self._ponged, connection))
+                pongs[pong] = connection
+            if pongs:
+                loop.call_later(settings.ping_timeout, self._judge, pongs, sent)
 
-    async def _serve_device(
-        self, connection: ServerConnection, outbox: _Outbox, keepalive: asyncio.Task[str | None]
-    ) -> None:
+    @staticmethod
+    async def _round_trip(connection: ServerConnection) -> float:
+        return await (await connection.ping())
+
+    def _ponged(self, connection: ServerConnection, pong: asyncio.Future[float]) -> None:
+        if pong.cancelled() or pong.exception() is not None:
+            return  # closed meanwhile: its reader has seen it
+        device = self.switchboard.device_by_peer.get(connection)
+        if device is not None:
+            device.last_seen = self.switchboard.clock()
+
+    def _judge(self, pongs: dict[asyncio.Future[float], ServerConnection], sent: float) -> None:
+        """``ping_timeout`` after a round of pings: drop the connections that did not answer."""
+        why = f"no answer to a ping within {self.settings.ping_timeout:g}s"
+        for pong, connection in pongs.items():
+            if pong.done() or connection in self._held or self._released_at.get(connection, sent) > sent:
+                continue  # answered, or not read for part of the time: its pong may be what the hub did not read
+            pong.cancel()
+            if connection in self._outboxes and connection.protocol.state is State.OPEN:
+                logger.warning("dropping %s: %s", _address(connection), why)
+                self._dropped[connection] = why
+                connection.transport.abort()
+
+    async def _serve_device(self, connection: ServerConnection) -> None:
         settings = self.settings
         # Until it has registered, a device may send no more than a registration: no 100 MiB buffered first.
         connection.protocol.max_message_size = min(MAX_REGISTRATION_BYTES, settings.max_message_bytes)
@@ -369,10 +528,10 @@ class Hub:
         try:
             while True:
                 data = await connection.recv()  # fragments and all: a large result is read as it arrives
-                self._apply(self.switchboard.device_text(connection, data))
+                await self._feed(connection, self.switchboard.device_text(connection, data))
         except ConnectionClosed as closed:
-            dropped = keepalive.result() if keepalive.done() and not keepalive.cancelled() else None
-            why = dropped or f"connection closed ({closed.rcvd.code if closed.rcvd else 'no close frame'})"
+            code = closed.rcvd.code if closed.rcvd else "no close frame"
+            why = self._dropped.get(connection) or f"connection closed ({code})"
         finally:
             lost = self.switchboard.device_gone(connection, why)
             if self.switchboard.devices.get(device.id) is None:  # not replaced by a newer connection
@@ -382,9 +541,15 @@ class Hub:
             self._apply(lost)
 
     async def _answers_ping(self, peer: Hashable) -> bool:
-        """Whether the connection ``peer`` answers a WebSocket ping within ``probe_timeout``."""
+        """Whether the connection ``peer`` answers a WebSocket ping within ``probe_timeout``.
+
+        One the hub is not reading counts as answering: it sent a frame a
+        moment ago, and its pong would wait behind frames the hub left unread.
+        """
         if not isinstance(peer, ServerConnection):
             return False
+        if peer in self._held:
+            return True
         try:
             async with asyncio.timeout(self.settings.probe_timeout):  # ping() itself waits while the buffer is full
                 await (await peer.ping())
@@ -395,7 +560,7 @@ class Hub:
     async def _serve_controller(self, connection: ServerConnection) -> None:
         try:
             async for data in connection:
-                self._apply(self.switchboard.controller_text(connection, data))
+                await self._feed(connection, self.switchboard.controller_text(connection, data))
         except ConnectionClosed:
             pass
         finally:

@@ -1326,11 +1326,12 @@ async def test_a_wss_client_without_an_ssl_context_verifies_with_the_default_tru
             await open_connection(f"{hub.url}/controller", TOKEN, open_timeout=WAIT)
 
 
-# -- a controller that does not read is closed; the hub does not buffer for it -----
+# -- a controller that reads nothing is closed once it stalls; the hub does not buffer for it --
 
 
-async def test_a_controller_that_never_reads_is_closed_and_others_keep_working() -> None:
+async def test_a_controller_that_never_reads_is_closed_after_the_stall_timeout_and_others_keep_working() -> None:
     # A device announcing many tools makes each device listing ~50 KB: what the hub must queue per request.
+    stall = 1.0
     tools = [{"name": f"tool_{i}", "server": "s", "description": "x" * 80} for i in range(400)]
     register = json.dumps(
         {"type": "register", "status": "ok", "client_id": "many-tools", "metadata": {"dispatch": {"tools": tools}}}
@@ -1339,7 +1340,7 @@ async def test_a_controller_that_never_reads_is_closed_and_others_keep_working()
     headers = {"Authorization": f"Bearer {TOKEN}"}
     async with (
         asyncio.timeout(30),
-        running_hub(max_message_bytes=2**20) as hub,
+        running_hub(max_message_bytes=2**20, stall_timeout=stall) as hub,
         connect(
             f"ws://127.0.0.1:{hub.port}/ws",
             additional_headers={"Authorization": f"Bearer {device_token(hub, 'many-tools')}"},
@@ -1365,21 +1366,23 @@ async def test_a_controller_that_never_reads_is_closed_and_others_keep_working()
         deaf = await connect(
             f"ws://127.0.0.1:{hub.port}/controller", sock=raw, additional_headers=headers, max_queue=1, proxy=None
         )
+        asking: asyncio.Task[None] | None = None
         try:
             await until(lambda: any(o.connection.remote_address == deaf.local_address for o in hub._outboxes.values()))
             [outbox] = [o for o in hub._outboxes.values() if o.connection.remote_address == deaf.local_address]
 
-            def abandoned() -> bool:
-                return bool(getattr(outbox, "abandoned", False))
+            async def ask() -> None:
+                for _ in range(1000):  # ~50 MB of listings, if the hub kept them all
+                    await deaf.send(request)  # waits once the hub, its outbox full, stops reading it
 
             during = asyncio.create_task(work("during"))
-            for _ in range(1000):  # ~50 MB of listings, if the hub kept them all
-                if abandoned():
-                    break
-                await deaf.send(request)
-            await until(abandoned)
-            assert outbox.queue.qsize() == 0, "the frames queued for the closed controller are still held"
+            started = time.monotonic()
+            asking = asyncio.create_task(ask())
+            await until(lambda: outbox.abandoned, within=stall + WAIT)
+            closed_after = time.monotonic() - started
+            assert outbox.frames is None, "the frames queued for the closed controller are still held"
             assert outbox.queued == 0
+            assert closed_after >= stall, f"closed {closed_after:.2f}s after it stopped reading, before it stalled"
             await during
             await work("after")  # the other controller and its device are unaffected
             # Read at last: what was already on the wire, then the hub's close.
@@ -1388,6 +1391,10 @@ async def test_a_controller_that_never_reads_is_closed_and_others_keep_working()
                     await deaf.recv()
             assert closed.value.rcvd is not None and closed.value.rcvd.code == TOO_SLOW, closed.value
         finally:
+            if asking is not None:
+                asking.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                    await asking
             await deaf.close()
 
 
@@ -1399,7 +1406,7 @@ async def test_answers_to_a_controller_that_reads_slowly_arrive_complete_and_in_
     register = json.dumps(
         {"type": "register", "status": "ok", "client_id": "some-tools", "metadata": {"dispatch": {"tools": tools}}}
     )
-    asked = [f"r-{n}" for n in range(150)]  # fewer than the hub queues for one peer before it gives up on it
+    asked = [f"r-{n}" for n in range(150)]  # ~7.5 MB: the hub may stop reading it a while, never close it
     async with (
         asyncio.timeout(30),
         running_hub() as hub,
