@@ -885,7 +885,14 @@ def print_fleet(figures: dict[str, Any]) -> None:
             )
     header = ("hub", "devices", "listed", "VmRSS", "KiB/conn", "fds", "pings/s", "beats/s", "CPU s/min", "us/event")
     table(header, rows)
+    waits = ", ".join(
+        f"{name} {figures[label]['idle'][name]['waited_for_cpu']:.0%}"
+        for label in ("default", "short")
+        for name in figures[label]["idle"]
+        if name.startswith("hub-")
+    )
     print("(idle: CPU s/min of the hub; us/event: its CPU above the floor per ping or heartbeat)")
+    print(f"share of each idle window a hub waited for a CPU (20 s pings, then 5 s): {waits}")
     for label in ("default", "short"):
         idle = figures[label]["idle"]
         print(
@@ -916,6 +923,7 @@ def print_ceiling(figures: dict[str, Any]) -> None:
         ("one hub", "value"),
         [
             ("descriptor limit (soft)", f"{figures['hub_fd_limit']:,}"),
+            ("hub listening after its start, s", f"{figures['hub_start_s']}"),
             ("descriptors idle", f"{figures['idle_fds']}"),
             ("devices tried (once each)", f"{figures['devices_tried']:,}"),
             ("devices registered: the ceiling", f"{figures['ceiling']:,}"),
@@ -1033,6 +1041,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     figures["load_average_end"] = [round(value, 2) for value in os.getloadavg()]
     print()
     {"ceiling": print_ceiling, "restart": print_restart, "fleet": print_fleet}[figures["mode"]](figures)
+    print(
+        f"load average {figures['load_average_start']} at the start, {figures['load_average_end']} at the end "
+        "(the machine is shared)"
+    )
     provenance.print(f"; {figures['elapsed_s']} s in all.")
     print_json(figures)
 
