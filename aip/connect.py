@@ -96,6 +96,7 @@ async def open_connection(
     ssl_context: ssl.SSLContext | None = None,
     ping_interval: float | None = 20.0,
     ping_timeout: float | None = 20.0,
+    close_timeout: float = 10.0,
     token_in_query: bool = False,
 ) -> ClientConnection:
     """Connect with ``Authorization: Bearer <token>``; a failure is a ``HubUnavailable`` that says why.
@@ -123,6 +124,7 @@ async def open_connection(
             ssl=(ssl_context or ssl.create_default_context()) if url.startswith("wss:") else None,
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
+            close_timeout=close_timeout,
             logger=_wire_logger,
         )
     except InvalidStatus as error:

@@ -31,7 +31,16 @@ from .connect import (
 from .messages import ClientMessage, ClientMessageType, ServerMessage, ServerMessageType, TaskStatus
 from .switchboard import now_iso
 
-__all__ = ["FrameListener", "HubLink", "LinkLost", "LossListener", "list_devices"]
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "PING_INTERVAL",
+    "PING_TIMEOUT",
+    "FrameListener",
+    "HubLink",
+    "LinkLost",
+    "LossListener",
+    "list_devices",
+]
 
 logger = logging.getLogger("aip.controller")
 
@@ -47,6 +56,13 @@ class LinkLost(HubUnavailable):
         super().__init__(message)
         self.batches = batches
 
+
+#: A controller pings its hub this often, and leaves it after this long without a pong (then waits at most
+#: CLOSE_TIMEOUT for a closing handshake it will not get): a hub that hangs, or whose machine is gone with no TCP
+#: reset to say so, is left within ~7 s, and its batches go again, through another hub.
+PING_INTERVAL = 2.0
+PING_TIMEOUT = 4.0
+CLOSE_TIMEOUT = 1.0
 
 FrameListener = Callable[[ClientMessage], None]
 LossListener = Callable[[HubUnavailable], None]
@@ -67,6 +83,8 @@ class HubLink:
         open_timeout: float = 10.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         ssl_context: ssl.SSLContext | None = None,
+        ping_interval: float = PING_INTERVAL,
+        ping_timeout: float = PING_TIMEOUT,
     ) -> None:
         if "," in hub_url:
             raise ValueError("a HubLink reaches one hub: aip.failover.controller_link() uses several")
@@ -75,6 +93,7 @@ class HubLink:
         self.open_timeout = open_timeout
         self.max_message_bytes = max_message_bytes
         self.ssl_context = ssl_context
+        self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
         self._on_frame: FrameListener = _ignore
         self._on_lost: LossListener = _ignore
         self._attached = False
@@ -113,6 +132,9 @@ class HubLink:
                 open_timeout=self.open_timeout,
                 max_message_bytes=self.max_message_bytes,
                 ssl_context=self.ssl_context,
+                ping_interval=self.ping_interval,
+                ping_timeout=self.ping_timeout,
+                close_timeout=CLOSE_TIMEOUT,
             )
             self._first_latency = await first_latency(connection, self.open_timeout)
             self._connection = connection

@@ -551,10 +551,17 @@ async def test_a_hub_killed_mid_batch_and_restarted_loses_no_result_and_runs_eac
     assert own_site.device.popen.poll() is None, "the same device process reconnected"
 
 
-async def test_a_hub_killed_for_good_mid_batch_the_batch_carries_on_through_the_other_hub_each_action_once(
-    log_dir: Path, mcp_config: Path
+@pytest.mark.parametrize(
+    "failure", [signal.SIGKILL, signal.SIGSTOP], ids=["killed (connections reset)", "hung (nothing answers)"]
+)
+async def test_a_hub_lost_for_good_mid_batch_the_batch_carries_on_through_the_other_hub_each_action_once(
+    log_dir: Path, mcp_config: Path, failure: signal.Signals
 ) -> None:
-    """Two hubs serve one fleet: the device dials both, the controller reaches it through either."""
+    """Two hubs serve one fleet: the device dials both, the controller reaches it through either.
+
+    A hung hub (SIGSTOP: its sockets stay open, nothing answers) is what a
+    machine that vanished looks like: the controller's pings notice it.
+    """
     device_id = f"fleet-{uuid.uuid4().hex[:6]}"
     key = uuid.uuid4().hex
     nap = Command(tool_name="sleep", parameters={"seconds": 2}, tool_type="action", call_id=f"nap-{key}")
@@ -571,12 +578,13 @@ async def test_a_hub_killed_for_good_mid_batch_the_batch_carries_on_through_the_
             await WebSocketCommandDispatcher.connect(fleet, device_id, token=TOKEN) as dispatcher,
         ):
             batch = await slow_batch_in_flight(dispatcher, ports[0], device_id, nap, tally, timeout=40)
-            hubs[0].signal(signal.SIGKILL)  # the hub carrying the batch, for good
-            hubs[0].wait()
+            hubs[0].signal(failure)  # the hub carrying the batch, for good
             results = await batch  # sent again through the other hub; the device answers from its memory
             [probe] = await dispatcher.execute_commands(
                 [Command(tool_name="count", parameters={"key": key})], timeout=20
             )
+        hubs[0].signal(signal.SIGKILL)
+        hubs[0].wait()
         code, out, err = await run_cli("devices", "--hub", fleet, "--json", env=cli_env())
 
     assert [r.status for r in results] == [ResultStatus.SUCCESS] * 2, results
