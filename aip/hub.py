@@ -402,17 +402,14 @@ class Hub:
                 outbox.put(action)
         return full
 
-    async def _feed(self, connection: ServerConnection, actions: Iterable[Action]) -> None:
-        """Carry out what a frame read from ``connection`` caused; while an outbox it filled is full, read no more.
+    async def _hold(self, connection: ServerConnection, full: list[_Outbox]) -> None:
+        """Read no more from ``connection`` until the outboxes its frame filled (``_apply``) have drained.
 
         Not reading is the backpressure: websockets stops reading the socket
         once a few frames wait unread, and TCP makes the sender wait. The
         connection's own outbox (what goes back to it) has a writer of its
         own, so whatever it is owed still reaches it meanwhile.
         """
-        full = self._apply(actions)
-        if not full:
-            return
         self._held.add(connection)
         try:
             for outbox in full:
@@ -460,6 +457,8 @@ class Hub:
             for connection in [outbox.connection for outbox in self._outboxes.values()]:
                 if connection in self._held or connection.protocol.state is not State.OPEN:
                     continue
+                if connection.transport.is_closing():
+                    continue  # aborted a moment ago: ping() would wait a turn for the close
                 if connection.paused:  # ping() waits for the socket to drain: not here, for every other connection
                     pong: asyncio.Future[float] = asyncio.ensure_future(self._round_trip(connection))
                 else:
@@ -528,7 +527,8 @@ class Hub:
         try:
             while True:
                 data = await connection.recv()  # fragments and all: a large result is read as it arrives
-                await self._feed(connection, self.switchboard.device_text(connection, data))
+                if full := self._apply(self.switchboard.device_text(connection, data)):
+                    await self._hold(connection, full)
         except ConnectionClosed as closed:
             code = closed.rcvd.code if closed.rcvd else "no close frame"
             why = self._dropped.get(connection) or f"connection closed ({code})"
@@ -560,7 +560,8 @@ class Hub:
     async def _serve_controller(self, connection: ServerConnection) -> None:
         try:
             async for data in connection:
-                await self._feed(connection, self.switchboard.controller_text(connection, data))
+                if full := self._apply(self.switchboard.controller_text(connection, data)):
+                    await self._hold(connection, full)
         except ConnectionClosed:
             pass
         finally:
