@@ -223,6 +223,19 @@ def finished(server: Server, flow_run_id: str, timeout: float = RUN_TIMEOUT) -> 
         raise AssertionError(f"{error}\nworker log:\n{tail(server.logs / 'worker.log')}") from None
 
 
+def all_finished(server: Server, flow_run_ids: list[str], timeout: float) -> list[FlowRun]:
+    """The flow runs, in the order given, once all of them are in a final state (one query a second for all)."""
+    wanted = [uuid.UUID(flow_run_id) for flow_run_id in flow_run_ids]
+
+    def final() -> list[FlowRun] | None:
+        with server.client() as client:
+            found = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=wanted)))
+        ended = {run.id: run for run in found if run.state is not None and run.state.is_final()}
+        return [ended[run_id] for run_id in wanted] if len(ended) == len(wanted) else None
+
+    return wait_for(f"final states of {len(wanted)} flow runs", final, timeout, interval=1.0)
+
+
 def task_runs(server: Server, flow_run_id: str, count: int) -> list[TaskRun]:
     """The flow run's task runs, once ``count`` of them are recorded in a final state."""
 
@@ -716,7 +729,7 @@ def queued(shared: Shared, tmp_path_factory: pytest.TempPathFactory) -> Queued:
             last = {"tool_name": "echo", "parameters": {"value": number}}
         commands = [{"tool_name": "count_to_file", "parameters": {"path": str(counter)}}, last]
         runs.append(trigger(shared.server, {"commands": commands, "config": DEMO_ONLY, "timeout": 60}))
-    ended = [finished(shared.server, run, timeout=150) for run in runs]
+    ended = all_finished(shared.server, runs, timeout=200)
     return Queued(runs, counters, gates, failing, ended)
 
 
