@@ -155,6 +155,19 @@ def test_a_database_or_results_block_dispatch_up_cannot_use_is_refused_at_once_t
     assert not (tmp_path / ".dispatch").exists()  # nothing started
 
 
+def test_a_database_that_does_not_answer_stops_dispatch_up_saying_which_without_its_password(tmp_path: Path) -> None:
+    shutil.copy(ROOT / "prefect.yaml", tmp_path)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_UI_ENABLED": "false"}
+    nobody = f"postgresql+asyncpg://dispatch:s3cr3t@127.0.0.1:{_free_port()}/prefect"  # a port nothing listens on
+    argv = [*CLI, "up", "--database", nobody, "--port", str(_free_port()), "--no-hub", "--project", str(tmp_path)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 1, done.stderr
+    assert f"its database: {nobody.replace('s3cr3t', '***')}" in done.stderr, done.stderr
+    logs = list((tmp_path / ".dispatch" / "logs").iterdir())
+    assert logs and not [log for log in logs if "s3cr3t" in log.read_text(errors="replace")]
+    assert "s3cr3t" not in done.stdout + done.stderr
+
+
 def in_a_terminal(argv: list[str], env: dict[str, str], timeout: float = 60) -> str:
     """What ``argv`` prints with a terminal as its stdout and stderr, as ``dispatch up`` run by hand has."""
     main, secondary = os.openpty()
