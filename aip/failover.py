@@ -73,6 +73,11 @@ class FailoverLink:
         return f"FailoverLink([{', '.join(repr(safe_url(link.url)) for link in self.links)}], token=<hidden>)"
 
     @property
+    def carrying(self) -> int:
+        """How many batches are out through one hub or another: what a loss could name (bounded by what is sent)."""
+        return len(self._routes)
+
+    @property
     def latency(self) -> float:
         return self.links[self._default].latency
 

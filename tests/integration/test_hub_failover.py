@@ -150,6 +150,30 @@ async def test_batches_waiting_on_the_hub_that_stays_are_not_sent_again_when_ano
     assert counting.runs == {"h": 1}
 
 
+async def test_the_link_forgets_each_batch_once_answered_or_given_up_on() -> None:
+    """What the link remembers per batch (which hub carried it) goes with the batch: nothing grows with traffic."""
+    store = credentials_with(["lab-pc"])
+    counting = CountingTools()
+    async with (
+        running_hub(store) as first,
+        running_hub(store) as second,
+        device_on([first, second], "lab-pc", counting.tools()),
+    ):
+        link = controller_link(fleet_url(first, second), TOKEN)
+        assert isinstance(link, FailoverLink)
+        async with WebSocketCommandDispatcher(link, "lab-pc", retry=QUICK_DELIVERY) as dispatcher:
+            answered = await dispatcher.execute_commands([Command(tool_name="echo", call_id=f"e{n}") for n in range(5)])
+            assert link.carrying == 0
+            [timed_out] = await dispatcher.execute_commands([Command(tool_name="held", call_id="held")], timeout=1)
+            counting.release.set()
+            # The cancel for the batch given up on is on its way (a task made before the dispatcher returned):
+            # once a later batch has been answered it has been sent, and has taken the batch's route with it.
+            [after] = await dispatcher.execute_commands([Command(tool_name="echo", call_id="after")])
+            assert link.carrying == 0
+    assert [result.status for result in [*answered, after]] == [ResultStatus.SUCCESS] * 6
+    assert timed_out.status is ResultStatus.FAILURE and "Timeout" in (timed_out.error or ""), timed_out
+
+
 async def test_no_hub_answering_is_a_hub_unavailable_naming_each() -> None:
     async with running_hub() as first, running_hub() as second:
         url = fleet_url(first, second)
