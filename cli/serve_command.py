@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import resource
 import ssl
 from pathlib import Path
 from typing import Annotated
@@ -78,6 +79,13 @@ def serve(
         ping_timeout=ping_timeout,
     )
     log_to_stderr()
+    descriptors = raise_descriptor_limit()
+    logging.getLogger("aip.hub").info(
+        "this process may open %d descriptors: room for about %d connections (raise the hard limit, "
+        "ulimit -Hn, for more)",
+        descriptors,
+        max(0, descriptors - DESCRIPTOR_MARGIN),
+    )
     if listens_in_clear(host, tls=context is not None):
         logging.getLogger("aip.hub").warning(
             "listening on %s WITHOUT TLS: every credential and batch crosses the network in clear text; "
@@ -98,6 +106,24 @@ def serve(
         run_until_signalled(serve_until)
     except OSError as error:
         fail_usage(f"can't listen on {host}:{port}: {error}")
+
+
+#: Descriptors a hub keeps for itself (its listening socket, the credentials file, logs, Prefect's client).
+DESCRIPTOR_MARGIN = 100
+
+
+def raise_descriptor_limit() -> int:
+    """Let this process open as many descriptors as its hard limit allows; the limit now.
+
+    Each connection is a descriptor, and a shell's soft limit is often 1,024:
+    a hub left at it refuses its 1,000th device. The hard limit is the
+    administrator's; the soft one is ours to raise up to it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
 
 
 def listens_in_clear(host: str, tls: bool) -> bool:

@@ -695,6 +695,47 @@ def test_serve_without_a_credentials_file_exits_2(given: str, tmp_path: Path) ->
     assert not missing.exists() and not (tmp_path / ".dispatch").exists(), "serve must not create a credentials file"
 
 
+async def test_serve_raises_its_descriptor_limit_to_the_hard_one_and_holds_more_connections_than_the_soft_one(
+    tmp_path: Path,
+) -> None:
+    """A shell's soft limit (1,024 on most machines) would cap a hub at that many devices; the hard one is the cap."""
+    import resource
+
+    soft, hard = 64, 2048
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    port = _free_port()
+    credentials = write_credentials(tmp_path / "credentials.json", [])
+    log = tmp_path / "hub.log"
+    with log.open("wb") as out:
+        hub = await asyncio.create_subprocess_exec(
+            *CLI,
+            *("serve", "--port", str(port), "--credentials", str(credentials)),
+            cwd=ROOT,
+            env=cli_env(None),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=low_soft_limit,
+        )
+    connections = []
+    try:
+        await wait_until_gone(port, "nobody", timeout=STARTUP)  # returns once the hub answers
+        async with asyncio.timeout(STARTUP):
+            for _ in range(2 * soft):  # controllers: each one a descriptor on the hub, as a device is
+                headers = {"Authorization": f"Bearer {TOKEN}"}
+                connections.append(await connect(f"{hub_url(port)}/controller", additional_headers=headers))
+            assert await connected_devices(port) == [], log.read_text()
+    finally:
+        for connection in connections:
+            await connection.close()
+        hub.terminate()
+        async with asyncio.timeout(SHUTDOWN):
+            await hub.wait()
+    assert f"may open {hard} descriptors" in log.read_text(), log.read_text()
+
+
 # -- dispatch run --cafile, against a wss:// hub with a private CA --------------------------
 
 
