@@ -69,9 +69,10 @@ SERVER_TUNING = {
 STOP_GRACE = 10.0
 #: The databases Prefect's server can use: it needs an async driver.
 DATABASE_SCHEMES = ("postgresql+asyncpg", "sqlite+aiosqlite")
-#: Prefect 3.9's settings of the server's database: its own name and the older alias (read only when the
-#: first is unset), then the pieces a URL may leave to them (host, user, password, ...). The server's alone.
+#: How Prefect 3.9's settings of the server's database begin (its URL, and the pieces a URL may leave to them:
+#: host, user, password, ...), under their own names and the older aliases. The server's alone.
 DATABASE_SETTINGS = ("PREFECT_SERVER_DATABASE_", "PREFECT_API_DATABASE_")
+#: The database URL's setting, and the alias Prefect reads only when that one is unset.
 DATABASE_URL, DATABASE_URL_ALIAS = "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL"
 #: The default results storage block of Prefect 3.9 (``block-type/name``), and its older alias.
 RESULTS_BLOCK, RESULTS_BLOCK_ALIAS = "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK", "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK"
@@ -417,6 +418,7 @@ def server_database(environ: Mapping[str, str], database: str | None) -> str | N
 
 
 def block_exists(api_url: str, auth: str, slug: str) -> bool:
+    """Whether the server has the block ``slug``: runs that can't find their storage fail, so the operator is told."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings

@@ -1,6 +1,10 @@
-"""Operations against a real Prefect server: deploy, run on a worker, retry, resume, device events.
+"""Operations against a real Prefect server: deploy, run on a worker, retry, resume, device events; many workers.
 
 (``dispatch up`` has a module of its own: ``test_dispatch_up.py``.)
+
+The last section runs ``dispatch up`` on a real PostgreSQL server
+(``postgres_support``) with two workers and a results storage block: twenty
+runs queued at once, and a retry on a third worker with a home of its own.
 
 One ``prefect server start`` on a free loopback port serves the whole module,
 with its own temporary ``PREFECT_HOME`` (database, stored Results, profiles):
