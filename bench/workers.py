@@ -22,12 +22,14 @@ database the one before filled):
   flight), each with 10 commands (``add`` and ``echo`` on the demo server of
   ``examples/mcp.json``, which also starts the ``time`` server: real MCP calls
   in the flow run's own MCP servers), every command with a call_id of its own;
+  every tenth run's last command is the demo server's ``fail``, so that run
+  must end Failed with its 10 Results, the others Completed;
 - the runs' states are read every second until every run is final, or until
   ``--timeout``: then the runs not final are reported by state and the checks
   fail.
 
-Checked for every run, once they are all final: its state is Completed or
-Failed; it ran once (``run_count`` 1, one Running state in its history, one
+Checked for every run, once they are all final: its state is Completed, or
+Failed for the tenth ones; it ran once (``run_count`` 1, one Running state in its history, one
 ``prefect.worker.submitted-flow-run`` event); its ``batch-results`` artifact
 has 10 rows whose call_ids are the run's own, each once; and each call_id has
 exactly one task run in the API (a command run twice would have two). The
@@ -46,8 +48,10 @@ itself, PostgreSQL with its backends), from just before the first run is
 created until the server is quiet again after the last one (its recorders write
 task runs and events after the fact), summed and divided by R; the server's
 share of it (and the server's with PostgreSQL's), the idle CPU of the stack
-(measured for 5 s before the runs), and this process's CPU (the client) on its
-own line. On 2 cores the runs per minute are bounded by CPU: the CPU per run is
+(measured for 5 s before the runs), this process's CPU (the client) on its
+own line, and the cores every other process of the machine kept busy over the
+same window (``/proc/stat``): on a shared machine, what the stack competed
+with. On 2 cores the runs per minute are bounded by CPU: the CPU per run is
 the figure that transfers to other machines (cores / CPU per run = the most
 runs per second a machine can sustain, at full load).
 
@@ -103,9 +107,17 @@ IDLE_SECONDS = 5.0
 ENGINE = "prefect.engine"  # in the command line of every flow process (the locked job template's command)
 
 
+#: Every this many runs, the last command is the demo server's ``fail``: that run must end Failed, with 10 Results.
+FAILING_EVERY = 10
+
+
+def fails(run: int) -> bool:
+    return run % FAILING_EVERY == FAILING_EVERY - 1
+
+
 def commands(run: int, prefix: str) -> list[dict[str, Any]]:
-    """The run's 10 commands, alternately ``add`` and ``echo``, each with a call_id no other command has."""
-    return [
+    """The run's 10 commands, alternately ``add`` and ``echo`` (``fail`` last if it ``fails``), own call_ids."""
+    found: list[dict[str, Any]] = [
         {
             "tool_name": "add" if i % 2 == 0 else "echo",
             "parameters": {"a": run, "b": i} if i % 2 == 0 else {"value": f"{run}-{i}"},
@@ -113,6 +125,9 @@ def commands(run: int, prefix: str) -> list[dict[str, Any]]:
         }
         for i in range(COMMANDS)
     ]
+    if fails(run):
+        found[-1] |= {"tool_name": "fail", "parameters": {"message": "failed on purpose"}}
+    return found
 
 
 # -- processes ----------------------------------------------------------------------------------------
@@ -171,6 +186,12 @@ class Stack:
             name: sum(1 for pid in subtree(self.roots[name], table) if ENGINE in cmdline(pid))
             for name in self.workers()
         }
+
+
+def machine_busy() -> float:
+    """CPU seconds every process of the machine has used so far (``/proc/stat``: all but idle and iowait)."""
+    ticks = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def postmaster(database: Postgres) -> int:
@@ -335,7 +356,7 @@ async def measure(args: argparse.Namespace, stack: Stack, workers: int, prefix: 
         idle, idle_for = stack.cpu(), time.monotonic() - at
         figures["idle_cpu_cores"] = round(sum(idle[k] - before[k] for k in idle) / idle_for, 3)
 
-        mark, client_mark = stack.cpu(), process_cpu(os.getpid())
+        mark, client_mark, machine_mark = stack.cpu(), process_cpu(os.getpid()), machine_busy()
         t0 = time.time()
         created = await gathered(
             [
@@ -364,7 +385,7 @@ async def measure(args: argparse.Namespace, stack: Stack, workers: int, prefix: 
         seen_final = time.time()
         # The server records task runs and events after the fact: their CPU belongs to the runs too.
         await wait_quiet(lambda: stack.cpu()["server"], 0.15, 60.0, 0.5)
-        end, client_end = stack.cpu(), process_cpu(os.getpid())
+        end, client_end, machine_end = stack.cpu(), process_cpu(os.getpid()), machine_busy()
 
         not_final = [run for run in runs if run.state is None or not run.state.is_final()]
         for run in not_final:
@@ -383,6 +404,9 @@ async def measure(args: argparse.Namespace, stack: Stack, workers: int, prefix: 
                 )
             ):
                 checks.add("not_completed_or_failed", f"run {number[run.id]}: {run.state.name}")
+            expected = StateType.FAILED if fails(number[run.id]) else StateType.COMPLETED
+            if run.state is not None and run.state.is_final() and run.state.type is not expected:
+                checks.add("unexpected_state", f"run {number[run.id]}: {run.state.name}, expected {expected.value}")
             if run.run_count != 1:
                 checks.add("run_count", f"run {number[run.id]}: run_count {run.run_count}")
         figures["states"] = by_state
@@ -417,7 +441,11 @@ async def measure(args: argparse.Namespace, stack: Stack, workers: int, prefix: 
         if "postgres" in spent:
             figures["server_and_postgres_share"] = round((spent["server"] + spent["postgres"]) / total, 3)
         figures["cpu_window_s"] = round(time.monotonic() - at - idle_for, 1)
-        figures["cpu_cores_busy"] = round(total / figures["cpu_window_s"], 2) if figures["cpu_window_s"] else None
+        window = figures["cpu_window_s"]
+        figures["cpu_cores_busy"] = round(total / window, 2) if window else None
+        # The machine is shared: what everything else used meanwhile (the client's share is ours, not theirs).
+        others = machine_end - machine_mark - total - (client_end - client_mark)
+        figures["other_cores_busy"] = round(others / window, 2) if window else None
 
         # Results: the batch-results table of each run, 10 rows, its own call_ids, each once.
         artifacts = await paged(
@@ -575,6 +603,7 @@ def print_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None
         row("  this client (not in the total)", lambda i: cpu(i, "client")),
         row("server share of the stack's CPU", lambda i: f"{i['server_share']:.0%}"),
         row("cores busy over the window", lambda i: f"{i['cpu_cores_busy']:.2f}"),
+        row("other processes of the machine, cores", lambda i: f"{i['other_cores_busy']:.2f}"),
         row("idle stack, cores", lambda i: f"{i['idle_cpu_cores']:.2f}"),
         row("runs per worker", lambda i: " ".join(str(v) for v in i["runs_per_worker"].values())),
         row(
