@@ -387,6 +387,8 @@ async def measure(args: argparse.Namespace, stack: Stack, workers: int, prefix: 
         await wait_quiet(lambda: stack.cpu()["server"], 0.15, 60.0, 0.5)
         end, client_end, machine_end = stack.cpu(), process_cpu(os.getpid()), machine_busy()
 
+        for index in sorted(set(number.values()) - {number[run.id] for run in runs}):
+            checks.add("missing", f"run {index}: not in the API")
         not_final = [run for run in runs if run.state is None or not run.state.is_final()]
         for run in not_final:
             checks.add("not_final", f"run {number[run.id]}: {run.state.name if run.state else 'no state'}")
@@ -394,16 +396,6 @@ async def measure(args: argparse.Namespace, stack: Stack, workers: int, prefix: 
         for run in runs:
             name = run.state.name if run.state else "none"
             by_state[name] = by_state.get(name, 0) + 1
-            if (
-                run.state is not None
-                and run.state.is_final()
-                and run.state.type
-                not in (
-                    StateType.COMPLETED,
-                    StateType.FAILED,
-                )
-            ):
-                checks.add("not_completed_or_failed", f"run {number[run.id]}: {run.state.name}")
             expected = StateType.FAILED if fails(number[run.id]) else StateType.COMPLETED
             if run.state is not None and run.state.is_final() and run.state.type is not expected:
                 checks.add("unexpected_state", f"run {number[run.id]}: {run.state.name}, expected {expected.value}")
