@@ -437,8 +437,8 @@ class Run:
         started = time.monotonic()
         offset = hub.log.stat().st_size if hub.log.exists() else 0
         argv = ["timeout", "-s", "KILL", self.lifetime()]
-        if hub.fd_limit:
-            argv = ["prlimit", f"--nofile={hub.fd_limit}:{self.hard_fd_limit}", "--", *argv]
+        if hub.fd_limit:  # soft and hard: dispatch serve raises its soft limit to the hard one
+            argv = ["prlimit", f"--nofile={hub.fd_limit}:{hub.fd_limit}", "--", *argv]
         argv += [str(self.dispatch), "serve", "--host", HOST, "--port", str(hub.port)]
         argv += ["--credentials", str(hub.credentials), "--ping-interval", f"{hub.ping_interval:g}"]
         leader = self.children.start(hub.name, argv, self.env)
@@ -922,7 +922,7 @@ def print_ceiling(figures: dict[str, Any]) -> None:
     table(
         ("one hub", "value"),
         [
-            ("descriptor limit (soft)", f"{figures['hub_fd_limit']:,}"),
+            ("descriptor limit", f"{figures['hub_fd_limit']:,}"),
             ("hub listening after its start, s", f"{figures['hub_start_s']}"),
             ("descriptors idle", f"{figures['idle_fds']}"),
             ("devices tried (once each)", f"{figures['devices_tried']:,}"),
@@ -982,7 +982,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--short-ping", type=float, default=5.0, help="the short ping interval, seconds (default 5)")
     parser.add_argument("--heartbeat", type=float, default=UFO_HEARTBEAT, help="device heartbeat period (UFO: 120)")
     parser.add_argument("--concurrency", type=int, default=32, help="handshakes in flight per device process")
-    parser.add_argument("--hub-fd-limit", type=int, default=0, help="--ceiling: the hub's soft descriptor limit")
+    parser.add_argument("--hub-fd-limit", type=int, default=0, help="--ceiling: the hub's descriptor limit")
     parser.add_argument("--limit", type=float, default=1500.0, help="the whole run's time limit, seconds")
     parser.add_argument("--keep-logs", action="store_true", help="keep the run's folder of logs")
     parser.add_argument("--role", choices=("devices",), help=argparse.SUPPRESS)
