@@ -84,7 +84,8 @@ class HubSettings:
     pings the hub sends every ``ping_interval`` seconds: it need send no data
     (a UFO device heartbeats only every 120 s and says nothing while a command
     runs). A ping not answered within ``ping_timeout`` drops the connection, so
-    a dead peer is noticed within ``ping_interval + ping_timeout``.
+    a dead peer is noticed within ``ping_interval + ping_timeout``; not one
+    whose socket took bytes meanwhile (its pong waits behind what it reads).
 
     A peer that is sent frames faster than it reads them is not closed for
     it: once ``MAX_QUEUED_FRAMES`` (or ``MAX_QUEUED_CHARS``) wait for it, the
@@ -139,7 +140,7 @@ class _Outbox:
     socket takes no bytes for ``stall`` seconds while frames wait is closed.
     """
 
-    __slots__ = ("abandoned", "closer", "connection", "frames", "queued", "room", "stall", "writer")
+    __slots__ = ("abandoned", "closer", "connection", "frames", "queued", "room", "stall", "taken_at", "writer")
 
     def __init__(self, connection: ServerConnection, stall: float) -> None:
         self.connection = connection
@@ -151,6 +152,8 @@ class _Outbox:
         self.closer: asyncio.Future[None] | None = None
         #: Set when the frames fall to the low-water mark, or the connection is given up; made on demand.
         self.room: asyncio.Event | None = None
+        #: When the writer last saw the socket take bytes it had been holding back (the event loop's clock).
+        self.taken_at = 0.0
 
     @property
     def full(self) -> bool:
@@ -263,6 +266,7 @@ class _Outbox:
             except TimeoutError:
                 if connection.transport.get_write_buffer_size() >= left:
                     return False
+            self.taken_at = asyncio.get_running_loop().time()
         return True
 
     async def finish(self, timeout: float) -> None:
@@ -484,13 +488,20 @@ class Hub:
             device.last_seen = self.switchboard.clock()
 
     def _judge(self, pongs: dict[asyncio.Future[float], ServerConnection], sent: float) -> None:
-        """``ping_timeout`` after a round of pings: drop the connections that did not answer."""
+        """``ping_timeout`` after a round of pings: drop the connections that did not answer.
+
+        Not one that is reading what it is sent (its socket took bytes since
+        the ping): its pong waits behind a burst, it is not lost.
+        """
         why = f"no answer to a ping within {self.settings.ping_timeout:g}s"
         for pong, connection in pongs.items():
             if pong.done() or connection in self._held or self._released_at.get(connection, sent) > sent:
                 continue  # answered, or not read for part of the time: its pong may be what the hub did not read
+            outbox = self._outboxes.get(connection)
+            if outbox is None or outbox.taken_at > sent:
+                continue  # gone, or reading: its pong is behind what it is reading
             pong.cancel()
-            if connection in self._outboxes and connection.protocol.state is State.OPEN:
+            if connection.protocol.state is State.OPEN:
                 logger.warning("dropping %s: %s", _address(connection), why)
                 self._dropped[connection] = why
                 connection.transport.abort()

@@ -103,13 +103,13 @@ def batch_frame(response_id: str, device_id: str, n: int) -> str:
     ).model_dump_json()
 
 
-async def answer_everything(device: ClientConnection) -> None:
-    """Read and answer every command as a UFO device does: one at a time, each after a turn of the loop."""
+async def answer_everything(device: ClientConnection, work: float) -> None:
+    """Read and answer every command as a UFO device does: one at a time, each after ``work`` seconds."""
     async for raw in device:
         message = json.loads(raw)
         if message.get("type") != "command":
             continue
-        await asyncio.sleep(0)  # a slow reader, not a stopped one
+        await asyncio.sleep(work)  # a slow reader, not a stopped one
         results = [
             {"status": "success", "result": action["parameters"], "call_id": action["call_id"], "error": None}
             for action in message["actions"]
@@ -138,11 +138,18 @@ async def collect(
 
 
 async def test_a_burst_of_a_thousand_batches_to_a_device_that_reads_is_all_answered_and_nothing_is_closed() -> None:
+    """The device takes 3 ms a command: the burst drains over seconds, the controller held most of that time.
+
+    The pings are quick (every 0.1 s, answered within 2 s): a held
+    controller's pong waits behind seconds of its own unread batches, so the
+    hub must not judge it by them (nor the other controller, held too); the
+    device's pong waits behind what it is reading, which its socket shows.
+    """
     asked = [f"burst-{n}" for n in range(BURST)]
     answers: list[dict[str, Any]] = []
     async with (
         asyncio.timeout(60),
-        running_hub(stall_timeout=15.0) as hub,
+        running_hub(stall_timeout=15.0, ping_interval=0.1, ping_timeout=2.0) as hub,
         registered_device(hub, "busy-pc") as device,
         raw_peer(hub, "/controller", TOKEN) as burster,
         WebSocketCommandDispatcher(HubLink(hub.url, TOKEN, open_timeout=WAIT), "busy-pc") as other,
@@ -164,7 +171,7 @@ async def test_a_burst_of_a_thousand_batches_to_a_device_that_reads_is_all_answe
             Command(tool_name="echo", parameters={"who": "other", "n": n}, call_id=f"other-{n}") for n in range(3)
         ]
         other_batch = asyncio.create_task(other.execute_commands(theirs, timeout=45))
-        answering = asyncio.create_task(answer_everything(device))
+        answering = asyncio.create_task(answer_everything(device, work=0.003))
         try:
             async with asyncio.timeout(45):
                 await sending
@@ -173,6 +180,8 @@ async def test_a_burst_of_a_thousand_batches_to_a_device_that_reads_is_all_answe
         finally:
             answering.cancel()
         assert not hub._held
+        served = [o.connection for o in hub._outboxes.values()]
+        assert hub_device in served and hub_burster in served, "a connection that reads was dropped"
     assert [a["prev_response_id"] for a in answers] == asked, "answers missing or out of order"
     # No deadlock: a controller the hub does not read still gets its answers (its outbox has its own writer).
     assert answered_while_held > 0, "no answer reached the controller while the hub held it"
@@ -231,3 +240,43 @@ async def test_a_device_that_reads_nothing_is_closed_after_the_stall_timeout_and
     assert set(reasons) <= {"device_lost", "device_unavailable"}, set(reasons)
     assert reasons[0] == "device_lost", "the batches the device was sent did not fail as lost"
     assert all("deaf-pc" in frame["error"] for frame in errors.values()), errors[sent[0]]["error"]
+
+
+async def test_a_device_dropped_for_pings_while_a_controller_is_held_behind_it_releases_the_controller() -> None:
+    """The device hangs (no pong); it is dropped, the batches sent to it fail, and the held controller goes on."""
+    ping_interval, ping_timeout = 0.2, 0.5
+    async with (
+        asyncio.timeout(60),
+        running_hub(ping_interval=ping_interval, ping_timeout=ping_timeout, stall_timeout=30.0) as hub,
+        registered_device(hub, "dead-pc") as dead,
+        raw_peer(hub, "/controller", TOKEN) as controller,
+    ):
+        dead.transport.pause_reading()  # no byte more read, no pong sent
+        hub_controller, hub_dead = server_side(hub, controller), server_side(hub, dead)
+        sent: list[str] = []
+
+        async def burst() -> None:
+            for n in range(BURST):
+                sent.append(f"held-{n}")
+                await controller.send(batch_frame(sent[-1], "dead-pc", n))
+
+        sending = asyncio.create_task(burst())
+        await until(lambda: hub_controller in hub._held)
+        async with asyncio.timeout(WAIT):
+            await sending  # the device was dropped (no pong): the controller is read again
+        errors: dict[str, dict[str, Any]] = {}
+        async with asyncio.timeout(WAIT):
+            while len(errors) < len(sent):
+                frame = json.loads(await controller.recv())
+                errors[frame["prev_response_id"]] = frame
+        assert hub_dead not in [o.connection for o in hub._outboxes.values()], "the dead device is still served"
+        dead.transport.abort()  # the hung process is killed: no closing handshake to wait for
+        # A few ping rounds more (the pinger has no event to await): the controller, read again, answers them.
+        await asyncio.sleep(3 * ping_interval + ping_timeout)
+        assert hub_controller in [o.connection for o in hub._outboxes.values()], "the held controller was dropped"
+        await controller.send(json.dumps({"type": "device_info_request", "status": "ok", "response_id": "after"}))
+        after = json.loads(await controller.recv())
+    assert sorted(errors) == sorted(sent)
+    assert {frame["metadata"]["reason"] for frame in errors.values()} <= {"device_lost", "device_unavailable"}
+    assert all("dead-pc" in frame["error"] for frame in errors.values())
+    assert (after["type"], after["prev_response_id"]) == ("device_info_response", "after")
