@@ -655,6 +655,13 @@ def shared(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iter
         with server.client() as client:
             LocalFileSystem(basepath=str(results)).save(RESULTS_BLOCK.split("/")[1])  # on this server: its settings
             client.pause_deployment(client.read_deployment_by_name("dispatch-batch/example-every-5-min").id)
+            # Up is said once the workers are started; both polling is what lets a batch of runs spread over them.
+            wait_for(
+                "both workers polling",
+                lambda: {worker.name for worker in client.read_workers_for_work_pool("dispatch")} >= UP_WORKERS,
+                60,
+                0.5,
+            )
         yield Shared(server, postgres, up, log, project, results)
     finally:
         stop_group(up, grace=30)
