@@ -201,7 +201,7 @@ class _Outbox:
         Frames stay in order: whatever the writer took from the queue was
         written before it waited for the socket to drain. While the transport
         holds more than its high-water mark (``paused``) frames go to the
-        queue, as before.
+        queue.
         """
         connection = self.connection
         if self.frames or connection.paused or connection.protocol.state is not State.OPEN:
