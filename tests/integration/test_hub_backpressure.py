@@ -103,9 +103,10 @@ def batch_frame(response_id: str, device_id: str, n: int) -> str:
     ).model_dump_json()
 
 
-async def answer_everything(device: ClientConnection, work: float) -> None:
+async def answer_everything(device: ClientConnection, work: float, on_frame: Callable[[], None]) -> None:
     """Read and answer every command as a UFO device does: one at a time, each after ``work`` seconds."""
     async for raw in device:
+        on_frame()
         message = json.loads(raw)
         if message.get("type") != "command":
             continue
@@ -171,7 +172,13 @@ async def test_a_burst_of_a_thousand_batches_to_a_device_that_reads_is_all_answe
             Command(tool_name="echo", parameters={"who": "other", "n": n}, call_id=f"other-{n}") for n in range(3)
         ]
         other_batch = asyncio.create_task(other.execute_commands(theirs, timeout=45))
-        answering = asyncio.create_task(answer_everything(device, work=0.003))
+        peak = len(outbox.frames or ())
+
+        def watch() -> None:
+            nonlocal peak
+            peak = max(peak, len(outbox.frames or ()))
+
+        answering = asyncio.create_task(answer_everything(device, 0.003, watch))
         try:
             async with asyncio.timeout(45):
                 await sending
@@ -185,6 +192,8 @@ async def test_a_burst_of_a_thousand_batches_to_a_device_that_reads_is_all_answe
     assert [a["prev_response_id"] for a in answers] == asked, "answers missing or out of order"
     # No deadlock: a controller the hub does not read still gets its answers (its outbox has its own writer).
     assert answered_while_held > 0, "no answer reached the controller while the hub held it"
+    # Bounded: past the mark, each of the two controllers adds one frame at most before the hub stops reading it.
+    assert MAX_QUEUED_FRAMES <= peak <= MAX_QUEUED_FRAMES + 2, peak
     assert all(a["type"] == "command_results" for a in answers), {a["type"] for a in answers}
     assert [a["action_results"][0]["result"]["n"] for a in answers] == list(range(BURST))
     assert [r.status for r in other_results] == [ResultStatus.SUCCESS] * 3, [r.error for r in other_results]
