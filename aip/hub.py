@@ -40,13 +40,17 @@ from .messages import CloseCode
 from .registration import MAX_REGISTRATION_BYTES
 from .switchboard import Action, Close, Device, Probe, Send, Switchboard, error_frame
 
-__all__ = ["MAX_QUEUED_CHARS", "MAX_QUEUED_FRAMES", "Hub", "HubObserver", "HubSettings"]
+__all__ = ["LISTEN_BACKLOG", "MAX_QUEUED_CHARS", "MAX_QUEUED_FRAMES", "Hub", "HubObserver", "HubSettings"]
 
 #: Frames queued for one connection at which the hub stops reading whoever adds to them (its high-water
 #: mark); reading resumes once a quarter of this (and of ``MAX_QUEUED_CHARS``) is left.
 MAX_QUEUED_FRAMES = 256
 #: Characters queued for one connection at which the same happens. One larger frame is still taken.
 MAX_QUEUED_CHARS = 2**22
+#: Connections the kernel holds for the hub before it accepts them: a restarted hub is dialled by its whole fleet
+#: within a second or two, and asyncio's default of 100 would drop the rest of those SYNs (each then costs its
+#: device a TCP retransmission, 1 s, 3 s, ...). The kernel caps it at net.core.somaxconn (4096 on current Linux).
+LISTEN_BACKLOG = 4096
 
 logger = logging.getLogger("aip.hub")
 # websockets logs request paths (``?token=``) and headers at DEBUG: its logger
@@ -331,6 +335,7 @@ class Hub:
             ping_interval=None,  # the hub pings itself (_ping_all): a pong is when a device was last seen
             ssl=self.ssl_context,
             logger=_wire_logger,
+            backlog=LISTEN_BACKLOG,
         )
         logger.info("hub listening on %s (devices at %s, controllers at %s)", self.url, DEVICE_PATH, CONTROLLER_PATH)
         if self.credential_file is not None:
