@@ -98,6 +98,7 @@ async def open_connection(
     ping_timeout: float | None = 20.0,
     close_timeout: float = 10.0,
     token_in_query: bool = False,
+    create_connection: type[ClientConnection] | None = None,
 ) -> ClientConnection:
     """Connect with ``Authorization: Bearer <token>``; a failure is a ``HubUnavailable`` that says why.
 
@@ -125,6 +126,7 @@ async def open_connection(
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
             close_timeout=close_timeout,
+            create_connection=create_connection,
             logger=_wire_logger,
         )
     except InvalidStatus as error:

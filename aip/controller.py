@@ -9,6 +9,7 @@ job (the ``WebSocketCommandDispatcher`` keeps its futures by response_id).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import uuid
@@ -18,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from .access import CONTROLLER_PATH
 from .connect import (
@@ -29,12 +31,13 @@ from .connect import (
     safe_url,
 )
 from .messages import ClientMessage, ClientMessageType, ServerMessage, ServerMessageType, TaskStatus
-from .switchboard import now_iso
+from .switchboard import MAX_LISTING_CHARS, now_iso
 
 __all__ = [
     "CLOSE_TIMEOUT",
-    "PING_INTERVAL",
-    "PING_TIMEOUT",
+    "PING_AFTER",
+    "SILENCE_LIMIT",
+    "WATCH_TICK",
     "FrameListener",
     "HubLink",
     "LinkLost",
@@ -57,11 +60,14 @@ class LinkLost(HubUnavailable):
         self.batches = batches
 
 
-#: A controller pings its hub this often, and leaves it after this long without a pong (then waits at most
-#: CLOSE_TIMEOUT for a closing handshake it will not get): a hub that hangs, or whose machine is gone with no TCP
-#: reset to say so, is left within ~7 s, and its batches go again, through another hub.
-PING_INTERVAL = 2.0
-PING_TIMEOUT = 4.0
+#: A hub is alive while anything comes from it or drains to it. After PING_AFTER seconds of neither a controller
+#: pings it, and after SILENCE_LIMIT it leaves it: a hub that hangs, or whose machine is gone with no TCP reset
+#: to say so, is left within ~6.5 s and its batches go again, through another hub. A large result arriving
+#: slowly, or a large batch draining slowly, is progress: no ping waits behind it and times out.
+PING_AFTER = 2.0
+SILENCE_LIMIT = 6.0
+#: How often the link looks; and how long it waits for the closing handshake of a connection it ends.
+WATCH_TICK = 0.5
 CLOSE_TIMEOUT = 1.0
 
 FrameListener = Callable[[ClientMessage], None]
@@ -70,6 +76,16 @@ LossListener = Callable[[HubUnavailable], None]
 
 def _ignore(_: Any) -> None:
     return None
+
+
+class _Heard(ClientConnection):
+    """A client connection that notes when bytes last arrived, frame finished or not."""
+
+    heard_at = 0.0
+
+    def data_received(self, data: bytes) -> None:
+        self.heard_at = self.loop.time()
+        super().data_received(data)
 
 
 class HubLink:
@@ -83,8 +99,7 @@ class HubLink:
         open_timeout: float = 10.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         ssl_context: ssl.SSLContext | None = None,
-        ping_interval: float = PING_INTERVAL,
-        ping_timeout: float = PING_TIMEOUT,
+        silence_limit: float = SILENCE_LIMIT,
     ) -> None:
         if "," in hub_url:
             raise ValueError("a HubLink reaches one hub: aip.failover.controller_link() uses several")
@@ -93,18 +108,23 @@ class HubLink:
         self.open_timeout = open_timeout
         self.max_message_bytes = max_message_bytes
         self.ssl_context = ssl_context
-        self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
+        self.silence_limit = silence_limit
         self._on_frame: FrameListener = _ignore
         self._on_lost: LossListener = _ignore
         self._attached = False
-        self._connection: ClientConnection | None = None
+        self._connection: _Heard | None = None
         self._first_latency = 0.0
         self._reader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._opening = asyncio.Lock()
         self._closed = False
 
     def __repr__(self) -> str:
         return f"HubLink({safe_url(self.url)!r}, token=<hidden>)"
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None
 
     @property
     def latency(self) -> float:
@@ -119,26 +139,29 @@ class HubLink:
             raise ValueError("this HubLink already has a listener: give each dispatcher its own link")
         self._on_frame, self._on_lost, self._attached = on_frame, on_lost, True
 
-    async def open(self) -> None:
-        """Connect now (``send`` would anyway); a failure is a ``HubUnavailable``."""
+    async def open(self, timeout: float | None = None) -> None:
+        """Connect now (``send`` would anyway), within ``timeout`` (``open_timeout``); else ``HubUnavailable``."""
         async with self._opening:
             if self._closed:
                 raise HubUnavailable("this hub link was closed")
             if self._connection is not None:
                 return
+            patience = self.open_timeout if timeout is None else min(timeout, self.open_timeout)
             connection = await open_connection(
                 self.url,
                 self.token,
-                open_timeout=self.open_timeout,
+                open_timeout=patience,
                 max_message_bytes=self.max_message_bytes,
                 ssl_context=self.ssl_context,
-                ping_interval=self.ping_interval,
-                ping_timeout=self.ping_timeout,
+                ping_interval=None,  # _watch: pings only when nothing else says the hub is there
                 close_timeout=CLOSE_TIMEOUT,
+                create_connection=_Heard,
             )
-            self._first_latency = await first_latency(connection, self.open_timeout)
+            assert isinstance(connection, _Heard)
+            self._first_latency = await first_latency(connection, patience)
             self._connection = connection
             self._reader = asyncio.create_task(self._read(connection))
+            self._watcher = asyncio.create_task(self._watch(connection))
 
     async def send(self, message: ServerMessage) -> None:
         """Send one frame, connecting first if needed; ``HubUnavailable`` if that cannot be done."""
@@ -151,6 +174,32 @@ class HubLink:
             await connection.send(message.model_dump_json())
         except ConnectionClosed as closed:
             raise HubUnavailable(f"the connection to the hub closed: {closed}") from None
+
+    async def _watch(self, connection: _Heard) -> None:
+        """End the connection once nothing has come from the hub or drained to it for ``silence_limit`` seconds.
+
+        websockets' own keepalive would not do: its ping waits behind a
+        frame stuck in the send buffer (a hung hub reads nothing, so the
+        ping never leaves and never times out), and its pong waits behind a
+        large result (a slow link then looks dead).
+        """
+        loop = asyncio.get_running_loop()
+        transport = connection.transport
+        progress_at, buffered = loop.time(), transport.get_write_buffer_size()
+        while connection.protocol.state is State.OPEN:
+            await asyncio.sleep(WATCH_TICK)
+            now, size = loop.time(), transport.get_write_buffer_size()
+            if size < buffered:
+                progress_at = now
+            buffered = size
+            quiet = now - max(progress_at, connection.heard_at)
+            if quiet >= self.silence_limit:
+                logger.warning("leaving the hub at %s: nothing from it for %.1fs", safe_url(self.url), quiet)
+                transport.abort()
+                return
+            if quiet >= min(PING_AFTER, self.silence_limit / 3) and not size:
+                with contextlib.suppress(ConnectionClosed):
+                    await connection.ping()  # its pong is something heard; nothing waits for it
 
     async def _read(self, connection: ClientConnection) -> None:
         why = "the hub closed the connection"
@@ -173,8 +222,14 @@ class HubLink:
     async def close(self) -> None:
         self._closed = True
         connection, self._connection = self._connection, None
+        if self._watcher is not None:
+            self._watcher.cancel()
         if connection is not None:
-            await connection.close()
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT):  # close() waits for a full send buffer to drain
+                    await connection.close()
+            except TimeoutError:
+                connection.transport.abort()
         if self._reader is not None:
             await asyncio.wait({self._reader}, timeout=1)
 
@@ -201,7 +256,10 @@ async def list_devices(
         if not answer.done():
             answer.set_exception(error)
 
-    link = HubLink(hub_url, token, open_timeout=timeout, ssl_context=ssl_context)
+    # A listing of ours stops at MAX_LISTING_CHARS: a hub sending far more is not one to buffer 100 MiB for.
+    link = HubLink(
+        hub_url, token, open_timeout=timeout, ssl_context=ssl_context, max_message_bytes=4 * MAX_LISTING_CHARS
+    )
     link.attach(on_frame, on_lost)
     async with asyncio.timeout(timeout):
         async with link:

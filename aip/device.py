@@ -37,7 +37,15 @@ from .access import DEVICE_PATH
 from .backoff import Backoff
 from .budget import Budget
 from .call_memory import CallMemory
-from .connect import DEFAULT_MAX_MESSAGE_BYTES, endpoint, first_latency, hub_urls, open_connection, safe_url
+from .connect import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    HubUnavailable,
+    endpoint,
+    first_latency,
+    hub_urls,
+    open_connection,
+    safe_url,
+)
 from .device_session import (
     FRAGMENT_CHARS,
     RECONNECT_BACKOFF,
@@ -59,6 +67,7 @@ from .retry import requested_retry
 
 __all__ = [
     "FRAGMENT_CHARS",
+    "REFUSED_RETRY",
     "DeviceClient",
     "DeviceReplaced",
     "Executor",
@@ -68,6 +77,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("aip.device")
+
+#: Seconds a device serving other hubs waits before dialling again a hub that refused it.
+REFUSED_RETRY = 60.0
 
 
 class Executor(Protocol):
@@ -123,6 +135,8 @@ class DeviceClient:
         self._tasks: dict[Batch[ClientConnection], asyncio.Task[None]] = {}
         self._chores: set[asyncio.Future[None]] = set()
         self._first_latency = 0.0
+        #: The same device's clients for the other hubs of its fleet (``device_clients``): a cancel reaches them too.
+        self.siblings: list[DeviceClient] = []
 
     @property
     def registrations(self) -> int:
@@ -133,6 +147,7 @@ class DeviceClient:
         """Stay connected (reconnecting as needed) until ``stop`` is set; answer every batch before leaving."""
         stop = stop or asyncio.Event()
         stopping = asyncio.ensure_future(stop.wait())
+        attempt: asyncio.Future[None] | None = None
         try:
             while not stop.is_set():
                 attempt = asyncio.ensure_future(self._connect_and_serve())
@@ -158,6 +173,9 @@ class DeviceClient:
         finally:
             stopping.cancel()
             await self._stop_batches("the device is shutting down")
+            if attempt is not None and not attempt.done():  # run() itself cancelled: its connection goes with it
+                attempt.cancel()
+                await asyncio.wait({attempt})
 
     async def _connect_and_serve(self) -> None:
         connection = await open_connection(
@@ -221,8 +239,15 @@ class DeviceClient:
                 case CancelBatch(batch):
                     if (running := self._tasks.get(batch)) is not None:
                         running.cancel()
+                    for sibling in self.siblings:
+                        sibling._cancel_copies(batch.response_id, batch.controller, batch.cancelled or "cancelled")
                 case Log():
                     _log(action)
+
+    def _cancel_copies(self, response_id: str, controller: str, why: str) -> None:
+        for action in self.session.cancel_copies(response_id, controller, why):
+            if isinstance(action, CancelBatch) and (running := self._tasks.get(action.batch)) is not None:
+                running.cancel()  # not passed on again: the client that heard the cancel tells every sibling
 
     def _chore(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` in the background, holding on to it until it is done (asyncio keeps only weak ones)."""
@@ -299,26 +324,58 @@ def device_clients(
     memory: what ran is answered, what is running is joined, nothing runs twice.
     """
     shared = memory if memory is not None else CallMemory()
-    return [DeviceClient(url, device_id, executor, memory=shared, **options) for url in hub_urls(hub_url, DEVICE_PATH)]
+    clients = [
+        DeviceClient(url, device_id, executor, memory=shared, **options) for url in hub_urls(hub_url, DEVICE_PATH)
+    ]
+    for client in clients:
+        client.siblings = [other for other in clients if other is not client]
+    return clients
 
 
 async def serve_hubs(clients: Sequence[DeviceClient], stop: asyncio.Event | None = None) -> None:
-    """Run every client (one device on several hubs) until ``stop`` is set; one that gives up stops them all.
+    """Run every client (one device on several hubs) until ``stop`` is set.
 
-    A client gives up only on what retrying cannot mend (a credential a hub
-    refuses): that is a configuration to fix, said at once, rather than a
-    device quietly serving part of its fleet.
+    A hub that refuses the device (its credential, say: that hub's copy of
+    the credentials file may lag the others') is logged and dialled again
+    every ``REFUSED_RETRY`` seconds while another hub accepts the device;
+    when every hub refuses, the refusal is raised. However it ends, every
+    client stops in order, its batches answered.
     """
     stop = stop or asyncio.Event()
-    runs = [asyncio.ensure_future(client.run(stop)) for client in clients]
+    ending = asyncio.Event()  # the clients' own stop: set by ``stop``, or by a failure
+    refusing: dict[DeviceClient, HubUnavailable] = {}
+
+    async def serve(client: DeviceClient) -> None:
+        while not ending.is_set():
+            refusing.pop(client, None)
+            try:
+                await client.run(ending)
+                return
+            except HubUnavailable as refused:  # what DeviceClient.run gives up on: a refusal
+                refusing[client] = refused
+                if len(refusing) == len(clients):
+                    raise
+                logger.error(
+                    "device %r: %s; serving the other hubs, dialling this one again in %gs",
+                    client.device_id,
+                    refused,
+                    REFUSED_RETRY,
+                )
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(REFUSED_RETRY):
+                        await ending.wait()
+
+    async def until_stopped() -> None:
+        await stop.wait()
+        ending.set()
+
+    runs = [asyncio.ensure_future(serve(client)) for client in clients]
+    watcher = asyncio.ensure_future(until_stopped())
     try:
-        done, _ = await asyncio.wait(runs, return_when=asyncio.FIRST_EXCEPTION)
-        for run in done:
-            if (error := run.exception()) is not None:
-                raise error
+        await asyncio.gather(*runs)  # the first failure, the other clients still running
     finally:
-        for run in runs:
-            run.cancel()
+        ending.set()
+        watcher.cancel()
         await asyncio.wait(runs)
 
 

@@ -334,6 +334,16 @@ class DeviceSession(Generic[Peer]):
     def _orphan(batch: Batch[Peer], why: str) -> None:
         batch.orphaned = batch.orphaned or why  # the first reason is the one that counts
 
+    def cancel_copies(self, response_id: str, controller: str, why: str) -> list[DeviceAction[Peer]]:
+        """``controller`` cancelled its batch ``response_id`` through another hub: stop the copies of it here too.
+
+        A batch sent again through a second hub runs there, and its command
+        still running belongs to the first copy, orphaned here: the cancel
+        must reach it, or the command runs on to its deadline for nobody.
+        """
+        copies = [batch for batch in self.runs if batch.response_id == response_id and batch.controller == controller]
+        return [action for batch in copies for action in self._cancel(batch, why)]
+
     def _cancel(self, batch: Batch[Peer], why: str) -> list[DeviceAction[Peer]]:
         if batch not in self.runs or batch.cancelled is not None:
             return []

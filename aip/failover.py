@@ -34,10 +34,20 @@ from .connect import DEFAULT_MAX_MESSAGE_BYTES, HubRefused, HubUnavailable, hub_
 from .controller import FrameListener, HubLink, LinkLost, LossListener, list_devices
 from .messages import ClientMessage, ClientMessageType, ServerMessage, ServerMessageType
 
-__all__ = ["REMEMBERED_DEVICES", "FailoverLink", "Fleet", "controller_link", "list_fleet"]
+__all__ = [
+    "MAX_REASON_CHARS",
+    "QUICK_OPEN",
+    "REMEMBERED_DEVICES",
+    "FailoverLink",
+    "Fleet",
+    "controller_link",
+    "list_fleet",
+]
 
 logger = logging.getLogger("aip.failover")
 
+#: How much of a hub's reason for not listing its devices is kept (it is printed; the hub may be anyone's).
+MAX_REASON_CHARS = 300
 #: Devices whose hub is remembered; the least recently used is forgotten first (it then takes the default hub).
 REMEMBERED_DEVICES = 10_000
 
@@ -45,8 +55,12 @@ REMEMBERED_DEVICES = 10_000
 _DEVICE_UNAVAILABLE = "device_unavailable"
 
 
-#: What to do with the link to hub number N (open it, send a frame through it).
-_Use = Callable[[int], Awaitable[None]]
+#: How long a first try waits for a hub to answer its handshake before trying the next (a hung hub answers
+#: never); a hub none answered in time gets the whole open_timeout on the second round.
+QUICK_OPEN = 3.0
+
+#: What to do with the link to hub number N (open it, send a frame through it); True: the quick first round.
+_Use = Callable[[int, bool], Awaitable[None]]
 
 
 def _ignore(*_: object) -> None:
@@ -66,6 +80,10 @@ class FailoverLink:
         self._routes: dict[str, int] = {}
         self._targets: dict[str, str] = {}
         self._device_hub: OrderedDict[str, int] = OrderedDict()
+        #: Batches whose frame is on its way now: a loss meanwhile is the send's to handle (it tries the next hub).
+        self._sending: set[str] = set()
+        #: How often each hub's connection has been lost: a send that saw a loss begin is not counted as delivered.
+        self._losses = [0] * len(self.links)
         self._on_frame: FrameListener = _ignore
         self._on_lost: LossListener = _ignore
 
@@ -88,21 +106,39 @@ class FailoverLink:
 
     async def open(self) -> None:
         """Connect to the first hub that answers; ``HubUnavailable`` naming each failure if none does."""
-        await self._through(self._default, lambda index: self.links[index].open())
+
+        async def connect(index: int, quick: bool) -> None:
+            await self.links[index].open(QUICK_OPEN if quick else None)
+
+        await self._through(self._default, connect)
 
     async def send(self, message: ServerMessage) -> None:
-        """Send through the device's hub, else the next that takes it; ``HubUnavailable`` if none does."""
+        """Send through the device's hub, else the next that takes it; ``HubUnavailable`` if none does.
+
+        A cancel (``task_end``) goes through the hub that carried its batch.
+        """
         target, response_id = message.target_id or "", message.response_id or ""
+        first = self._device_hub.get(target, self._default) if target else self._default
         if message.type is ServerMessageType.TASK_END:
+            first = self._routes.get(response_id, first)
             self._forget(response_id)
         tracked = bool(target and response_id and message.type is ServerMessageType.COMMAND)
 
-        async def through(index: int) -> None:
-            if tracked:  # before the frame leaves: a loss while it is on its way names this batch
+        async def through(index: int, quick: bool) -> None:
+            link = self.links[index]
+            if not link.connected:
+                await link.open(QUICK_OPEN if quick else None)
+            losses = self._losses[index]
+            if tracked:
                 self._routes[response_id], self._targets[response_id] = index, target
-            await self.links[index].send(message)
+                self._sending.add(response_id)
+            try:
+                await link.send(message)
+            finally:
+                self._sending.discard(response_id)
+            if self._losses[index] != losses:  # lost while the frame was on its way: it may not have arrived
+                raise HubUnavailable(f"the connection to {safe_url(link.url)} was lost while sending")
 
-        first = self._device_hub.get(target, self._default) if target else self._default
         try:
             index = await self._through(first, through)
         except HubUnavailable:
@@ -112,20 +148,35 @@ class FailoverLink:
             self._remember(target, index)
 
     async def _through(self, first: int, use: _Use) -> int:
-        """``use`` each link from ``first`` on until one works; the index of that link."""
-        failures = []
+        """``use`` each link from ``first`` on until one works (a quick round, then a patient one); its index.
+
+        A hub that refuses our credential is skipped like one that is down:
+        its copy of the credentials file may lag the others'. Only when every
+        hub refuses is the refusal the answer.
+        """
+        failures: list[str] = []
+        refusals: list[HubRefused] = []
         count = len(self.links)
-        for step in range(count):
-            index = (first + step) % count
-            try:
-                await use(index)
-            except HubRefused:
-                raise  # a credential or Host one hub refuses is a configuration to fix, not an outage to route around
-            except HubUnavailable as error:
-                failures.append(str(error))  # names the hub
-                continue
-            self._default = index
-            return index
+        for quick in (True, False):
+            failures.clear()
+            refusals.clear()
+            for step in range(count):
+                index = (first + step) % count
+                try:
+                    await use(index, quick)
+                except HubRefused as refused:
+                    refusals.append(refused)
+                    failures.append(str(refused))
+                    continue
+                except HubUnavailable as error:
+                    failures.append(str(error))  # names the hub
+                    continue
+                self._default = index
+                return index
+            if len(refusals) == count:
+                break  # nothing a longer wait would change
+        if len(refusals) == count:
+            raise refusals[0]
         raise HubUnavailable("no hub could be reached: " + "; ".join(failures))
 
     def _frame(self, index: int, message: ClientMessage) -> None:
@@ -135,13 +186,17 @@ class FailoverLink:
             unavailable = (message.metadata or {}).get("reason") == _DEVICE_UNAVAILABLE
             if target is not None and unavailable and self._device_hub.get(target) == index:
                 self._remember(target, (index + 1) % len(self.links))  # the next try asks another hub
-            if self._routes.get(response_id) == index:
-                self._forget(response_id)
+            self._forget(response_id)  # answered, whichever hub's answer came first: a re-send tracks it anew
         self._on_frame(message)
 
     def _lost(self, index: int, error: HubUnavailable) -> None:
         """Hub ``index``'s connection ended: what it carried is lost, and new batches go elsewhere first."""
-        lost = frozenset(response_id for response_id, via in self._routes.items() if via == index)
+        self._losses[index] += 1
+        lost = frozenset(
+            response_id
+            for response_id, via in self._routes.items()
+            if via == index and response_id not in self._sending  # a frame on its way: its send tries the next hub
+        )
         for response_id in lost:
             self._forget(response_id)
         for device in [device for device, via in self._device_hub.items() if via == index]:
@@ -203,7 +258,10 @@ async def list_fleet(
 ) -> Fleet:
     """Ask every hub ``hub_url`` names at once for its devices; merge by id (the first hub's entry is kept).
 
-    Raises what the only hub raised when none answered; a refused credential always raises.
+    A hub that cannot be asked, refuses us, or answers with something that
+    is not a device list is named in ``unreachable`` (its reason cut to
+    ``MAX_REASON_CHARS``); an entry without a string id is left out. When no
+    hub answers, the one hub's error is raised, or one naming them all.
     """
     urls = hub_urls(hub_url, CONTROLLER_PATH)
     answers = await asyncio.gather(
@@ -212,20 +270,25 @@ async def list_fleet(
     fleet = Fleet()
     by_id: dict[str, dict[str, Any]] = {}
     for url, answer in zip(urls, answers, strict=True):
-        if isinstance(answer, HubRefused):
-            raise answer
+        where = safe_url(url)
+        if isinstance(answer, HubUnavailable | TimeoutError):
+            reason = str(answer) or "no answer in time"
+            fleet.unreachable[where] = reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS] + "…"
+            continue
         if isinstance(answer, BaseException):
-            if not isinstance(answer, HubUnavailable | TimeoutError):
-                raise answer
-            fleet.unreachable[safe_url(url)] = str(answer) or "no answer in time"
+            raise answer
+        if not isinstance(answer, list):
+            fleet.unreachable[where] = "its answer holds no list of devices"
             continue
         for entry in answer:
-            entry = entry if isinstance(entry, dict) else {"id": entry}
-            key = str(entry.get("id"))
-            listed = by_id.setdefault(key, {**entry, "hubs": []})
-            listed["hubs"].append(safe_url(url))
+            entry = entry if isinstance(entry, dict) else {"id": entry}  # an id alone, as a plainer hub may list it
+            key = entry.get("id")
+            if isinstance(key, str):
+                by_id.setdefault(key, {**entry, "hubs": []})["hubs"].append(where)
     if len(fleet.unreachable) == len(urls):
-        first = answers[0]
-        raise first if isinstance(first, BaseException) else HubUnavailable("no hub answered")
+        only = answers[0]
+        if len(urls) == 1 and isinstance(only, Exception):
+            raise only
+        raise HubUnavailable("no hub answered: " + "; ".join(f"{url}: {why}" for url, why in fleet.unreachable.items()))
     fleet.devices = list(by_id.values())
     return fleet

@@ -22,7 +22,7 @@ from aip.connect import HubUnavailable
 from aip.device import DeviceClient, device_clients, serve_hubs
 from aip.failover import FailoverLink, controller_link, list_fleet
 from aip.hub import Hub
-from aip.messages import Command, ResultStatus
+from aip.messages import Command, ResultStatus, ServerMessage
 from dispatchers import InMemoryCommandDispatcher, RetryPolicy, WebSocketCommandDispatcher
 from dispatchers.memory import Tool
 
@@ -134,20 +134,33 @@ async def test_batches_waiting_on_the_hub_that_stays_are_not_sent_again_when_ano
         device_on([second], "only-second", counting.tools()),
     ):
         link = controller_link(fleet_url(first, second), TOKEN)
+        assert isinstance(link, FailoverLink)
+        through_second: list[str] = []
+        send = link.links[1].send
+
+        async def counted(message: ServerMessage) -> None:
+            through_second.append(message.type.value)
+            await send(message)
+
+        link.links[1].send = counted  # type: ignore[method-assign]
         async with WebSocketCommandDispatcher(link, "only-second", retry=QUICK_DELIVERY) as dispatcher:
-            await link.open()  # the link holds a connection to the first hub too, carrying nothing
+            await link.open()  # the link holds a connection to the first hub too (which answers: no such device)
             running = asyncio.create_task(
                 dispatcher.execute_commands([Command(tool_name="held", call_id="h")], timeout=20)
             )
             async with asyncio.timeout(10):
                 await counting.started.wait()
+            reader = link.links[0]._reader
             await first.close()
-            await asyncio.sleep(0)  # let the loss reach the dispatcher before the answer does
+            assert reader is not None
+            async with asyncio.timeout(10):
+                await reader  # the loss has reached the dispatcher, and the batch is still out
             counting.release.set()
             async with asyncio.timeout(10):
                 results = await running
     assert [result.status for result in results] == [ResultStatus.SUCCESS]
     assert counting.runs == {"h": 1}
+    assert through_second == ["command"], "the batch carried by the hub that stayed was sent again"
 
 
 async def test_the_link_forgets_each_batch_once_answered_or_given_up_on() -> None:
