@@ -55,6 +55,7 @@ from .device_session import (
     DeviceReplaced,
     DeviceSession,
     GiveUp,
+    InHand,
     Log,
     Reconnect,
     StartBatch,
@@ -110,6 +111,7 @@ class DeviceClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         ssl_context: ssl.SSLContext | None = None,
         token_in_query: bool = False,
+        in_hand: InHand = InHand(),
     ) -> None:
         if not device_id:
             raise ValueError("a device needs an id")
@@ -127,7 +129,7 @@ class DeviceClient:
         self.token_in_query = token_in_query
         # FRAGMENT_CHARS is read now, not bound at import: setting aip.device.FRAGMENT_CHARS tunes later clients.
         self.session: DeviceSession[ClientConnection] = DeviceSession(
-            device_id, budget=budget, backoff=backoff, fragment_chars=FRAGMENT_CHARS
+            device_id, budget=budget, backoff=backoff, fragment_chars=FRAGMENT_CHARS, in_hand=in_hand
         )
         #: Set while registered with the hub; cleared when the connection ends.
         self.registered = asyncio.Event()

@@ -58,7 +58,7 @@ from .messages import (
     TaskStatus,
 )
 from .registration import DISPATCH_METADATA
-from .switchboard import now_iso
+from .switchboard import Reason, now_iso
 
 __all__ = [
     "FRAGMENT_CHARS",
@@ -69,6 +69,7 @@ __all__ = [
     "DeviceReplaced",
     "DeviceSession",
     "GiveUp",
+    "InHand",
     "Log",
     "Reconnect",
     "Refusal",
@@ -128,6 +129,27 @@ class Batch(Generic[Peer]):
     orphaned: str | None = None
     #: Why it was stopped outright (nobody waits for it), once it was.
     cancelled: str | None = None
+    #: The characters of the frame that brought it: what holding it costs (``InHand``).
+    size: int = 0
+
+
+@dataclass(frozen=True)
+class InHand:
+    """At most ``batches`` runs at once on one connection, their frames ``chars`` characters in all.
+
+    A device reads every frame (the hub's pings must keep being answered),
+    so this is where a flood of batches stops growing its memory: a batch
+    beyond either bound is answered at once with an error (``metadata.reason``
+    ``device_busy``), which a controller of ours treats as not delivered and
+    sends again, spaced by its backoff, until its deadline: the sender slows
+    down, as it does behind a hub that stopped reading it.
+    """
+
+    batches: int = 1_000
+    chars: int = 2**28
+
+    def __str__(self) -> str:
+        return f"at most {self.batches} batches, {self.chars // 2**20} MiB of frames, in hand"
 
 
 @dataclass(frozen=True)
@@ -210,8 +232,10 @@ class DeviceSession(Generic[Peer]):
         backoff: Backoff = RECONNECT_BACKOFF,
         fragment_chars: int = FRAGMENT_CHARS,
         clock: Callable[[], str] = now_iso,
+        in_hand: InHand = InHand(),
     ) -> None:
         self.device_id = device_id
+        self.in_hand = in_hand
         self.budget = budget
         self.backoff = backoff
         self.fragment_chars = fragment_chars
@@ -222,6 +246,8 @@ class DeviceSession(Generic[Peer]):
         self.batches: dict[str, Batch[Peer]] = {}
         #: Every run not finished yet, orphaned ones included.
         self.runs: set[Batch[Peer]] = set()
+        #: The characters of their frames, together.
+        self.chars_in_hand = 0
         self._failures = 0
         self._last_failure: str | None = None
         self._registered_since_failure = False
@@ -281,7 +307,12 @@ class DeviceSession(Generic[Peer]):
                 response_id = message.response_id or str(uuid.uuid4())
                 current = self.batches.get(response_id)
                 if current is None or current.orphaned is not None:  # new, or sent again after its connection was lost
-                    return [self._start(peer, message, response_id, now, latency)]
+                    if len(self.runs) >= self.in_hand.batches or self.chars_in_hand + len(frame) > self.in_hand.chars:
+                        return [self._busy(peer, response_id)]
+                    started = self._start(peer, message, response_id, now, latency)
+                    started.batch.size = len(frame)
+                    self.chars_in_hand += len(frame)
+                    return [started]
             case ServerMessageType.TASK_END:
                 batch = self.batches.get(message.response_id or "")
                 why = message.error or "the hub ended this batch"
@@ -294,6 +325,19 @@ class DeviceSession(Generic[Peer]):
             case _:
                 pass  # heartbeats and anything a UFO server may add: nothing to do
         return []
+
+    def _busy(self, peer: Peer, response_id: str) -> Transmit[Peer]:
+        """The answer to a batch beyond ``in_hand``: not run, try again later."""
+        reply = ClientMessage(
+            type=ClientMessageType.ERROR,
+            status=TaskStatus.ERROR,
+            client_id=self.device_id,
+            prev_response_id=response_id,
+            error=f"device {self.device_id!r} is busy ({self.in_hand}): not run, send it again later",
+            metadata={"reason": Reason.DEVICE_BUSY.value},
+            timestamp=self.clock(),
+        )
+        return self._send(peer, reply.model_dump_json())
 
     def _complain(self, peer: Peer, frame: str | bytes, error: str) -> list[DeviceAction[Peer]]:
         """Answer a frame we could not read with an error, so a batch in it fails now rather than at its deadline."""
@@ -389,6 +433,8 @@ class DeviceSession(Generic[Peer]):
 
     def finished(self, batch: Batch[Peer]) -> None:
         """``batch``'s run ended, however: a later delivery of its response_id starts afresh."""
+        if batch in self.runs:
+            self.chars_in_hand -= batch.size
         self.runs.discard(batch)
         if self.batches.get(batch.response_id) is batch:
             del self.batches[batch.response_id]

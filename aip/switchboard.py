@@ -103,6 +103,7 @@ class Reason(StrEnum):
     DEVICE_LOST = "device_lost"  # sent, and the device went away before answering
     REJECTED = "rejected"  # the hub refused the frame itself
     FORBIDDEN = "forbidden"  # this controller's credential does not cover that device
+    DEVICE_BUSY = "device_busy"  # the device's own answer: too much in hand already, not run (try again later)
 
 
 @dataclass(frozen=True)

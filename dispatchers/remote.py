@@ -315,7 +315,7 @@ class WebSocketCommandDispatcher(BasicCommandDispatcher):
         metadata = reply.metadata or {}
         error = reply.error or "no reason given"
         match metadata.get("reason"):
-            case Reason.DEVICE_UNAVAILABLE:
+            case Reason.DEVICE_UNAVAILABLE | Reason.DEVICE_BUSY:
                 return ServerUnavailable(error)
             case Reason.DEVICE_LOST:
                 return ConnectionLost(error)

@@ -27,6 +27,7 @@ from websockets.asyncio.server import ServerConnection
 from aip.connect import CredentialRefused
 from aip.controller import HubLink
 from aip.device import device_clients, serve_hubs
+from aip.device_session import InHand
 from aip.failover import FailoverLink, controller_link, list_fleet
 from aip.messages import Command, ResultStatus, ServerMessage, ServerMessageType
 from dispatchers import InMemoryCommandDispatcher, WebSocketCommandDispatcher
@@ -288,3 +289,30 @@ async def test_a_hub_answering_the_device_list_oddly_costs_only_its_own_entry_fa
     assert [entry["id"] for entry in fleet.devices] == ["lab-pc"]
     assert fleet.devices[0]["hubs"] == [f"{ours}/controller"]
     assert len(fleet.unreachable) == (0 if isinstance(listing, list) else 1), fleet.unreachable
+
+
+async def test_a_device_with_its_hands_full_answers_busy_and_the_batch_comes_again_until_it_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No memory grows on a device for a flood of batches: the sender is told to wait, and does."""
+    caplog.set_level(logging.WARNING, "dispatchers.remote")
+    counting = CountingTools()
+    async with (
+        running_hub(credentials_with(["lab-pc"])) as hub,
+        running_device(hub, "lab-pc", counting.tools(), in_hand=InHand(batches=1)),
+        WebSocketCommandDispatcher(HubLink(hub.url, TOKEN), "lab-pc", retry=QUICK_DELIVERY) as holder,
+        WebSocketCommandDispatcher(HubLink(hub.url, TOKEN), "lab-pc", retry=QUICK_DELIVERY) as waiter,
+    ):
+        holding = asyncio.create_task(holder.execute_commands([Command(tool_name="held", call_id="held")], 20))
+        async with asyncio.timeout(10):
+            await counting.started.wait()
+        waiting = asyncio.create_task(waiter.execute_commands([Command(tool_name="echo", call_id="echo")], 20))
+        async with asyncio.timeout(10):
+            while "is busy" not in caplog.text:  # noqa: ASYNC110 - the sender's log says it was turned away
+                await asyncio.sleep(0.02)
+        assert "echo" not in counting.runs  # turned away while the device's hands are full
+        counting.release.set()
+        async with asyncio.timeout(15):
+            [[held], [echo]] = await asyncio.gather(holding, waiting)
+    assert (held.status, echo.status) == (ResultStatus.SUCCESS, ResultStatus.SUCCESS), (held, echo)
+    assert counting.runs == {"held": 1, "echo": 1}

@@ -29,6 +29,7 @@ from aip.device_session import (
     DeviceReplaced,
     DeviceSession,
     GiveUp,
+    InHand,
     Log,
     Reconnect,
     Refusal,
@@ -214,6 +215,31 @@ def test_a_finished_batch_delivered_again_runs_again() -> None:
     session.finished(start(session))
     again = start(session)  # the call memory, not the session, answers what already ran
     assert session.batches == {"r1": again}
+
+
+def test_a_batch_beyond_the_runs_in_hand_is_answered_busy_not_run_until_one_finishes() -> None:
+    session = DeviceSession("alpha", backoff=STEADY, clock=lambda: "T0", in_hand=InHand(batches=2))
+    first, _ = start(session, "r1"), start(session, "r2")
+    [answer] = session.receive(CONN_1, command_frame("r3"), now=NOW, latency=0.0)
+    busy = sent(answer)
+    assert busy["type"] == "error" and busy["prev_response_id"] == "r3", busy
+    assert busy["metadata"] == {"reason": "device_busy"} and "not run" in busy["error"], busy
+    assert set(session.batches) == {"r1", "r2"}
+    session.finished(first)
+    start(session, "r3")  # room again
+
+
+def test_a_batch_beyond_the_characters_in_hand_is_answered_busy_and_finishing_gives_them_back() -> None:
+    frame = command_frame("r1")
+    session = DeviceSession("alpha", backoff=STEADY, clock=lambda: "T0", in_hand=InHand(chars=len(frame) + 10))
+    first = start(session, "r1")
+    assert session.chars_in_hand == len(frame)
+    [answer] = session.receive(CONN_1, command_frame("r2"), now=NOW, latency=0.0)
+    assert sent(answer)["metadata"] == {"reason": "device_busy"}
+    session.finished(first)
+    session.finished(first)  # twice: given back once
+    assert session.chars_in_hand == 0
+    start(session, "r2")
 
 
 # -- batches: what the hub says about them ------------------------------------------
