@@ -29,16 +29,18 @@ database the one before filled):
   fail.
 
 Checked for every run, once they are all final: its state is Completed, or
-Failed for the tenth ones; it ran once (``run_count`` 1, one Running state in its history, one
-``prefect.worker.submitted-flow-run`` event); its ``batch-results`` artifact
-has 10 rows whose call_ids are the run's own, each once; and each call_id has
-exactly one task run in the API (a command run twice would have two). The
-concurrency limit is read twice: this script counts, every 0.25 s, the flow
-processes (``-m prefect.engine``) under each worker process, whose maximum must
-be at most L; and from the state histories (Running to final) with the events
-(which worker submitted which run), the most runs of one worker Running at
-once, also at most L (a run is Running and final while its process lives,
-which is while it holds its worker's slot).
+Failed for the tenth ones; it ran once (``run_count`` 1, one Running state in
+its history, one ``prefect.worker.submitted-flow-run`` event); its
+``batch-results`` artifact has 10 rows whose call_ids are the run's own, each
+once; and each call_id has exactly one task run in the API (a command run
+twice would have two). The concurrency limit is read twice: this script
+counts, every 0.25 s, the flow processes (``-m prefect.engine``) each worker
+process has as children, whose maximum must be at most L (children only: a
+process the engine forks to start an MCP server shows the engine's command
+line until it execs); and from the state histories (Running to final) with
+the events (which worker submitted which run), the most runs of one worker
+Running at once, also at most L (a run is Running and final while its process
+lives, which is while it holds its worker's slot).
 
 Figures: runs per minute, from the first run created to the last final state
 (the server's timestamps); the median time from creation to final state; the
@@ -180,12 +182,18 @@ class Stack:
         return found
 
     def flow_processes(self) -> dict[str, int]:
-        """How many flow processes each worker has now."""
+        """How many flow processes each worker has now: its own children running the engine.
+
+        Children only: a process the engine forks to start an MCP server shows the engine's command line
+        until it execs, and would count as a second flow process.
+        """
         table = proc_table()
-        return {
-            name: sum(1 for pid in subtree(self.roots[name], table) if ENGINE in cmdline(pid))
-            for name in self.workers()
-        }
+        workers = {self.roots[name]: name for name in self.workers()}
+        found = dict.fromkeys(workers.values(), 0)
+        for pid, (parent, _) in table.items():
+            if parent in workers and ENGINE in cmdline(pid):
+                found[workers[parent]] += 1
+        return found
 
 
 def machine_busy() -> float:
