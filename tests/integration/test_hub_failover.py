@@ -82,14 +82,26 @@ async def device_on(
             await serving
 
 
-async def test_a_batch_carries_on_through_another_hub_when_its_hub_dies_and_nothing_runs_twice() -> None:
-    store = credentials_with(["lab-pc"])  # one credentials store for the fleet, as one credentials file would be
-    counting = CountingTools()
+@contextlib.asynccontextmanager
+async def two_hubs(
+    tools: dict[str, Tool], device_id: str = "lab-pc", on: str = "both"
+) -> AsyncIterator[tuple[Hub, Hub, list[DeviceClient]]]:
+    """Two hubs of one fleet (one credentials store, as one file copied to both) and a device on ``on``.
+
+    ``on``: "both", or "second" (a device the first hub does not have). Yields the hubs and the device's clients.
+    """
+    store = credentials_with([device_id])
     async with (
         running_hub(store) as first,
         running_hub(store) as second,
-        device_on([first, second], "lab-pc", counting.tools()),
+        device_on([first, second] if on == "both" else [second], device_id, tools) as clients,
     ):
+        yield first, second, clients
+
+
+async def test_a_batch_carries_on_through_another_hub_when_its_hub_dies_and_nothing_runs_twice() -> None:
+    counting = CountingTools()
+    async with two_hubs(counting.tools()) as (first, second, _):
         link = controller_link(fleet_url(first, second), TOKEN)
         assert isinstance(link, FailoverLink)
         async with WebSocketCommandDispatcher(link, "lab-pc", retry=QUICK_DELIVERY) as dispatcher:
@@ -109,13 +121,8 @@ async def test_a_batch_carries_on_through_another_hub_when_its_hub_dies_and_noth
 
 
 async def test_a_device_that_one_hub_does_not_have_is_reached_through_the_next() -> None:
-    store = credentials_with(["lab-pc"])
     counting = CountingTools()
-    async with (
-        running_hub(store) as without,
-        running_hub(store) as with_device,
-        device_on([with_device], "lab-pc", counting.tools()),
-    ):
+    async with two_hubs(counting.tools(), on="second") as (without, with_device, _):
         link = controller_link(fleet_url(without, with_device), TOKEN)
         async with WebSocketCommandDispatcher(link, "lab-pc", retry=QUICK_DELIVERY) as dispatcher:
             first = await dispatcher.execute_commands([Command(tool_name="echo", call_id="a")], timeout=10)
@@ -126,13 +133,8 @@ async def test_a_device_that_one_hub_does_not_have_is_reached_through_the_next()
 
 async def test_batches_waiting_on_the_hub_that_stays_are_not_sent_again_when_another_hub_goes() -> None:
     """Only what the lost hub carried is lost: a batch out through the other hub waits for its own answer."""
-    store = credentials_with(["only-second"])
     counting = CountingTools()
-    async with (
-        running_hub(store) as first,
-        running_hub(store) as second,
-        device_on([second], "only-second", counting.tools()),
-    ):
+    async with two_hubs(counting.tools(), "only-second", on="second") as (first, second, _):
         link = controller_link(fleet_url(first, second), TOKEN)
         assert isinstance(link, FailoverLink)
         through_second: list[str] = []
@@ -165,13 +167,8 @@ async def test_batches_waiting_on_the_hub_that_stays_are_not_sent_again_when_ano
 
 async def test_the_link_forgets_each_batch_once_answered_or_given_up_on() -> None:
     """What the link remembers per batch (which hub carried it) goes with the batch: nothing grows with traffic."""
-    store = credentials_with(["lab-pc"])
     counting = CountingTools()
-    async with (
-        running_hub(store) as first,
-        running_hub(store) as second,
-        device_on([first, second], "lab-pc", counting.tools()),
-    ):
+    async with two_hubs(counting.tools()) as (first, second, _):
         link = controller_link(fleet_url(first, second), TOKEN)
         assert isinstance(link, FailoverLink)
         async with WebSocketCommandDispatcher(link, "lab-pc", retry=QUICK_DELIVERY) as dispatcher:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import websockets
 from hub_support import QUICK_BACKOFF, TOKEN, credentials_with, running_device, running_hub, token_for_device
-from test_hub_failover import QUICK_DELIVERY, CountingTools, device_on, fleet_url
+from test_hub_failover import QUICK_DELIVERY, CountingTools, fleet_url, two_hubs
 from websockets.asyncio.server import ServerConnection
 
 from aip.connect import CredentialRefused
@@ -93,10 +93,8 @@ def listening_url(server: asyncio.Server) -> str:
 
 async def test_a_hub_that_hangs_while_a_large_batch_is_written_to_it_is_left_proxy_frozen() -> None:
     """The write stalls in the send buffer, so no ping could leave: silence in both directions is what counts."""
-    store = credentials_with(["lab-pc"])
     frozen = asyncio.Event()
-    tools = {"size": lambda command: len(str(command.parameters))}
-    async with running_hub(store) as first, running_hub(store) as second, device_on([first, second], "lab-pc", tools):
+    async with two_hubs({"size": lambda command: len(str(command.parameters))}) as (first, second, _):
         proxy = await proxy_to(first.port, pipe(frozen), pipe(frozen))
         link = FailoverLink([HubLink(proxy.url, TOKEN, silence_limit=QUICK_SILENCE), HubLink(second.url, TOKEN)])
         async with WebSocketCommandDispatcher(link, "lab-pc", retry=QUICK_DELIVERY) as dispatcher:
@@ -159,15 +157,10 @@ class HeldSend(HubLink):
 
 async def test_a_hub_lost_while_a_batch_is_on_its_way_to_it_sends_it_once_through_the_next_fake_held_send() -> None:
     """The loss is the send's to handle: it tries the next hub; the batch is not also failed for a re-send."""
-    store = credentials_with(["lab-pc"])
     counting = CountingTools()
     counting.release.set()
     sent_second: list[str] = []
-    async with (
-        running_hub(store) as first,
-        running_hub(store) as second,
-        device_on([first, second], "lab-pc", counting.tools()),
-    ):
+    async with two_hubs(counting.tools()) as (first, second, _):
         held, other = HeldSend(first.url, TOKEN), HubLink(second.url, TOKEN)
         original = other.send
 
@@ -198,7 +191,6 @@ async def test_a_hub_lost_while_a_batch_is_on_its_way_to_it_sends_it_once_throug
 
 
 async def test_cancelling_a_batch_after_a_failover_stops_the_command_still_running_from_before() -> None:
-    store = credentials_with(["lab-pc"])
     counting = CountingTools()
     tools = counting.tools()
     hold, stopped = tools["held"], asyncio.Event()
@@ -211,11 +203,7 @@ async def test_cancelling_a_batch_after_a_failover_stops_the_command_still_runni
             raise
 
     tools["held"] = held
-    async with (
-        running_hub(store) as first,
-        running_hub(store) as second,
-        device_on([first, second], "lab-pc", tools) as clients,
-    ):
+    async with two_hubs(tools) as (first, second, clients):
         link = controller_link(fleet_url(first, second), TOKEN)
         async with WebSocketCommandDispatcher(link, "lab-pc", retry=QUICK_DELIVERY) as dispatcher:
             running = asyncio.create_task(dispatcher.execute_commands([Command(tool_name="held", call_id="h")], 60))
