@@ -260,8 +260,9 @@ async def list_fleet(
 
     A hub that cannot be asked, refuses us, or answers with something that
     is not a device list is named in ``unreachable`` (its reason cut to
-    ``MAX_REASON_CHARS``); an entry without a string id is left out. When no
-    hub answers, the one hub's error is raised, or one naming them all.
+    ``MAX_REASON_CHARS``); an entry without a string id is listed as it came,
+    merged with nothing. When no hub answers, the one hub's error is raised,
+    or one naming them all.
     """
     urls = hub_urls(hub_url, CONTROLLER_PATH)
     answers = await asyncio.gather(
@@ -269,6 +270,7 @@ async def list_fleet(
     )
     fleet = Fleet()
     by_id: dict[str, dict[str, Any]] = {}
+    odd: list[dict[str, Any]] = []
     for url, answer in zip(urls, answers, strict=True):
         where = safe_url(url)
         if isinstance(answer, HubUnavailable | TimeoutError):
@@ -285,10 +287,12 @@ async def list_fleet(
             key = entry.get("id")
             if isinstance(key, str):
                 by_id.setdefault(key, {**entry, "hubs": []})["hubs"].append(where)
+            else:  # no id to merge by: listed as it came, on its own
+                odd.append({**entry, "hubs": [where]})
     if len(fleet.unreachable) == len(urls):
         only = answers[0]
         if len(urls) == 1 and isinstance(only, Exception):
             raise only
         raise HubUnavailable("no hub answered: " + "; ".join(f"{url}: {why}" for url, why in fleet.unreachable.items()))
-    fleet.devices = list(by_id.values())
+    fleet.devices = [*by_id.values(), *odd]
     return fleet

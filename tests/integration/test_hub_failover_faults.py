@@ -258,7 +258,7 @@ async def test_a_device_refused_by_every_hub_of_its_fleet_says_so() -> None:
                 await serve_hubs(clients, asyncio.Event())
 
 
-@pytest.mark.parametrize("listing", [5, None, {"id": "x"}, "lab-pc", [{"no": "id"}, 7]])
+@pytest.mark.parametrize("listing", [5, None, {"id": "x"}, "lab-pc", [{"no": "id"}, {"no": "id"}, 7]])
 async def test_a_hub_answering_the_device_list_oddly_costs_only_its_own_entry_fake_hub(listing: Any) -> None:
     async def odd_hub(connection: ServerConnection) -> None:
         async for text in connection:
@@ -272,11 +272,15 @@ async def test_a_hub_answering_the_device_list_oddly_costs_only_its_own_entry_fa
         running_device(hub, "lab-pc"),
         websockets.serve(odd_hub, "127.0.0.1", 0) as odd,
     ):
-        ours = hub.url
-        fleet = await list_fleet(f"{ours},ws://127.0.0.1:{odd.sockets[0].getsockname()[1]}", TOKEN, timeout=5)
-    assert [entry["id"] for entry in fleet.devices] == ["lab-pc"]
-    assert fleet.devices[0]["hubs"] == [f"{ours}/controller"]
-    assert len(fleet.unreachable) == (0 if isinstance(listing, list) else 1), fleet.unreachable
+        ours, odd_hub_url = hub.url, f"ws://127.0.0.1:{odd.sockets[0].getsockname()[1]}"
+        fleet = await list_fleet(f"{ours},{odd_hub_url}", TOKEN, timeout=5)
+    odd_url = f"{odd_hub_url}/controller"
+    assert fleet.devices[0]["id"] == "lab-pc" and fleet.devices[0]["hubs"] == [f"{ours}/controller"]
+    if isinstance(listing, list):  # entries with no id to merge by: each listed once, as it came
+        assert fleet.devices[1:] == [{"no": "id", "hubs": [odd_url]}] * 2 + [{"id": 7, "hubs": [odd_url]}]
+        assert fleet.unreachable == {}
+    else:
+        assert len(fleet.devices) == 1 and list(fleet.unreachable) == [odd_url], fleet
 
 
 async def test_a_device_with_its_hands_full_answers_busy_and_the_batch_comes_again_until_it_runs(
