@@ -138,6 +138,8 @@ class CredentialStore:
 
     def __init__(self, entries: Iterable[Entry] = ()) -> None:
         self._by_digest: dict[str, Entry] = {}
+        #: The same entries by (role, name): a fleet's file of 50,000 devices loads in linear time, not quadratic.
+        self._by_name: dict[tuple[Role, str], Entry] = {}
         for entry in entries:
             self._add(entry)
 
@@ -156,7 +158,7 @@ class CredentialStore:
         return sorted(self._by_digest.values(), key=lambda entry: (entry.identity.role, entry.identity.name))
 
     def find(self, role: Role, name: str) -> Entry | None:
-        return next((e for e in self._by_digest.values() if (e.identity.role, e.identity.name) == (role, name)), None)
+        return self._by_name.get((role, name))
 
     def issue(
         self,
@@ -192,7 +194,7 @@ class CredentialStore:
         if key in self._by_digest and self._by_digest[key] is not old:
             raise CredentialError("that token is already in use by another credential")
         if old is not None:
-            del self._by_digest[old.identity.credential]
+            self._remove(old)
         self._add(Entry(Identity(role, name, key, patterns), datetime.now(UTC).isoformat(timespec="seconds")))
         return token
 
@@ -200,7 +202,7 @@ class CredentialStore:
         entry = self.find(role, name)
         if entry is None:
             raise CredentialError(f"no {role.value} credential named {name!r}")
-        del self._by_digest[entry.identity.credential]
+        self._remove(entry)
 
     def is_current(self, identity: Identity) -> bool:
         """Whether ``identity`` still holds: its credential not revoked, its rights unchanged."""
@@ -214,6 +216,11 @@ class CredentialStore:
         if self.find(identity.role, identity.name) is not None:
             raise CredentialError(f"{identity.role.value} {identity.name!r} has two credentials")
         self._by_digest[identity.credential] = entry
+        self._by_name[identity.role, identity.name] = entry
+
+    def _remove(self, entry: Entry) -> None:
+        del self._by_digest[entry.identity.credential]
+        del self._by_name[entry.identity.role, entry.identity.name]
 
     # -- the file's text --------------------------------------------------------
 
