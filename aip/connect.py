@@ -132,7 +132,8 @@ async def open_connection(
     except InvalidStatus as error:
         status = error.response.status_code
         body = error.response.body.decode(errors="replace").strip() if error.response.body else ""
-        refused = CredentialRefused if status == 401 else HubRefused
+        # 503: a hub that is full (or a proxy whose hub is down) may take us later; every other refusal stands.
+        refused = CredentialRefused if status == 401 else HubUnavailable if status == 503 else HubRefused
         raise refused(f"the hub at {safe_url(url)} refused the connection: HTTP {status} {body}".strip()) from None
     except InvalidURI as error:
         raise ValueError(str(error)) from None

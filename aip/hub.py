@@ -20,7 +20,9 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import resource
 import ssl
+import time
 import weakref
 from collections import deque
 from collections.abc import Hashable, Iterable
@@ -40,7 +42,16 @@ from .messages import CloseCode
 from .registration import MAX_REGISTRATION_BYTES
 from .switchboard import Action, Close, Device, Probe, Send, Switchboard, error_frame
 
-__all__ = ["LISTEN_BACKLOG", "MAX_QUEUED_CHARS", "MAX_QUEUED_FRAMES", "Hub", "HubObserver", "HubSettings"]
+__all__ = [
+    "LISTEN_BACKLOG",
+    "MAX_QUEUED_CHARS",
+    "MAX_QUEUED_FRAMES",
+    "RESERVED_DESCRIPTORS",
+    "Hub",
+    "HubObserver",
+    "HubSettings",
+    "descriptor_room",
+]
 
 #: Frames queued for one connection at which the hub stops reading whoever adds to them (its high-water
 #: mark); reading resumes once a quarter of this (and of ``MAX_QUEUED_CHARS``) is left.
@@ -77,6 +88,66 @@ class _QuietHandshakeFailures(logging.Filter):
 
 
 _wire_logger.addFilter(_QuietHandshakeFailures())
+
+
+class _Now:
+    """Says yes at most once per ``period`` seconds, and how many times it said no since: a log line, not a flood."""
+
+    def __init__(self, period: float = 10.0) -> None:
+        self.period = period
+        self.last = -period
+        self.held = 0
+
+    def __call__(self) -> int | None:
+        """None: stay quiet; else how many were held back before this one."""
+        now = time.monotonic()
+        if now - self.last < self.period:
+            self.held += 1
+            return None
+        held, self.last, self.held = self.held, now, 0
+        return held
+
+
+class _AcceptFailures(logging.Filter):
+    """asyncio's "socket.accept() out of system resource" once per 10 s, without its traceback.
+
+    At its descriptor limit a server's accept fails for every connection
+    waiting, and asyncio (3.11) logs a traceback for each, thousands a second
+    (82 MiB of log in 37 s, and most of a core, measured here). The hub
+    refuses connections before it gets there (``HubSettings.max_connections``);
+    a storm can still overshoot, and then this keeps the log to a line.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = _Now()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("socket.accept() out of system resource"):
+            return True
+        held = self.now()
+        if held is None:
+            return False
+        record.msg, record.args, record.exc_info, record.exc_text = (
+            f"socket.accept() out of system resource (descriptors): {held} more since the last such line",
+            None,
+            None,
+            None,
+        )
+        return True
+
+
+logging.getLogger("asyncio").addFilter(_AcceptFailures())
+
+#: Descriptors a hub keeps for itself beyond its connections (its socket, files, logs, an API client), and for
+#: handshakes in flight: it refuses connections beyond its descriptor limit less these, before accept() fails.
+RESERVED_DESCRIPTORS = 200
+
+
+def descriptor_room() -> int:
+    """How many connections this process's descriptor limit leaves room for."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(1, (2**31 if soft == resource.RLIM_INFINITY else soft) - RESERVED_DESCRIPTORS)
 
 
 @dataclass(frozen=True)
@@ -121,6 +192,9 @@ class HubSettings:
     probe_timeout: float = 3.0
     #: How often the credentials file is checked for changes (revocations close connections).
     credentials_check_interval: float = 1.0
+    #: Connections beyond this are answered 503 ("full": devices and controllers try again, or another hub);
+    #: None: what the descriptor limit leaves room for (``descriptor_room``).
+    max_connections: int | None = None
 
 
 class HubObserver(Protocol):
@@ -304,6 +378,8 @@ class Hub:
         self._server: Server | None = None
         self._admitted: weakref.WeakKeyDictionary[ServerConnection, Identity] = weakref.WeakKeyDictionary()
         self._watcher: asyncio.Task[None] | None = None
+        self._capacity = settings.max_connections or descriptor_room()
+        self._full = _Now()
         self._pinger: asyncio.Task[None] | None = None
         #: Connections the hub is not reading (an outbox their frame went to is full), and when each was let go.
         self._held: set[ServerConnection] = set()
@@ -362,6 +438,13 @@ class Hub:
         await self._server.serve_forever()
 
     def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
+        assert self._server is not None
+        if len(self._server.handlers) > self._capacity:  # this one included: over, not at
+            if (held := self._full()) is not None:
+                logger.warning(
+                    "the hub is full (%d connections): refusing more, %d since the last line", self._capacity, held
+                )
+            return connection.respond(503, f"the hub is full ({self._capacity} connections): try again later\n")
         headers = request.headers
         arguments = (request.path, headers.get_all("Host"), headers.get_all("Authorization"), headers.get_all("Origin"))
         verdict = self.access.admit(*arguments)

@@ -21,7 +21,7 @@ import typer
 from aip.access import AccessPolicy
 from aip.credential_file import DEFAULT_PATH, CredentialFile
 from aip.credentials import CredentialError
-from aip.hub import Hub, HubSettings
+from aip.hub import Hub, HubSettings, descriptor_room
 
 from .options import CredentialsOption
 from .service import log_to_stderr, run_until_signalled
@@ -81,10 +81,10 @@ def serve(
     log_to_stderr()
     descriptors = raise_descriptor_limit()
     logging.getLogger("aip.hub").info(
-        "this process may open %d descriptors: room for about %d connections (raise the hard limit, "
-        "ulimit -Hn, for more)",
+        "this process may open %d descriptors: the hub takes up to %d connections and answers more 503 "
+        "(raise the hard limit, ulimit -Hn, for more)",
         descriptors,
-        max(0, descriptors - DESCRIPTOR_MARGIN),
+        descriptor_room(),
     )
     if listens_in_clear(host, tls=context is not None):
         logging.getLogger("aip.hub").warning(
@@ -106,10 +106,6 @@ def serve(
         run_until_signalled(serve_until)
     except OSError as error:
         fail_usage(f"can't listen on {host}:{port}: {error}")
-
-
-#: Descriptors a hub keeps for itself (its listening socket, the credentials file, logs, Prefect's client).
-DESCRIPTOR_MARGIN = 100
 
 
 def raise_descriptor_limit() -> int:

@@ -289,3 +289,43 @@ async def test_a_device_dropped_for_pings_while_a_controller_is_held_behind_it_r
     assert {frame["metadata"]["reason"] for frame in errors.values()} <= {"device_lost", "device_unavailable"}
     assert all("dead-pc" in frame["error"] for frame in errors.values())
     assert (after["type"], after["prev_response_id"]) == ("device_info_response", "after")
+
+
+# -- a hub at its capacity refuses politely, before its descriptors run out ------------------------
+
+
+async def test_a_full_hub_answers_503_which_is_worth_trying_again_and_takes_the_next_once_one_leaves() -> None:
+    from aip.connect import HubRefused, HubUnavailable, open_connection
+
+    async with running_hub(max_connections=3) as hub:
+        url = f"{hub.url}/controller"
+        held = [await open_connection(url, TOKEN) for _ in range(3)]
+        try:
+            await open_connection(url, TOKEN)
+        except HubRefused as refused:
+            raise AssertionError(f"a full hub is not a refusal to give up on: {refused}") from None
+        except HubUnavailable as full:
+            assert "503" in str(full) and "full" in str(full), full
+        else:
+            raise AssertionError("a fourth connection was taken by a hub of three")
+        await held.pop().close()
+        held.append(await open_connection(url, TOKEN))  # room again
+        for connection in held:
+            await connection.close()
+
+
+def test_asyncio_s_accept_failures_at_the_descriptor_limit_are_one_line_per_period_not_a_traceback_each(
+    caplog: Any,
+) -> None:
+    import logging
+
+    import aip.hub  # noqa: F401 - installs the filter on asyncio's logger
+
+    caplog.set_level(logging.ERROR, "asyncio")
+    failure = OSError(24, "Too many open files")
+    for _ in range(1000):
+        logging.getLogger("asyncio").error("socket.accept() out of system resource", exc_info=failure)
+    logging.getLogger("asyncio").error("something else")
+    lines = [record for record in caplog.records if record.name == "asyncio"]
+    assert [record.exc_info for record in lines] == [None, None], [record.getMessage() for record in lines]
+    assert "out of system resource" in lines[0].getMessage() and lines[1].getMessage() == "something else"
