@@ -33,6 +33,7 @@ from .access import CONTROLLER_PATH
 from .connect import DEFAULT_MAX_MESSAGE_BYTES, HubRefused, HubUnavailable, hub_urls, safe_url
 from .controller import FrameListener, HubLink, LinkLost, LossListener, list_devices
 from .messages import ClientMessage, ClientMessageType, ServerMessage, ServerMessageType
+from .switchboard import Reason
 
 __all__ = [
     "MAX_REASON_CHARS",
@@ -50,10 +51,6 @@ logger = logging.getLogger("aip.failover")
 MAX_REASON_CHARS = 300
 #: Devices whose hub is remembered; the least recently used is forgotten first (it then takes the default hub).
 REMEMBERED_DEVICES = 10_000
-
-#: The hub's ``metadata.reason`` for a device it does not have (``aip.switchboard.Reason.DEVICE_UNAVAILABLE``).
-_DEVICE_UNAVAILABLE = "device_unavailable"
-
 
 #: How long a first try waits for a hub to answer its handshake before trying the next (a hung hub answers
 #: never); a hub none answered in time gets the whole open_timeout on the second round.
@@ -183,7 +180,7 @@ class FailoverLink:
         response_id = message.prev_response_id or ""
         if message.type in (ClientMessageType.COMMAND_RESULTS, ClientMessageType.ERROR):
             target = self._targets.get(response_id)
-            unavailable = (message.metadata or {}).get("reason") == _DEVICE_UNAVAILABLE
+            unavailable = (message.metadata or {}).get("reason") == Reason.DEVICE_UNAVAILABLE
             if target is not None and unavailable and self._device_hub.get(target) == index:
                 self._remember(target, (index + 1) % len(self.links))  # the next try asks another hub
             self._forget(response_id)  # answered, whichever hub's answer came first: a re-send tracks it anew
