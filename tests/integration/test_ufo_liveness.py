@@ -9,6 +9,7 @@ runs; the hub must take its pongs as the sign of life, and show them in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import json
 import logging
@@ -22,7 +23,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from aip.controller import HubLink, list_devices
-from aip.hub import Hub
+from aip.hub import Hub, HubSettings
 from aip.messages import Command, ResultStatus
 from dispatchers import WebSocketCommandDispatcher
 
@@ -141,24 +142,41 @@ async def test_a_fake_device_that_stops_reading_its_socket_is_dropped_within_a_p
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(200)
-async def test_at_the_real_defaults_a_ufo_style_device_runs_a_90s_command_without_being_dropped() -> None:
+@pytest.mark.timeout(150)
+async def test_at_the_real_defaults_a_ufo_style_device_stays_through_two_ping_rounds_of_one_silent_command() -> None:
+    """Real time at ``HubSettings()``'s pings: a command spanning two rounds, each sent and judged, and then some.
+
+    The hub pings on its own clock from its start; the command starts within
+    a second of it, so one of ``2 * ping_interval + ping_timeout`` (60 s at the
+    defaults) plus a margin sees the pings at 20 and 40 s sent and judged (at 40
+    and 60 s) while the device says nothing. That is also longer than any
+    silence limit the hub ever had (the 60 s heartbeat timeout pings replaced).
+    """
+    defaults = HubSettings()
+    seconds = 2 * defaults.ping_interval + defaults.ping_timeout + 5
     async with running_hub() as hub:  # HubSettings() but port=0: pings every 20 s, 20 s to answer
+        assert hub.settings == dataclasses.replace(defaults, port=0)
         ufo = UfoStyleDevice(
             hub.url, "ufo-real", device_token(hub, "ufo-real"), heartbeat_interval=UFO_HEARTBEAT_INTERVAL
         )
         async with serving(ufo):
             registered = await the_device(hub, "ufo-real")
             async with dispatcher_for(hub, "ufo-real", agent_name="HostAgent") as dispatcher:
-                batch = asyncio.create_task(dispatcher.execute_commands(long_batch(90.0), timeout=150))
+                started = time.monotonic()
+                batch = asyncio.create_task(dispatcher.execute_commands(long_batch(seconds), timeout=seconds + 60))
                 async with asyncio.timeout(WAIT):
                     await ufo.command_received.wait()
-                await asyncio.sleep(45)  # mid-command: two of the hub's pings answered, no data sent
-                busy = await the_device(hub, "ufo-real")
-                assert stamp(busy["last_seen"]) > stamp(registered["last_seen"])
+                async with asyncio.timeout(defaults.ping_interval + WAIT):  # the first ping's pong, mid-command
+                    busy = await the_device(hub, "ufo-real")
+                    while stamp(busy["last_seen"]) <= stamp(registered["last_seen"]):
+                        await asyncio.sleep(0.5)
+                        busy = await the_device(hub, "ufo-real")
+                assert busy["pending_batches"] == 1
                 assert [frame["type"] for frame in ufo.sent] == ["register"]
-                async with asyncio.timeout(60):
+                async with asyncio.timeout(seconds + WAIT):
                     results = await batch
+                elapsed = time.monotonic() - started
     assert [r.status for r in results] == [ResultStatus.SUCCESS] * 2, [r.error for r in results]
-    assert results[0].result == 90.0
+    assert results[0].result == seconds
+    assert elapsed >= seconds, elapsed
     assert ufo.connections == 1, "the device was dropped and came back"
