@@ -27,19 +27,22 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from .failure import error_result
 from .messages import Command, Result, ResultStatus
 
-__all__ = ["CallIdConflict", "CallMemory", "Fail", "Key", "MemoryLimits", "Run", "fingerprint"]
+__all__ = ["CallIdConflict", "CallMemory", "Key", "MemoryLimits", "Run", "fingerprint"]
 
-#: Runs the commands not seen before; returns one Result each, in order.
-Run = Callable[[list[Command]], Awaitable[list[Result]]]
-#: One failure Result per command, naming ``error``: how a shared run's failure reaches a repeat.
-Fail = Callable[[list[Command], BaseException], list[Result]]
+#: Runs one command not seen before to its Result.
+Run = Callable[[Command], Awaitable[Result]]
 #: (controller, call_id): whose call it is, and which.
 Key = tuple[str, str]
+
+#: The JSON that identifies a command, keys sorted: one encoder (``json.dumps`` with options builds one per call).
+_IDENTITY = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=repr)
+_SUCCESS = ResultStatus.SUCCESS
 
 
 class CallIdConflict(ValueError):
@@ -48,8 +51,7 @@ class CallIdConflict(ValueError):
 
 def fingerprint(command: Command) -> str:
     """What makes two commands the same call: tool, parameters, tool_type and server (not the timeout)."""
-    identity = [command.tool_name, command.parameters or {}, command.tool_type, command.namespace]
-    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=repr)
+    text = _IDENTITY.encode([command.tool_name, command.parameters or {}, command.tool_type, command.namespace])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -83,81 +85,43 @@ class CallMemory:
         entry = self._done.get((controller, call_id))
         return Result.model_validate_json(entry[2]) if entry and entry[3] is None else None
 
-    async def execute(
-        self, commands: Sequence[Command], run: Run, fail: Fail, controller: str = "", delivery: str = ""
-    ) -> list[Result]:
-        """One Result per command: remembered, shared with a run in progress, refused, or from ``run``.
+    async def call(self, command: Command, run: Run, controller: str = "", delivery: str = "") -> Result:
+        """``command``'s Result: remembered, shared with a run in progress, refused, or from ``run``.
 
         ``controller`` is whose batch this is (the hub's word for it; empty
         when the hub does not say, as a UFO server does not); ``delivery`` is
-        the batch's ``response_id``.
+        the batch's ``response_id``. Asked one command at a time, as a batch
+        reaches each: a command that a copy of its batch is still running
+        is joined, one that no copy has started is run here, and the Result
+        is remembered the moment it exists, before the next command starts.
         """
+        if not command.call_id:
+            return await run(command)
         self._expire()
-        answers: list[Result | asyncio.Future[Result] | BaseException | None] = []
-        fresh: list[tuple[int, Command]] = []
-        mine: dict[Key, asyncio.Future[Result]] = {}
-        for index, command in enumerate(commands):
-            key = (controller, command.call_id) if command.call_id else None
-            known = self._done.get(key) if key else None
-            if known is not None and known[3] is not None and known[3] != delivery:
-                known = None  # a failure, asked for by another batch: run it again
-            running = self._running.get(key) if key else None
-            if key is None:
-                answers.append(None)
-                fresh.append((index, command))
-            elif known is not None:
-                same = known[1] == fingerprint(command)
-                answers.append(Result.model_validate_json(known[2]) if same else _conflict(command))
-            elif running is not None:
-                answers.append(running[1] if running[0] == fingerprint(command) else _conflict(command))
-            else:
-                answers.append(None)
-                fresh.append((index, command))
-                future = asyncio.get_running_loop().create_future()
-                self._running[key] = (fingerprint(command), future)
-                mine[key] = future
+        key = (controller, command.call_id)
+        identity = fingerprint(command)
+        known = self._done.get(key)
+        if known is not None and (known[3] is None or known[3] == delivery):  # a failure answers its own batch only
+            return Result.model_validate_json(known[2]) if known[1] == identity else _refused(command)
+        running = self._running.get(key)
+        if running is not None:
+            return await _join(command, running[1]) if running[0] == identity else _refused(command)
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._running[key] = (identity, future)
         try:
-            results = await run([command for _, command in fresh]) if fresh else []
-            if len(results) != len(fresh):
-                raise RuntimeError(f"the executor returned {len(results)} results for {len(fresh)} commands")
+            result = await run(command)
         except BaseException as error:
-            for key, future in mine.items():
-                del self._running[key]
-                if isinstance(error, Exception):
-                    future.set_exception(error)
-                    future.exception()  # marked retrieved: a repeat may never come to look
-                else:
-                    future.cancel()
+            del self._running[key]
+            if isinstance(error, Exception):
+                future.set_exception(error)
+                future.exception()  # marked retrieved: a repeat may never come to look
+            else:
+                future.cancel()
             raise
-        for (index, command), result in zip(fresh, results, strict=True):
-            answers[index] = result
-            key = (controller, command.call_id or "")
-            if key in mine:
-                fingerprint_of_command, _ = self._running.pop(key)
-                mine.pop(key).set_result(result)
-                failed_in = None if result.status is ResultStatus.SUCCESS else delivery
-                self._remember(key, fingerprint_of_command, result, failed_in)
-        return [
-            answer if isinstance(answer, Result) else await self._settle(command, answer, fail)
-            for command, answer in zip(commands, answers, strict=True)
-        ]
-
-    @staticmethod
-    async def _settle(command: Command, answer: asyncio.Future[Result] | BaseException | None, fail: Fail) -> Result:
-        """The Result of a command answered by a refusal or by another run (a Result needs no settling)."""
-        if isinstance(answer, BaseException):
-            return fail([command], answer)[0]
-        assert answer is not None
-        try:
-            # Shielded: a repeat that stops waiting must not cancel the first run's call.
-            return await asyncio.shield(answer)
-        except Exception as error:
-            return fail([command], error)[0]
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-            return fail([command], RuntimeError("the first run of this call_id was cancelled"))[0]
+        del self._running[key]
+        future.set_result(result)
+        self._remember(key, identity, result, None if result.status is _SUCCESS else delivery)
+        return result
 
     def _remember(self, key: Key, command_fingerprint: str, result: Result, failed_in: str | None) -> None:
         try:
@@ -178,17 +142,32 @@ class CallMemory:
             self._bytes -= len(entry[2])
 
     def _expire(self) -> None:
-        oldest_kept = self.clock() - self.limits.seconds
-        while self._done:
-            key, (stamp, *_) = next(iter(self._done.items()))
-            if stamp >= oldest_kept:
-                break
+        done, oldest_kept = self._done, self.clock() - self.limits.seconds
+        while done:
+            key = next(iter(done))
+            if done[key][0] >= oldest_kept:
+                return
             self._forget(key)
 
 
-def _conflict(command: Command) -> CallIdConflict:
-    return CallIdConflict(
+async def _join(command: Command, first_run: asyncio.Future[Result]) -> Result:
+    """The Result of the run of ``command`` in progress elsewhere, or a failure saying why it has none."""
+    try:
+        # Shielded: a repeat that stops waiting must not cancel the first run's call.
+        return await asyncio.shield(first_run)
+    except Exception as error:
+        return error_result(command, error)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        return error_result(command, RuntimeError("the first run of this call_id was cancelled"))
+
+
+def _refused(command: Command) -> Result:
+    conflict = CallIdConflict(
         f"call_id {command.call_id!r} was already used on this device for a different command "
         "(another tool, parameters or tool_type): it is neither run nor answered from memory; "
         "give each command its own call_id"
     )
+    return error_result(command, conflict)

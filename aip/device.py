@@ -27,7 +27,7 @@ import contextlib
 import functools
 import logging
 import ssl
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection
@@ -35,8 +35,8 @@ from websockets.exceptions import ConnectionClosed
 
 from .access import DEVICE_PATH
 from .backoff import Backoff
-from .budget import Budget
-from .call_memory import CallMemory
+from .budget import Budget, Deadline
+from .call_memory import CallMemory, Run
 from .connect import (
     DEFAULT_MAX_MESSAGE_BYTES,
     HubUnavailable,
@@ -72,6 +72,7 @@ __all__ = [
     "DeviceClient",
     "DeviceReplaced",
     "Executor",
+    "RunsOne",
     "device_clients",
     "serve_hubs",
     "system_info",
@@ -84,9 +85,19 @@ REFUSED_RETRY = 60.0
 
 
 class Executor(Protocol):
-    """What runs the commands: any dispatcher (``dispatchers.BasicCommandDispatcher``)."""
+    """What runs the commands: any dispatcher (``dispatchers.BasicCommandDispatcher``).
+
+    A dispatcher also runs one command by a deadline (``execute_command(command,
+    deadline)``, where its retries and per-command timeout live); the device
+    uses it when the executor has it (``RunsOne``), and a batch of one
+    through ``execute_commands`` when it has not.
+    """
 
     async def execute_commands(self, commands: Sequence[Command], timeout: float = ...) -> list[Result]: ...
+
+
+#: A dispatcher's ``execute_command``: one command, its Result by the deadline.
+RunsOne = Callable[[Command, Deadline], Awaitable[Result]]
 
 
 class DeviceClient:
@@ -266,32 +277,56 @@ class DeviceClient:
         if self._tasks:
             await asyncio.wait(set(self._tasks.values()), timeout=5)
 
+    def _runner(self, batch: Batch[ClientConnection]) -> Run:
+        """How ``batch`` runs one command, with what is left of the batch's time.
+
+        A dispatcher runs it through its own ``execute_command``, awaited in
+        the batch's task: no batch of one around each command (a task, a
+        timer, a future of its own). Any other executor gets a batch of one.
+        """
+        loop, session, executor = asyncio.get_running_loop(), self.session, self.executor
+        one: RunsOne | None = getattr(executor, "execute_command", None)
+        if one is None:
+
+            async def in_a_batch_of_one(command: Command) -> Result:
+                results = await executor.execute_commands([command], session.time_left(batch, loop.time()))
+                if len(results) != 1:
+                    raise RuntimeError(f"the executor returned {len(results)} results for 1 command")
+                return results[0]
+
+            return in_a_batch_of_one
+
+        async def by_itself(command: Command) -> Result:
+            deadline = Deadline.after(session.time_left(batch, loop.time())).within(command.timeout)
+            try:
+                result = await one(command, deadline)
+            except Exception as error:  # as a batch engine would: this command fails, the next one runs
+                return error_result(command, error)
+            if result.call_id != command.call_id:
+                return error_result(command, f"the result came back for call_id {result.call_id!r}")
+            return result
+
+        return by_itself
+
     async def _run_batch(self, batch: Batch[ClientConnection]) -> None:
         """Run the commands one after the other, as UFO's device does; answer unless the batch was orphaned.
 
-        Each command goes through the call memory, so a batch delivered again
-        gets what already ran from memory, joins the command still running,
-        and runs only what never started.
+        Each command goes through the call memory as the batch reaches it, so
+        a batch delivered again gets what already ran from memory, joins the
+        command still running, and runs only what never started; and each
+        Result is remembered as soon as it exists, so a delivery after a
+        connection lost mid-batch finds every command that finished.
         """
-        loop = asyncio.get_running_loop()
-        executor, session, commands = self.executor, self.session, batch.commands
-
-        async def execute(fresh: list[Command]) -> list[Result]:
-            rule = requested_retry.set(batch.retry)  # the controller's --retries, for the executor to apply
-            try:
-                return await executor.execute_commands(fresh, session.time_left(batch, loop.time()))
-            finally:
-                requested_retry.reset(rule)
-
+        commands, memory, run = batch.commands, self.memory, self._runner(batch)
+        controller, delivery = batch.controller, batch.response_id
         results: list[Result] = []
+        rule = requested_retry.set(batch.retry)  # the controller's --retries, for the executor to apply
         try:
             for command in commands:
                 if batch.orphaned is not None:
-                    results += _failures([command], f"ServerUnavailable: not run: {batch.orphaned}")
+                    results.append(error_result(command, f"ServerUnavailable: not run: {batch.orphaned}"))
                     continue
-                results += await self.memory.execute(
-                    [command], execute, _failures, controller=batch.controller, delivery=batch.response_id
-                )
+                results.append(await memory.call(command, run, controller, delivery))
         except asyncio.CancelledError:
             if batch.cancelled is None:
                 raise
@@ -302,7 +337,9 @@ class DeviceClient:
         except Exception as error:  # the executor broke: answer anyway
             logger.exception("device %r: the executor failed on batch %s", self.device_id, batch.response_id)
             results += _failures(commands[len(results) :], error)
-        answer = session.answer(batch, results)
+        finally:
+            requested_retry.reset(rule)
+        answer = self.session.answer(batch, results)
         if isinstance(answer, Log):
             _log(answer)
             return

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from hub_support import QUICK_BACKOFF, TOKEN, echo_tools, running_device, running_hub
+from hub_support import QUICK_BACKOFF, TOKEN, device_token, echo_tools, running_device, running_hub
 from websockets.asyncio.server import ServerConnection, serve
 
 from aip.backoff import Backoff
@@ -226,3 +226,170 @@ def _recording(into: list[Any]) -> Any:
         into.append(reports)
 
     return publish
+
+
+# -- how a batch runs its commands: one at a time, each through the call memory ------------------
+
+
+class Held:
+    """Tools that count every run by call_id: ``echo``, and ``held``, which waits for ``release``."""
+
+    def __init__(self) -> None:
+        self.runs: list[str | None] = []
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.cancelled = asyncio.Event()
+
+    def tools(self) -> dict[str, Any]:
+        async def held(command: Command) -> str:
+            self.runs.append(command.call_id)
+            self.started.set()
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+            return "held"
+
+        def echo(command: Command) -> Any:
+            self.runs.append(command.call_id)
+            return command.parameters
+
+        return {"held": held, "echo": echo}
+
+
+def held_batch() -> list[Command]:
+    return [
+        Command(tool_name="echo", parameters={"n": 0}, call_id="before"),
+        Command(tool_name="held", call_id="held"),
+        Command(tool_name="echo", parameters={"n": 2}, call_id="after"),
+    ]
+
+
+async def test_a_device_stopped_mid_batch_answers_every_command_and_starts_none_after_the_one_it_stops() -> None:
+    tools = Held()
+    async with running_hub() as hub:
+        executor = InMemoryCommandDispatcher(tools.tools())
+        device = DeviceClient(hub.url, "lab-pc", executor, token=device_token(hub, "lab-pc"))
+        stop = asyncio.Event()
+        serving = asyncio.create_task(device.run(stop))
+        async with asyncio.timeout(WAIT):
+            await device.registered.wait()
+        async with WebSocketCommandDispatcher(HubLink(hub.url, TOKEN), "lab-pc") as dispatcher:
+            running = asyncio.create_task(dispatcher.execute_commands(held_batch(), timeout=30))
+            async with asyncio.timeout(WAIT):
+                await tools.started.wait()
+            stop.set()  # the device shuts down: its batch is cancelled, and answered while it still can
+            async with asyncio.timeout(WAIT):
+                before, held, after = await running
+                await serving
+    assert before.status is ResultStatus.SUCCESS and before.result == {"n": 0}
+    for result in (held, after):
+        assert result.status is ResultStatus.FAILURE
+        assert "Cancelled: the device is shutting down" in (result.error or ""), result.error
+    assert tools.cancelled.is_set() and tools.runs == ["before", "held"], tools.runs
+    assert len(device.memory) == 1  # what finished is remembered; a cancelled run and one never started are not
+
+
+async def test_a_batch_sent_again_mid_batch_gets_what_ran_from_memory_joins_the_running_and_runs_the_rest_once() -> (
+    None
+):
+    """A lost connection mid-batch, by hand: the first copy is orphaned; the batch sent again carries on beside it."""
+    tools = Held()
+    async with (
+        running_hub() as hub,
+        running_device(hub, tools=tools.tools()) as device,
+        WebSocketCommandDispatcher(HubLink(hub.url, TOKEN), "lab-pc") as dispatcher,
+    ):
+        first = asyncio.create_task(dispatcher.execute_commands(held_batch(), timeout=30))
+        async with asyncio.timeout(WAIT):
+            await tools.started.wait()
+        [orphaned] = device.session.runs
+        orphaned_run = device._tasks[orphaned]
+        device.session.lost(orphaned.peer)  # as when its connection drops: it starts nothing more
+        # The same batch again, as a controller sends it after a lost connection (a new response_id here).
+        again = asyncio.create_task(dispatcher.execute_commands(held_batch(), timeout=30))
+        async with asyncio.timeout(WAIT):
+            while len(device.session.runs) < 2:  # noqa: ASYNC110 - the device's state; no event tells it
+                await asyncio.sleep(0.01)
+        tools.release.set()
+        async with asyncio.timeout(WAIT):
+            results = await again
+            await orphaned_run
+        first.cancel()
+    assert [(r.call_id, r.status) for r in results] == [(c.call_id, ResultStatus.SUCCESS) for c in held_batch()]
+    assert tools.runs == ["before", "held", "after"], "a command ran twice, or the orphaned copy started one"
+
+
+class FakeBatchOnlyExecutor:
+    """An executor with ``execute_commands`` alone (no ``execute_command``): the device hands it batches of one."""
+
+    def __init__(self, answers: int = 1) -> None:
+        self.batches: list[list[str | None]] = []
+        self.answers = answers
+
+    async def execute_commands(self, commands: list[Command], timeout: float = 60) -> list[Result]:
+        self.batches.append([command.call_id for command in commands])
+        ok = [Result(status=ResultStatus.SUCCESS, result=c.parameters, call_id=c.call_id) for c in commands]
+        return ok * self.answers
+
+
+@pytest.mark.parametrize("answers", [1, 2], ids=["one-result-each", "too-many-results"])
+async def test_an_executor_without_execute_command_runs_each_command_as_a_batch_of_one_fake_executor(
+    answers: int,
+) -> None:
+    executor = FakeBatchOnlyExecutor(answers)
+    commands = [Command(tool_name="echo", parameters={"n": n}, call_id=f"e-{n}") for n in range(3)]
+    async with running_hub() as hub:
+        device = DeviceClient(hub.url, "lab-pc", executor, token=device_token(hub, "lab-pc"))
+        stop = asyncio.Event()
+        serving = asyncio.create_task(device.run(stop))
+        async with asyncio.timeout(WAIT):
+            await device.registered.wait()
+        async with WebSocketCommandDispatcher(HubLink(hub.url, TOKEN), "lab-pc") as dispatcher:
+            results = await dispatcher.execute_commands(commands, timeout=WAIT)
+        stop.set()
+        async with asyncio.timeout(WAIT):
+            await serving
+    assert [r.call_id for r in results] == ["e-0", "e-1", "e-2"]
+    if answers == 1:
+        assert executor.batches == [["e-0"], ["e-1"], ["e-2"]]
+        assert [r.result for r in results] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    else:  # a broken executor: the batch is answered all the same, nothing more is started
+        assert executor.batches == [["e-0"]]
+        assert all(r.status is ResultStatus.FAILURE and "returned 2 results" in (r.error or "") for r in results)
+
+
+class FakeShakyExecutor(InMemoryCommandDispatcher):
+    """A dispatcher whose ``execute_command`` raises for ``raise``, and answers ``stray`` under another call_id."""
+
+    async def execute_command(self, command: Command, deadline: Any) -> Result:
+        if command.tool_name == "raise":
+            raise RuntimeError("the executor broke")
+        result = await super().execute_command(command, deadline)
+        return result.model_copy(update={"call_id": "someone-else"}) if command.tool_name == "stray" else result
+
+
+async def test_a_command_the_executor_breaks_on_fails_alone_and_the_next_runs_fake_executor() -> None:
+    runs: list[str | None] = []
+    executor = FakeShakyExecutor({"echo": lambda c: runs.append(c.call_id) or c.parameters, "stray": lambda c: 1})
+    commands = [
+        Command(tool_name="raise", call_id="r"),
+        Command(tool_name="stray", call_id="s"),
+        Command(tool_name="echo", parameters={"n": 1}, call_id="e"),
+    ]
+    async with running_hub() as hub:
+        device = DeviceClient(hub.url, "lab-pc", executor, token=device_token(hub, "lab-pc"))
+        stop = asyncio.Event()
+        serving = asyncio.create_task(device.run(stop))
+        async with asyncio.timeout(WAIT):
+            await device.registered.wait()
+        async with WebSocketCommandDispatcher(HubLink(hub.url, TOKEN), "lab-pc") as dispatcher:
+            broke, stray, echoed = await dispatcher.execute_commands(commands, timeout=WAIT)
+        stop.set()
+        async with asyncio.timeout(WAIT):
+            await serving
+    assert broke.status is ResultStatus.FAILURE and "RuntimeError: the executor broke" in (broke.error or "")
+    assert stray.call_id == "s" and stray.status is ResultStatus.FAILURE
+    assert "came back for call_id 'someone-else'" in (stray.error or ""), stray.error
+    assert echoed.status is ResultStatus.SUCCESS and echoed.result == {"n": 1} and runs == ["e"]

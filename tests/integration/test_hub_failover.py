@@ -242,3 +242,31 @@ async def test_a_thousand_devices_over_two_hubs_all_answer_after_one_hub_dies() 
             statuses += await asyncio.gather(*(one_batch(device) for device in devices[start : start + 100]))
     assert statuses == [ResultStatus.SUCCESS] * len(devices)
     assert counting.runs == {device: 1 for device in devices}
+
+
+async def test_a_batch_whose_hub_dies_mid_batch_gets_what_finished_from_memory_and_runs_the_rest_once() -> None:
+    counting = CountingTools()
+    async with two_hubs(counting.tools()) as (first, second, clients):
+        link = controller_link(fleet_url(first, second), TOKEN)
+        async with WebSocketCommandDispatcher(link, "lab-pc", retry=QUICK_DELIVERY) as dispatcher:
+            batch = [
+                Command(tool_name="echo", call_id="finished-before"),
+                Command(tool_name="held", call_id="running"),
+                Command(tool_name="echo", call_id="not-started"),
+            ]
+            running = asyncio.create_task(dispatcher.execute_commands(batch, timeout=20))
+            async with asyncio.timeout(10):
+                await counting.started.wait()
+            [first_copy] = clients[0].session.runs
+            await first.close()  # the copy on the first hub's connection is orphaned mid-batch
+            async with asyncio.timeout(10):
+                # The device's state; no event tells it: the first copy orphaned, the second one running beside it.
+                while first_copy.orphaned is None or not clients[1].session.runs:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            counting.release.set()  # the second copy joined the call still running; it runs what never started
+            async with asyncio.timeout(15):
+                results = await running
+    assert [(result.call_id, result.status) for result in results] == [
+        (command.call_id, ResultStatus.SUCCESS) for command in batch
+    ], results
+    assert counting.runs == {"finished-before": 1, "running": 1, "not-started": 1}
