@@ -128,13 +128,15 @@ class CallMemory:
             text = result.model_dump_json()
         except (ValueError, RecursionError):
             return  # a result that cannot travel is not worth replaying; the reply will say so
-        if len(text) > self.limits.bytes:
+        done, limits = self._done, self.limits
+        if len(text) > limits.bytes:
             return
-        self._forget(key)
-        self._done[key] = (self.clock(), command_fingerprint, text, failed_in)
+        if key in done:  # remembered again (a failure run anew): it moves to the young end
+            self._forget(key)
+        done[key] = (self.clock(), command_fingerprint, text, failed_in)
         self._bytes += len(text)
-        while len(self._done) > self.limits.entries or self._bytes > self.limits.bytes:
-            self._forget(next(iter(self._done)))
+        while len(done) > limits.entries or self._bytes > limits.bytes:
+            self._forget(next(iter(done)))
 
     def _forget(self, key: Key) -> None:
         entry = self._done.pop(key, None)
