@@ -94,7 +94,9 @@ async def run_batch(
         else:
             started[index] = True
             try:
-                result = await run_one(command, deadline.within(command.timeout))
+                result = await run_one(
+                    command, deadline if command.timeout is None else deadline.within(command.timeout)
+                )
             except Exception as error:  # the boundary: nothing but Results leaves a batch
                 result = error_result(command, error)
             if result.call_id != command.call_id:
@@ -127,18 +129,20 @@ async def run_batch(
                 over.set_result(None)
 
     driver = loop.create_task(drive())
-    wait = deadline.remaining() + budget.settle
     try:
         if interruption is None:  # the common case: one timer, no waiter of its own
-            timer = loop.call_later(wait, _set_if_pending, over)
+            # A Deadline is on asyncio's clock (time.monotonic): the wait ends at its own instant, plus settle.
+            timer = loop.call_at(deadline.expires_at + budget.settle, _set_if_pending, over)
             try:
                 await over
             finally:
                 timer.cancel()
         else:
-            await _until_done_or_interrupted(over, interruption, wait, budget.settle)
+            await _until_done_or_interrupted(over, interruption, deadline.remaining() + budget.settle, budget.settle)
     finally:
-        outcome, count = list(results), finished  # as they stand at the end of the wait: later ones are too late
+        count = finished
+        # The Results as they stand at the end of the wait (later ones are too late): a copy, unless none can come.
+        outcome = results if count == len(batch) else list(results)
         if not driver.done():
             driver.cancel()
             await asyncio.wait({driver}, timeout=budget.unwind)

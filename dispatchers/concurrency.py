@@ -128,6 +128,13 @@ class Slots:
                 self._semaphores[category] = asyncio.Semaphore(limit)
         self._in_use: dict[str, int] = dict.fromkeys(TOOL_TYPES, 0)
         self._waiting: dict[str, int] = dict.fromkeys(TOOL_TYPES, 0)
+        #: The categories limited neither here nor ``within``: a command of one holds nothing, so it needs no
+        #: ``async with`` (an attribute, not a method: it is asked for every command).
+        self.unlimited: frozenset[str] = frozenset(
+            category
+            for category in TOOL_TYPES
+            if category not in self._semaphores and (within is None or category in within.unlimited)
+        )
 
     def slot(self, category: str) -> AbstractAsyncContextManager[None]:
         """Hold a slot of ``category`` for an ``async with`` block (no wait at all for an unlimited category)."""

@@ -94,8 +94,11 @@ class LocalCommandDispatcher(ToolCallDispatcher):
                 connection.slots,
             )
         # Only the call holds a slot: a command that can't be routed or has bad parameters never waits for one.
-        async with connection.slots.slot(category):
+        if category in connection.slots.unlimited:
             answer = await connection.call_tool(route.tool.name, parameters)
+        else:
+            async with connection.slots.slot(category):
+                answer = await connection.call_tool(route.tool.name, parameters)
         if answer.is_error:
             raise ToolReportedError(tool_error(answer))
         return Result(status=_SUCCESS, result=tool_output(answer), namespace=route.server, call_id=command.call_id)

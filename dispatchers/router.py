@@ -57,9 +57,10 @@ class CommandRouter:
 
     def route(self, command: Command) -> Route:
         """The one server and tool for ``command``, or a ``CommandError`` that says why not."""
-        problem = tool_type_problem(command.tool_type, self.servers)
-        if problem is not None:
-            raise UnknownTool(f"tool_type {problem}", sent=False)
+        if command.tool_type:  # most commands name none: no check to call
+            problem = tool_type_problem(command.tool_type, self.servers)
+            if problem is not None:
+                raise UnknownTool(f"tool_type {problem}", sent=False)
         server, tool_name = self._pinned(command)
         if server is not None:
             return self._on(server, tool_name)
@@ -96,9 +97,15 @@ class CommandRouter:
         return Route(name, tool)
 
     def _unique(self, tool_name: str, names: Collection[str], scope: str) -> Route:
-        offering = [name for name in names if tool_name in self.servers[name].tools]
-        if len(offering) == 1:
-            return Route(offering[0], self.servers[offering[0]].tools[tool_name])
+        offering: list[str] = []
+        tool = None
+        for name in names:  # a loop, not a comprehension: no function call of its own (Python 3.11), every call
+            found = self.servers[name].tools.get(tool_name)
+            if found is not None:
+                offering.append(name)
+                tool = found
+        if len(offering) == 1 and tool is not None:
+            return Route(offering[0], tool)
         if offering:
             qualified = (f"{name}.{tool_name}" for name in offering)
             raise AmbiguousTool(

@@ -12,9 +12,10 @@ import asyncio
 import logging
 from abc import abstractmethod
 from collections.abc import Sequence
+from functools import partial
 
 from aip.budget import Budget, Deadline
-from aip.messages import Command, Result
+from aip.messages import Command, Result, RetryRule
 from aip.retry import requested_retry
 
 from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, assign_call_ids, error_result
@@ -42,6 +43,17 @@ class _AttemptCounter:
     def retry(self, number: int, error: BaseException, delay: float) -> None:
         if self.outer is not None:
             self.outer.retry(number, error, delay)
+
+
+def _log_retry(command: Command, attempt_number: int, error: BaseException, delay: float) -> None:
+    logger.warning(
+        "%s[%s] attempt %d failed (%s); retrying in %.2fs",
+        command.tool_name,
+        command.call_id,
+        attempt_number,
+        describe(error),
+        delay,
+    )
 
 
 class ToolCallDispatcher(BasicCommandDispatcher):
@@ -72,66 +84,77 @@ class ToolCallDispatcher(BasicCommandDispatcher):
 
     async def execute_command(self, command: Command, deadline: Deadline) -> Result:
         """Run one command with retries, by ``deadline`` (and its own timeout)."""
-        deadline = deadline.within(self.command_timeout)
-
-        limit = self.retry.attempt_timeout  # the device's own, whatever rule a batch brings
-
-        async def attempt() -> Result:
-            # asyncio.timeout's own logic, without its object and two coroutines per
-            # attempt: on expiry the task is cancelled; on the way out that cancel is
-            # taken back, and, when it is the one that ended the call, the attempt timed out.
-            task = asyncio.current_task()
-            assert task is not None  # an attempt runs in the batch's driver task
-            cancelling, expired, taken_back = task.cancelling(), False, False
-
-            def expire() -> None:
-                nonlocal expired
-                expired = True
-                task.cancel()
-
-            timer = asyncio.get_running_loop().call_later(self.budget.for_attempt(deadline.remaining(), limit), expire)
-            try:
-                return await self.call(command)
-            except asyncio.CancelledError:
-                if not expired:
-                    raise
-                taken_back = True
-                if task.uncancel() > cancelling:  # cancelled by someone else too: theirs to handle
-                    raise
-                if limit is not None and not deadline.expired:
-                    raise AttemptTimeout(limit) from None
-                raise CommandTimeout(deadline.seconds) from None
-            finally:
-                timer.cancel()
-                if expired and not taken_back:
-                    task.uncancel()
-
-        def log_retry(attempt_number: int, error: BaseException, delay: float) -> None:
-            logger.warning(
-                "%s[%s] attempt %d failed (%s); retrying in %.2fs",
-                command.tool_name,
-                command.call_id,
-                attempt_number,
-                describe(error),
-                delay,
-            )
-
+        if self.command_timeout is not None:
+            deadline = deadline.within(self.command_timeout)
         rule = requested_retry.get()
-        if rule is None:  # the common case: nothing more per command
-            policy, counter = self.retry, None
-        else:  # on a device: the batch's own policy, and the Result says how many tries it took
-            policy, counter = self.retry.following(rule), _AttemptCounter(observing_attempts.get())
-        token = None if counter is None else observing_attempts.set(counter)
+        if rule is not None:  # on a device: the batch's own policy, and the Result says how many tries it took
+            return await self._following(rule, command, deadline)
         try:
-            result = await policy.call(
-                attempt, deadline, repeatable=lambda: self.is_repeatable(command), on_retry=log_retry
+            return await self.retry.call(
+                partial(self._attempt, command, deadline),
+                deadline,
+                repeatable=partial(self.is_repeatable, command),
+                on_retry=partial(_log_retry, command),
+            )
+        except Exception as error:
+            return self.naming_the_server(command, error_result(command, error))
+
+    async def _following(self, rule: RetryRule, command: Command, deadline: Deadline) -> Result:
+        """``execute_command`` under a batch's retry rule, counting the attempts (for ``Result.attempts``)."""
+        counter = _AttemptCounter(observing_attempts.get())
+        token = observing_attempts.set(counter)
+        try:
+            result = await self.retry.following(rule).call(
+                partial(self._attempt, command, deadline),
+                deadline,
+                repeatable=partial(self.is_repeatable, command),
+                on_retry=partial(_log_retry, command),
             )
         except Exception as error:
             result = self.naming_the_server(command, error_result(command, error))
         finally:
-            if token is not None:
-                observing_attempts.reset(token)
-        return result if counter is None else result.model_copy(update={"attempts": counter.attempts})
+            observing_attempts.reset(token)
+        return result.model_copy(update={"attempts": counter.attempts})
+
+    async def _attempt(self, command: Command, deadline: Deadline) -> Result:
+        """One attempt at ``command``, ended by the retry policy's attempt timeout or ``deadline``.
+
+        asyncio.timeout's own logic, without its object and two coroutines per
+        attempt: on expiry the task is cancelled; on the way out that cancel is
+        taken back, and, when it is the one that ended the call, the attempt timed out.
+        """
+        task = asyncio.current_task()
+        assert task is not None  # an attempt runs in the batch's driver task
+        cancelling, expired, taken_back = task.cancelling(), False, False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        loop = asyncio.get_running_loop()
+        limit = self.retry.attempt_timeout  # the device's own, whatever rule a batch brings
+        # A Deadline is on asyncio's clock (time.monotonic): without an attempt limit, its own instant.
+        if limit is None:
+            when = deadline.expires_at
+        else:
+            when = loop.time() + self.budget.for_attempt(deadline.remaining(), limit)
+        timer = loop.call_at(when, expire)
+        try:
+            return await self.call(command)
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            taken_back = True
+            if task.uncancel() > cancelling:  # cancelled by someone else too: theirs to handle
+                raise
+            if limit is not None and not deadline.expired:
+                raise AttemptTimeout(limit) from None
+            raise CommandTimeout(deadline.seconds) from None
+        finally:
+            timer.cancel()
+            if expired and not taken_back:
+                task.uncancel()
 
     async def execute_commands(
         self,
