@@ -42,6 +42,7 @@ Key = tuple[str, str]
 
 #: The JSON that identifies a command, keys sorted: one encoder (``json.dumps`` with options builds one per call).
 _IDENTITY = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=repr)
+_DIGEST_CHARS = 64
 _SUCCESS = ResultStatus.SUCCESS
 
 
@@ -50,9 +51,13 @@ class CallIdConflict(ValueError):
 
 
 def fingerprint(command: Command) -> str:
-    """What makes two commands the same call: tool, parameters, tool_type and server (not the timeout)."""
+    """What makes two commands the same call: tool, parameters, tool_type and server (not the timeout).
+
+    Their JSON, keys sorted; its SHA-256 digest when that is shorter (a JSON
+    array, opening with ``[``, is never taken for a hex digest).
+    """
     text = _IDENTITY.encode([command.tool_name, command.parameters or {}, command.tool_type, command.namespace])
-    return hashlib.sha256(text.encode()).hexdigest()
+    return text if len(text) <= _DIGEST_CHARS else hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

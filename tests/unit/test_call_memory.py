@@ -393,3 +393,15 @@ async def test_the_call_memory_is_bounded_in_bytes() -> None:
         assert memory.recall("huge") is None
         assert len(memory) == kept and memory.recall("shot-49") is not None
     assert MemoryLimits().bytes <= 64 * 2**20
+
+
+@pytest.mark.parametrize("size", [1, 100], ids=["short-parameters", "long-parameters"])
+async def test_a_call_is_told_apart_by_its_parameters_whatever_their_length(size: int) -> None:
+    memory, run = CallMemory(), Recorder()
+    first = cmd("a", parameters={"text": "x" * size})
+    [answer] = await in_order(memory, [first], run)
+    [again] = await in_order(memory, [cmd("a", parameters={"text": "x" * size})], run)
+    conflicting = cmd("a", parameters={"text": "y" * size})
+    [other] = await in_order(memory, [conflicting], run)
+    assert again == answer and run.calls == ["a"]
+    assert_conflict(conflicting, other)
