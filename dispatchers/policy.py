@@ -149,19 +149,37 @@ class RetryPolicy:
         outside tenacity: most calls succeed at once, and building a retry
         loop per call is most of the per-call cost.
         """
-
-        def should_retry(error: BaseException) -> bool:
-            return self.when(FailedAttempt(error, repeatable))
-
         observer = observing_attempts.get()
         if observer is not None:
             observer.attempt(1)
         try:
             return await attempt()
         except Exception as error:
-            if not should_retry(error):
-                raise
-            first_failure: BaseException | None = error
+            return await self.after(error, attempt, deadline, repeatable=repeatable, on_retry=on_retry)
+
+    async def after(
+        self,
+        failure: Exception,
+        attempt: Callable[[], Awaitable[T]],
+        deadline: Deadline,
+        *,
+        repeatable: Callable[[], bool] = never_repeatable,
+        on_retry: RetryListener | None = None,
+    ) -> T:
+        """The rest of ``call`` once its first attempt failed with ``failure``: raised again, or retried.
+
+        For a caller that made the first attempt itself (and told the
+        ``observing_attempts`` observer of it), so that a call that succeeds
+        at once passes through no coroutine of the policy's.
+        """
+
+        def should_retry(error: BaseException) -> bool:
+            return self.when(FailedAttempt(error, repeatable))
+
+        if not should_retry(failure):
+            raise failure
+        first_failure: BaseException | None = failure
+        observer = observing_attempts.get()
 
         def before_retry(number: int, error: BaseException, delay: float) -> None:
             if on_retry is not None:
@@ -172,8 +190,8 @@ class RetryPolicy:
         async for trial in self.retrying(deadline, should_retry, before_retry):
             with trial:
                 if first_failure is not None:  # tenacity's attempt 1 is the one that already failed
-                    failure, first_failure = first_failure, None
-                    raise failure
+                    failure_, first_failure = first_failure, None
+                    raise failure_
                 if observer is not None:
                     observer.attempt(trial.retry_state.attempt_number)
                 return await attempt()

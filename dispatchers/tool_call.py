@@ -13,6 +13,7 @@ import logging
 from abc import abstractmethod
 from collections.abc import Sequence
 from functools import partial
+from types import TracebackType
 
 from aip.budget import Budget, Deadline
 from aip.messages import Command, Result, RetryRule
@@ -43,6 +44,52 @@ class _AttemptCounter:
     def retry(self, number: int, error: BaseException, delay: float) -> None:
         if self.outer is not None:
             self.outer.retry(number, error, delay)
+
+
+class _AttemptClock:
+    """The time limit of one attempt, for a ``with`` block around it in the task that runs it.
+
+    asyncio.timeout's own logic, without its object and its two coroutines:
+    on expiry the task is cancelled; on the way out that cancel is taken
+    back, and, when it is the one that ended the call, the attempt timed out
+    (``AttemptTimeout`` when the retry policy's attempt limit ended it,
+    ``CommandTimeout`` when the deadline did). A ``with`` block, not a
+    coroutine: the attempt's awaits pass through no frame of its own.
+    """
+
+    __slots__ = ("_cancelling", "_deadline", "_expired", "_limit", "_task", "_timer")
+
+    def __init__(self, deadline: Deadline, limit: float | None, budget: Budget) -> None:
+        task = asyncio.current_task()
+        assert task is not None  # an attempt runs in the batch's driver task
+        self._task, self._cancelling, self._expired = task, task.cancelling(), False
+        self._deadline, self._limit = deadline, limit
+        loop = asyncio.get_running_loop()
+        # A Deadline is on asyncio's clock (time.monotonic): without an attempt limit, its own instant.
+        when = deadline.expires_at if limit is None else loop.time() + budget.for_attempt(deadline.remaining(), limit)
+        self._timer = loop.call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        self._expired = True
+        self._task.cancel()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._timer.cancel()
+        if not self._expired:
+            return
+        if exc_type is None or not issubclass(exc_type, asyncio.CancelledError):
+            self._task.uncancel()  # it ended before our cancel reached it: taken back unseen
+            return
+        if self._task.uncancel() > self._cancelling:  # cancelled by someone else too: theirs to handle
+            return
+        if self._limit is not None and not self._deadline.expired:
+            raise AttemptTimeout(self._limit) from None
+        raise CommandTimeout(self._deadline.seconds) from None
 
 
 def _log_retry(command: Command, attempt_number: int, error: BaseException, delay: float) -> None:
@@ -89,8 +136,20 @@ class ToolCallDispatcher(BasicCommandDispatcher):
         rule = requested_retry.get()
         if rule is not None:  # on a device: the batch's own policy, and the Result says how many tries it took
             return await self._following(rule, command, deadline)
+        # RetryPolicy.call, with its first attempt made here: a call that succeeds at once (most do) passes
+        # through no coroutine of the policy's or of the attempt's; every resumption of the call passes
+        # through each coroutine around it.
+        observer = observing_attempts.get()
+        if observer is not None:
+            observer.attempt(1)
         try:
-            return await self.retry.call(
+            with _AttemptClock(deadline, self.retry.attempt_timeout, self.budget):
+                return await self.call(command)
+        except Exception as error:
+            failure = error
+        try:
+            return await self.retry.after(
+                failure,
                 partial(self._attempt, command, deadline),
                 deadline,
                 repeatable=partial(self.is_repeatable, command),
@@ -117,44 +176,9 @@ class ToolCallDispatcher(BasicCommandDispatcher):
         return result.model_copy(update={"attempts": counter.attempts})
 
     async def _attempt(self, command: Command, deadline: Deadline) -> Result:
-        """One attempt at ``command``, ended by the retry policy's attempt timeout or ``deadline``.
-
-        asyncio.timeout's own logic, without its object and two coroutines per
-        attempt: on expiry the task is cancelled; on the way out that cancel is
-        taken back, and, when it is the one that ended the call, the attempt timed out.
-        """
-        task = asyncio.current_task()
-        assert task is not None  # an attempt runs in the batch's driver task
-        cancelling, expired, taken_back = task.cancelling(), False, False
-
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            task.cancel()
-
-        loop = asyncio.get_running_loop()
-        limit = self.retry.attempt_timeout  # the device's own, whatever rule a batch brings
-        # A Deadline is on asyncio's clock (time.monotonic): without an attempt limit, its own instant.
-        if limit is None:
-            when = deadline.expires_at
-        else:
-            when = loop.time() + self.budget.for_attempt(deadline.remaining(), limit)
-        timer = loop.call_at(when, expire)
-        try:
+        """One attempt at ``command``, ended by the retry policy's attempt timeout or ``deadline``."""
+        with _AttemptClock(deadline, self.retry.attempt_timeout, self.budget):
             return await self.call(command)
-        except asyncio.CancelledError:
-            if not expired:
-                raise
-            taken_back = True
-            if task.uncancel() > cancelling:  # cancelled by someone else too: theirs to handle
-                raise
-            if limit is not None and not deadline.expired:
-                raise AttemptTimeout(limit) from None
-            raise CommandTimeout(deadline.seconds) from None
-        finally:
-            timer.cancel()
-            if expired and not taken_back:
-                task.uncancel()
 
     async def execute_commands(
         self,
