@@ -78,7 +78,10 @@ class LocalCommandDispatcher(ToolCallDispatcher):
                 await asyncio.wait(starting, return_when=asyncio.FIRST_COMPLETED)
 
     async def call(self, command: Command) -> Result:
-        route = await self._route(command)
+        try:
+            route = self.router.route(command)  # the common case, with no coroutine of its own
+        except CommandError:
+            route = await self._route(command)
         parameters = command.parameters or {}
         check_parameters(route.tool.input_schema, parameters)
         connection = self.manager.servers[route.server]
