@@ -47,6 +47,12 @@ CUE_SERVER = FIXTURES / "interrupt" / "cue_server.py"
 WAIT = 60.0
 #: The promise is "within ~2 s"; the assertion leaves room for a loaded machine, the measure is printed.
 EXIT_BOUND = 10.0
+#: A second Ctrl-C quits on its signal handler's turn of the event loop, not after the batch (its hold is 60 s):
+#: room for that turn on a loaded machine (two test processes on 2 cores took 3.3-3.6 s).
+QUIT_BOUND = 5.0
+#: A temporary Prefect server may take longer than Prefect's 20 s to start on a loaded machine (the suite runs in
+#: two processes on 2 cores): Prefect's own setting, as a user would raise it.
+EPHEMERAL_STARTUP = "90"
 
 INTERRUPTED = 130
 WHILE_IT_RAN = "Interrupted: stopped by the user (Ctrl-C) while it ran"
@@ -285,6 +291,7 @@ def child_env(home: Path, api: str | None, service: Path | None = None) -> dict[
         "PREFECT_HOME": str(home),
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": EPHEMERAL_STARTUP,
         "DO_NOT_TRACK": "1",
         "TERM": "xterm-256color",
     }
@@ -530,7 +537,7 @@ def test_a_second_ctrl_c_quits_at_once_without_a_traceback(
                 "the flow run Cancelled by the service",
                 lambda: getattr(read_flow_run(prefect_api, run_id).state, "is_cancelled", lambda: False)() or None,
             )
-    assert seconds < 3.0, f"the second Ctrl-C took {seconds:.2f} s to quit"
+    assert seconds < QUIT_BOUND, f"the second Ctrl-C took {seconds:.2f} s to quit"
     assert "Traceback" not in stderr, stderr
 
 
