@@ -191,7 +191,7 @@ NOT_RUN: dict[str, str] = {
         "python3.11 -m venv .venv && . .venv/bin/activate && pip install -e '.[examples]'"
         " && dispatch run examples/batch.yaml"
     ): "makes a venv and installs from the network; its `dispatch run examples/batch.yaml` is run (Use it)",
-    "python3.11 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && pytest": (
+    "python3.11 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && pytest -n 2": (
         "makes a venv and installs from the network, then runs this whole suite"
     ),
     # Remote devices.
