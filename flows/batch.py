@@ -34,6 +34,7 @@ from tasks.command import BatchContext, execute_as_task, install_run_logging
 from tasks.report import CommandReport
 
 from .batch_file import load_batch
+from .garbage import freeze_the_furniture
 from .hub_access import current_hub_access
 from .reporting import Progress, emit_batch_finished, publish_results
 from .run_settings import RunSettings
@@ -119,6 +120,7 @@ async def dispatch_batch(
     and ``batch_file`` name files inside the project, ``hub`` is the worker's own.
     """
     install_run_logging()
+    freeze_the_furniture()
     run_id, name = str(flow_run.id), flow_run_name()
     # The name and tags: one round trip, beside the rest of the run (a refused one included).
     labelling = asyncio.ensure_future(_best_effort(_label(name, backend, device), "naming and tagging the flow run"))
