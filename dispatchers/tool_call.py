@@ -120,6 +120,8 @@ class ToolCallDispatcher(BasicCommandDispatcher):
         self.batch = batch
         self.command_timeout = command_timeout
         self.budget = budget
+        # The policy of the last batch retry rule seen: a device's batch sets one rule for all its commands.
+        self._rule_policy: tuple[RetryRule, RetryPolicy] | None = None
 
     @abstractmethod
     async def call(self, command: Command) -> Result:
@@ -162,8 +164,11 @@ class ToolCallDispatcher(BasicCommandDispatcher):
         """``execute_command`` under a batch's retry rule, counting the attempts (for ``Result.attempts``)."""
         counter = _AttemptCounter(observing_attempts.get())
         token = observing_attempts.set(counter)
+        known = self._rule_policy
+        if known is None or known[0] is not rule:
+            known = self._rule_policy = (rule, self.retry.following(rule))
         try:
-            result = await self.retry.following(rule).call(
+            result = await known[1].call(
                 partial(self._attempt, command, deadline),
                 deadline,
                 repeatable=partial(self.is_repeatable, command),

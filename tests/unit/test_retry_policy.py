@@ -8,8 +8,9 @@ import pytest
 
 from aip.backoff import Backoff
 from aip.budget import Deadline
-from aip.messages import RetryRule
-from dispatchers import RetryPolicy
+from aip.messages import Command, RetryRule
+from aip.retry import requested_retry
+from dispatchers import InMemoryCommandDispatcher, RetryPolicy
 from dispatchers.errors import CommandError, ConnectionLost, InvalidParameters, ServerUnavailable, ToolReportedError
 from dispatchers.remote import DELIVER_AGAIN, HubDropped
 from dispatchers.retry_conditions import (
@@ -141,3 +142,27 @@ async def test_a_failure_the_condition_refuses_is_raised_after_one_try() -> None
     with pytest.raises(ConnectionLost):
         await harmless.call(lost, Deadline.after(5), repeatable=lambda: True)
     assert tries == 1 + 5
+
+
+async def test_one_dispatcher_follows_each_batch_rule_in_turn_however_many_it_has_seen() -> None:
+    """A device's dispatcher keeps the policy of the last rule it saw: another batch's rule must replace it."""
+    tries: dict[str, int] = {}
+
+    def flaky(command: Command) -> str:
+        tries[command.call_id or ""] = tries.get(command.call_id or "", 0) + 1
+        if tries[command.call_id or ""] < 3:
+            raise LOST_IN_FLIGHT
+        return "done"
+
+    dispatcher = InMemoryCommandDispatcher({"flaky": flaky}, retry=RetryPolicy(attempts=1))
+    patient = RetryPolicy(attempts=3, backoff=Backoff(0.001, 0.001, 0)).to_rule()
+    hasty = RetryPolicy(attempts=2, backoff=Backoff(0.001, 0.001, 0)).to_rule()
+    outcomes = []
+    for name, rule in [("a", patient), ("b", hasty), ("c", patient), ("d", hasty.model_copy())]:
+        token = requested_retry.set(rule)
+        try:
+            result = await dispatcher.execute_command(Command(tool_name="flaky", call_id=name), Deadline.after(5))
+        finally:
+            requested_retry.reset(token)
+        outcomes.append((name, result.status.value, result.attempts))
+    assert outcomes == [("a", "success", 3), ("b", "failure", 2), ("c", "success", 3), ("d", "failure", 2)]
