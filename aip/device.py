@@ -27,6 +27,7 @@ import contextlib
 import functools
 import logging
 import ssl
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
@@ -277,6 +278,20 @@ class DeviceClient:
         if self._tasks:
             await asyncio.wait(set(self._tasks.values()), timeout=5)
 
+    async def _run_commands(self, batch: Batch[ClientConnection], results: list[Result]) -> None:
+        """The batch's commands in order, each Result appended to ``results`` as soon as it exists."""
+        commands, memory, run = batch.commands, self.memory, self._runner(batch)
+        controller, delivery = batch.controller, batch.response_id
+        try:
+            for command in commands:
+                if batch.orphaned is not None:
+                    results.append(error_result(command, f"ServerUnavailable: not run: {batch.orphaned}"))
+                    continue
+                results.append(await memory.call(command, run, controller, delivery))
+        except Exception as error:  # the executor broke: answer anyway
+            logger.exception("device %r: the executor failed on batch %s", self.device_id, batch.response_id)
+            results += _failures(commands[len(results) :], error)
+
     def _runner(self, batch: Batch[ClientConnection]) -> Run:
         """How ``batch`` runs one command, with what is left of the batch's time.
 
@@ -297,6 +312,8 @@ class DeviceClient:
             return in_a_batch_of_one
 
         async def by_itself(command: Command) -> Result:
+            if not command.call_id:  # named, as a batch engine names it, so that its Result says which it is
+                command = command.model_copy(update={"call_id": str(uuid.uuid4())})
             deadline = Deadline.after(session.time_left(batch, loop.time())).within(command.timeout)
             try:
                 result = await one(command, deadline)
@@ -316,29 +333,42 @@ class DeviceClient:
         command still running, and runs only what never started; and each
         Result is remembered as soon as it exists, so a delivery after a
         connection lost mid-batch finds every command that finished.
+
+        The commands run in a task of their own, watched here until the
+        batch's time is up: a tool that ignores being stopped cannot hold the
+        answer past it, and what finished by then is answered (the rest fails
+        as timed out) rather than lost with the whole reply.
         """
-        commands, memory, run = batch.commands, self.memory, self._runner(batch)
-        controller, delivery = batch.controller, batch.response_id
+        commands = batch.commands
         results: list[Result] = []
         rule = requested_retry.set(batch.retry)  # the controller's --retries, for the executor to apply
         try:
-            for command in commands:
-                if batch.orphaned is not None:
-                    results.append(error_result(command, f"ServerUnavailable: not run: {batch.orphaned}"))
-                    continue
-                results.append(await memory.call(command, run, controller, delivery))
+            work = asyncio.ensure_future(self._run_commands(batch, results))  # the rule travels in its context
+        finally:
+            requested_retry.reset(rule)
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait({work}, timeout=max(batch.expires_at - loop.time(), 0.0))
         except asyncio.CancelledError:
+            work.cancel()
             if batch.cancelled is None:
                 raise
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            results += _failures(commands[len(results) :], f"Cancelled: {batch.cancelled}")
-        except Exception as error:  # the executor broke: answer anyway
-            logger.exception("device %r: the executor failed on batch %s", self.device_id, batch.response_id)
-            results += _failures(commands[len(results) :], error)
-        finally:
-            requested_retry.reset(rule)
+            results = results + _failures(commands[len(results) :], f"Cancelled: {batch.cancelled}")
+        else:
+            if not work.done():
+                work.cancel()
+                logger.warning(
+                    "device %r: batch %s ran past its time; answering the commands not done as timed out",
+                    self.device_id,
+                    batch.response_id,
+                )
+                cause = "TimeoutError: no result by the batch's deadline (the tool did not stop when told)"
+                results = results + _failures(commands[len(results) :], cause)
+            elif work.cancelled():
+                results = results + _failures(commands[len(results) :], "Cancelled: the command was cancelled")
         answer = self.session.answer(batch, results)
         if isinstance(answer, Log):
             _log(answer)

@@ -393,3 +393,34 @@ async def test_a_command_the_executor_breaks_on_fails_alone_and_the_next_runs_fa
     assert stray.call_id == "s" and stray.status is ResultStatus.FAILURE
     assert "came back for call_id 'someone-else'" in (stray.error or ""), stray.error
     assert echoed.status is ResultStatus.SUCCESS and echoed.result == {"n": 1} and runs == ["e"]
+
+
+async def test_a_tool_that_ignores_being_stopped_costs_the_batch_only_its_own_result_and_no_time() -> None:
+    """The device answers by the batch's time whatever a tool does: what finished keeps its Result."""
+    release = asyncio.Event()
+
+    async def stubborn(command: Command) -> Any:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await release.wait()  # refuses to stop until the test lets it
+            raise
+
+    tools = {"echo": lambda command: command.parameters, "stubborn": stubborn}
+    commands = [
+        Command(tool_name="echo", parameters={"n": 1}, call_id="e1"),
+        Command(tool_name="stubborn", call_id="s"),
+    ]
+    async with (
+        running_hub() as hub,
+        running_device(hub, tools=tools),
+        WebSocketCommandDispatcher(HubLink(hub.url, TOKEN), "lab-pc") as dispatcher,
+    ):
+        try:
+            async with asyncio.timeout(10):
+                results = await dispatcher.execute_commands(commands, timeout=2)
+        finally:
+            release.set()
+    assert [(r.call_id, r.status) for r in results] == [("e1", ResultStatus.SUCCESS), ("s", ResultStatus.FAILURE)]
+    assert results[0].result == {"n": 1}
+    assert "TimeoutError" in (results[1].error or "")
