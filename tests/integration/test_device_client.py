@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from hub_support import QUICK_BACKOFF, TOKEN, device_token, echo_tools, running_device, running_hub
+from hub_support import QUICK_BACKOFF, TOKEN, device_token, echo_tools, running_device, running_hub, serving
 from websockets.asyncio.server import ServerConnection, serve
 
 from aip.backoff import Backoff
@@ -342,15 +342,8 @@ async def test_an_executor_without_execute_command_runs_each_command_as_a_batch_
     commands = [Command(tool_name="echo", parameters={"n": n}, call_id=f"e-{n}") for n in range(3)]
     async with running_hub() as hub:
         device = DeviceClient(hub.url, "lab-pc", executor, token=device_token(hub, "lab-pc"))
-        stop = asyncio.Event()
-        serving = asyncio.create_task(device.run(stop))
-        async with asyncio.timeout(WAIT):
-            await device.registered.wait()
-        async with WebSocketCommandDispatcher(HubLink(hub.url, TOKEN), "lab-pc") as dispatcher:
+        async with serving(device), WebSocketCommandDispatcher(HubLink(hub.url, TOKEN), "lab-pc") as dispatcher:
             results = await dispatcher.execute_commands(commands, timeout=WAIT)
-        stop.set()
-        async with asyncio.timeout(WAIT):
-            await serving
     assert [r.call_id for r in results] == ["e-0", "e-1", "e-2"]
     if answers == 1:
         assert executor.batches == [["e-0"], ["e-1"], ["e-2"]]
@@ -380,15 +373,8 @@ async def test_a_command_the_executor_breaks_on_fails_alone_and_the_next_runs_fa
     ]
     async with running_hub() as hub:
         device = DeviceClient(hub.url, "lab-pc", executor, token=device_token(hub, "lab-pc"))
-        stop = asyncio.Event()
-        serving = asyncio.create_task(device.run(stop))
-        async with asyncio.timeout(WAIT):
-            await device.registered.wait()
-        async with WebSocketCommandDispatcher(HubLink(hub.url, TOKEN), "lab-pc") as dispatcher:
+        async with serving(device), WebSocketCommandDispatcher(HubLink(hub.url, TOKEN), "lab-pc") as dispatcher:
             broke, stray, echoed = await dispatcher.execute_commands(commands, timeout=WAIT)
-        stop.set()
-        async with asyncio.timeout(WAIT):
-            await serving
     assert broke.status is ResultStatus.FAILURE and "RuntimeError: the executor broke" in (broke.error or "")
     assert stray.call_id == "s" and stray.status is ResultStatus.FAILURE
     assert "came back for call_id 'someone-else'" in (stray.error or ""), stray.error
