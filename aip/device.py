@@ -361,7 +361,7 @@ class DeviceClient:
             if not work.done():
                 work.cancel()
                 logger.warning(
-                    "device %r: batch %s ran past its time; answering the commands not done as timed out",
+                    "device %r: batch %r ran past its time; answering the commands not done as timed out",
                     self.device_id,
                     batch.response_id,
                 )
