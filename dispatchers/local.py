@@ -36,6 +36,10 @@ class LocalCommandDispatcher(ToolCallDispatcher):
     the attempt's time like the call itself.
     """
 
+    #: Routing, slots and MCP requests all end when cancelled; the courtesy cancel MCP then sends the
+    #: server shields itself from that first cancel, and ends at the second.
+    calls_end_when_cancelled = True
+
     def __init__(self, mcp_server_manager: MCPServerManager, agent: str | None = None, **policies: Any) -> None:
         super().__init__(**policies)
         self.manager = mcp_server_manager

@@ -13,15 +13,15 @@ import logging
 from abc import abstractmethod
 from collections.abc import Sequence
 from functools import partial
-from types import TracebackType
+from typing import NoReturn
 
 from aip.budget import Budget, Deadline
 from aip.messages import Command, Result, RetryRule
 from aip.retry import requested_retry
 
 from .base import DEFAULT_TIMEOUT, BasicCommandDispatcher, assign_call_ids, error_result
-from .batch import BatchPolicy, ResultListener, run_batch
-from .errors import AttemptTimeout, CommandTimeout, describe
+from .batch import BatchPolicy, CancelAt, ResultListener, run_batch
+from .errors import AttemptTimeout, describe
 from .policy import AttemptObserver, RetryPolicy, observing_attempts
 
 __all__ = ["ToolCallDispatcher"]
@@ -46,50 +46,29 @@ class _AttemptCounter:
             self.outer.retry(number, error, delay)
 
 
-class _AttemptClock:
+class _AttemptClock(CancelAt):
     """The time limit of one attempt, for a ``with`` block around it in the task that runs it.
 
-    asyncio.timeout's own logic, without its object and its two coroutines:
-    on expiry the task is cancelled; on the way out that cancel is taken
-    back, and, when it is the one that ended the call, the attempt timed out
-    (``AttemptTimeout`` when the retry policy's attempt limit ended it,
-    ``CommandTimeout`` when the deadline did). A ``with`` block, not a
-    coroutine: the attempt's awaits pass through no frame of its own.
+    When its cancel is what ended the call, the attempt timed out:
+    ``AttemptTimeout`` when the retry policy's attempt limit ended it,
+    ``CommandTimeout`` when the deadline did.
     """
 
-    __slots__ = ("_cancelling", "_deadline", "_expired", "_limit", "_task", "_timer")
+    __slots__ = ("_limit",)
 
     def __init__(self, deadline: Deadline, limit: float | None, budget: Budget) -> None:
-        task = asyncio.current_task()
-        assert task is not None  # an attempt runs in the batch's driver task
-        self._task, self._cancelling, self._expired = task, task.cancelling(), False
-        self._deadline, self._limit = deadline, limit
-        loop = asyncio.get_running_loop()
         # A Deadline is on asyncio's clock (time.monotonic): without an attempt limit, its own instant.
-        when = deadline.expires_at if limit is None else loop.time() + budget.for_attempt(deadline.remaining(), limit)
-        self._timer = loop.call_at(when, self._expire)
+        if limit is None:
+            super().__init__(deadline.expires_at, deadline)
+        else:
+            when = asyncio.get_running_loop().time() + budget.for_attempt(deadline.remaining(), limit)
+            super().__init__(when, deadline)
+        self._limit = limit
 
-    def _expire(self) -> None:
-        self._expired = True
-        self._task.cancel()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self._timer.cancel()
-        if not self._expired:
-            return
-        if exc_type is None or not issubclass(exc_type, asyncio.CancelledError):
-            self._task.uncancel()  # it ended before our cancel reached it: taken back unseen
-            return
-        if self._task.uncancel() > self._cancelling:  # cancelled by someone else too: theirs to handle
-            return
-        if self._limit is not None and not self._deadline.expired:
+    def timed_out(self) -> NoReturn:
+        if self._limit is not None and not self.deadline.expired:
             raise AttemptTimeout(self._limit) from None
-        raise CommandTimeout(self._deadline.seconds) from None
+        super().timed_out()
 
 
 def _log_retry(command: Command, attempt_number: int, error: BaseException, delay: float) -> None:
@@ -105,6 +84,10 @@ def _log_retry(command: Command, attempt_number: int, error: BaseException, dela
 
 class ToolCallDispatcher(BasicCommandDispatcher):
     """Base of the dispatchers that execute commands themselves, one call each."""
+
+    #: Whether ``call`` ends promptly once its task is cancelled (twice at most), so that a
+    #: batch of one may run in the caller's task (``run_batch``'s ``alone_in_task``).
+    calls_end_when_cancelled = False
 
     def __init__(
         self,
@@ -195,4 +178,12 @@ class ToolCallDispatcher(BasicCommandDispatcher):
             deadline = Deadline.after(timeout)
         except ValueError as error:  # still one Result per command, never an exception
             return self.generate_error_results(assign_call_ids(commands), error)
-        return await run_batch(commands, self.execute_command, deadline, self.batch, on_result, self.budget)
+        return await run_batch(
+            commands,
+            self.execute_command,
+            deadline,
+            self.batch,
+            on_result,
+            self.budget,
+            alone_in_task=self.calls_end_when_cancelled,
+        )

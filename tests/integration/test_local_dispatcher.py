@@ -580,6 +580,26 @@ async def test_a_parallel_batch_past_its_timeout_returns_partial_results(shared:
     assert time.monotonic() - begin < 5
 
 
+async def test_a_single_command_past_its_timeout_fails_at_its_deadline_in_the_callers_task(
+    shared: MCPServerManager,
+) -> None:
+    """A batch of one runs in the caller's task (no driver task); its deadline still ends it, and the task is clean."""
+    dispatcher = LocalCommandDispatcher(shared)
+    slow = Command(tool_name="sleep", parameters={"seconds": 30}, call_id="alone-slow")
+    task = asyncio.current_task()
+    assert task is not None
+    begin = time.monotonic()
+
+    [result] = await run(dispatcher, slow, timeout=1.0)
+
+    assert time.monotonic() - begin < 1.0 + 1.0
+    assert failure_cause(result, slow) == "TimeoutError: no result within 1.0s"
+    assert result.namespace == "demo"
+    assert task.cancelling() == 0
+    [after] = await run(dispatcher, Command(tool_name="echo", parameters={"value": 0}), timeout=10)
+    assert after.result == {"result": 0}
+
+
 async def test_a_server_that_never_answers_at_start_times_out_and_does_not_block_the_others() -> None:
     config = {
         "mcpServers": {

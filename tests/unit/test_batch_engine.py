@@ -1047,3 +1047,176 @@ async def test_run_batch_interrupted_while_the_second_command_runs(policy: Batch
     assert WHILE_IT_RAN in (results[1].error or "")
     assert BEFORE_IT_STARTED in (results[2].error or "")
     assert all(result.call_id for result in results) and len({result.call_id for result in results}) == 3
+
+
+# --- a batch of one in the caller's task (alone_in_task) ---------------------------------------------------------
+
+
+def success(command: Command, value: Any = "done") -> Result:
+    return Result(status=ResultStatus.SUCCESS, result=value, call_id=command.call_id)
+
+
+async def test_alone_in_task_a_batch_of_one_runs_in_the_callers_task_and_a_batch_of_two_does_not() -> None:
+    tasks: list[asyncio.Task[Any] | None] = []
+    told: list[tuple[int, Any]] = []
+
+    async def run_one(command: Command, deadline: Deadline) -> Result:
+        tasks.append(asyncio.current_task())
+        return success(command, command.tool_name)
+
+    caller = asyncio.current_task()
+    one = await run_batch(
+        [Command(tool_name="a")],
+        run_one,
+        Deadline.after(5),
+        alone_in_task=True,
+        on_result=lambda i, r: told.append((i, r.result)),
+    )
+    two = await run_batch(
+        [Command(tool_name="b"), Command(tool_name="c")], run_one, Deadline.after(5), alone_in_task=True
+    )
+
+    assert [r.result for r in one + two] == ["a", "b", "c"]
+    assert one[0].call_id  # filled, as for any batch
+    assert told == [(0, "a")]
+    assert tasks[0] is caller
+    assert tasks[1] is not caller and tasks[2] is not caller
+    assert caller is not None and caller.cancelling() == 0
+
+
+async def test_alone_in_task_failures_are_results_in_the_documented_format() -> None:
+    async def run_one(command: Command, deadline: Deadline) -> Result:
+        if command.tool_name == "raises":
+            raise Exception()
+        return success(Command(tool_name="x", call_id="someone-else"))
+
+    raising, lying = Command(tool_name="raises", call_id="r"), Command(tool_name="lies", call_id="l")
+
+    [raised] = await run_batch([raising], run_one, Deadline.after(5), alone_in_task=True)
+    [lied] = await run_batch([lying], run_one, Deadline.after(5), alone_in_task=True)
+
+    assert_failure(raised, raising, "Exception: Exception()")
+    assert_failure(lied, lying, "the result came back for call_id 'someone-else'")
+
+
+async def test_alone_in_task_a_run_one_past_its_deadline_is_cancelled_and_times_out() -> None:
+    """A run_one that ignores its deadline (but not a cancel) ends ``settle`` after it, a timeout failure."""
+    ended = asyncio.Event()
+
+    async def run_one(command: Command, deadline: Deadline) -> Result:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            ended.set()
+        return success(command)
+
+    command = Command(tool_name="stuck", call_id="s")
+    begin = time.monotonic()
+    [result] = await run_batch([command], run_one, Deadline.after(0.2), budget=Budget(settle=0.1), alone_in_task=True)
+
+    assert time.monotonic() - begin < 0.2 + SLACK
+    assert ended.is_set()
+    assert_failure(result, command, "TimeoutError: no result within 0.2s")
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+
+
+async def test_alone_in_task_a_clean_up_that_outlives_the_first_cancel_ends_at_the_second() -> None:
+    """As MCP's courtesy cancel does: a run_one's own timeout ends the call, then a slow clean-up awaits."""
+    cleaned: list[str] = []
+
+    async def run_one(command: Command, deadline: Deadline) -> Result:
+        try:
+            async with asyncio.timeout_at(deadline.expires_at):
+                await asyncio.Event().wait()
+        except TimeoutError:
+            try:
+                await asyncio.sleep(30)  # the clean-up: it would hold the batch for 30 s
+            finally:
+                cleaned.append("cut short")
+        return success(command)
+
+    command = Command(tool_name="courteous", call_id="c")
+    begin = time.monotonic()
+    [result] = await run_batch([command], run_one, Deadline.after(0.2), budget=Budget(settle=0.1), alone_in_task=True)
+
+    assert time.monotonic() - begin < 0.2 + SLACK
+    assert cleaned == ["cut short"]
+    assert_failure(result, command, "TimeoutError: no result within 0.2s")
+
+
+async def test_alone_in_task_a_result_after_the_wait_is_over_is_too_late() -> None:
+    """What the driver does with a Result past ``settle``: the command timed out."""
+
+    async def run_one(command: Command, deadline: Deadline) -> Result:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            return success(command, "late")
+        return success(command)
+
+    command = Command(tool_name="shrugs", call_id="l")
+
+    [result] = await run_batch([command], run_one, Deadline.after(0.1), budget=Budget(settle=0.05), alone_in_task=True)
+
+    assert_failure(result, command, "TimeoutError: no result within 0.1s")
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+
+
+async def test_alone_in_task_a_cancellation_from_outside_stays_a_cancellation() -> None:
+    started, ended = asyncio.Event(), asyncio.Event()
+
+    async def run_one(command: Command, deadline: Deadline) -> Result:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            ended.set()
+        return success(command)
+
+    batch = asyncio.ensure_future(run_batch([Command(tool_name="x")], run_one, Deadline.after(30), alone_in_task=True))
+    await wait_for(started)
+    batch.cancel()
+
+    with pytest.raises(asyncio.CancelledError):
+        await batch
+    assert ended.is_set()
+
+
+async def test_alone_in_task_an_expired_deadline_runs_nothing() -> None:
+    calls: list[str] = []
+
+    async def run_one(command: Command, deadline: Deadline) -> Result:
+        calls.append(command.tool_name)
+        return success(command)
+
+    deadline = Deadline(expires_at=time.monotonic() - 1, seconds=0.01)  # spent before the batch starts
+    command = Command(tool_name="late", call_id="x")
+
+    [result] = await run_batch([command], run_one, deadline, alone_in_task=True)
+
+    assert calls == []
+    assert_failure(result, command, "TimeoutError: no result within 0.01s")
+
+
+async def test_alone_in_task_a_batch_of_one_under_an_interruption_is_interrupted() -> None:
+    running = asyncio.Event()
+
+    async def run_one(command: Command, deadline: Deadline) -> Result:
+        running.set()
+        await asyncio.sleep(60)
+        return success(command)
+
+    with interruptible() as interruption:
+        batch = asyncio.ensure_future(
+            run_batch(
+                [Command(tool_name="hold")], run_one, Deadline.after(120), budget=Budget(settle=0.1), alone_in_task=True
+            )
+        )
+        await wait_for(running)
+        interruption.interrupt()
+        async with asyncio.timeout(5):
+            [result] = await batch
+
+    assert WHILE_IT_RAN in (result.error or "")
