@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
+from _json import make_encoder
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 
 from .failure import error_result
 from .messages import Command, Result, ResultStatus
@@ -40,9 +41,13 @@ Run = Callable[[Command], Awaitable[Result]]
 #: (controller, call_id): whose call it is, and which.
 Key = tuple[str, str]
 
-#: The JSON that identifies a command, keys sorted: one encoder (``json.dumps`` with options builds one per call).
-_IDENTITY = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=repr)
+#: The JSON that identifies a command, keys sorted, compact, ``repr`` for what JSON lacks: json's own C encoder,
+#: made once (``JSONEncoder.encode`` builds one per call, half of a fingerprint's time). Without a circular
+#: check: a command's parameters came from JSON, or were checked as a ``Command`` was made.
+_IDENTITY = make_encoder(None, repr, encode_basestring_ascii, None, ":", ",", True, False, True)
 _DIGEST_CHARS = 64
+#: A Result's JSON, as ``model_dump_json`` makes it without the keyword handling around it (half its time).
+_RESULT_JSON = Result.__pydantic_serializer__.to_json
 _SUCCESS = ResultStatus.SUCCESS
 
 
@@ -56,7 +61,7 @@ def fingerprint(command: Command) -> str:
     Their JSON, keys sorted; its SHA-256 digest when that is shorter (a JSON
     array, opening with ``[``, is never taken for a hex digest).
     """
-    text = _IDENTITY.encode([command.tool_name, command.parameters or {}, command.tool_type, command.namespace])
+    text = "".join(_IDENTITY([command.tool_name, command.parameters or {}, command.tool_type, command.namespace], 0))
     return text if len(text) <= _DIGEST_CHARS else hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -69,18 +74,50 @@ class MemoryLimits:
     seconds: float = 3600.0
 
 
+class _Running:
+    """A call in progress: its command's fingerprint, and the future a repeat joins, made when one first does.
+
+    Repeats are rare: a future made for every call would cost each command a
+    future and its callbacks for nobody.
+    """
+
+    __slots__ = ("_future", "identity")
+
+    def __init__(self, identity: str) -> None:
+        self.identity = identity
+        self._future: asyncio.Future[Result] | None = None
+
+    def joined(self) -> asyncio.Future[Result]:
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+        return self._future
+
+    def ended(self, outcome: Result | BaseException) -> None:
+        """Tell the repeats waiting: the Result, the exception the run raised, or a cancellation."""
+        future = self._future
+        if future is None:
+            return
+        if isinstance(outcome, Result):
+            future.set_result(outcome)
+        elif isinstance(outcome, Exception):
+            future.set_exception(outcome)
+            future.exception()  # marked retrieved: a repeat may never come to look
+        else:
+            future.cancel()
+
+
 class CallMemory:
     """Results by (controller, call_id), and the calls still running, shared by every batch on one device."""
 
     def __init__(self, limits: MemoryLimits = MemoryLimits(), clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
         self.clock = clock
-        # Results are kept as JSON text: 10,000 strings cost the garbage collector
+        # Results are kept as JSON (bytes): 10,000 of them cost the garbage collector
         # nothing, 10,000 model trees cost every full collection a scan.
         # (when, the command's fingerprint, the Result's JSON, the batch it ran in if it failed)
-        self._done: OrderedDict[Key, tuple[float, str, str, str | None]] = OrderedDict()
+        self._done: OrderedDict[Key, tuple[float, str, bytes, str | None]] = OrderedDict()
         self._bytes = 0
-        self._running: dict[Key, tuple[str, asyncio.Future[Result]]] = {}
+        self._running: dict[Key, _Running] = {}
 
     def __len__(self) -> int:
         return len(self._done)
@@ -110,27 +147,22 @@ class CallMemory:
             return Result.model_validate_json(known[2]) if known[1] == identity else _refused(command)
         running = self._running.get(key)
         if running is not None:
-            return await _join(command, running[1]) if running[0] == identity else _refused(command)
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._running[key] = (identity, future)
+            return await _join(command, running.joined()) if running.identity == identity else _refused(command)
+        running = self._running[key] = _Running(identity)
         try:
             result = await run(command)
         except BaseException as error:
             del self._running[key]
-            if isinstance(error, Exception):
-                future.set_exception(error)
-                future.exception()  # marked retrieved: a repeat may never come to look
-            else:
-                future.cancel()
+            running.ended(error)
             raise
         del self._running[key]
-        future.set_result(result)
+        running.ended(result)
         self._remember(key, identity, result, None if result.status is _SUCCESS else delivery)
         return result
 
     def _remember(self, key: Key, command_fingerprint: str, result: Result, failed_in: str | None) -> None:
         try:
-            text = result.model_dump_json()
+            text = _RESULT_JSON(result)
         except (ValueError, RecursionError):
             return  # a result that cannot travel is not worth replaying; the reply will say so
         done, limits = self._done, self.limits
