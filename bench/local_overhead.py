@@ -46,7 +46,9 @@ Three comparisons, all in one process, all against the same stdio demo server
     flow is the floor of what MCP adds: the same MCP calls with none of our
     code. Our flow against that bare MCP flow is the stricter baseline:
     Prefect plus MCP, so the ratio is what our own code (and persistence)
-    adds. The persisting no-op flow run twice per repetition gives an A/A
+    adds; against the same flow persisting its results, what our code alone
+    adds, and that flow against the persisting no-op flow is the lowest the
+    headline could go. The persisting no-op flow run twice per repetition gives an A/A
     ratio, the noise floor of (c): flow runs vary far more than single
     calls, so under load the (c) ratios move by tenths from run to run.
     1-command flows of each kind give the fixed cost per flow run, hence the
@@ -365,7 +367,9 @@ async def bench_flow(batch: int, repeats: int, raw: Client) -> dict[str, Any]:
     after the timed runs proves that no run started its own. A second,
     stricter baseline (``bare_mcp``) is the bare flow whose tasks each make the
     raw ``call_tool`` on ``raw``, an already connected client: Prefect plus MCP
-    with nothing of ours. ``bare_n_aa`` is the no-op flow once more, an A/A
+    with nothing of ours; ``bare_mcp_p`` the same persisting its results, as
+    ours and the headline's floor do, so it is the floor no dispatcher can go
+    under. ``bare_n_aa`` is the no-op flow once more, an A/A
     pair: the noise floor of the ratios. The cold start and stop of the MCP
     server (what the first batch of a ServerPool pays, once) is timed on its
     own after the rotation, as context; it is in no ratio.
@@ -394,6 +398,10 @@ async def bench_flow(batch: int, repeats: int, raw: Client) -> dict[str, Any]:
             raise RuntimeError(f"raw echo failed: {answer}")
         return answer.structured_content
 
+    @task(cache_key_fn=run_and_index, persist_result=True)
+    async def raw_echo_persisted(value: int) -> Any:
+        return await raw_echo.fn(value)
+
     @flow(persist_result=False, log_prints=False)
     async def bare(count: int) -> list[int]:
         return list(await asyncio.gather(*(noop(i) for i in range(count))))
@@ -405,6 +413,10 @@ async def bench_flow(batch: int, repeats: int, raw: Client) -> dict[str, Any]:
     @flow(persist_result=False, log_prints=False)
     async def bare_mcp(count: int) -> list[Any]:
         return list(await asyncio.gather(*(raw_echo(i) for i in range(count))))
+
+    @flow(persist_result=False, log_prints=False)
+    async def bare_mcp_persisted(count: int) -> list[Any]:
+        return list(await asyncio.gather(*(raw_echo_persisted(i) for i in range(count))))
 
     config = mcp_config()
     counter = iter(range(10**9))
@@ -455,12 +467,14 @@ async def bench_flow(batch: int, repeats: int, raw: Client) -> dict[str, Any]:
         "bare_p_n_aa": baseline(batch, bare_persisted),
         "bare_n": baseline(batch),
         "bare_mcp_n": baseline(batch, bare_mcp),
+        "bare_mcp_p_n": baseline(batch, bare_mcp_persisted),
         "ours_n": ours(batch),
         "bare_p_1": baseline(1, bare_persisted),
         "bare_1": baseline(1),
         "ours_1": ours(1),
     }
-    for label in ("bare_p_n", "bare_n", "bare_mcp_n", "ours_n"):  # first big batch of each kind, untimed
+    # The first big batch of each kind, untimed.
+    for label in ("bare_p_n", "bare_n", "bare_mcp_n", "bare_mcp_p_n", "ours_n"):
         await runs[label]()
     settle = ApiSettle()
     await settle()
@@ -489,6 +503,7 @@ async def bench_flow(batch: int, repeats: int, raw: Client) -> dict[str, Any]:
         "bare_p_n_ms": ms(m["bare_p_n"]),
         "bare_n_ms": ms(m["bare_n"]),
         "bare_mcp_n_ms": ms(m["bare_mcp_n"]),
+        "bare_mcp_p_n_ms": ms(m["bare_mcp_p_n"]),
         "ours_n_ms": ms(m["ours_n"]),
         "bare_p_1_ms": ms(m["bare_p_1"]),
         "bare_1_ms": ms(m["bare_1"]),
@@ -498,6 +513,8 @@ async def bench_flow(batch: int, repeats: int, raw: Client) -> dict[str, Any]:
         "persistence_ratio": round(m["bare_p_n"] / m["bare_n"], 3),
         "ratio_vs_bare_mcp": round(m["ours_n"] / m["bare_mcp_n"], 3),
         "floor_ratio": round(m["bare_mcp_n"] / m["bare_n"], 3),
+        "ratio_vs_bare_mcp_persisted": round(m["ours_n"] / m["bare_mcp_p_n"], 3),
+        "floor_ratio_persisted": round(m["bare_mcp_p_n"] / m["bare_p_n"], 3),
         "ratio_marginal": round((m["ours_n"] - m["ours_1"]) / (m["bare_p_n"] - m["bare_p_1"]), 3),
         "ratio_1": round(m["ours_1"] / m["bare_p_1"], 3),
         "ratio_1_vs_no_persistence": round(m["ours_1"] / m["bare_1"], 3),
@@ -567,6 +584,8 @@ def print_table(figures: dict[str, Any]) -> None:
         row("    persistence: no-op flow, on vs off", c, "bare_n_ms", "bare_p_n_ms", "persistence_ratio", 0)
         row("    vs bare flow of raw call_tools", c, "bare_mcp_n_ms", "ours_n_ms", "ratio_vs_bare_mcp", 0)
         row("    floor: raw call_tools vs no-op", c, "bare_n_ms", "bare_mcp_n_ms", "floor_ratio", 0)
+        row("    vs the same, persisting", c, "bare_mcp_p_n_ms", "ours_n_ms", "ratio_vs_bare_mcp_persisted", 0)
+        row("    floor, persisting: raw vs no-op", c, "bare_p_n_ms", "bare_mcp_p_n_ms", "floor_ratio_persisted", 0)
         row("(c) flow, 1 command *", c, "bare_p_1_ms", "ours_1_ms", "ratio_1", 0)
         row("    vs 1 no-op task, no persistence", c, "bare_1_ms", "ours_1_ms", "ratio_1_vs_no_persistence", 0)
         row("    per command ((n) - (1))/(n-1)", c, "per_command_bare_ms", "per_command_ours_ms", "ratio_marginal", 2)
@@ -588,7 +607,8 @@ def print_table(figures: dict[str, Any]) -> None:
             f"(c) target ratio <= {TARGET_FLOW} (headline: {n} commands, servers warm, vs bare flow of no-op tasks "
             f"persisting their results): {verdict(c['ratio'] <= TARGET_FLOW)}; 1 command, target <= {TARGET_FLOW_1}: "
             f"{verdict(c['ratio_1'] <= TARGET_FLOW_1)}; with none of our code, the same MCP calls alone score "
-            f"{c['floor_ratio']:.2f} (without persistence)"
+            f"{c['floor_ratio_persisted']:.2f} (persisting, as the headline's floor does; "
+            f"{c['floor_ratio']:.2f} without persistence)"
         )
         print(
             "    (the MCP server cold start is paid once per ServerPool by the first batch; in no ratio. "
