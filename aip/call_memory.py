@@ -165,28 +165,24 @@ class CallMemory:
             text = _RESULT_JSON(result)
         except (ValueError, RecursionError):
             return  # a result that cannot travel is not worth replaying; the reply will say so
-        done, limits = self._done, self.limits
-        if len(text) > limits.bytes:
+        done, limits, size = self._done, self.limits, len(text)
+        if size > limits.bytes:
             return
-        if key in done:  # remembered again (a failure run anew): it moves to the young end
-            self._forget(key)
+        again = done.pop(key, None)  # remembered again (a failure run anew): it moves to the young end
+        if again is not None:
+            self._bytes -= len(again[2])
         done[key] = (self.clock(), command_fingerprint, text, failed_in)
-        self._bytes += len(text)
+        self._bytes += size
         while len(done) > limits.entries or self._bytes > limits.bytes:
-            self._forget(next(iter(done)))
+            self._forget_oldest()
 
-    def _forget(self, key: Key) -> None:
-        entry = self._done.pop(key, None)
-        if entry is not None:
-            self._bytes -= len(entry[2])
+    def _forget_oldest(self) -> None:
+        self._bytes -= len(self._done.popitem(last=False)[1][2])
 
     def _expire(self) -> None:
         done, oldest_kept = self._done, self.clock() - self.limits.seconds
-        while done:
-            key = next(iter(done))
-            if done[key][0] >= oldest_kept:
-                return
-            self._forget(key)
+        while done and next(iter(done.values()))[0] < oldest_kept:
+            self._forget_oldest()
 
 
 async def _join(command: Command, first_run: asyncio.Future[Result]) -> Result:

@@ -297,7 +297,9 @@ class DeviceClient:
 
         A dispatcher runs it through its own ``execute_command``, awaited in
         the batch's task: no batch of one around each command (a task, a
-        timer, a future of its own). Any other executor gets a batch of one.
+        timer, a future of its own), and one deadline for the whole batch, as
+        a batch engine sets one (a timeout names the batch's time, and no
+        deadline is made per command). Any other executor gets a batch of one.
         """
         loop, session, executor = asyncio.get_running_loop(), self.session, self.executor
         one: RunsOne | None = getattr(executor, "execute_command", None)
@@ -311,10 +313,12 @@ class DeviceClient:
 
             return in_a_batch_of_one
 
+        batch_deadline = Deadline.after(session.time_left(batch, loop.time()))
+
         async def by_itself(command: Command) -> Result:
             if not command.call_id:  # named, as a batch engine names it, so that its Result says which it is
                 command = command.model_copy(update={"call_id": str(uuid.uuid4())})
-            deadline = Deadline.after(session.time_left(batch, loop.time())).within(command.timeout)
+            deadline = batch_deadline.within(command.timeout)
             try:
                 result = await one(command, deadline)
             except Exception as error:  # as a batch engine would: this command fails, the next one runs
