@@ -350,9 +350,8 @@ class DeviceClient:
             work = asyncio.ensure_future(self._run_commands(batch, results))  # the rule travels in its context
         finally:
             requested_retry.reset(rule)
-        loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait({work}, timeout=max(batch.expires_at - loop.time(), 0.0))
+            await _until_done_or(work, batch.expires_at)
         except asyncio.CancelledError:
             work.cancel()
             if batch.cancelled is None:
@@ -460,6 +459,28 @@ async def _deliver(action: Transmit[ClientConnection]) -> None:
     """Transmit, if the connection is still there: a frame for a connection gone has nobody to tell."""
     with contextlib.suppress(ConnectionClosed):
         await _send(action)
+
+
+async def _until_done_or(work: asyncio.Future[None], when: float) -> None:
+    """Wait for ``work`` until ``when`` on the loop's clock, never cancelling it.
+
+    ``asyncio.wait({work}, timeout=...)`` for one future, without the sets,
+    checks and partials it builds for many: a batch of one pays it per command.
+    """
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    timer = loop.call_at(when, wake)
+    work.add_done_callback(wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        work.remove_done_callback(wake)
 
 
 def _log(entry: Log) -> None:
