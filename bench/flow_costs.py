@@ -18,9 +18,12 @@ of that one thing:
 4. ``result``: returning a ``Result`` (pickled into the result store) in
    place of an int.
 5. ``event``: plus the ``dispatch.command.succeeded`` event.
-6. ``task``: our own task (``tasks.command.execute_as_task``), the real MCP
-   call through ``LocalCommandDispatcher`` on a warm server included.
-7. ``ours``: ``dispatch_batch`` itself (its run engine, naming and tagging,
+6. ``mcp``: plus a raw ``call_tool`` on the warm server's own connected
+   ``mcp.Client``: what MCP itself costs, with nothing of ours around it.
+7. ``task``: our own task (``tasks.command.execute_as_task``): the same MCP
+   call through ``LocalCommandDispatcher``, so the difference is the
+   dispatcher's and the task wrapper's.
+8. ``ours``: ``dispatch_batch`` itself (its run engine, naming and tagging,
    progress and results artifacts, the batch-finished event).
 
 Every step is timed once per repetition, the order rotating; after each run
@@ -42,12 +45,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from harness import interleaved  # noqa: E402
-from local_overhead import ApiSettle, echo_commands, mcp_config  # noqa: E402
+from local_overhead import ApiSettle, echo_commands, live_client, mcp_config  # noqa: E402
 
 from aip.budget import Deadline  # noqa: E402
 from aip.messages import Command, Result, ResultStatus  # noqa: E402
 
-STEPS = ("noop", "params", "named", "result", "event", "task", "ours")
+STEPS = ("noop", "params", "named", "result", "event", "mcp", "task", "ours")
 
 
 async def ladder(batch: int, repeats: int) -> dict[str, Any]:
@@ -91,6 +94,16 @@ async def ladder(batch: int, repeats: int) -> dict[str, Any]:
         emit_command_event(DispatchEvent.COMMAND_SUCCEEDED, command, batch, {"attempts": 1, "status": "success"})
         return echo_result(command)
 
+    raw: list[Any] = []  # the warm server's connected client, once the pool has started it
+
+    @task(name="command", task_run_name=task_run_name, cache_key_fn=result_key, persist_result=True)
+    async def mcp(command: Command, dispatcher: Any, deadline: Deadline, batch: BatchContext, report: Any) -> Result:
+        answer = await raw[0].call_tool(command.tool_name, command.parameters)
+        if answer.is_error:
+            raise RuntimeError(f"raw call failed: {answer}")
+        emit_command_event(DispatchEvent.COMMAND_SUCCEEDED, command, batch, {"attempts": 1, "status": "success"})
+        return Result(status=ResultStatus.SUCCESS, result=answer.structured_content, call_id=command.call_id)
+
     def quoted_flow(kind: Any) -> Any:
         @flow(persist_result=False, log_prints=False)
         async def bare(commands: list[Command]) -> int:
@@ -132,6 +145,7 @@ async def ladder(batch: int, repeats: int) -> dict[str, Any]:
         "named": quoted_flow(named),
         "result": quoted_flow(result),
         "event": quoted_flow(event),
+        "mcp": quoted_flow(mcp),
         "task": task_flow,
         "ours": ours_flow,
     }
@@ -145,6 +159,7 @@ async def ladder(batch: int, repeats: int) -> dict[str, Any]:
         return run
 
     async with ServerPool():
+        raw.append(await live_client(shared_manager(config).servers["demo"]))  # the one our task steps call too
         for name in STEPS:  # the first run of each kind pays for imports and connections; a server starts
             await step(name, 1)()
             await step(name, batch)()
