@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -241,17 +243,24 @@ class CancelAt:
     came; when it is what ended the block, ``timed_out`` raises what that
     becomes, by default ``CommandTimeout`` for ``deadline``. A ``with``
     block, not a coroutine: the awaits in it pass through no frame of its own.
+    The instant is kept by its event loop's ``_Watch``, not a timer of its own.
     """
 
-    __slots__ = ("_cancelling", "_task", "_timer", "deadline", "expired")
+    __slots__ = ("_cancelling", "_task", "_watch", "deadline", "expired")
 
     def __init__(self, when: float, deadline: Deadline) -> None:
         task = asyncio.current_task()
         assert task is not None  # made where it is entered, in a task
         self._task, self._cancelling, self.expired, self.deadline = task, task.cancelling(), False, deadline
-        self._timer = asyncio.get_running_loop().call_at(when, self._expire)
+        loop = task.get_loop()
+        watch = _watches.get(loop)
+        if watch is None:
+            watch = _watches[loop] = _Watch()
+        self._watch = watch
+        watch.add(self, when, loop)
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
+        """The instant has come (called by the watch)."""
         self.expired = True
         self._task.cancel()
 
@@ -261,7 +270,7 @@ class CancelAt:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        self._timer.cancel()
+        self._watch.discard(self)
         if not self.expired:
             return
         if exc_type is None or not issubclass(exc_type, asyncio.CancelledError):
@@ -274,6 +283,55 @@ class CancelAt:
     def timed_out(self) -> NoReturn:
         """Our cancel ended the block."""
         raise CommandTimeout(self.deadline.seconds) from None
+
+
+class _Watch:
+    """The pending ``CancelAt``s of one event loop, under one timer, armed for the earliest of them.
+
+    A timer per clock (made, pushed on the loop's heap and cancelled for
+    every attempt and every batch of one) cost a call of under a millisecond
+    several µs each (``bench/local_overhead.py``); here a clock is a dict
+    entry, and a timer is armed only for a clock due before the armed one (a
+    sequence of calls with the same timeout arms none). A timer finds the
+    clocks due at its instant (none, if they have ended) and arms one for
+    the earliest left; one armed for a later instant than a newer one comes
+    to nothing. The watch holds no timer and no loop: the loop's timers
+    hold it, so a closed loop takes its watch with it.
+    """
+
+    __slots__ = ("_clocks", "_when")
+
+    def __init__(self) -> None:
+        self._clocks: dict[CancelAt, float] = {}
+        self._when = math.inf  # the instant of the timer that counts; none armed: inf
+
+    def add(self, clock: CancelAt, when: float, loop: asyncio.AbstractEventLoop) -> None:
+        self._clocks[clock] = when
+        if when < self._when:
+            self._arm(when, loop)
+
+    def discard(self, clock: CancelAt) -> None:
+        self._clocks.pop(clock, None)
+
+    def _fire(self, due: float) -> None:
+        if due != self._when:  # a timer since armed for a sooner instant counts instead
+            return
+        expired = [clock for clock, when in self._clocks.items() if when <= due]
+        for clock in expired:
+            del self._clocks[clock]
+        self._when = math.inf
+        if self._clocks:
+            self._arm(min(self._clocks.values()), asyncio.get_running_loop())
+        for clock in expired:
+            clock.expire()
+
+    def _arm(self, when: float, loop: asyncio.AbstractEventLoop) -> None:
+        self._when = when
+        loop.call_at(when, self._fire, when)
+
+
+#: Each event loop's watch (a loop that is gone takes its watch with it).
+_watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watch] = weakref.WeakKeyDictionary()
 
 
 def _set_if_pending(future: asyncio.Future[None]) -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import math
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +33,7 @@ from dispatchers import (
     error_result,
     run_batch,
 )
+from dispatchers.batch import CancelAt
 from dispatchers.errors import (
     CommandTimeout,
     ConnectionLost,
@@ -1220,3 +1223,66 @@ async def test_alone_in_task_a_batch_of_one_under_an_interruption_is_interrupted
             [result] = await batch
 
     assert WHILE_IT_RAN in (result.error or "")
+
+
+# --- CancelAt: every clock of a loop under one timer ---------------------------------------------------------------
+
+
+async def _cancelled_at(seconds: float, order: list[str], label: str, made: asyncio.Event | None = None) -> None:
+    """A task's body: a clock of ``seconds``, and the label recorded when its timeout ends the block."""
+    deadline = Deadline.after(seconds)
+    try:
+        with CancelAt(deadline.expires_at, deadline):
+            if made is not None:
+                made.set()
+            await asyncio.Event().wait()
+    except CommandTimeout:
+        order.append(label)
+
+
+async def test_cancel_at_a_clock_due_sooner_than_the_armed_one_fires_first_and_each_fires_once() -> None:
+    order: list[str] = []
+    made = asyncio.Event()
+    late = asyncio.ensure_future(_cancelled_at(0.3, order, "late", made))
+    await wait_for(made)  # the late clock is made (and the timer armed for it) first
+    early = asyncio.ensure_future(_cancelled_at(0.05, order, "early"))
+    also_early = asyncio.ensure_future(_cancelled_at(0.05, order, "also early"))
+
+    async with asyncio.timeout(5):
+        await asyncio.gather(late, early, also_early)
+
+    assert order[-1] == "late" and sorted(order[:2]) == ["also early", "early"]
+
+
+async def test_cancel_at_a_clock_that_ended_never_fires_and_the_next_still_does() -> None:
+    order: list[str] = []
+    task = asyncio.current_task()
+    assert task is not None
+    gone = Deadline.after(0.05)
+    with CancelAt(gone.expires_at, gone) as clock:
+        pass  # ends at once: the timer armed for it finds nothing due, and is armed for the next clock
+
+    async with asyncio.timeout(5):
+        await _cancelled_at(0.2, order, "next")
+
+    assert not clock.expired
+    assert order == ["next"]
+    assert task.cancelling() == 0
+
+
+def test_cancel_at_a_closed_event_loop_takes_its_watch_with_it() -> None:
+    """The watch's timer is the loop's: a loop closed with one armed (30 s out) is not kept alive by it."""
+
+    async def one_clock() -> None:
+        deadline = Deadline.after(30)
+        with CancelAt(deadline.expires_at, deadline):
+            pass
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(one_clock())
+    loop.close()
+    gone = weakref.ref(loop)
+    del loop
+    gc.collect()
+
+    assert gone() is None
