@@ -108,50 +108,55 @@ class ToolCallDispatcher(BasicCommandDispatcher):
 
     @abstractmethod
     async def call(self, command: Command) -> Result:
-        """Make one attempt at ``command``: its success Result, or a raised ``CommandError``."""
+        """Make one attempt at ``command``: its success Result, or a raised ``CommandError``.
+
+        The Result is a new one, the call's own: the dispatcher fills in its ``attempts``.
+        """
 
     def is_repeatable(self, command: Command) -> bool:
         """Whether running ``command`` twice is harmless; only then is a sent call retried."""
         return False
 
     async def execute_command(self, command: Command, deadline: Deadline) -> Result:
-        """Run one command with retries, by ``deadline`` (and its own timeout)."""
+        """Run one command with retries, by ``deadline`` (and its own timeout).
+
+        On a device, the batch's retry rule (``requested_retry``) is the
+        policy, and the Result says how many tries it took (``attempts``).
+        The first attempt is made here, as ``RetryPolicy.call`` would: a call
+        that succeeds at once (most do) passes through no coroutine of the
+        policy's or of the attempt's, and builds no retry loop, counter or
+        copy of its Result; every resumption of the call passes through each
+        coroutine around it.
+        """
         if self.command_timeout is not None:
             deadline = deadline.within(self.command_timeout)
         rule = requested_retry.get()
-        if rule is not None:  # on a device: the batch's own policy, and the Result says how many tries it took
-            return await self._following(rule, command, deadline)
-        # RetryPolicy.call, with its first attempt made here: a call that succeeds at once (most do) passes
-        # through no coroutine of the policy's or of the attempt's; every resumption of the call passes
-        # through each coroutine around it.
         observer = observing_attempts.get()
         if observer is not None:
             observer.attempt(1)
         try:
             with _AttemptClock(deadline, self.retry.attempt_timeout, self.budget):
-                return await self.call(command)
+                result = await self.call(command)
         except Exception as error:
-            failure = error
-        try:
-            return await self.retry.after(
-                failure,
-                partial(self._attempt, command, deadline),
-                deadline,
-                repeatable=partial(self.is_repeatable, command),
-                on_retry=partial(_log_retry, command),
-            )
-        except Exception as error:
-            return self.naming_the_server(command, error_result(command, error))
+            return await self._retried(rule, error, command, deadline, observer)
+        if rule is not None:
+            result.attempts = 1  # the call's own Result (see ``call``)
+        return result
 
-    async def _following(self, rule: RetryRule, command: Command, deadline: Deadline) -> Result:
-        """``execute_command`` under a batch's retry rule, counting the attempts (for ``Result.attempts``)."""
-        counter = _AttemptCounter(observing_attempts.get())
+    async def _retried(
+        self,
+        rule: RetryRule | None,
+        failure: Exception,
+        command: Command,
+        deadline: Deadline,
+        observer: AttemptObserver | None,
+    ) -> Result:
+        """The rest of ``execute_command`` once its first attempt failed with ``failure``."""
+        counter = _AttemptCounter(observer)
         token = observing_attempts.set(counter)
-        known = self._rule_policy
-        if known is None or known[0] is not rule:
-            known = self._rule_policy = (rule, self.retry.following(rule))
         try:
-            result = await known[1].call(
+            result = await self._policy(rule).after(
+                failure,
                 partial(self._attempt, command, deadline),
                 deadline,
                 repeatable=partial(self.is_repeatable, command),
@@ -161,7 +166,16 @@ class ToolCallDispatcher(BasicCommandDispatcher):
             result = self.naming_the_server(command, error_result(command, error))
         finally:
             observing_attempts.reset(token)
-        return result.model_copy(update={"attempts": counter.attempts})
+        return result if rule is None else result.model_copy(update={"attempts": counter.attempts})
+
+    def _policy(self, rule: RetryRule | None) -> RetryPolicy:
+        """The retry policy under ``rule`` (a batch's, on a device), else the dispatcher's own."""
+        if rule is None:
+            return self.retry
+        known = self._rule_policy
+        if known is None or known[0] is not rule:
+            known = self._rule_policy = (rule, self.retry.following(rule))
+        return known[1]
 
     async def _attempt(self, command: Command, deadline: Deadline) -> Result:
         """One attempt at ``command``, ended by the retry policy's attempt timeout or ``deadline``."""

@@ -10,7 +10,7 @@ from aip.backoff import Backoff
 from aip.budget import Deadline
 from aip.messages import Command, RetryRule
 from aip.retry import requested_retry
-from dispatchers import InMemoryCommandDispatcher, RetryPolicy
+from dispatchers import InMemoryCommandDispatcher, RetryPolicy, observing_attempts
 from dispatchers.errors import CommandError, ConnectionLost, InvalidParameters, ServerUnavailable, ToolReportedError
 from dispatchers.remote import DELIVER_AGAIN, HubDropped
 from dispatchers.retry_conditions import (
@@ -166,3 +166,52 @@ async def test_one_dispatcher_follows_each_batch_rule_in_turn_however_many_it_ha
             requested_retry.reset(token)
         outcomes.append((name, result.status.value, result.attempts))
     assert outcomes == [("a", "success", 3), ("b", "failure", 2), ("c", "success", 3), ("d", "failure", 2)]
+
+
+class _Heard:
+    """An ``observing_attempts`` observer that writes down what it is told."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+
+    def attempt(self, number: int) -> None:
+        self.events.append(("attempt", number))
+
+    def retry(self, number: int, error: BaseException, delay: float) -> None:
+        self.events.append(("retry", number))
+
+
+@pytest.mark.parametrize("under_a_rule", [True, False])
+async def test_the_observer_in_place_hears_every_attempt_and_a_rule_s_result_counts_them(under_a_rule: bool) -> None:
+    """The Prefect task counts attempts through its observer, on a device's batch rule or not."""
+    failures = {"once": 1, "never": 0, "always": 9}
+
+    def fails(command: Command) -> str:
+        if failures[command.tool_name] > 0:
+            failures[command.tool_name] -= 1
+            raise LOST_IN_FLIGHT
+        return command.tool_name
+
+    policy = RetryPolicy(attempts=3, backoff=Backoff(0.001, 0.001, 0))
+    dispatcher = InMemoryCommandDispatcher({name: fails for name in failures}, retry=policy)
+    heard: dict[str, list[tuple[str, int]]] = {}
+    counted: dict[str, tuple[str, int | None]] = {}
+    for name in failures:
+        observer = _Heard()
+        tokens = (observing_attempts.set(observer), requested_retry.set(policy.to_rule() if under_a_rule else None))
+        try:
+            result = await dispatcher.execute_command(Command(tool_name=name, call_id=name), Deadline.after(5))
+        finally:
+            requested_retry.reset(tokens[1])
+            observing_attempts.reset(tokens[0])
+        heard[name], counted[name] = observer.events, (result.status.value, result.attempts)
+
+    assert heard == {
+        "once": [("attempt", 1), ("retry", 1), ("attempt", 2)],
+        "never": [("attempt", 1)],
+        "always": [("attempt", 1), ("retry", 1), ("attempt", 2), ("retry", 2), ("attempt", 3)],
+    }
+    if under_a_rule:
+        assert counted == {"once": ("success", 2), "never": ("success", 1), "always": ("failure", 3)}
+    else:  # only a device's Results say how many tries they took
+        assert counted == {"once": ("success", None), "never": ("success", None), "always": ("failure", None)}
