@@ -298,8 +298,9 @@ class DeviceClient:
         A dispatcher runs it through its own ``execute_command``, awaited in
         the batch's task: no batch of one around each command (a task, a
         timer, a future of its own), and one deadline for the whole batch, as
-        a batch engine sets one (a timeout names the batch's time, and no
-        deadline is made per command). Any other executor gets a batch of one.
+        a batch engine sets one (a timeout names the batch's time; only a
+        command with a timeout of its own gets one more). Any other executor
+        gets a batch of one.
         """
         loop, session, executor = asyncio.get_running_loop(), self.session, self.executor
         one: RunsOne | None = getattr(executor, "execute_command", None)
@@ -351,7 +352,10 @@ class DeviceClient:
         finally:
             requested_retry.reset(rule)
         try:
-            await _until_done_or(work, batch.expires_at)
+            # As a batch engine does: the commands' own timeouts fire at the batch's time, and get
+            # ``settle`` to report (and be remembered) before the watch gives up on them; the
+            # device's time ends ``reply_margin`` before the controller's, so the answer still arrives.
+            await _until_done_or(work, batch.expires_at + self.session.budget.settle)
         except asyncio.CancelledError:
             work.cancel()
             if batch.cancelled is None:

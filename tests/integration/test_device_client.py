@@ -410,3 +410,32 @@ async def test_a_tool_that_ignores_being_stopped_costs_the_batch_only_its_own_re
     assert [(r.call_id, r.status) for r in results] == [("e1", ResultStatus.SUCCESS), ("s", ResultStatus.FAILURE)]
     assert results[0].result == {"n": 1}
     assert "TimeoutError" in (results[1].error or "")
+
+
+async def test_a_tool_that_stops_when_told_at_the_batch_deadline_gets_its_own_timeout_and_is_remembered() -> None:
+    """At the batch's time the command's own timeout answers, not the watch: its failure is remembered.
+
+    The watch gives up on a command only ``settle`` after the batch's time:
+    one that stops when its timeout cancels it reports ``no result within``,
+    and the call memory keeps that failure for a re-delivery of the batch,
+    so an action is not started a second time by the hub sending it again.
+    """
+    starts: list[str | None] = []
+
+    async def slow(command: Command) -> Any:
+        starts.append(command.call_id)
+        await asyncio.Event().wait()  # until its timeout cancels it
+
+    async with (
+        running_hub() as hub,
+        running_device(hub, tools={"slow": slow}) as device,
+        WebSocketCommandDispatcher(HubLink(hub.url, TOKEN), "lab-pc") as dispatcher,
+    ):
+        async with asyncio.timeout(WAIT):
+            [result] = await dispatcher.execute_commands(
+                [Command(tool_name="slow", call_id="s", tool_type="action")], 1
+            )
+    assert result.status is ResultStatus.FAILURE
+    assert "no result within" in (result.error or ""), result.error
+    assert starts == ["s"]
+    assert len(device.memory) == 1, "the timed-out action was not remembered for a re-delivery of its batch"
