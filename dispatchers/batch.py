@@ -253,11 +253,13 @@ class CancelAt:
         assert task is not None  # made where it is entered, in a task
         self._task, self._cancelling, self.expired, self.deadline = task, task.cancelling(), False, deadline
         loop = task.get_loop()
-        watch = _watches.get(loop)
-        if watch is None:
-            watch = _watches[loop] = _Watch()
+        last = _last_watch
+        watch = last[1] if last is not None and last[0]() is loop else _watch_of(loop)
         self._watch = watch
-        watch.add(self, when, loop)
+        # _Watch.add, without a frame of its own: this runs for every attempt.
+        watch.clocks[self] = when
+        if when < watch.when:
+            watch.arm(when, loop)
 
     def expire(self) -> None:
         """The instant has come (called by the watch)."""
@@ -270,7 +272,7 @@ class CancelAt:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        self._watch.discard(self)
+        self._watch.clocks.pop(self, None)
         if not self.expired:
             return
         if exc_type is None or not issubclass(exc_type, asyncio.CancelledError):
@@ -299,39 +301,44 @@ class _Watch:
     hold it, so a closed loop takes its watch with it.
     """
 
-    __slots__ = ("_clocks", "_when")
+    __slots__ = ("clocks", "when")
 
     def __init__(self) -> None:
-        self._clocks: dict[CancelAt, float] = {}
-        self._when = math.inf  # the instant of the timer that counts; none armed: inf
-
-    def add(self, clock: CancelAt, when: float, loop: asyncio.AbstractEventLoop) -> None:
-        self._clocks[clock] = when
-        if when < self._when:
-            self._arm(when, loop)
-
-    def discard(self, clock: CancelAt) -> None:
-        self._clocks.pop(clock, None)
+        self.clocks: dict[CancelAt, float] = {}
+        self.when = math.inf  # the instant of the timer that counts; none armed: inf
 
     def _fire(self, due: float) -> None:
-        if due != self._when:  # a timer since armed for a sooner instant counts instead
+        if due != self.when:  # a timer since armed for a sooner instant counts instead
             return
-        expired = [clock for clock, when in self._clocks.items() if when <= due]
+        expired = [clock for clock, when in self.clocks.items() if when <= due]
         for clock in expired:
-            del self._clocks[clock]
-        self._when = math.inf
-        if self._clocks:
-            self._arm(min(self._clocks.values()), asyncio.get_running_loop())
+            del self.clocks[clock]
+        self.when = math.inf
+        if self.clocks:
+            self.arm(min(self.clocks.values()), asyncio.get_running_loop())
         for clock in expired:
             clock.expire()
 
-    def _arm(self, when: float, loop: asyncio.AbstractEventLoop) -> None:
-        self._when = when
+    def arm(self, when: float, loop: asyncio.AbstractEventLoop) -> None:
+        self.when = when
         loop.call_at(when, self._fire, when)
 
 
 #: Each event loop's watch (a loop that is gone takes its watch with it).
 _watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watch] = weakref.WeakKeyDictionary()
+#: The watch last looked up, with its loop (weakly): the loop of the next clock, nearly always, found
+#: without building a weak reference to look it up (a watch outlives its loop until another's replaces it).
+_last_watch: tuple[weakref.ref[asyncio.AbstractEventLoop], _Watch] | None = None
+
+
+def _watch_of(loop: asyncio.AbstractEventLoop) -> _Watch:
+    """``loop``'s watch, remembered as the last one looked up."""
+    global _last_watch
+    watch = _watches.get(loop)
+    if watch is None:
+        watch = _watches[loop] = _Watch()
+    _last_watch = (weakref.ref(loop), watch)
+    return watch
 
 
 def _set_if_pending(future: asyncio.Future[None]) -> None:

@@ -56,19 +56,19 @@ class _AttemptClock(CancelAt):
 
     __slots__ = ("_limit",)
 
-    def __init__(self, deadline: Deadline, limit: float | None, budget: Budget) -> None:
-        # A Deadline is on asyncio's clock (time.monotonic): without an attempt limit, its own instant.
-        if limit is None:
-            super().__init__(deadline.expires_at, deadline)
-        else:
-            when = asyncio.get_running_loop().time() + budget.for_attempt(deadline.remaining(), limit)
-            super().__init__(when, deadline)
+    def __init__(self, deadline: Deadline, limit: float, budget: Budget) -> None:
+        super().__init__(asyncio.get_running_loop().time() + budget.for_attempt(deadline.remaining(), limit), deadline)
         self._limit = limit
 
     def timed_out(self) -> NoReturn:
-        if self._limit is not None and not self.deadline.expired:
+        if not self.deadline.expired:
             raise AttemptTimeout(self._limit) from None
         super().timed_out()
+
+
+def _attempt_clock(deadline: Deadline, limit: float | None, budget: Budget) -> CancelAt:
+    """The clock of one attempt: without an attempt limit, the deadline's own instant (on asyncio's clock)."""
+    return CancelAt(deadline.expires_at, deadline) if limit is None else _AttemptClock(deadline, limit, budget)
 
 
 def _log_retry(command: Command, attempt_number: int, error: BaseException, delay: float) -> None:
@@ -135,7 +135,7 @@ class ToolCallDispatcher(BasicCommandDispatcher):
         if observer is not None:
             observer.attempt(1)
         try:
-            with _AttemptClock(deadline, self.retry.attempt_timeout, self.budget):
+            with _attempt_clock(deadline, self.retry.attempt_timeout, self.budget):
                 result = await self.call(command)
         except Exception as error:
             return await self._retried(rule, error, command, deadline, observer)
@@ -179,7 +179,7 @@ class ToolCallDispatcher(BasicCommandDispatcher):
 
     async def _attempt(self, command: Command, deadline: Deadline) -> Result:
         """One attempt at ``command``, ended by the retry policy's attempt timeout or ``deadline``."""
-        with _AttemptClock(deadline, self.retry.attempt_timeout, self.budget):
+        with _attempt_clock(deadline, self.retry.attempt_timeout, self.budget):
             return await self.call(command)
 
     async def execute_commands(
