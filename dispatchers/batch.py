@@ -203,8 +203,11 @@ async def _alone(
     Result that comes after that is too late, as it is for the driver: the
     command's Result is its timeout.
     """
-    if deadline.expired:
-        return error_result(command, CommandTimeout(deadline.seconds))
+    if deadline.expired:  # as the driver does: nothing runs, the listener hears of it
+        late = error_result(command, CommandTimeout(deadline.seconds))
+        if on_result is not None:
+            _tell(on_result, 0, command, late)
+        return late
     try:
         with CancelAt(deadline.expires_at + budget.settle, deadline) as wait:
             result = await _result_of(command, run_one, deadline)
@@ -251,7 +254,10 @@ class CancelAt:
     def __init__(self, when: float, deadline: Deadline) -> None:
         task = asyncio.current_task()
         assert task is not None  # made where it is entered, in a task
-        self._task, self._cancelling, self.expired, self.deadline = task, task.cancelling(), False, deadline
+        # Weakly: a watch holds its pending clocks, and through a task it would hold its own loop (the
+        # key of ``_watches``), so a loop closed with a task inside a block would never be collected.
+        self._task = weakref.ref(task)
+        self._cancelling, self.expired, self.deadline = task.cancelling(), False, deadline
         loop = task.get_loop()
         last = _last_watch
         watch = last[1] if last is not None and last[0]() is loop else _watch_of(loop)
@@ -263,8 +269,10 @@ class CancelAt:
 
     def expire(self) -> None:
         """The instant has come (called by the watch)."""
-        self.expired = True
-        self._task.cancel()
+        task = self._task()
+        if task is not None:  # else nothing is left to stop
+            self.expired = True
+            task.cancel()
 
     def __enter__(self) -> Self:
         return self
@@ -275,10 +283,12 @@ class CancelAt:
         self._watch.clocks.pop(self, None)
         if not self.expired:
             return
+        task = self._task()
+        assert task is not None  # it is running this block
         if exc_type is None or not issubclass(exc_type, asyncio.CancelledError):
-            self._task.uncancel()  # it ended before our cancel reached it: taken back unseen
+            task.uncancel()  # it ended before our cancel reached it: taken back unseen
             return
-        if self._task.uncancel() > self._cancelling:  # cancelled by someone else too: theirs to handle
+        if task.uncancel() > self._cancelling:  # cancelled by someone else too: theirs to handle
             return
         self.timed_out()
 
@@ -297,17 +307,21 @@ class _Watch:
     sequence of calls with the same timeout arms none). A timer finds the
     clocks due at its instant (none, if they have ended) and arms one for
     the earliest left; one armed for a later instant than a newer one comes
-    to nothing. The watch holds no timer and no loop: the loop's timers
-    hold it, so a closed loop takes its watch with it.
+    to nothing, and an instant that has a timer pending gets no second one.
+    The watch holds no timer and no loop (its clocks hold their tasks
+    weakly): the loop's timers hold it, so a closed loop takes its watch
+    with it.
     """
 
-    __slots__ = ("clocks", "when")
+    __slots__ = ("clocks", "pending", "when")
 
     def __init__(self) -> None:
         self.clocks: dict[CancelAt, float] = {}
         self.when = math.inf  # the instant of the timer that counts; none armed: inf
+        self.pending: set[float] = set()  # the instants timers are set for (a few: sooner ones came since)
 
     def _fire(self, due: float) -> None:
+        self.pending.discard(due)
         if due != self.when:  # a timer since armed for a sooner instant counts instead
             return
         expired = [clock for clock, when in self.clocks.items() if when <= due]
@@ -321,7 +335,9 @@ class _Watch:
 
     def arm(self, when: float, loop: asyncio.AbstractEventLoop) -> None:
         self.when = when
-        loop.call_at(when, self._fire, when)
+        if when not in self.pending:  # a long clock outliving many short ones is armed once, not once each
+            self.pending.add(when)
+            loop.call_at(when, self._fire, when)
 
 
 #: Each event loop's watch (a loop that is gone takes its watch with it).

@@ -86,7 +86,10 @@ class ToolCallDispatcher(BasicCommandDispatcher):
     """Base of the dispatchers that execute commands themselves, one call each."""
 
     #: Whether ``call`` ends promptly once its task is cancelled (twice at most), so that a
-    #: batch of one may run in the caller's task (``run_batch``'s ``alone_in_task``).
+    #: batch of one may run in the caller's task (``run_batch``'s ``alone_in_task``). A cancel
+    #: from outside (the caller's own) then reaches the call at once, with no driver's
+    #: ``unwind`` bounding it: a clean-up the call shields from it (MCP's courtesy cancel to
+    #: its server, up to 5 s) runs to its end, unless the batch's wait ends first.
     calls_end_when_cancelled = False
 
     def __init__(

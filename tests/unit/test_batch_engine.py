@@ -1196,11 +1196,15 @@ async def test_alone_in_task_an_expired_deadline_runs_nothing() -> None:
 
     deadline = Deadline(expires_at=time.monotonic() - 1, seconds=0.01)  # spent before the batch starts
     command = Command(tool_name="late", call_id="x")
+    heard: list[tuple[int, Result]] = []
 
-    [result] = await run_batch([command], run_one, deadline, alone_in_task=True)
+    [result] = await run_batch(
+        [command], run_one, deadline, on_result=lambda at, result: heard.append((at, result)), alone_in_task=True
+    )
 
     assert calls == []
     assert_failure(result, command, "TimeoutError: no result within 0.01s")
+    assert heard == [(0, result)], "the listener did not hear of the command that never ran, as the driver tells it"
 
 
 async def test_alone_in_task_a_batch_of_one_under_an_interruption_is_interrupted() -> None:
@@ -1286,3 +1290,63 @@ def test_cancel_at_a_closed_event_loop_takes_its_watch_with_it() -> None:
     gc.collect()
 
     assert gone() is None
+
+
+def test_cancel_at_a_loop_closed_with_a_task_inside_a_block_is_not_kept_alive_by_the_watch() -> None:
+    """The watch holds its pending clocks; a clock holds its task only weakly, so not the loop through it."""
+
+    async def stuck() -> None:
+        deadline = Deadline.after(30)
+        with CancelAt(deadline.expires_at, deadline):
+            await asyncio.Event().wait()
+
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(stuck())
+    loop.run_until_complete(asyncio.sleep(0.01))
+    loop.close()  # with the task still inside its block, never cancelled
+    gone = weakref.ref(loop)
+    del loop, task
+    gc.collect()
+
+    assert gone() is None
+
+
+class _TimerCountingLoop(asyncio.SelectorEventLoop):
+    """An event loop that notes the instant of every timer set on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timers: list[float] = []
+
+    def call_at(self, when: float, callback: Any, *args: Any, context: Any = None) -> asyncio.TimerHandle:
+        self.timers.append(when)
+        return super().call_at(when, callback, *args, context=context)
+
+
+def test_cancel_at_a_long_clock_outliving_many_short_ones_gets_one_timer() -> None:
+    """Each short clock's timer finds nothing due and re-arms for the long one: once, not once each."""
+    loop = _TimerCountingLoop()
+
+    async def churn() -> None:
+        long = Deadline.after(3600)
+        held = asyncio.Event()
+
+        async def holder() -> None:
+            with CancelAt(long.expires_at, long):
+                await held.wait()
+
+        holding = asyncio.create_task(holder())
+        await asyncio.sleep(0)
+        for _ in range(20):
+            short = Deadline.after(0.001)
+            with CancelAt(short.expires_at, short):
+                pass  # ends before its instant: its timer comes to nothing
+            await asyncio.sleep(0.005)  # past it: the timer fires, and arms for the long clock
+        held.set()
+        await holding
+        assert loop.timers.count(long.expires_at) == 1
+
+    try:
+        loop.run_until_complete(churn())
+    finally:
+        loop.close()
