@@ -83,6 +83,8 @@ logger = logging.getLogger("aip.device")
 
 #: Seconds a device serving other hubs waits before dialling again a hub that refused it.
 REFUSED_RETRY = 60.0
+#: The failure of a command the batch reached once its time was up.
+NOT_STARTED_IN_TIME = "TimeoutError: not run: the batch's time was up before it could start"
 
 
 class Executor(Protocol):
@@ -302,21 +304,28 @@ class DeviceClient:
         command with a timeout of its own gets one more). Any other executor
         gets a batch of one.
         """
-        loop, session, executor = asyncio.get_running_loop(), self.session, self.executor
+        session, executor = self.session, self.executor
+        left = session.time_left(batch, asyncio.get_running_loop().time())
+        # The commands' time ends ``settle`` (or a fifth of what is left) before the batch's, when the
+        # watch gives up on them: one that stops when its timeout tells it reports, and is remembered,
+        # before that; the answer still leaves at the batch's time.
+        batch_deadline = Deadline.after(session.budget.handed_on(left - min(session.budget.settle, left / 5)))
         one: RunsOne | None = getattr(executor, "execute_command", None)
         if one is None:
 
             async def in_a_batch_of_one(command: Command) -> Result:
-                results = await executor.execute_commands([command], session.time_left(batch, loop.time()))
+                if batch_deadline.expired:
+                    return error_result(command, NOT_STARTED_IN_TIME)
+                results = await executor.execute_commands([command], batch_deadline.remaining())
                 if len(results) != 1:
                     raise RuntimeError(f"the executor returned {len(results)} results for 1 command")
                 return results[0]
 
             return in_a_batch_of_one
 
-        batch_deadline = Deadline.after(session.time_left(batch, loop.time()))
-
         async def by_itself(command: Command) -> Result:
+            if batch_deadline.expired:  # as a batch engine does: nothing starts once the batch's time is up
+                return error_result(command, NOT_STARTED_IN_TIME)
             if not command.call_id:  # named, as a batch engine names it, so that its Result says which it is
                 command = command.model_copy(update={"call_id": str(uuid.uuid4())})
             deadline = batch_deadline.within(command.timeout)
@@ -352,10 +361,7 @@ class DeviceClient:
         finally:
             requested_retry.reset(rule)
         try:
-            # As a batch engine does: the commands' own timeouts fire at the batch's time, and get
-            # ``settle`` to report (and be remembered) before the watch gives up on them; the
-            # device's time ends ``reply_margin`` before the controller's, so the answer still arrives.
-            await _until_done_or(work, batch.expires_at + self.session.budget.settle)
+            await _until_done_or(work, batch.expires_at)  # the commands' own time ended before it
         except asyncio.CancelledError:
             work.cancel()
             if batch.cancelled is None:

@@ -256,6 +256,7 @@ class CancelAt:
         assert task is not None  # made where it is entered, in a task
         # Weakly: a watch holds its pending clocks, and through a task it would hold its own loop (the
         # key of ``_watches``), so a loop closed with a task inside a block would never be collected.
+        # So a clock keeps no task alive: whoever awaits the task does (a batch's driver, a task group).
         self._task = weakref.ref(task)
         self._cancelling, self.expired, self.deadline = task.cancelling(), False, deadline
         loop = task.get_loop()
@@ -284,7 +285,8 @@ class CancelAt:
         if not self.expired:
             return
         task = self._task()
-        assert task is not None  # it is running this block
+        if task is None:  # a task collected mid-block (its loop closed): its coroutine is being closed
+            return
         if exc_type is None or not issubclass(exc_type, asyncio.CancelledError):
             task.uncancel()  # it ended before our cancel reached it: taken back unseen
             return

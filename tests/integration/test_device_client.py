@@ -439,3 +439,28 @@ async def test_a_tool_that_stops_when_told_at_the_batch_deadline_gets_its_own_ti
     assert "no result within" in (result.error or ""), result.error
     assert starts == ["s"]
     assert len(device.memory) == 1, "the timed-out action was not remembered for a re-delivery of its batch"
+
+
+async def test_a_command_the_batch_reaches_after_its_time_is_never_started() -> None:
+    """As a batch engine does: once a command's timeout has spent the batch's time, the next ones do not start."""
+    acted: list[str | None] = []
+
+    async def slow(command: Command) -> Any:
+        await asyncio.Event().wait()  # until its timeout cancels it
+
+    def act(command: Command) -> Any:
+        acted.append(command.call_id)
+        return "done"
+
+    commands = [Command(tool_name="slow", call_id="s"), Command(tool_name="act", call_id="a", tool_type="action")]
+    async with (
+        running_hub() as hub,
+        running_device(hub, tools={"slow": slow, "act": act}),
+        WebSocketCommandDispatcher(HubLink(hub.url, TOKEN), "lab-pc") as dispatcher,
+    ):
+        async with asyncio.timeout(WAIT):
+            results = await dispatcher.execute_commands(commands, 1)
+    assert acted == [], "an action started after the batch's time was up"
+    assert [(r.call_id, r.status) for r in results] == [("s", ResultStatus.FAILURE), ("a", ResultStatus.FAILURE)]
+    assert "no result within" in (results[0].error or ""), results[0].error
+    assert "not run: the batch's time was up" in (results[1].error or ""), results[1].error
