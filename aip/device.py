@@ -282,20 +282,27 @@ class DeviceClient:
 
     async def _run_commands(self, batch: Batch[ClientConnection], results: list[Result]) -> None:
         """The batch's commands in order, each Result appended to ``results`` as soon as it exists."""
-        commands, memory, run = batch.commands, self.memory, self._runner(batch)
+        left = self.session.time_left(batch, asyncio.get_running_loop().time())
+        # The commands' time ends ``settle`` (or a fifth of what is left) before the batch's, when the
+        # watch gives up on them: one that stops when its timeout tells it reports, and is remembered,
+        # before that; the answer still leaves at the batch's time. (Not floored: never past it.)
+        deadline = Deadline.after(left - min(self.session.budget.settle, left / 5))
+        commands, memory, run = batch.commands, self.memory, self._runner(deadline)
         controller, delivery = batch.controller, batch.response_id
         try:
             for command in commands:
                 if batch.orphaned is not None:
                     results.append(error_result(command, f"ServerUnavailable: not run: {batch.orphaned}"))
-                    continue
-                results.append(await memory.call(command, run, controller, delivery))
+                elif deadline.expired:  # as a batch engine does; never started, so nothing to remember
+                    results.append(error_result(command, NOT_STARTED_IN_TIME))
+                else:
+                    results.append(await memory.call(command, run, controller, delivery))
         except Exception as error:  # the executor broke: answer anyway
             logger.exception("device %r: the executor failed on batch %s", self.device_id, batch.response_id)
             results += _failures(commands[len(results) :], error)
 
-    def _runner(self, batch: Batch[ClientConnection]) -> Run:
-        """How ``batch`` runs one command, with what is left of the batch's time.
+    def _runner(self, batch_deadline: Deadline) -> Run:
+        """How a batch whose commands have until ``batch_deadline`` runs one of them.
 
         A dispatcher runs it through its own ``execute_command``, awaited in
         the batch's task: no batch of one around each command (a task, a
@@ -304,19 +311,12 @@ class DeviceClient:
         command with a timeout of its own gets one more). Any other executor
         gets a batch of one.
         """
-        session, executor = self.session, self.executor
-        left = session.time_left(batch, asyncio.get_running_loop().time())
-        # The commands' time ends ``settle`` (or a fifth of what is left) before the batch's, when the
-        # watch gives up on them: one that stops when its timeout tells it reports, and is remembered,
-        # before that; the answer still leaves at the batch's time.
-        batch_deadline = Deadline.after(session.budget.handed_on(left - min(session.budget.settle, left / 5)))
+        budget, executor = self.session.budget, self.executor
         one: RunsOne | None = getattr(executor, "execute_command", None)
         if one is None:
 
             async def in_a_batch_of_one(command: Command) -> Result:
-                if batch_deadline.expired:
-                    return error_result(command, NOT_STARTED_IN_TIME)
-                results = await executor.execute_commands([command], batch_deadline.remaining())
+                results = await executor.execute_commands([command], budget.handed_on(batch_deadline.remaining()))
                 if len(results) != 1:
                     raise RuntimeError(f"the executor returned {len(results)} results for 1 command")
                 return results[0]
@@ -324,8 +324,6 @@ class DeviceClient:
             return in_a_batch_of_one
 
         async def by_itself(command: Command) -> Result:
-            if batch_deadline.expired:  # as a batch engine does: nothing starts once the batch's time is up
-                return error_result(command, NOT_STARTED_IN_TIME)
             if not command.call_id:  # named, as a batch engine names it, so that its Result says which it is
                 command = command.model_copy(update={"call_id": str(uuid.uuid4())})
             deadline = batch_deadline.within(command.timeout)
@@ -379,7 +377,8 @@ class DeviceClient:
                     batch.response_id,
                 )
                 cause = "TimeoutError: no result by the batch's deadline (the tool did not stop when told)"
-                results = results + _failures(commands[len(results) :], cause)
+                rest = commands[len(results) :]  # the first is the one the work is in; the others never started
+                results = results + _failures(rest[:1], cause) + _failures(rest[1:], NOT_STARTED_IN_TIME)
             elif work.cancelled():
                 results = results + _failures(commands[len(results) :], "Cancelled: the command was cancelled")
         answer = self.session.answer(batch, results)

@@ -396,6 +396,7 @@ async def test_a_tool_that_ignores_being_stopped_costs_the_batch_only_its_own_re
     commands = [
         Command(tool_name="echo", parameters={"n": 1}, call_id="e1"),
         Command(tool_name="stubborn", call_id="s"),
+        Command(tool_name="echo", parameters={"n": 2}, call_id="e2"),  # never reached: not run, not "did not stop"
     ]
     async with (
         running_hub() as hub,
@@ -407,16 +408,21 @@ async def test_a_tool_that_ignores_being_stopped_costs_the_batch_only_its_own_re
                 results = await dispatcher.execute_commands(commands, timeout=2)
         finally:
             release.set()
-    assert [(r.call_id, r.status) for r in results] == [("e1", ResultStatus.SUCCESS), ("s", ResultStatus.FAILURE)]
+    assert [(r.call_id, r.status) for r in results] == [
+        ("e1", ResultStatus.SUCCESS),
+        ("s", ResultStatus.FAILURE),
+        ("e2", ResultStatus.FAILURE),
+    ]
     assert results[0].result == {"n": 1}
-    assert "TimeoutError" in (results[1].error or "")
+    assert "did not stop when told" in (results[1].error or ""), results[1].error
+    assert "not run: the batch's time was up" in (results[2].error or ""), results[2].error
 
 
 async def test_a_tool_that_stops_when_told_at_the_batch_deadline_gets_its_own_timeout_and_is_remembered() -> None:
     """At the batch's time the command's own timeout answers, not the watch: its failure is remembered.
 
-    The watch gives up on a command only ``settle`` after the batch's time:
-    one that stops when its timeout cancels it reports ``no result within``,
+    The commands' own time ends ``settle`` before the batch's, when the watch
+    gives up: one that stops when its timeout cancels it reports ``no result within``,
     and the call memory keeps that failure for a re-delivery of the batch,
     so an action is not started a second time by the hub sending it again.
     """
