@@ -69,6 +69,7 @@ from .retry import requested_retry
 
 __all__ = [
     "FRAGMENT_CHARS",
+    "NOT_STARTED_IN_TIME",
     "REFUSED_RETRY",
     "DeviceClient",
     "DeviceReplaced",
