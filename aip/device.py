@@ -27,6 +27,7 @@ import contextlib
 import functools
 import logging
 import ssl
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol
@@ -86,6 +87,11 @@ logger = logging.getLogger("aip.device")
 REFUSED_RETRY = 60.0
 #: The failure of a command the batch reached once its time was up.
 NOT_STARTED_IN_TIME = "TimeoutError: not run: the batch's time was up before it could start"
+
+
+class _NotStarted(Exception):
+    """A run's refusal to start, once the batch's time is up: raised before anything starts, so that
+    the call memory, which answers first what it holds of the call, remembers nothing of it."""
 
 
 class Executor(Protocol):
@@ -283,21 +289,25 @@ class DeviceClient:
 
     async def _run_commands(self, batch: Batch[ClientConnection], results: list[Result]) -> None:
         """The batch's commands in order, each Result appended to ``results`` as soon as it exists."""
-        left = self.session.time_left(batch, asyncio.get_running_loop().time())
-        # The commands' time ends ``settle`` (or a fifth of what is left) before the batch's, when the
-        # watch gives up on them: one that stops when its timeout tells it reports, and is remembered,
-        # before that; the answer still leaves at the batch's time. (Not floored: never past it.)
-        deadline = Deadline.after(left - min(self.session.budget.settle, left / 5))
-        commands, memory, run = batch.commands, self.memory, self._runner(deadline)
+        commands, memory, budget = batch.commands, self.memory, self.session.budget
         controller, delivery = batch.controller, batch.response_id
         try:
+            # The commands' time ends ``settle`` (or a fifth of what is left) before the batch's, when the
+            # watch gives up on them: one that stops when its timeout tells it reports, and is remembered,
+            # before that; the answer still leaves at the batch's time. Not floored: a batch whose time is
+            # up when its work starts (a busy loop) starts nothing.
+            left = batch.expires_at - asyncio.get_running_loop().time()
+            cut = min(budget.settle, max(left, 0.0) / 5)
+            deadline = Deadline(expires_at=time.monotonic() + left - cut, seconds=max(left - cut, budget.least))
+            run = self._runner(deadline)
             for command in commands:
                 if batch.orphaned is not None:
                     results.append(error_result(command, f"ServerUnavailable: not run: {batch.orphaned}"))
-                elif deadline.expired:  # as a batch engine does; never started, so nothing to remember
-                    results.append(error_result(command, NOT_STARTED_IN_TIME))
-                else:
+                    continue
+                try:
                     results.append(await memory.call(command, run, controller, delivery))
+                except _NotStarted:  # what memory holds of it (a Result, a run to join) answered first
+                    results.append(error_result(command, NOT_STARTED_IN_TIME))
         except Exception as error:  # the executor broke: answer anyway
             logger.exception("device %r: the executor failed on batch %s", self.device_id, batch.response_id)
             results += _failures(commands[len(results) :], error)
@@ -317,6 +327,8 @@ class DeviceClient:
         if one is None:
 
             async def in_a_batch_of_one(command: Command) -> Result:
+                if batch_deadline.expired:
+                    raise _NotStarted
                 results = await executor.execute_commands([command], budget.handed_on(batch_deadline.remaining()))
                 if len(results) != 1:
                     raise RuntimeError(f"the executor returned {len(results)} results for 1 command")
@@ -325,6 +337,8 @@ class DeviceClient:
             return in_a_batch_of_one
 
         async def by_itself(command: Command) -> Result:
+            if batch_deadline.expired:
+                raise _NotStarted
             if not command.call_id:  # named, as a batch engine names it, so that its Result says which it is
                 command = command.model_copy(update={"call_id": str(uuid.uuid4())})
             deadline = batch_deadline.within(command.timeout)

@@ -461,12 +461,41 @@ async def test_a_command_the_batch_reaches_after_its_time_is_never_started() -> 
     commands = [Command(tool_name="slow", call_id="s"), Command(tool_name="act", call_id="a", tool_type="action")]
     async with (
         running_hub() as hub,
-        running_device(hub, tools={"slow": slow, "act": act}),
+        running_device(hub, tools={"slow": slow, "act": act}) as device,
         WebSocketCommandDispatcher(HubLink(hub.url, TOKEN), "lab-pc") as dispatcher,
     ):
         async with asyncio.timeout(WAIT):
             results = await dispatcher.execute_commands(commands, 1)
     assert acted == [], "an action started after the batch's time was up"
+    assert len(device.memory) == 1, "a command that never started was remembered"
     assert [(r.call_id, r.status) for r in results] == [("s", ResultStatus.FAILURE), ("a", ResultStatus.FAILURE)]
     assert "no result within" in (results[0].error or ""), results[0].error
     assert "not run: the batch's time was up" in (results[1].error or ""), results[1].error
+
+
+async def test_a_remembered_result_the_batch_reaches_after_its_time_is_still_answered() -> None:
+    """Memory answers first: a call already done is answered from it, however late the batch reaches it."""
+    runs: list[str | None] = []
+
+    async def slow(command: Command) -> Any:
+        await asyncio.Event().wait()  # until its timeout cancels it
+
+    def act(command: Command) -> Any:
+        runs.append(command.call_id)
+        return "done"
+
+    tools = {"slow": slow, "act": act}
+    acting = Command(tool_name="act", call_id="a", tool_type="action")
+    async with (
+        running_hub() as hub,
+        running_device(hub, tools=tools),
+        WebSocketCommandDispatcher(HubLink(hub.url, TOKEN), "lab-pc") as dispatcher,
+    ):
+        async with asyncio.timeout(WAIT):
+            [first] = await dispatcher.execute_commands([acting], 5)
+            # A resumed run, say: the same call_ids, the action reached only once the slow one spent the time.
+            results = await dispatcher.execute_commands([Command(tool_name="slow", call_id="s"), acting], 1)
+    assert first.status is ResultStatus.SUCCESS
+    assert runs == ["a"]
+    assert [(r.call_id, r.status) for r in results] == [("s", ResultStatus.FAILURE), ("a", ResultStatus.SUCCESS)]
+    assert results[1].result == first.result
