@@ -92,6 +92,15 @@ class Budget:
         """How long one attempt at a command may take: what is left, or less if the retry policy caps attempts."""
         return remaining if attempt_timeout is None else min(remaining, attempt_timeout)
 
+    def for_commands(self, remaining: float) -> float:
+        """How long a device's commands may run of what is left of its batch: ``settle`` less (a fifth at most).
+
+        Their own timeouts then report, and are remembered, before the device
+        gives up on them at the batch's time. Not floored: none is left for a
+        batch whose time is up.
+        """
+        return remaining - min(self.settle, max(remaining, 0.0) / 5)
+
     def awaiting_reply(self, remaining: float) -> float:
         """How long a controller awaits a device's answer: what is left, and the grace for a late answer."""
         return remaining + self.reply_grace

@@ -292,13 +292,9 @@ class DeviceClient:
         commands, memory, budget = batch.commands, self.memory, self.session.budget
         controller, delivery = batch.controller, batch.response_id
         try:
-            # The commands' time ends ``settle`` (or a fifth of what is left) before the batch's, when the
-            # watch gives up on them: one that stops when its timeout tells it reports, and is remembered,
-            # before that; the answer still leaves at the batch's time. Not floored: a batch whose time is
-            # up when its work starts (a busy loop) starts nothing.
-            left = batch.expires_at - asyncio.get_running_loop().time()
-            cut = min(budget.settle, max(left, 0.0) / 5)
-            deadline = Deadline(expires_at=time.monotonic() + left - cut, seconds=max(left - cut, budget.least))
+            # Before the batch's time, when the watch gives up; a batch whose work starts late starts nothing.
+            seconds = budget.for_commands(batch.expires_at - asyncio.get_running_loop().time())
+            deadline = Deadline(expires_at=time.monotonic() + seconds, seconds=budget.handed_on(seconds))
             run = self._runner(deadline)
             for command in commands:
                 if batch.orphaned is not None:

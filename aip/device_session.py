@@ -396,10 +396,6 @@ class DeviceSession(Generic[Peer]):
 
     # -- batches -------------------------------------------------------------
 
-    def time_left(self, batch: Batch[Peer], now: float) -> float:
-        """The timeout to hand the executor at ``now``: what is left of the batch's time, never nothing."""
-        return self.budget.handed_on(batch.expires_at - now)
-
     def answer(self, batch: Batch[Peer], results: list[Result]) -> Transmit[Peer] | Log:
         """The reply to ``batch`` (one Result per command), or, for a batch orphaned, only a note of it.
 

@@ -447,21 +447,26 @@ async def test_a_tool_that_stops_when_told_at_the_batch_deadline_gets_its_own_ti
     assert len(device.memory) == 1, "the timed-out action was not remembered for a re-delivery of its batch"
 
 
-async def test_a_command_the_batch_reaches_after_its_time_is_never_started() -> None:
-    """As a batch engine does: once a command's timeout has spent the batch's time, the next ones do not start."""
-    acted: list[str | None] = []
+def _slow_and_act(acted: list[str | None]) -> dict[str, Callable[[Command], Any]]:
+    """``slow`` waits until its timeout cancels it; ``act`` notes its call_id in ``acted`` and answers "done"."""
 
     async def slow(command: Command) -> Any:
-        await asyncio.Event().wait()  # until its timeout cancels it
+        await asyncio.Event().wait()
 
     def act(command: Command) -> Any:
         acted.append(command.call_id)
         return "done"
 
+    return {"slow": slow, "act": act}
+
+
+async def test_a_command_the_batch_reaches_after_its_time_is_never_started() -> None:
+    """As a batch engine does: once a command's timeout has spent the batch's time, the next ones do not start."""
+    acted: list[str | None] = []
     commands = [Command(tool_name="slow", call_id="s"), Command(tool_name="act", call_id="a", tool_type="action")]
     async with (
         running_hub() as hub,
-        running_device(hub, tools={"slow": slow, "act": act}) as device,
+        running_device(hub, tools=_slow_and_act(acted)) as device,
         WebSocketCommandDispatcher(HubLink(hub.url, TOKEN), "lab-pc") as dispatcher,
     ):
         async with asyncio.timeout(WAIT):
@@ -476,19 +481,10 @@ async def test_a_command_the_batch_reaches_after_its_time_is_never_started() -> 
 async def test_a_remembered_result_the_batch_reaches_after_its_time_is_still_answered() -> None:
     """Memory answers first: a call already done is answered from it, however late the batch reaches it."""
     runs: list[str | None] = []
-
-    async def slow(command: Command) -> Any:
-        await asyncio.Event().wait()  # until its timeout cancels it
-
-    def act(command: Command) -> Any:
-        runs.append(command.call_id)
-        return "done"
-
-    tools = {"slow": slow, "act": act}
     acting = Command(tool_name="act", call_id="a", tool_type="action")
     async with (
         running_hub() as hub,
-        running_device(hub, tools=tools),
+        running_device(hub, tools=_slow_and_act(runs)),
         WebSocketCommandDispatcher(HubLink(hub.url, TOKEN), "lab-pc") as dispatcher,
     ):
         async with asyncio.timeout(WAIT):

@@ -61,6 +61,13 @@ def test_a_device_is_told_to_stop_before_the_controller_stops_waiting() -> None:
     assert budget.for_device(0.0, latency=0.0) == budget.least
 
 
+def test_a_devices_commands_end_before_its_batch_and_a_spent_batch_leaves_them_none() -> None:
+    budget = Budget()
+    assert budget.for_commands(30.0) == pytest.approx(30.0 - budget.settle)
+    assert budget.for_commands(0.5) == pytest.approx(0.4)  # at most a fifth comes off
+    assert budget.for_commands(-0.01) == -0.01  # not floored: nothing may start
+
+
 def test_a_device_keeps_the_way_back_out_of_the_time_it_runs() -> None:
     budget = Budget()
     assert budget.on_device(30.0, latency=0.1) == pytest.approx(29.8)

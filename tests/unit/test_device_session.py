@@ -176,13 +176,6 @@ def test_a_batch_gets_its_senders_wait_less_the_way_back() -> None:
     assert isinstance(ufo, StartBatch) and ufo.batch.expires_at == NOW + UFO_BATCH_TIMEOUT - 2 * 0.5
 
 
-def test_the_executor_is_handed_what_is_left_of_the_batchs_time_and_never_nothing() -> None:
-    session = new_session(budget=Budget(least=0.01))
-    batch = start(session)
-    assert session.time_left(batch, batch.expires_at - 12.5) == 12.5
-    assert session.time_left(batch, batch.expires_at + 60) == 0.01
-
-
 def test_a_command_without_a_response_id_still_runs_under_an_id_of_its_own() -> None:
     session = new_session()
     [action] = session.receive(CONN_1, command_frame(None), now=NOW, latency=0.0)
