@@ -27,5 +27,6 @@ def test_the_first_call_freezes_what_exists_and_a_second_freezes_nothing_more(fr
 
     made_by_a_batch = [[str(i)] for i in range(5000)]
     garbage.freeze_the_furniture()
-    assert gc.get_freeze_count() == frozen  # the batch's objects stay collectable
+    # The batch's objects stay collectable: none joins the frozen (some frozen may have been freed meanwhile).
+    assert gc.get_freeze_count() <= frozen
     del made_by_a_batch
